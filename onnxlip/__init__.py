@@ -1,0 +1,23 @@
+"""onnxlip: path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks."""
+
+from .api import (
+    BoundResult,
+    CheckResult,
+    PathMetricResult,
+    PathNormResult,
+    bound,
+    bound_many,
+    check,
+    path_metric,
+    path_norm,
+)
+from .errors import MismatchError, ModelIssue, ModelLoadError, OnnxlipError, ShapeError, UnsupportedModelError
+from .importer import ImportOptions, import_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BoundResult", "CheckResult", "PathMetricResult", "PathNormResult", "bound", "bound_many", "check",
+    "path_metric", "path_norm", "import_model", "ImportOptions", "OnnxlipError", "UnsupportedModelError",
+    "ModelLoadError", "ShapeError", "MismatchError", "ModelIssue",
+]

@@ -1,0 +1,254 @@
+"""The Python API behind every CLI command: each function takes paths or onnx.ModelProtos and returns a
+typed result whose `to_json()` is the CLI's --json contract."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .companion import CompanionEmitter, emit_metric, emit_pathnorm, log10_total, plain_value
+from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
+from .importer import ImportOptions, import_model
+from .ir import Graph
+from .loading import ModelLike, load_model, model_label
+from .runtime import make_session
+from .sampling import Sampler, observed_max_l1
+from .structure import align_params
+
+
+@dataclass
+class PathNormResult:
+    q: float
+    path_norm: float | None
+    log10_path_norm: float
+    device: str
+    num_parameters: int
+    outputs: list[str]
+
+    def to_json(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+@dataclass
+class PathMetricResult:
+    path_metric: float | None
+    log10_path_metric: float
+    exact: bool
+    sign_flips: int
+    sign_flip_handling: str
+    changed_parameters: int
+    device: str
+
+    def to_json(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+@dataclass
+class BoundResult:
+    path_metric: float | None
+    log10_path_metric: float
+    exact: bool
+    sign_flips: int
+    sign_flip_handling: str
+    changed_parameters: int
+    input_bound: float
+    bound: float | None
+    log10_bound: float
+    observed_max_l1_diff: float | None
+    samples: int
+    device: str
+    variant: str = ""
+
+    def to_json(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+@dataclass
+class CheckResult:
+    supported: bool
+    errors: list[ModelIssue]
+    warnings: list[str]
+    inputs: dict[str, list[int]]
+    outputs: list[str]
+    num_parameters: int
+    ops: dict[str, int]
+    hint: str | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["errors"] = [asdict(e) for e in self.errors]
+        return _jsonable(d)
+
+
+@dataclass
+class Analysed:
+    """A model imported once: its proto (for sampling) and IR."""
+
+    proto: onnx.ModelProto
+    graph: Graph
+    label: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("-inf" if obj < 0 else "inf")
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def analyse(model: ModelLike, output: Sequence[str] | None = None,
+            input_shapes: Mapping[str, Sequence[int]] | None = None) -> Analysed:
+    """Load and import a model once, for several computations."""
+    if isinstance(model, Analysed):
+        return model
+    proto = load_model(model)
+    graph = import_model(proto, ImportOptions(outputs=output, input_shapes=input_shapes))
+    return Analysed(proto, graph, model_label(model))
+
+
+# ---- path-norm -----------------------------------------------------------------------------------------
+def path_norm(model: ModelLike, q: float = 1.0, *, output: Sequence[str] | None = None,
+              input_shapes: Mapping[str, Sequence[int]] | None = None, device: str = "auto") -> PathNormResult:
+    """L^q path-norm ||Phi(theta)||_q^q... reported as ||Phi||_q (the q-th root), value and log10."""
+    if not (isinstance(q, (int, float)) and math.isfinite(q) and q > 0):
+        raise OnnxlipError(f"q must be a positive finite number, got {q!r}")
+    m = analyse(model, output, input_shapes)
+    log10_sum, dev = pathnorm_log10_power(m.graph, float(q), device)
+    log10_norm = log10_sum / q
+    return PathNormResult(float(q), plain_value(log10_norm), log10_norm, dev, m.graph.num_parameters, list(m.graph.outputs))
+
+
+def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[float, str]:
+    """log10 of sum_p |Phi_p|^q, by one run of the companion graph."""
+    em = CompanionEmitter(q, {"value": {p.name: p.value for p in graph.params()}}, "value")
+    outs = emit_pathnorm(graph, em)
+    return _run_scaled(em, outs, device)
+
+
+def _run_scaled(em: CompanionEmitter, outs, device: str) -> tuple[float, str]:
+    names = []
+    for s in outs:
+        if s is None:
+            continue
+        for t in (s.m, s.e):
+            ident = em.op("Identity", [t], "out")
+            em.add_output(ident)
+            names.append(ident)
+    if not names:
+        return -math.inf, "cpu" if device == "auto" else device
+    session, dev = make_session(em.model(), device)
+    values = session.run(None, {})
+    pairs = [(values[i], float(values[i + 1])) for i in range(0, len(values), 2)]
+    return log10_total(pairs), dev
+
+
+# ---- path-metric ---------------------------------------------------------------------------------------
+def _pair_log10_metric(graph: Graph, va: dict[str, np.ndarray], vb: dict[str, np.ndarray], device: str):
+    hi, lo, delta = {}, {}, {}
+    for name in va:
+        a, b = np.abs(va[name]), np.abs(vb[name])
+        hi[name], lo[name] = np.maximum(a, b), np.minimum(a, b)
+        delta[name] = hi[name] - lo[name]
+    em = CompanionEmitter(1.0, {"hi": hi, "lo": lo, "delta": delta}, "hi")
+    return _run_scaled(em, emit_metric(graph, em), device)
+
+
+def _log10_add(x: float, y: float) -> float:
+    if x == -math.inf:
+        return y
+    if y == -math.inf:
+        return x
+    top = max(x, y)
+    return top + math.log10(10 ** (x - top) + 10 ** (y - top))
+
+
+def metric_between(base: Analysed, other: Analysed, device: str = "auto") -> PathMetricResult:
+    """The l1 path-metric (or its certified upper bound) between two imported models of one architecture."""
+    vb = align_params(base.graph, other.graph, (base.label or "a", other.label or "b"))
+    va = {p.name: p.value for p in base.graph.params()}
+    flips = sum(int(np.count_nonzero(va[n] * vb[n] < 0)) for n in va)
+    changed = sum(int(np.count_nonzero(va[n] != vb[n])) for n in va)
+    if flips == 0:
+        log10_m, dev = _pair_log10_metric(base.graph, va, vb, device)
+        a_dominates = all(np.all(np.abs(va[n]) >= np.abs(vb[n])) for n in va)
+        b_dominates = all(np.all(np.abs(va[n]) <= np.abs(vb[n])) for n in va)
+        exact, handling = a_dominates or b_dominates, "none needed"
+    else:
+        # theory.md section 3: split at mid = theta with the flipped entries zeroed; triangle inequality
+        mid = {n: np.where(va[n] * vb[n] < 0, 0.0, va[n]) for n in va}
+        first, dev = _pair_log10_metric(base.graph, va, mid, device)
+        second, _ = _pair_log10_metric(base.graph, mid, vb, device)
+        log10_m, exact = _log10_add(first, second), False
+        handling = "split at the midpoint with flipped entries zeroed: M(a, mid) + M(mid, b) (triangle inequality)"
+    return PathMetricResult(plain_value(log10_m), log10_m, bool(exact), flips, handling, changed, dev)
+
+
+def path_metric(a: ModelLike, b: ModelLike, *, output: Sequence[str] | None = None,
+                input_shapes: Mapping[str, Sequence[int]] | None = None, device: str = "auto") -> PathMetricResult:
+    """The l1 path-metric ||Phi(theta_a) - Phi(theta_b)||_1 (exact when one model dominates the other)."""
+    return metric_between(analyse(a, output, input_shapes), analyse(b, output, input_shapes), device)
+
+
+# ---- bound ---------------------------------------------------------------------------------------------
+def bound(a: ModelLike, b: ModelLike, input_bound: float = 1.0, *, samples: int = 256, seed: int = 0,
+          sample_seconds: float = 2.0, output: Sequence[str] | None = None,
+          input_shapes: Mapping[str, Sequence[int]] | None = None, device: str = "auto") -> BoundResult:
+    """Certified bound on ||R_a(x) - R_b(x)||_1 over ||x||_inf <= input_bound (theory.md section 3)."""
+    return bound_many(a, [b], input_bound, samples=samples, seed=seed, sample_seconds=sample_seconds,
+                      output=output, input_shapes=input_shapes, device=device)[0]
+
+
+def bound_many(base: ModelLike, variants: Sequence[ModelLike], input_bound: float = 1.0, *, samples: int = 256,
+               seed: int = 0, sample_seconds: float = 2.0, output: Sequence[str] | None = None,
+               input_shapes: Mapping[str, Sequence[int]] | None = None, device: str = "auto",
+               progress=None) -> list[BoundResult]:
+    """One BoundResult per variant, against one base model (imported once)."""
+    if not (math.isfinite(input_bound) and input_bound >= 0):
+        raise OnnxlipError(f"the input bound must be a finite number >= 0, got {input_bound}")
+    if samples < 0:
+        raise OnnxlipError("--samples must be >= 0")
+    ref = analyse(base, output, input_shapes)
+    base_sampler = Sampler(ref.proto, ref.graph, "cpu") if samples else None
+    results = []
+    for variant in variants:
+        other = analyse(variant, output, input_shapes)
+        metric = metric_between(ref, other, device)
+        log10_bound = metric.log10_path_metric + math.log10(max(input_bound, 1.0))
+        observed, tried = None, 0
+        if samples:
+            observed, tried = observed_max_l1((base_sampler, Sampler(other.proto, other.graph, "cpu")), samples,
+                                              input_bound, seed, sample_seconds)
+        results.append(BoundResult(
+            metric.path_metric, metric.log10_path_metric, metric.exact, metric.sign_flips, metric.sign_flip_handling,
+            metric.changed_parameters, float(input_bound), plain_value(log10_bound), log10_bound, observed, tried,
+            metric.device, other.label))
+        if progress is not None:
+            progress()
+    return results
+
+
+# ---- check ---------------------------------------------------------------------------------------------
+def check(model: ModelLike, *, output: Sequence[str] | None = None,
+          input_shapes: Mapping[str, Sequence[int]] | None = None) -> CheckResult:
+    """Is the model supported? Which ops, how many parameters, and every problem found."""
+    proto = load_model(model)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    outputs = list(output) if output else [o.name for o in proto.graph.output]
+    try:
+        graph = import_model(proto, ImportOptions(outputs=output, input_shapes=input_shapes))
+    except UnsupportedModelError as exc:
+        return CheckResult(False, exc.issues, [], {}, outputs, 0, dict(ops), exc.hint)
+    inputs = {k: list(v) for k, v in graph.inputs.items()}
+    n_params = sum(graph.source_sizes.values())
+    return CheckResult(True, [], list(graph.warnings), inputs, list(graph.outputs), n_params, dict(ops))

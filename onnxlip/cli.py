@@ -1,0 +1,249 @@
+"""The `onnxlip` command line. Exit codes: 0 ok, 1 a requested threshold was exceeded, 2 unusable input or
+unsupported model, 3 internal error. With --json, stdout holds exactly one JSON object."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import api
+from .errors import OnnxlipError
+
+app = typer.Typer(
+    help="Path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks.\n\n"
+    "Every command takes --json for CI (one JSON object on stdout). Exit codes: 0 ok, 1 a threshold you "
+    "set was exceeded, 2 unusable input or unsupported model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+OutputOpt = typer.Option(None, "--output", help="Analyse the sub-network up to this tensor (repeatable), e.g. the "
+                         "logits before a Softmax/ArgMax/ZipMap tail.")
+ShapeOpt = typer.Option(None, "--input-shape", help="Fix an input's shape, NAME=1x3x224x224 (repeatable); needed "
+                        "when a non-batch dimension is dynamic. The batch dimension defaults to 1.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when its provider really loads, else CPU), cpu or cuda.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
+
+
+def _shapes(specs: Optional[List[str]]) -> dict[str, list[int]] | None:
+    if not specs:
+        return None
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise OnnxlipError(f"--input-shape {spec!r} is not NAME=D1xD2x...") from None
+    return shapes
+
+
+def _fmt(value: float | None, log10: float) -> str:
+    """A number for humans: plain when it fits a float64, else 10^log10."""
+    if log10 == -math.inf:
+        return "0"
+    if value is None:
+        return f"10^{log10:.4f}"
+    return f"{value:.6g}"
+
+
+@contextmanager
+def _guard(as_json: bool):
+    """Turn onnxlip errors into a clear message and exit code 2 (internal errors: 3, short message)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except OnnxlipError as exc:
+        _fail(as_json, str(exc), 2, getattr(exc, "issues", None), getattr(exc, "hint", None))
+    except KeyboardInterrupt:
+        _fail(as_json, "interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - never show a traceback to a user unless asked
+        if os.environ.get("ONNXLIP_DEBUG"):
+            raise
+        _fail(as_json, f"internal error: {type(exc).__name__}: {exc} (set ONNXLIP_DEBUG=1 for a traceback)", 3)
+
+
+def _fail(as_json: bool, message: str, code: int, issues=None, hint=None):
+    if as_json:
+        payload = {"error": message, "exit_code": code}
+        if issues:
+            payload["errors"] = [{"node": i.node, "op": i.op, "reason": i.reason} for i in issues]
+        if hint:
+            payload["hint"] = hint
+        print(json.dumps(payload))
+    else:
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _exceeds(log10_value: float, threshold: float) -> bool:
+    """log10_value > log10(threshold), valid for values beyond float64 range."""
+    if threshold <= 0:
+        return threshold < 0 or log10_value > -math.inf
+    return log10_value > math.log10(threshold)
+
+
+def _emit_json(obj: dict) -> None:
+    print(json.dumps(obj))
+
+
+def _progress(total: int, label: str) -> Progress:
+    return Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                    console=err, transient=True, disable=total <= 1 or not err.is_terminal)
+
+
+@app.command()
+def check(
+    model: Path = typer.Argument(..., help="ONNX file."),
+    output: Optional[List[str]] = OutputOpt,
+    input_shape: Optional[List[str]] = ShapeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Is the model supported? Lists its ops, inputs, parameters and every problem (exit 2 if unsupported)."""
+    with _guard(as_json):
+        result = api.check(model, output=output, input_shapes=_shapes(input_shape))
+        if as_json:
+            _emit_json(result.to_json())
+        else:
+            _print_check(model, result)
+        if not result.supported:
+            raise typer.Exit(2)
+
+
+def _print_check(model, result: api.CheckResult) -> None:
+    status = "[green]supported[/]" if result.supported else "[red]not supported[/]"
+    out.print(f"{model}: {status}")
+    table = Table(title="ops in the file")
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    for op, n in sorted(result.ops.items(), key=lambda kv: -kv[1]):
+        table.add_row(op, str(n))
+    out.print(table)
+    if result.supported:
+        out.print(f"inputs: {result.inputs}   outputs: {result.outputs}   parameters: {result.num_parameters:,}")
+    for issue in result.errors:
+        out.print(f"[red]x[/] node [bold]{issue.node}[/] ({issue.op}): {issue.reason}", highlight=False)
+    if result.hint:
+        out.print(result.hint, highlight=False)
+    for w in result.warnings:
+        out.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def pathnorm(
+    model: Path = typer.Argument(..., help="ONNX file."),
+    q: float = typer.Option(1.0, "--q", help="Exponent of the L^q path-norm (q > 0)."),
+    output: Optional[List[str]] = OutputOpt,
+    input_shape: Optional[List[str]] = ShapeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+):
+    """L^q path-norm ||Phi(theta)||_q: one run of the absolute-value companion graph (value and log10)."""
+    with _guard(as_json):
+        r = api.path_norm(model, q, output=output, input_shapes=_shapes(input_shape), device=device)
+        if as_json:
+            _emit_json(r.to_json())
+            return
+        table = Table(title=f"L^{q:g} path-norm of {model}")
+        for col in ("path-norm", "log10", "parameters", "outputs", "device"):
+            table.add_column(col)
+        table.add_row(_fmt(r.path_norm, r.log10_path_norm), f"{r.log10_path_norm:.6f}", f"{r.num_parameters:,}",
+                      ", ".join(r.outputs), r.device)
+        out.print(table)
+
+
+@app.command()
+def bound(
+    models: List[Path] = typer.Argument(..., help="BASE VARIANT [VARIANT ...]: one base model and the changed "
+                                        "models (pruned, quantized, fine-tuned) to compare with it."),
+    input_bound: float = typer.Option(1.0, "--input-bound", "-R", help="R: the bound holds for every input with "
+                                      "||x||_inf <= R."),
+    samples: int = typer.Option(256, "--samples", help="Random inputs in the box for the observed difference "
+                                "(a sanity figure, not a certificate); 0 to skip."),
+    sample_seconds: float = typer.Option(2.0, "--sample-seconds", help="Time budget per variant for sampling."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
+    max_bound: Optional[float] = typer.Option(None, "--max-bound", help="CI gate: exit 1 when a certified bound "
+                                              "exceeds this value."),
+    output: Optional[List[str]] = OutputOpt,
+    input_shape: Optional[List[str]] = ShapeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Certified bound on ||R_base(x) - R_variant(x)||_1 for all ||x||_inf <= R (Gonon et al., ICML 2025):
+    max(R, 1) * ||Phi(base) - Phi(variant)||_1, with the l1 path-metric computed without cancellation.
+
+    The metric is exact when one model dominates the other entrywise in absolute value (pruning); otherwise
+    it is a certified upper bound. Parameters that change sign are handled by splitting at a midpoint."""
+    with _guard(as_json):
+        if len(models) < 2:
+            raise OnnxlipError("bound needs a base model and at least one variant")
+        base, variants = models[0], models[1:]
+        with _progress(len(variants), "comparing") as bar:
+            task = bar.add_task("compare", total=len(variants))
+            results = api.bound_many(base, variants, input_bound, samples=samples, seed=seed,
+                                     sample_seconds=sample_seconds, output=output,
+                                     input_shapes=_shapes(input_shape), device=device,
+                                     progress=lambda: bar.advance(task))
+        exceeded = max_bound is not None and any(_exceeds(r.log10_bound, max_bound) for r in results)
+        if as_json:
+            payload = [r.to_json() for r in results]
+            for p, v in zip(payload, variants):
+                p["variant"] = str(v)
+            if len(variants) == 1:
+                obj = payload[0] | {"base": str(base)}
+            else:
+                obj = {"base": str(base), "results": payload}
+            if max_bound is not None:
+                obj["max_bound"], obj["exceeded"] = max_bound, exceeded
+            _emit_json(obj)
+        else:
+            _print_bounds(base, variants, results, max_bound)
+        if exceeded:
+            raise typer.Exit(1)
+
+
+def _print_bounds(base, variants, results, max_bound) -> None:
+    r0 = results[0]
+    table = Table(title=f"certified bound on ||R_base(x) - R_variant(x)||_1 for ||x||_inf <= {r0.input_bound:g}"
+                  f"   (base: {base})")
+    for col in ("variant", "bound", "log10 bound", "path-metric", "exact?", "changed", "sign flips", "observed max",
+                "samples"):
+        table.add_column(col, justify="right" if col not in ("variant",) else "left")
+    for v, r in zip(variants, results):
+        over = max_bound is not None and _exceeds(r.log10_bound, max_bound)
+        bound_txt = _fmt(r.bound, r.log10_bound)
+        table.add_row(str(v), f"[red]{bound_txt}[/]" if over else bound_txt, f"{r.log10_bound:.4f}",
+                      _fmt(r.path_metric, r.log10_path_metric), "exact" if r.exact else "upper bound",
+                      f"{r.changed_parameters:,}", str(r.sign_flips),
+                      "-" if r.observed_max_l1_diff is None else f"{r.observed_max_l1_diff:.6g}", str(r.samples))
+    out.print(table)
+    if any(r.sign_flips for r in results):
+        out.print("sign flips: " + next(r.sign_flip_handling for r in results if r.sign_flips), highlight=False)
+    out.print(f"device: {r0.device}", highlight=False)
+
+
+def main() -> None:  # console-script entry point
+    try:
+        app()
+    except SystemExit as exc:
+        sys.exit(exc.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Emission of the absolute-value companion graph (theory.md section 2) and of the cancellation-free
+path-metric graph (section 3) as ONNX models.
+
+Overflow safety: every companion tensor is a pair `Scaled(m, e)` meaning m * 2**e, with m a float32
+tensor whose maximum is kept near 1 and e a float32 scalar holding an integer. Renormalising multiplies
+by an exact power of two (no rounding), sums align exponents with multipliers <= 1, and the final sum
+is formed in float64 on the host, so log10 of the result is right at any depth."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .ir import Graph, Node, Param
+
+COMPANION_OPSET = 17
+LOG10_2 = math.log10(2.0)
+# exponent floor for all-zero tensors: multiplying 0 by 2**120 is harmless and avoids log(0)
+_ZERO_MAX = 2.0**-120
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A non-negative tensor m * 2**e (m: float32 tensor name, e: float32 scalar tensor name)."""
+
+    m: str
+    e: str
+
+
+def normalized_power(value: np.ndarray, q: float = 1.0) -> tuple[np.ndarray, int]:
+    """|value|**q as a float32 mantissa with max in (0.5, 1] and an integer exponent (exact for q = 1)."""
+    a = np.abs(np.asarray(value, dtype=np.float64))
+    if a.size == 0 or not np.any(a):
+        return np.zeros(a.shape, np.float32), 0
+    if q == 1:
+        _, e = np.frexp(a.max())
+        return np.ldexp(a, -int(e)).astype(np.float32), int(e)
+    with np.errstate(divide="ignore"):
+        log2 = q * np.log2(a)
+    e = int(math.ceil(float(log2.max())))
+    return np.exp2(log2 - e).astype(np.float32), e
+
+
+class GraphBuilder:
+    """A small helper that accumulates ONNX nodes, constants, inputs and outputs."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._ids = itertools.count()
+        self._scalar_cache: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        return f"{hint}__{next(self._ids)}"
+
+    def const(self, array: np.ndarray, hint: str = "c") -> str:
+        array = np.asarray(array)
+        key = None
+        if array.size == 1 and array.ndim <= 1:
+            key = (array.dtype.str, array.shape, array.item())
+            if key in self._scalar_cache:
+                return self._scalar_cache[key]
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        if key is not None:
+            self._scalar_cache[key] = name
+        return name
+
+    def f32(self, value: float) -> str:
+        return self.const(np.array(value, dtype=np.float32), "s")
+
+    def i64(self, values: Iterable[int]) -> str:
+        return self.const(np.array(list(values), dtype=np.int64), "i")
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs):
+        outs = [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def add_input(self, name: str, shape: tuple[int, ...], dtype=TensorProto.FLOAT) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
+        return name
+
+    def add_output(self, name: str, dtype=TensorProto.FLOAT) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, dtype, None))
+
+    def model(self, name: str = "onnxlip") -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", COMPANION_OPSET)], producer_name="onnxlip")
+        model.ir_version = 8
+        return model
+
+
+class CompanionEmitter(GraphBuilder):
+    """Builds companion graphs. Parameter values come from `kinds`: a map from a kind name ("value", or
+    "hi", "lo", "delta" for the metric) to {param name: array}; `q` is the path-norm exponent.
+    With `feeds=True` weights become graph inputs (one session serves many models of one architecture)
+    and `self.feed_specs` records how to compute each feed."""
+
+    def __init__(self, q: float, kinds: dict[str, dict[str, np.ndarray]] | None, default_kind: str, feeds: bool = False):
+        super().__init__()
+        self.q = q
+        self.kinds = kinds or {}
+        self.default_kind = default_kind
+        self.feeds = feeds
+        self.feed_specs: dict[str, tuple[str, str, str]] = {}  # input name -> (kind, param name, "m"|"e")
+        self._weights: dict[tuple[str, str], Scaled] = {}
+        self._two = self.f32(2.0)
+
+    # ---- parameters -------------------------------------------------------------------------------
+    def weight(self, param: Param, kind: str | None = None) -> Scaled:
+        """|param|**q of the given kind as a Scaled constant (or pair of graph inputs in feeds mode)."""
+        kind = kind or self.default_kind
+        key = (kind, param.name)
+        if key not in self._weights:
+            if self.feeds:
+                m = self.add_input(self.fresh(f"{kind}_{param.name}"), param.value.shape)
+                e = self.add_input(self.fresh(f"{kind}_{param.name}_exp"), ())
+                self.feed_specs[m] = (kind, param.name, "m")
+                self.feed_specs[e] = (kind, param.name, "e")
+                self._weights[key] = Scaled(m, e)
+            else:
+                m_arr, e_val = normalized_power(self.kinds[kind][param.name], self.q)
+                self._weights[key] = Scaled(self.const(m_arr, f"{kind}_{param.name}"), self.exponent(e_val))
+        return self._weights[key]
+
+    def feed_values(self, kinds: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """The feeds of a feeds-mode graph for the given parameter values."""
+        cache: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
+        out = {}
+        for name, (kind, pname, part) in self.feed_specs.items():
+            if (kind, pname) not in cache:
+                cache[(kind, pname)] = normalized_power(kinds[kind][pname], self.q)
+            m, e = cache[(kind, pname)]
+            out[name] = m if part == "m" else np.array(e, dtype=np.float32)
+        return out
+
+    # ---- scale arithmetic ---------------------------------------------------------------------------
+    def exponent(self, value: int) -> str:
+        return self.f32(float(value))
+
+    def pow2(self, e: str) -> str:
+        return self.op("Pow", [self._two, e], "p2")
+
+    def constant(self, array: np.ndarray, q: float | None = None, hint: str = "k") -> Scaled:
+        """A fixed non-negative constant |array|**q (q defaults to the emitter's) as a Scaled tensor."""
+        m, e = normalized_power(array, self.q if q is None else q)
+        return Scaled(self.const(m, hint), self.exponent(e))
+
+    def align(self, exponents: list[str]) -> tuple[str, list[str]]:
+        """Common exponent E = max(e_i) and the multipliers 2**(e_i - E) <= 1."""
+        if len(exponents) == 1:
+            return exponents[0], [self.f32(1.0)]
+        top = self.op("Max", list(exponents), "emax")
+        return top, [self.pow2(self.op("Sub", [e, top], "de")) for e in exponents]
+
+    def add_exp(self, *exponents: str) -> str:
+        out = exponents[0]
+        for e in exponents[1:]:
+            out = self.op("Add", [out, e], "e")
+        return out
+
+    def mul(self, tensor: str, factor: str) -> str:
+        return self.op("Mul", [tensor, factor], "mul")
+
+    def renorm(self, m: str, e: str) -> Scaled:
+        """Rescale m by an exact power of two so its maximum lies near 1; the exponent absorbs it."""
+        top = self.op("ReduceMax", [m], "max", keepdims=0)
+        top = self.op("Max", [top, self.f32(_ZERO_MAX)], "max")
+        k = self.op("Floor", [self.op("Div", [self.op("Log", [top]), self.f32(math.log(2.0))])], "k")
+        return Scaled(self.mul(m, self.pow2(self.op("Neg", [k]))), self.add_exp(e, k))
+
+    def scaled_sum(self, terms: list[Scaled], renorm: bool = True) -> Scaled:
+        """Sum of several Scaled tensors (broadcasting as ONNX Add does)."""
+        if len(terms) == 1:
+            return terms[0]
+        top, mults = self.align([t.e for t in terms])
+        acc = None
+        for t, c in zip(terms, mults):
+            term = self.mul(t.m, c)
+            acc = term if acc is None else self.op("Add", [acc, term], "sum")
+        return self.renorm(acc, top) if renorm else Scaled(acc, top)
+
+    def scale_by(self, x: Scaled, factor: float) -> Scaled:
+        """x times a fixed positive float, keeping the mantissa bounded."""
+        if factor == 1.0:
+            return x
+        mant, e = math.frexp(factor)
+        return Scaled(self.mul(x.m, self.f32(mant)), self.add_exp(x.e, self.exponent(e)))
+
+    def linear(
+        self,
+        terms: list[tuple[Scaled, Scaled]],
+        apply: Callable[[str, Scaled], str],
+        bias: Scaled | None,
+        bias_shape: tuple[int, ...] | None = None,
+    ) -> Scaled:
+        """Sum over (input, weight) pairs of L_weight(input), plus a bias, renormalised.
+        `apply(x_m, w)` emits the positive linear op on mantissas; `bias_shape` reshapes the bias for
+        broadcasting (e.g. (C, 1, 1) for a Conv bias)."""
+        exps = [self.add_exp(x.e, w.e) for x, w in terms]
+        if bias is not None:
+            exps.append(bias.e)
+        top, mults = self.align(exps)
+        acc = None
+        for (x, w), c in zip(terms, mults):
+            out = apply(self.mul(x.m, c), w)
+            acc = out if acc is None else self.op("Add", [acc, out], "sum")
+        if bias is not None:
+            b = self.mul(bias.m, mults[-1])
+            if bias_shape is not None:
+                b = self.op("Reshape", [b, self.i64(bias_shape)], "bshape")
+            acc = self.op("Add", [acc, b], "bias")
+        return self.renorm(acc, top)
+
+
+def _materialize_zero(em: CompanionEmitter, shape: tuple[int, ...]) -> Scaled:
+    return Scaled(em.const(np.zeros(shape, np.float32), "zero"), em.exponent(0))
+
+
+def emit_pathnorm(graph: Graph, em: CompanionEmitter) -> list[Scaled]:
+    """Emit the companion of `graph` on the all-ones input; returns the Scaled graph outputs."""
+    from .ops import OPS
+
+    env: dict[str, Scaled] = {}
+    for name, shape in graph.inputs.items():
+        env[name] = Scaled(em.const(np.ones(shape, np.float32), "ones"), em.exponent(0))
+    for node in graph.nodes:
+        outs = OPS[node.op].companion(node, em, [env[t] for t in node.inputs], True)
+        env.update(zip(node.outputs, outs))
+    return [env[t] for t in graph.outputs]
+
+
+def emit_metric(graph: Graph, em: CompanionEmitter) -> list[Scaled | None]:
+    """Emit the hi companion stream a and the difference stream d (theory.md section 3):
+    d_out = L_{hi-lo}(a_in) + L_lo(d_in) + (|b_hi| - |b_lo|); d is None where it is identically zero."""
+    from .ops import OPS
+
+    a_env: dict[str, Scaled] = {}
+    d_env: dict[str, Scaled | None] = {}
+    for name, shape in graph.inputs.items():
+        a_env[name] = Scaled(em.const(np.ones(shape, np.float32), "ones"), em.exponent(0))
+        d_env[name] = None
+    for node in graph.nodes:
+        rules = OPS[node.op]
+        a_in = [a_env[t] for t in node.inputs]
+        d_in = [d_env[t] for t in node.inputs]
+        a_env.update(zip(node.outputs, rules.companion(node, em, a_in, True)))
+        if rules.metric is not None:
+            d_out = rules.metric(node, em, a_in, d_in)
+        elif all(d is None for d in d_in):
+            d_out = [None] * len(node.outputs)
+        else:
+            d_full = [d if d is not None else _materialize_zero(em, graph.shapes[t]) for d, t in zip(d_in, node.inputs)]
+            d_out = rules.companion(node, em, d_full, False)
+        d_env.update(zip(node.outputs, d_out))
+    return [d_env[t] for t in graph.outputs]
+
+
+def log10_total(parts: list[tuple[np.ndarray, float]]) -> float:
+    """log10 of sum_i sum(m_i) * 2**e_i, formed in float64 without overflow (-inf for zero)."""
+    terms = [(math.fsum(np.asarray(m, dtype=np.float64).ravel().tolist()), float(e)) for m, e in parts]
+    terms = [(s, e) for s, e in terms if s > 0]
+    if not terms:
+        return -math.inf
+    top = max(e for _, e in terms)
+    total = math.fsum(s * 2.0 ** (e - top) for s, e in terms)
+    return math.log10(total) + top * LOG10_2
+
+
+def plain_value(log10: float) -> float | None:
+    """10**log10 when it fits a float64, else None."""
+    if log10 == -math.inf:
+        return 0.0
+    if log10 > 308.25:
+        return None
+    value = 10.0**log10
+    return value if math.isfinite(value) else None
+
+
+def linear_metric(node: Node, em: CompanionEmitter, a: Scaled, d: Scaled | None, apply, weight_role: str,
+                  bias_role: str | None, bias_shape: tuple[int, ...] | None = None) -> Scaled:
+    """Metric rule shared by every parametric linear op: L_delta(a) + L_lo(d) + delta_b (theory.md section 3)."""
+    w = node.params[weight_role]
+    terms = [(a, em.weight(w, "delta"))]
+    if d is not None:
+        terms.append((d, em.weight(w, "lo")))
+    bias = node.params.get(bias_role) if bias_role else None
+    return em.linear(terms, apply, em.weight(bias, "delta") if bias is not None else None, bias_shape)

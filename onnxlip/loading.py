@@ -1,0 +1,103 @@
+"""Reading ONNX files defensively: missing, corrupt or truncated files and hostile external-data paths
+become `ModelLoadError`s, never tracebacks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from .errors import ModelLoadError
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+
+SUPPORTED_IR_VERSIONS = range(3, 11)
+SUPPORTED_OPSETS = range(7, 22)
+
+
+def model_label(model: ModelLike) -> str:
+    """A short human name for a model argument."""
+    if isinstance(model, onnx.ModelProto):
+        return model.graph.name or "<in-memory model>"
+    return str(model)
+
+
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """Load a model from a path (with safe external data) or return a given ModelProto unchanged."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        proto = _load_file(Path(model))
+    _check_versions(proto)
+    return proto
+
+
+def _load_file(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: the file is empty")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the file ({exc.strerror})") from None
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX protobuf (corrupt or truncated file?): {exc}") from None
+    if not proto.HasField("graph") or not proto.graph.node:
+        raise ModelLoadError(f"{path}: the file parses but holds no graph (truncated, or not an ONNX model)")
+    _load_external_data(proto, path.parent.resolve(), path)
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
+    """Resolve external tensors, refusing absolute paths, '..' escapes, links out of the model's folder
+    and ranges past the end of the file."""
+    tensors = [t for t in external_data_helper._get_all_tensors(proto) if external_data_helper.uses_external_data(t)]
+    for tensor in tensors:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location or ""
+        where = f"{path}: initializer {tensor.name!r} has external data at {location!r}"
+        if not location or os.path.isabs(location) or Path(location).drive:
+            raise ModelLoadError(f"{where}: only relative paths inside the model's folder are allowed")
+        target = (base / location).resolve()
+        if base not in target.parents:
+            raise ModelLoadError(f"{where}: the path leaves the model's folder; refusing to read it")
+        if not target.is_file():
+            raise ModelLoadError(f"{where}: no such file next to the model")
+        offset = int(info.offset or 0)
+        length = info.length
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length is not None and offset + int(length) > size):
+            raise ModelLoadError(f"{where}: the byte range lies past the end of the file (truncated?)")
+    if tensors:
+        try:
+            external_data_helper.load_external_data_for_model(proto, str(base))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: cannot read external data: {exc}") from None
+
+
+def _check_versions(proto: onnx.ModelProto) -> None:
+    if proto.ir_version and proto.ir_version not in SUPPORTED_IR_VERSIONS:
+        if proto.ir_version > SUPPORTED_IR_VERSIONS[-1]:
+            # Newer IR versions only add features; reading is safe, the companion graph is ours.
+            return
+        raise ModelLoadError(f"IR version {proto.ir_version} is not supported (3 to 10 are)")
+    opset = default_opset(proto)
+    if opset is not None and opset < SUPPORTED_OPSETS[0]:
+        raise ModelLoadError(f"opset {opset} is too old (onnxlip reads opsets 7 to 21; upgrade the export)")
+
+
+def default_opset(proto: onnx.ModelProto) -> int | None:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None

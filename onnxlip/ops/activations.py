@@ -1,0 +1,138 @@
+"""Piecewise-linear activations written as ReLU-DAG fragments (theory.md section 1):
+Relu; LeakyRelu = (1-alpha)*ReLU(x) + alpha*x; Clip(lo, hi) = lo + ReLU(x - lo) - ReLU(x - hi) (with the
+missing side dropped); Max/Min against a constant are Clips. Each becomes the op `relu_combo`:
+y = k * x + const in the companion, with k and const fixed by the fragment."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .registry import define, importer, reject
+
+
+def _fail(msg: str):
+    from ..importer import RuleError
+
+    raise RuleError(msg)
+
+
+def _combo_companion(node, em, xs, with_constants):
+    """Companion of y = sum_i c_i * ReLU(x - t_i) + skip * x + bias: every path into x is counted once per
+    edge (|c_i|**q + |skip|**q), every bias (-c_i t_i via the ReLU neurons, plus the output bias) once."""
+    q = em.q
+    gain = sum(abs(c) ** q for c in node.attrs["relu_coefs"]) + abs(node.attrs["skip"]) ** q
+    y = em.scale_by(xs[0], gain) if gain != 1.0 else xs[0]
+    if not with_constants:
+        return [y]
+    thresholds = np.asarray(node.attrs["thresholds"], dtype=np.float64)
+    coefs = node.attrs["relu_coefs"]
+    const = sum(abs(c) ** q * np.abs(t) ** q for c, t in zip(coefs, thresholds)) + np.abs(node.attrs["bias"]) ** q
+    const = np.asarray(const, dtype=np.float64)
+    if not np.any(const):
+        return [y]
+    return [em.scaled_sum([y, em.constant(const, q=1.0, hint="clipc")])]
+
+
+define("relu_combo", _combo_companion)
+
+
+def _combo(ctx, x, relu_coefs, thresholds, skip=0.0, bias=0.0, kind="relu"):
+    ctx.add("relu_combo", [x], attrs={
+        "relu_coefs": [float(c) for c in relu_coefs],
+        "thresholds": [np.asarray(t, dtype=np.float64) for t in thresholds],
+        "skip": float(skip),
+        "bias": np.asarray(bias, dtype=np.float64),
+        "kind": kind,
+    })
+
+
+@importer("Relu")
+def import_relu(node, ctx):
+    _combo(ctx, node.input[0], [1.0], [0.0])
+
+
+@importer("LeakyRelu")
+def import_leaky_relu(node, ctx):
+    alpha = float(ctx.attr("alpha", 0.01))
+    if not 0.0 <= alpha <= 1.0:
+        _fail(f"LeakyRelu with alpha={alpha} is not a nonnegative combination of ReLU and identity (needs 0<=alpha<=1)")
+    _combo(ctx, node.input[0], [1.0 - alpha], [0.0], skip=alpha, kind="leaky_relu")
+
+
+def _clip(ctx, x, lo, hi):
+    lo = None if lo is None or np.all(np.isneginf(lo)) else np.asarray(lo, dtype=np.float64)
+    hi = None if hi is None or np.all(np.isposinf(hi)) else np.asarray(hi, dtype=np.float64)
+    for v in (lo, hi):
+        if v is not None and not np.all(np.isfinite(v)):
+            _fail("clip bounds mix finite and infinite values")
+    if lo is not None and hi is not None and np.any(lo > hi):
+        _fail("clip lower bound exceeds upper bound")
+    if lo is None and hi is None:
+        ctx.add("reshape", [x], attrs={"shape": list(ctx.shape(ctx.node.output[0]))})
+    elif hi is None:  # lo + ReLU(x - lo)
+        _combo(ctx, x, [1.0], [lo], bias=lo, kind="clip")
+    elif lo is None:  # x - ReLU(x - hi)
+        _combo(ctx, x, [-1.0], [hi], skip=1.0, kind="clip")
+    else:  # lo + ReLU(x - lo) - ReLU(x - hi)
+        _combo(ctx, x, [1.0, -1.0], [lo, hi], bias=lo, kind="clip")
+
+
+@importer("Clip")
+def import_clip(node, ctx):
+    if ctx.opset < 11:
+        lo, hi = ctx.attr("min", -math.inf), ctx.attr("max", math.inf)
+    else:
+        lo = hi = None
+        for i, name in ((1, "min"), (2, "max")):
+            if len(node.input) > i and node.input[i]:
+                value = ctx.const(node.input[i])
+                if value is None:
+                    _fail(f"its {name} bound is computed at run time; it must be a constant")
+                if i == 1:
+                    lo = value
+                else:
+                    hi = value
+    _clip(ctx, node.input[0], lo, hi)
+
+
+@importer("Max", "Min")
+def import_max_min(node, ctx):
+    runtime = [t for t in node.input if t and not ctx.is_const(t)]
+    consts = [ctx.const(t) for t in node.input if t and ctx.is_const(t)]
+    if len(runtime) >= 2 and not consts:
+        ctx.add("max", runtime, attrs={"negate": node.op_type == "Min"})
+        return
+    if len(runtime) == 1 and len(consts) == 1:
+        out_shape = ctx.shape(node.output[0])
+        if tuple(np.broadcast_shapes(ctx.shape(runtime[0]), consts[0].shape)) != tuple(out_shape) or \
+                tuple(ctx.shape(runtime[0])) != tuple(out_shape):
+            _fail("its constant operand broadcasts the tensor to a larger shape")
+        value = consts[0].astype(np.float64)
+        if node.op_type == "Max":
+            _clip(ctx, runtime[0], value, None)
+        else:
+            _clip(ctx, runtime[0], None, value)
+        return
+    _fail(f"{node.op_type} needs run-time tensors only, or one run-time tensor and one constant")
+
+
+def _max_companion(node, em, xs, with_constants):
+    # a max neuron becomes a SUM of its inputs (theory.md section 2); Min(a,b) = -Max(-a,-b): same
+    return [em.scaled_sum(list(xs))]
+
+
+define("max", _max_companion)
+
+reject("is not piecewise linear; the bound needs a ReLU network", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Exp",
+       "Log", "Sqrt", "Reciprocal", "Pow", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSwish",
+       "Mish", "Sin", "Cos", "LRN", "LpNormalization", "LayerNormalization", "InstanceNormalization",
+       "GroupNormalization", "MeanVarianceNormalization", "Einsum", "Hardmax")
+reject("is piecewise linear, but not supported in the path-metric (accepted by `lipschitz` only)", "Abs", "HardSigmoid")
+reject("has a learned slope; export it as LeakyRelu or Relu (PRelu is not supported)", "PRelu")
+reject("outputs indices or labels, not values; analyse the logits before it with --output", "ArgMax", "ArgMin",
+       "TopK", "Sort", "ZipMap", "ArrayFeatureExtractor", "LabelEncoder")
+reject("is a recurrent layer with sigmoid/tanh gates: not piecewise linear", "LSTM", "GRU", "RNN")
+reject("rounds values (quantized activations are not piecewise linear); keep activations in float",
+       "QuantizeLinear", "DynamicQuantizeLinear", "Round", "Floor", "Ceil", "QLinearConv", "QLinearMatMul")

@@ -1,0 +1,189 @@
+"""Layout ops: every output entry is a copy of one input entry (or zero for Pad), so they are identity
+neurons with weight-1 edges and their companion is the same op on the mantissa (exponent unchanged).
+Reshape-like ops become `reshape`; Resize/Upsample (nearest), Tile, Expand, DepthToSpace and SpaceToDepth
+become `select`, a flat gather whose index map is read off the real op applied to an index tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..companion import Scaled
+from .registry import define, importer
+
+_FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _fail(msg: str):
+    from ..importer import RuleError
+
+    raise RuleError(msg)
+
+
+def _same(op_type, *input_attrs):
+    """Companion: the op applied to the mantissa, with constant inputs/attributes from node.attrs."""
+
+    def companion(node, em, xs, with_constants):
+        x = xs[0]
+        extra = [em.i64(node.attrs[k]) for k in input_attrs]
+        kwargs = {k: v for k, v in node.attrs.items() if k not in input_attrs and not k.startswith("_")}
+        return [Scaled(em.op(op_type, [x.m, *extra], op_type.lower(), **kwargs), x.e)]
+
+    return companion
+
+
+define("reshape", _same("Reshape", "shape"))
+define("transpose", _same("Transpose"))
+define("slice", _same("Slice", "starts", "ends", "axes", "steps"))
+define("pad", _same("Pad", "pads"))
+
+
+def _gather_companion(node, em, xs, with_constants):
+    x = xs[0]
+    idx = em.const(np.asarray(node.attrs["indices"], dtype=np.int64), "idx")
+    return [Scaled(em.op("Gather", [x.m, idx], "gather", axis=node.attrs["axis"]), x.e)]
+
+
+def _select_companion(node, em, xs, with_constants):
+    x = xs[0]
+    flat = em.op("Reshape", [x.m, em.i64([-1])], "flat")
+    picked = em.op("Gather", [flat, em.const(node.attrs["index"].ravel().astype(np.int64), "sel")], "select", axis=0)
+    return [Scaled(em.op("Reshape", [picked, em.i64(node.attrs["index"].shape)], "unflat"), x.e)]
+
+
+def _split_companion(node, em, xs, with_constants):
+    x = xs[0]
+    outs = em.op("Split", [x.m, em.i64(node.attrs["sizes"])], "split", n_out=len(node.outputs), axis=node.attrs["axis"])
+    outs = outs if isinstance(outs, list) else [outs]
+    return [Scaled(o, x.e) for o in outs]
+
+
+define("gather", _gather_companion)
+define("select", _select_companion)
+define("split", _split_companion)
+
+
+@importer("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Cast", "CastLike")
+def import_reshape(node, ctx):
+    if node.op_type == "Cast" and int(ctx.attr("to")) not in _FLOAT_TYPES:
+        _fail("Cast to a non-floating type truncates values: not piecewise linear")
+    if node.op_type == "Dropout":
+        if len(node.input) > 2 and node.input[2]:
+            mode = ctx.const(node.input[2])
+            if mode is None or bool(mode):
+                _fail("Dropout in training mode is random; export the model in eval mode")
+        if len(node.output) > 1 and node.output[1]:
+            _fail("Dropout with a mask output is not supported")
+    ctx.add("reshape", [node.input[0]], [node.output[0]], attrs={"shape": list(ctx.shape(node.output[0]))})
+
+
+@importer("Transpose")
+def import_transpose(node, ctx):
+    rank = len(ctx.shape(node.input[0]))
+    perm = ctx.attr("perm")
+    perm = list(perm) if perm is not None else list(reversed(range(rank)))
+    ctx.add("transpose", [node.input[0]], attrs={"perm": [int(p) for p in perm]})
+
+
+def _ints_input(ctx, node, index, what, default=None):
+    if len(node.input) > index and node.input[index]:
+        value = ctx.const(node.input[index])
+        if value is None:
+            _fail(f"its {what} are computed at run time; they must be constant")
+        return [int(v) for v in np.asarray(value).ravel()]
+    return default
+
+
+@importer("Slice")
+def import_slice(node, ctx):
+    rank = len(ctx.shape(node.input[0]))
+    if ctx.opset < 10:
+        starts, ends = list(ctx.attr("starts")), list(ctx.attr("ends"))
+        axes = list(ctx.attr("axes", list(range(len(starts)))))
+        steps = [1] * len(starts)
+    else:
+        starts = _ints_input(ctx, node, 1, "starts")
+        ends = _ints_input(ctx, node, 2, "ends")
+        axes = _ints_input(ctx, node, 3, "axes", list(range(len(starts))))
+        steps = _ints_input(ctx, node, 4, "steps", [1] * len(starts))
+    axes = [a % rank for a in axes]
+    ctx.add("slice", [node.input[0]], attrs={"starts": starts, "ends": ends, "axes": axes, "steps": steps})
+
+
+@importer("Gather")
+def import_gather(node, ctx):
+    indices = ctx.const(node.input[1])
+    if indices is None:
+        _fail("its indices are computed at run time; they must be constant")
+    rank = len(ctx.shape(node.input[0]))
+    ctx.add("gather", [node.input[0]], attrs={"indices": indices.astype(np.int64), "axis": int(ctx.attr("axis", 0)) % rank})
+
+
+@importer("Split")
+def import_split(node, ctx):
+    rank = len(ctx.shape(node.input[0]))
+    axis = int(ctx.attr("axis", 0)) % rank
+    sizes = [ctx.shape(o)[axis] for o in node.output]
+    ctx.add("split", [node.input[0]], list(node.output), attrs={"axis": axis, "sizes": sizes})
+
+
+@importer("Pad")
+def import_pad(node, ctx):
+    mode = ctx.attr("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        _fail(f"Pad mode {mode!r} is not supported (only zero padding)")
+    rank = len(ctx.shape(node.input[0]))
+    if ctx.opset < 11:
+        pads, value = list(ctx.attr("pads")), float(ctx.attr("value", 0.0))
+    else:
+        pads = _ints_input(ctx, node, 1, "pads")
+        value = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
+        if value is None:
+            _fail("its padding value is computed at run time")
+        value = float(np.asarray(value).ravel()[0]) if np.size(value) else 0.0
+        axes = _ints_input(ctx, node, 3, "axes")
+        if axes is not None:
+            full = [0] * (2 * rank)
+            n = len(axes)
+            for i, a in enumerate(axes):
+                full[a % rank], full[rank + a % rank] = pads[i], pads[n + i]
+            pads = full
+    if value != 0.0:
+        _fail(f"Pad with a non-zero constant ({value}) adds fixed neurons; only zero padding is supported")
+    if any(p < 0 for p in pads):
+        _fail("negative pads (cropping) are not supported; use Slice")
+    ctx.add("pad", [node.input[0]], attrs={"pads": [int(p) for p in pads], "mode": "constant"})
+
+
+@importer("Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDepth")
+def import_select(node, ctx):
+    if node.op_type in ("Resize", "Upsample"):
+        mode = ctx.attr("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "nearest":
+            _fail(f"{node.op_type} in {mode!r} mode is not supported (only 'nearest', which copies entries)")
+    for name in node.input[1:]:
+        if name and not ctx.is_const(name):
+            _fail(f"its input {name!r} is computed at run time; it must be constant")
+    ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx)})
+
+
+def _index_map(node, ctx) -> np.ndarray:
+    """Apply the real op to a tensor holding each entry's flat index: the output says where it copies from."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    shape = ctx.shape(node.input[0])
+    iota = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
+    consts = [numpy_helper.from_array(ctx.const(n), n) for n in node.input[1:] if n]
+    x = helper.make_tensor_value_info(node.input[0], onnx.TensorProto.DOUBLE, list(shape))
+    y = helper.make_tensor_value_info(node.output[0], onnx.TensorProto.DOUBLE, None)
+    g = helper.make_graph([node], "index", [x], [y], consts)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", ctx.opset)])
+    model.ir_version = 8
+    (out,) = ReferenceEvaluator(model).run(None, {node.input[0]: iota})
+    index = np.asarray(out)
+    if index.shape != tuple(ctx.shape(node.output[0])) or not np.all(index == np.round(index)):
+        _fail("could not derive its index map")
+    return index.astype(np.int64)

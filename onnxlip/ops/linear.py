@@ -1,0 +1,291 @@
+"""Parametric linear ops: conv, conv_transpose, dense (Gemm/MatMul) and affine (diagonal scale + bias:
+BatchNormalization and Mul/Div/Add/Sub with a constant). Each is a layer of identity neurons with learned
+edge weights and biases (theory.md section 1). Companion: the same op on |W|**q plus |b|**q (section 2);
+metric: L_{hi-lo}(a) + L_lo(d) + delta_b (section 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..companion import linear_metric
+from .registry import define, importer
+
+
+def _fail(msg: str):
+    from ..importer import RuleError
+
+    raise RuleError(msg)
+
+
+# ---- shared companion / metric glue -----------------------------------------------------------------------
+def _linear_rules(name: str, apply_factory, weight_role: str = "weight", bias_role: str = "bias", bias_shape=None):
+    """Register companion and metric rules for a linear op whose mantissa application is
+    apply_factory(node, em) -> apply(x_m, w_scaled) -> tensor name."""
+
+    def companion(node, em, xs, with_constants):
+        params = node.params
+        w = em.weight(params[weight_role]) if weight_role in params else None
+        bias = params.get(bias_role)
+        b = em.weight(bias) if bias is not None and with_constants else None
+        apply = apply_factory(node, em)
+        if w is None:  # bias-only affine: y = x + b
+            return [em.scaled_sum([xs[0], b]) if b is not None else xs[0]]
+        return [em.linear([(xs[0], w)], apply, b, bias_shape(node) if bias_shape else None)]
+
+    def metric(node, em, a, d):
+        apply = apply_factory(node, em)
+        if weight_role not in node.params:  # bias-only: d_out = d_in + delta_b
+            terms = [t for t in (d[0], em.weight(node.params[bias_role], "delta")) if t is not None]
+            return [em.scaled_sum(terms)]
+        shape = bias_shape(node) if bias_shape else None
+        return [linear_metric(node, em, a[0], d[0], apply, weight_role, bias_role, shape)]
+
+    define(name, companion, metric)
+
+
+def _conv_apply(node, em):
+    attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations", "group")}
+    return lambda x, w: em.op("Conv", [x, w.m], "conv", **attrs)
+
+
+def _conv_transpose_apply(node, em):
+    attrs = {k: node.attrs[k] for k in ("strides", "pads", "dilations", "group", "output_padding")}
+    return lambda x, w: em.op("ConvTranspose", [x, w.m], "convT", **attrs)
+
+
+def _dense_apply(node, em):
+    if node.attrs.get("side", "right") == "left":
+        return lambda x, w: em.op("MatMul", [w.m, x], "matmul")
+    return lambda x, w: em.op("MatMul", [x, w.m], "matmul")
+
+
+def _affine_apply(node, em):
+    return lambda x, w: em.op("Mul", [x, w.m], "scale")
+
+
+def _channel_bias_shape(node):
+    return (-1,) + (1,) * len(node.attrs["kernel_shape"])
+
+
+_linear_rules("conv", _conv_apply, bias_shape=_channel_bias_shape)
+_linear_rules("conv_transpose", _conv_transpose_apply, bias_shape=_channel_bias_shape)
+_linear_rules("dense", _dense_apply)
+_linear_rules("affine", _affine_apply, weight_role="scale")
+
+
+# ---- padding arithmetic (shared with pooling) ---------------------------------------------------------------
+def resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, dilations) -> list[int]:
+    """Explicit [begin..., end...] pads of a Conv/pool node, resolving auto_pad."""
+    n = len(kernel)
+    auto_pad = ctx.attr("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("NOTSET", ""):
+        pads = list(ctx.attr("pads", [0] * (2 * n)))
+        if len(pads) != 2 * n:
+            _fail(f"pads has {len(pads)} entries, expected {2 * n}")
+        return [int(p) for p in pads]
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    begin, end = [], []
+    for i in range(n):
+        total = max((spatial_out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial_in[i], 0)
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else large)
+        end.append(large if auto_pad == "SAME_UPPER" else small)
+    return begin + end
+
+
+def _const_or_fail(ctx, name: str, what: str) -> np.ndarray:
+    value = ctx.const(name)
+    if value is None:
+        _fail(f"its {what} ({name!r}) is computed at run time; onnxlip needs it to be a constant")
+    return value
+
+
+def _optional_bias(ctx, node, index: int):
+    if len(node.input) > index and node.input[index]:
+        _const_or_fail(ctx, node.input[index], "bias")
+        return ctx.param(node.input[index])
+    return None
+
+
+# ---- import rules -----------------------------------------------------------------------------------------
+@importer("Conv")
+def import_conv(node, ctx):
+    x = node.input[0]
+    weight = _const_or_fail(ctx, node.input[1], "weight")
+    kernel = list(weight.shape[2:])
+    n = len(kernel)
+    strides = list(ctx.attr("strides", [1] * n))
+    dilations = list(ctx.attr("dilations", [1] * n))
+    pads = resolve_pads(ctx, ctx.shape(x)[2:], ctx.shape(node.output[0])[2:], kernel, strides, dilations)
+    params = {"weight": ctx.param(node.input[1])}
+    bias = _optional_bias(ctx, node, 2)
+    if bias is not None:
+        params["bias"] = bias
+    attrs = dict(strides=strides, pads=pads, dilations=dilations, group=int(ctx.attr("group", 1)), kernel_shape=kernel)
+    ctx.add("conv", [x], attrs=attrs, params=params)
+
+
+@importer("ConvTranspose")
+def import_conv_transpose(node, ctx):
+    x = node.input[0]
+    weight = _const_or_fail(ctx, node.input[1], "weight")
+    kernel = list(weight.shape[2:])
+    n = len(kernel)
+    strides = list(ctx.attr("strides", [1] * n))
+    dilations = list(ctx.attr("dilations", [1] * n))
+    out_pad = list(ctx.attr("output_padding", [0] * n))
+    spatial_in, spatial_out = ctx.shape(x)[2:], ctx.shape(node.output[0])[2:]
+    auto_pad = ctx.attr("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if ctx.attr("output_shape") is None and auto_pad in ("NOTSET", ""):
+        pads = [int(p) for p in ctx.attr("pads", [0] * (2 * n))]
+    else:  # pads are implied by the output shape (ONNX ConvTranspose spec)
+        pads_b, pads_e = [], []
+        for i in range(n):
+            total = strides[i] * (spatial_in[i] - 1) + out_pad[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial_out[i]
+            total = max(total, 0)
+            if auto_pad == "SAME_UPPER":
+                pads_b.append(total // 2)
+                pads_e.append(total - total // 2)
+            else:
+                pads_b.append(total - total // 2)
+                pads_e.append(total // 2)
+        pads = pads_b + pads_e
+    # output_padding as ONNX defines it is extra size at the end; recompute it so the shape matches exactly
+    out_pad = [
+        spatial_out[i] - (strides[i] * (spatial_in[i] - 1) + (kernel[i] - 1) * dilations[i] + 1 - pads[i] - pads[i + n])
+        for i in range(n)
+    ]
+    if any(p < 0 for p in out_pad):
+        _fail("its pads and output shape are inconsistent")
+    params = {"weight": ctx.param(node.input[1])}
+    bias = _optional_bias(ctx, node, 2)
+    if bias is not None:
+        params["bias"] = bias
+    attrs = dict(strides=strides, pads=pads, dilations=dilations, group=int(ctx.attr("group", 1)),
+                 output_padding=out_pad, kernel_shape=kernel)
+    ctx.add("conv_transpose", [x], attrs=attrs, params=params)
+
+
+def _add_dense(ctx, node, x: str, weight_name: str, weight: np.ndarray, side: str, bias_term):
+    """dense node; bias_term is None, ("const", name, value) or ("tensor", name)."""
+    params = {"weight": ctx.param(weight_name, weight)}
+    out = node.output[0]
+    if bias_term is not None and bias_term[0] == "const":
+        params["bias"] = ctx.param(bias_term[1], bias_term[2])
+    if bias_term is not None and bias_term[0] == "tensor":
+        mid = f"{out}::dense"
+        ctx.shapes[mid] = ctx.shape(out)
+        ctx.add("dense", [x], [mid], {"side": side}, params)
+        ctx.add("add", [mid, bias_term[1]], [out], {"coefs": [1.0, 1.0]})
+    else:
+        ctx.add("dense", [x], [out], {"side": side}, params)
+
+
+def _transposed(ctx, x: str) -> str:
+    t = f"{x}::T"
+    if t not in ctx.shapes:
+        ctx.shapes[t] = tuple(reversed(ctx.shape(x)))
+        ctx.add("transpose", [x], [t], {"perm": [1, 0]})
+    return t
+
+
+@importer("Gemm")
+def import_gemm(node, ctx):
+    a, b = node.input[0], node.input[1]
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    trans_a, trans_b = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    bias_term = None
+    if len(node.input) > 2 and node.input[2]:
+        c = node.input[2]
+        if ctx.is_const(c):
+            bias_term = ("const", c, beta * ctx.const(c).astype(np.float64))
+        elif beta == 1.0:
+            bias_term = ("tensor", c)
+        else:
+            _fail("its C input is a run-time tensor scaled by beta != 1")
+    if ctx.is_const(b) and not ctx.is_const(a):
+        w = ctx.const(b).astype(np.float64)
+        w = alpha * (w.T if trans_b else w)
+        x = _transposed(ctx, a) if trans_a else a
+        _add_dense(ctx, node, x, b, w, "right", bias_term)
+    elif ctx.is_const(a) and not ctx.is_const(b):
+        w = ctx.const(a).astype(np.float64)
+        w = alpha * (w.T if trans_a else w)
+        x = _transposed(ctx, b) if trans_b else b
+        _add_dense(ctx, node, x, a, w, "left", bias_term)
+    else:
+        _fail("Gemm multiplies two run-time tensors: not piecewise linear (one operand must be a weight)")
+
+
+@importer("MatMul")
+def import_matmul(node, ctx):
+    a, b = node.input
+    if ctx.is_const(b) and not ctx.is_const(a):
+        w, side, x, wname = ctx.const(b), "right", a, b
+    elif ctx.is_const(a) and not ctx.is_const(b):
+        w, side, x, wname = ctx.const(a), "left", b, a
+    else:
+        _fail("MatMul multiplies two run-time tensors: not piecewise linear (one operand must be a weight)")
+    if w.ndim != 2:
+        _fail(f"its constant operand has {w.ndim} dimensions; only 2-D weight matrices are supported")
+    if len(ctx.shape(x)) < (1 if side == "right" else 2):
+        _fail("its run-time operand has too few dimensions")
+    _add_dense(ctx, node, x, wname, w.astype(np.float64), side, None)
+
+
+@importer("BatchNormalization")
+def import_batchnorm(node, ctx):
+    if int(ctx.attr("training_mode", 0)):
+        _fail("BatchNormalization in training mode (batch statistics) is not a fixed affine map; export in eval mode")
+    if len(node.output) > 1 and any(node.output[1:]):
+        _fail("BatchNormalization with running-statistics outputs is in training mode; export in eval mode")
+    x, scale, bias, mean, var = node.input[:5]
+    values = [_const_or_fail(ctx, t, what) for t, what in
+              ((scale, "scale"), (bias, "bias"), (mean, "running mean"), (var, "running variance"))]
+    gamma, beta, mu, sigma2 = (v.astype(np.float64) for v in values)
+    eps = float(ctx.attr("epsilon", 1e-5))
+    if np.any(sigma2 + eps <= 0):
+        _fail("running variance + epsilon is not positive")
+    a = gamma / np.sqrt(sigma2 + eps)
+    c = beta - a * mu
+    rank = len(ctx.shape(x))
+    if a.ndim == 1:  # per channel (axis 1)
+        a = a.reshape((-1,) + (1,) * max(rank - 2, 0))
+        c = c.reshape((-1,) + (1,) * max(rank - 2, 0))
+    params = {
+        "scale": ctx.param(scale, a, ctx.origins.get(scale, (scale,)) + ctx.origins.get(var, (var,))),
+        "bias": ctx.param(bias, c, sum((ctx.origins.get(t, (t,)) for t in (bias, mean, scale, var)), ())),
+    }
+    ctx.add("affine", [x], attrs={"from": "BatchNormalization"}, params=params)
+
+
+@importer("Add", "Sub", "Mul", "Div")
+def import_arith(node, ctx):
+    a, b = node.input
+    op = node.op_type
+    if not ctx.is_const(a) and not ctx.is_const(b):
+        if op in ("Add", "Sub"):
+            ctx.add("add", [a, b], attrs={"coefs": [1.0, 1.0 if op == "Add" else -1.0]})
+            return
+        _fail(f"{op} of two run-time tensors is not piecewise linear")
+    const_first = ctx.is_const(a)
+    x, cname = (b, a) if const_first else (a, b)
+    c = ctx.const(cname).astype(np.float64)
+    if op == "Add":
+        params = {"bias": ctx.param(cname, c)}
+    elif op == "Sub" and not const_first:
+        params = {"bias": ctx.param(cname, -c)}
+    elif op == "Sub":  # c - x
+        params = {"scale": ctx.param(f"{cname}::neg1", -np.ones((1,)), ()), "bias": ctx.param(cname, c)}
+    elif op == "Mul":
+        params = {"scale": ctx.param(cname, c)}
+    elif const_first:
+        _fail("Div of a constant by a run-time tensor is not piecewise linear")
+    else:
+        if np.any(c == 0):
+            _fail("Div by a constant with zero entries")
+        params = {"scale": ctx.param(cname, 1.0 / c)}
+    ctx.add("affine", [x], params=params)

@@ -1,0 +1,58 @@
+"""The op registry. Each op family module registers, beside its definition, an import rule per ONNX op type
+and, per IR op, its companion rule (theory.md section 2) and, for parametric ops, its metric rule
+(section 3). Adding an op is one local change in one module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from onnx import NodeProto
+
+    from ..companion import CompanionEmitter, Scaled
+    from ..importer import ImportContext
+    from ..ir import Node
+
+ImportRule = Callable[["NodeProto", "ImportContext"], None]
+# companion(node, emitter, inputs, with_constants) -> outputs. with_constants=False drops the fixed
+# (parameter-free) constant terms, which is the rule for the difference stream of the metric.
+CompanionRule = Callable[["Node", "CompanionEmitter", "list[Scaled]", bool], "list[Scaled]"]
+# metric(node, emitter, a_hi_inputs, d_inputs) -> d outputs (parametric ops only; section 3)
+MetricRule = Callable[["Node", "CompanionEmitter", "list[Scaled]", "list[Scaled]"], "list[Scaled]"]
+
+
+@dataclass
+class OpRules:
+    name: str
+    companion: CompanionRule
+    metric: MetricRule | None = None
+    # positive fan-in bound used for the rounding-error margin of certified results
+    fan_in: Callable[[Node, dict], int] | None = None
+
+
+IMPORTERS: dict[str, ImportRule] = {}
+OPS: dict[str, OpRules] = {}
+# ONNX ops that are not piecewise linear, with the reason shown to the user
+REJECTED: dict[str, str] = {}
+
+
+def importer(*onnx_ops: str) -> Callable[[ImportRule], ImportRule]:
+    """Register an import rule for the given ONNX op types."""
+
+    def register(fn: ImportRule) -> ImportRule:
+        for op in onnx_ops:
+            IMPORTERS[op] = fn
+        return fn
+
+    return register
+
+
+def define(name: str, companion: CompanionRule, metric: MetricRule | None = None, fan_in=None) -> None:
+    """Define an IR op with its rules."""
+    OPS[name] = OpRules(name, companion, metric, fan_in)
+
+
+def reject(reason: str, *onnx_ops: str) -> None:
+    for op in onnx_ops:
+        REJECTED[op] = reason

@@ -1,0 +1,123 @@
+"""IR passes, each a small function Graph -> Graph. fold_affine merges a diagonal affine op (BatchNorm,
+Mul/Add by a per-channel constant) into the linear op before it: W' = a*W, b' = a*b + c (theory.md
+section 3: an equal or smaller path-norm, applied identically to both models of a pair)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .ir import Graph, Node, Param
+
+_FOLD_INTO = ("conv", "conv_transpose", "dense", "affine")
+
+
+def run_passes(graph: Graph) -> Graph:
+    return unique_param_names(fold_affine(graph))
+
+
+def unique_param_names(graph: Graph) -> Graph:
+    """Give every parameter occurrence its own name (a shared initializer used twice gets 'name#1')."""
+    seen: dict[str, int] = {}
+    nodes = []
+    for node in graph.nodes:
+        params = {}
+        for role, p in node.params.items():
+            count = seen.get(p.name, 0)
+            seen[p.name] = count + 1
+            params[role] = p if count == 0 else replace(p, name=f"{p.name}#{count}")
+        nodes.append(replace(node, params=params))
+    return replace(graph, nodes=nodes)
+
+
+def fold_affine(graph: Graph) -> Graph:
+    """Fold every foldable affine node into its producer, repeatedly (Conv -> BN -> Mul chains)."""
+    changed = True
+    while changed:
+        changed = False
+        producer, consumers = graph.producer(), graph.consumers()
+        for node in graph.nodes:
+            if node.op != "affine":
+                continue
+            src = producer.get(node.inputs[0])
+            t = node.inputs[0]
+            if src is None or src.op not in _FOLD_INTO or len(consumers.get(t, [])) != 1 or t in graph.outputs:
+                continue
+            if graph.shapes[node.output] != graph.shapes[t]:
+                continue  # the affine broadcasts to a larger shape: not a diagonal map
+            merged = _merge(src, node, graph.shapes[t])
+            if merged is None:
+                continue
+            nodes = [merged if n is src else n for n in graph.nodes if n is not node]
+            graph = replace(graph, nodes=nodes)
+            changed = True
+            break
+    return graph
+
+
+def _channel_vector(arr: np.ndarray | None, rank: int, axis: int, channels: int) -> np.ndarray | None:
+    """arr as a length-`channels` vector if it varies only along `axis` of a rank-`rank` tensor."""
+    if arr is None:
+        return None
+    if arr.ndim > rank:
+        return None
+    full = arr.reshape((1,) * (rank - arr.ndim) + arr.shape)
+    if any(d != 1 for i, d in enumerate(full.shape) if i != axis) or full.shape[axis] not in (1, channels):
+        return None
+    return np.broadcast_to(full.reshape(-1), (channels,)).astype(np.float64)
+
+
+def _merge(src: Node, aff: Node, shape: tuple[int, ...]) -> Node | None:
+    scale_p, bias_p = aff.params.get("scale"), aff.params.get("bias")
+    rank = len(shape)
+    if src.op == "affine":  # elementwise composition, any broadcasting
+        s1 = src.params["scale"].value if "scale" in src.params else 1.0
+        b1 = src.params["bias"].value if "bias" in src.params else 0.0
+        s2 = scale_p.value if scale_p else 1.0
+        b2 = bias_p.value if bias_p else 0.0
+        params = {}
+        if "scale" in src.params or scale_p:
+            base = src.params.get("scale") or scale_p
+            params["scale"] = _derived(base, np.asarray(s1 * s2), [src.params.get("scale"), scale_p])
+        if "bias" in src.params or bias_p:
+            base = src.params.get("bias") or bias_p
+            params["bias"] = _derived(base, np.asarray(b1 * s2 + b2), [src.params.get("bias"), scale_p, bias_p])
+        return replace(src, outputs=list(aff.outputs), params=params)
+    axis = {"conv": 1, "conv_transpose": 1}.get(src.op)
+    if src.op == "dense":
+        axis = rank - 1 if src.attrs.get("side", "right") == "right" else rank - 2
+    channels = shape[axis]
+    s = _channel_vector(scale_p.value, rank, axis, channels) if scale_p else np.ones(channels)
+    c = _channel_vector(bias_p.value, rank, axis, channels) if bias_p else np.zeros(channels)
+    if s is None or c is None:
+        return None
+    w = src.params["weight"]
+    wv = w.value
+    if src.op == "conv":
+        wv = wv * s.reshape((-1,) + (1,) * (wv.ndim - 1))
+    elif src.op == "conv_transpose":
+        group = src.attrs["group"]
+        cin_g, cout_g = wv.shape[0] // group, wv.shape[1]
+        factor = s[(np.arange(wv.shape[0])[:, None] // cin_g) * cout_g + np.arange(cout_g)[None, :]]
+        wv = wv * factor.reshape(factor.shape + (1,) * (wv.ndim - 2))
+    elif src.attrs.get("side", "right") == "right":
+        wv = wv * s[None, :]
+    else:
+        wv = wv * s[:, None]
+    old_b = src.params.get("bias")
+    if src.op == "dense" and old_b is not None and _channel_vector(old_b.value, rank, axis, channels) is None:
+        return None  # a full-shape Gemm bias: keep the affine separate
+    b_vec = _channel_vector(old_b.value, rank, axis, channels) if old_b is not None else np.zeros(channels)
+    params = {"weight": _derived(w, wv, [w, scale_p])}
+    if old_b is not None or bias_p is not None:
+        params["bias"] = _derived(old_b or bias_p, s * b_vec + c, [old_b, scale_p, bias_p])
+    return replace(src, outputs=list(aff.outputs), params=params)
+
+
+def _derived(base: Param, value: np.ndarray, parts: list[Param | None]) -> Param:
+    sources: list[str] = []
+    for p in parts:
+        if p is not None:
+            sources += [s for s in p.sources if s not in sources]
+    return Param(base.name, np.asarray(value, dtype=np.float64), tuple(sources))

@@ -1,0 +1,51 @@
+"""onnxruntime sessions: provider choice (CUDA only when it really loads), quiet logging, options."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import OnnxlipError
+
+ort.set_default_logger_severity(4)  # a missing CUDA library is expected; we check get_providers() ourselves
+
+DEVICES = ("auto", "cpu", "cuda")
+_cuda_works: bool | None = None  # learned on the first attempt, so a broken CUDA setup costs one try
+
+
+def session_options() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def make_session(model: onnx.ModelProto | bytes, device: str = "auto") -> tuple[ort.InferenceSession, str]:
+    """A session on the requested device; returns (session, "cuda" | "cpu")."""
+    if device not in DEVICES:
+        raise OnnxlipError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    global _cuda_works
+    wants_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    if wants_cuda and _cuda_works is not False:
+        try:
+            sess = ort.InferenceSession(data, session_options(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            _cuda_works = sess.get_providers()[0] == "CUDAExecutionProvider"
+            if _cuda_works:
+                return sess, "cuda"
+        except Exception:  # noqa: BLE001 - CUDA libraries missing: fall back below
+            _cuda_works = False
+    if device == "cuda":
+        raise OnnxlipError("--device cuda was requested, but onnxruntime's CUDA provider does not load on this machine")
+    try:
+        sess = ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise OnnxlipError(f"onnxruntime could not build the graph: {exc}") from None
+    return sess, "cpu"
+
+
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a small helper model on the CPU."""
+    sess, _ = make_session(model, "cpu")
+    return sess.run(None, feeds)

@@ -1,0 +1,76 @@
+"""The sanity figure of `bound`: the largest ||R_a(x) - R_b(x)||_1 seen on random inputs in the box
+||x||_inf <= R, computed by running the ORIGINAL models (cut at the analysed outputs) in onnxruntime."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from onnx import utils as onnx_utils
+
+from .ir import Graph
+from .runtime import make_session
+
+
+def runnable(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
+    """The original model cut at the analysed outputs, with fixed input shapes."""
+    if [o.name for o in proto.graph.output] == list(graph.outputs):
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
+    else:
+        model = onnx_utils.Extractor(proto).extract_model(list(graph.inputs), list(graph.outputs))
+    if model.ir_version > 10:
+        model.ir_version = 10
+    return model
+
+
+class Sampler:
+    """Runs a model on batches of inputs; falls back to one input at a time when the batch is fixed."""
+
+    def __init__(self, proto: onnx.ModelProto, graph: Graph, device: str = "auto"):
+        self.graph = graph
+        self.session, self.device = make_session(runnable(proto, graph), device)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.batched = all(not isinstance(i.shape[0], int) for i in self.session.get_inputs() if i.shape)
+
+    def run(self, xs: dict[str, np.ndarray]) -> np.ndarray:
+        """Flattened outputs, one row per input of the batch."""
+        n = next(iter(xs.values())).shape[0]
+        feeds = {k: v.astype(np.float64 if "double" in self.input_types[k] else np.float32) for k, v in xs.items()}
+        if self.batched:
+            outs = self.session.run(list(self.graph.outputs), feeds)
+            return np.concatenate([np.asarray(o, np.float64).reshape(n, -1) for o in outs], axis=1)
+        rows = []
+        for i in range(n):
+            outs = self.session.run(list(self.graph.outputs), {k: v[i:i + 1] for k, v in feeds.items()})
+            rows.append(np.concatenate([np.asarray(o, np.float64).ravel() for o in outs]))
+        return np.stack(rows)
+
+
+def random_box_inputs(graph: Graph, n: int, radius: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """n inputs with ||x||_inf <= radius: half uniform in the box, half at random corners."""
+    xs = {}
+    for name, shape in graph.inputs.items():
+        uniform = rng.uniform(-radius, radius, size=(n, *shape[1:]))
+        corners = radius * rng.choice([-1.0, 1.0], size=(n, *shape[1:]))
+        pick = (np.arange(n) % 2 == 1).reshape((n,) + (1,) * (len(shape) - 1))
+        xs[name] = np.where(pick, corners, uniform)
+    return xs
+
+
+def observed_max_l1(samplers: tuple[Sampler, Sampler], n: int, radius: float, seed: int = 0,
+                    time_budget: float = 2.0, batch: int = 16) -> tuple[float, int]:
+    """(largest observed l1 output difference, number of inputs actually tried within the time budget)."""
+    rng = np.random.default_rng(seed)
+    start, done, worst = time.perf_counter(), 0, 0.0
+    while done < n:
+        k = min(batch, n - done)
+        xs = random_box_inputs(samplers[0].graph, k, radius, rng)
+        diff = np.abs(samplers[0].run(xs) - samplers[1].run(xs)).sum(axis=1)
+        worst = max(worst, float(diff.max()))
+        done += k
+        if time.perf_counter() - start > time_budget:
+            break
+    return worst, done
