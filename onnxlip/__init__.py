@@ -17,7 +17,21 @@ from .importer import ImportOptions, import_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "BoundResult", "CheckResult", "PathMetricResult", "PathNormResult", "bound", "bound_many", "check",
-    "path_metric", "path_norm", "import_model", "ImportOptions", "OnnxlipError", "UnsupportedModelError",
-    "ModelLoadError", "ShapeError", "MismatchError", "ModelIssue",
+    "BoundResult",
+    "CheckResult",
+    "PathMetricResult",
+    "PathNormResult",
+    "bound",
+    "bound_many",
+    "check",
+    "path_metric",
+    "path_norm",
+    "import_model",
+    "ImportOptions",
+    "OnnxlipError",
+    "UnsupportedModelError",
+    "ModelLoadError",
+    "ShapeError",
+    "MismatchError",
+    "ModelIssue",
 ]

@@ -107,8 +107,9 @@ def _jsonable(obj):
     return obj
 
 
-def analyse(model: ModelLike, output: Sequence[str] | None = None,
-            input_shapes: Mapping[str, Sequence[int]] | None = None) -> Analysed:
+def analyse(
+    model: ModelLike, output: Sequence[str] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> Analysed:
     """Load and import a model once, for several computations."""
     if isinstance(model, Analysed):
         return model
@@ -118,15 +119,23 @@ def analyse(model: ModelLike, output: Sequence[str] | None = None,
 
 
 # ---- path-norm -----------------------------------------------------------------------------------------
-def path_norm(model: ModelLike, q: float = 1.0, *, output: Sequence[str] | None = None,
-              input_shapes: Mapping[str, Sequence[int]] | None = None, device: str = "auto") -> PathNormResult:
+def path_norm(
+    model: ModelLike,
+    q: float = 1.0,
+    *,
+    output: Sequence[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    device: str = "auto",
+) -> PathNormResult:
     """L^q path-norm ||Phi(theta)||_q^q... reported as ||Phi||_q (the q-th root), value and log10."""
     if not (isinstance(q, (int, float)) and math.isfinite(q) and q > 0):
         raise OnnxlipError(f"q must be a positive finite number, got {q!r}")
     m = analyse(model, output, input_shapes)
     log10_sum, dev = pathnorm_log10_power(m.graph, float(q), device)
     log10_norm = log10_sum / q
-    return PathNormResult(float(q), plain_value(log10_norm), log10_norm, dev, m.graph.num_parameters, list(m.graph.outputs))
+    return PathNormResult(
+        float(q), plain_value(log10_norm), log10_norm, dev, m.graph.num_parameters, list(m.graph.outputs)
+    )
 
 
 def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[float, str]:
@@ -194,25 +203,58 @@ def metric_between(base: Analysed, other: Analysed, device: str = "auto") -> Pat
     return PathMetricResult(plain_value(log10_m), log10_m, bool(exact), flips, handling, changed, dev)
 
 
-def path_metric(a: ModelLike, b: ModelLike, *, output: Sequence[str] | None = None,
-                input_shapes: Mapping[str, Sequence[int]] | None = None, device: str = "auto") -> PathMetricResult:
+def path_metric(
+    a: ModelLike,
+    b: ModelLike,
+    *,
+    output: Sequence[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    device: str = "auto",
+) -> PathMetricResult:
     """The l1 path-metric ||Phi(theta_a) - Phi(theta_b)||_1 (exact when one model dominates the other)."""
     return metric_between(analyse(a, output, input_shapes), analyse(b, output, input_shapes), device)
 
 
 # ---- bound ---------------------------------------------------------------------------------------------
-def bound(a: ModelLike, b: ModelLike, input_bound: float = 1.0, *, samples: int = 256, seed: int = 0,
-          sample_seconds: float = 2.0, output: Sequence[str] | None = None,
-          input_shapes: Mapping[str, Sequence[int]] | None = None, device: str = "auto") -> BoundResult:
+def bound(
+    a: ModelLike,
+    b: ModelLike,
+    input_bound: float = 1.0,
+    *,
+    samples: int = 256,
+    seed: int = 0,
+    sample_seconds: float = 2.0,
+    output: Sequence[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    device: str = "auto",
+) -> BoundResult:
     """Certified bound on ||R_a(x) - R_b(x)||_1 over ||x||_inf <= input_bound (theory.md section 3)."""
-    return bound_many(a, [b], input_bound, samples=samples, seed=seed, sample_seconds=sample_seconds,
-                      output=output, input_shapes=input_shapes, device=device)[0]
+    return bound_many(
+        a,
+        [b],
+        input_bound,
+        samples=samples,
+        seed=seed,
+        sample_seconds=sample_seconds,
+        output=output,
+        input_shapes=input_shapes,
+        device=device,
+    )[0]
 
 
-def bound_many(base: ModelLike, variants: Sequence[ModelLike], input_bound: float = 1.0, *, samples: int = 256,
-               seed: int = 0, sample_seconds: float = 2.0, output: Sequence[str] | None = None,
-               input_shapes: Mapping[str, Sequence[int]] | None = None, device: str = "auto",
-               progress=None) -> list[BoundResult]:
+def bound_many(
+    base: ModelLike,
+    variants: Sequence[ModelLike],
+    input_bound: float = 1.0,
+    *,
+    samples: int = 256,
+    seed: int = 0,
+    sample_seconds: float = 2.0,
+    output: Sequence[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    device: str = "auto",
+    progress=None,
+) -> list[BoundResult]:
     """One BoundResult per variant, against one base model (imported once)."""
     if not (math.isfinite(input_bound) and input_bound >= 0):
         raise OnnxlipError(f"the input bound must be a finite number >= 0, got {input_bound}")
@@ -227,20 +269,35 @@ def bound_many(base: ModelLike, variants: Sequence[ModelLike], input_bound: floa
         log10_bound = metric.log10_path_metric + math.log10(max(input_bound, 1.0))
         observed, tried = None, 0
         if samples:
-            observed, tried = observed_max_l1((base_sampler, Sampler(other.proto, other.graph, "cpu")), samples,
-                                              input_bound, seed, sample_seconds)
-        results.append(BoundResult(
-            metric.path_metric, metric.log10_path_metric, metric.exact, metric.sign_flips, metric.sign_flip_handling,
-            metric.changed_parameters, float(input_bound), plain_value(log10_bound), log10_bound, observed, tried,
-            metric.device, other.label))
+            observed, tried = observed_max_l1(
+                (base_sampler, Sampler(other.proto, other.graph, "cpu")), samples, input_bound, seed, sample_seconds
+            )
+        results.append(
+            BoundResult(
+                metric.path_metric,
+                metric.log10_path_metric,
+                metric.exact,
+                metric.sign_flips,
+                metric.sign_flip_handling,
+                metric.changed_parameters,
+                float(input_bound),
+                plain_value(log10_bound),
+                log10_bound,
+                observed,
+                tried,
+                metric.device,
+                other.label,
+            )
+        )
         if progress is not None:
             progress()
     return results
 
 
 # ---- check ---------------------------------------------------------------------------------------------
-def check(model: ModelLike, *, output: Sequence[str] | None = None,
-          input_shapes: Mapping[str, Sequence[int]] | None = None) -> CheckResult:
+def check(
+    model: ModelLike, *, output: Sequence[str] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> CheckResult:
     """Is the model supported? Which ops, how many parameters, and every problem found."""
     proto = load_model(model)
     ops = Counter(n.op_type for n in proto.graph.node)

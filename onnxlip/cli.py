@@ -30,10 +30,17 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-OutputOpt = typer.Option(None, "--output", help="Analyse the sub-network up to this tensor (repeatable), e.g. the "
-                         "logits before a Softmax/ArgMax/ZipMap tail.")
-ShapeOpt = typer.Option(None, "--input-shape", help="Fix an input's shape, NAME=1x3x224x224 (repeatable); needed "
-                        "when a non-batch dimension is dynamic. The batch dimension defaults to 1.")
+OutputOpt = typer.Option(
+    None,
+    "--output",
+    help="Analyse the sub-network up to this tensor (repeatable), e.g. the logits before a Softmax/ArgMax/ZipMap tail.",
+)
+ShapeOpt = typer.Option(
+    None,
+    "--input-shape",
+    help="Fix an input's shape, NAME=1x3x224x224 (repeatable); needed "
+    "when a non-batch dimension is dynamic. The batch dimension defaults to 1.",
+)
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when its provider really loads, else CPU), cpu or cuda.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
 
@@ -104,8 +111,15 @@ def _emit_json(obj: dict) -> None:
 
 
 def _progress(total: int, label: str) -> Progress:
-    return Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                    console=err, transient=True, disable=total <= 1 or not err.is_terminal)
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=total <= 1 or not err.is_terminal,
+    )
 
 
 @app.command()
@@ -163,23 +177,36 @@ def pathnorm(
         table = Table(title=f"L^{q:g} path-norm of {model}")
         for col in ("path-norm", "log10", "parameters", "outputs", "device"):
             table.add_column(col)
-        table.add_row(_fmt(r.path_norm, r.log10_path_norm), f"{r.log10_path_norm:.6f}", f"{r.num_parameters:,}",
-                      ", ".join(r.outputs), r.device)
+        table.add_row(
+            _fmt(r.path_norm, r.log10_path_norm),
+            f"{r.log10_path_norm:.6f}",
+            f"{r.num_parameters:,}",
+            ", ".join(r.outputs),
+            r.device,
+        )
         out.print(table)
 
 
 @app.command()
 def bound(
-    models: List[Path] = typer.Argument(..., help="BASE VARIANT [VARIANT ...]: one base model and the changed "
-                                        "models (pruned, quantized, fine-tuned) to compare with it."),
-    input_bound: float = typer.Option(1.0, "--input-bound", "-R", help="R: the bound holds for every input with "
-                                      "||x||_inf <= R."),
-    samples: int = typer.Option(256, "--samples", help="Random inputs in the box for the observed difference "
-                                "(a sanity figure, not a certificate); 0 to skip."),
+    models: List[Path] = typer.Argument(
+        ...,
+        help="BASE VARIANT [VARIANT ...]: one base model and the changed "
+        "models (pruned, quantized, fine-tuned) to compare with it.",
+    ),
+    input_bound: float = typer.Option(
+        1.0, "--input-bound", "-R", help="R: the bound holds for every input with ||x||_inf <= R."
+    ),
+    samples: int = typer.Option(
+        256,
+        "--samples",
+        help="Random inputs in the box for the observed difference (a sanity figure, not a certificate); 0 to skip.",
+    ),
     sample_seconds: float = typer.Option(2.0, "--sample-seconds", help="Time budget per variant for sampling."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
-    max_bound: Optional[float] = typer.Option(None, "--max-bound", help="CI gate: exit 1 when a certified bound "
-                                              "exceeds this value."),
+    max_bound: Optional[float] = typer.Option(
+        None, "--max-bound", help="CI gate: exit 1 when a certified bound exceeds this value."
+    ),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
     device: str = DeviceOpt,
@@ -196,10 +223,18 @@ def bound(
         base, variants = models[0], models[1:]
         with _progress(len(variants), "comparing") as bar:
             task = bar.add_task("compare", total=len(variants))
-            results = api.bound_many(base, variants, input_bound, samples=samples, seed=seed,
-                                     sample_seconds=sample_seconds, output=output,
-                                     input_shapes=_shapes(input_shape), device=device,
-                                     progress=lambda: bar.advance(task))
+            results = api.bound_many(
+                base,
+                variants,
+                input_bound,
+                samples=samples,
+                seed=seed,
+                sample_seconds=sample_seconds,
+                output=output,
+                input_shapes=_shapes(input_shape),
+                device=device,
+                progress=lambda: bar.advance(task),
+            )
         exceeded = max_bound is not None and any(_exceeds(r.log10_bound, max_bound) for r in results)
         if as_json:
             payload = [r.to_json() for r in results]
@@ -220,18 +255,35 @@ def bound(
 
 def _print_bounds(base, variants, results, max_bound) -> None:
     r0 = results[0]
-    table = Table(title=f"certified bound on ||R_base(x) - R_variant(x)||_1 for ||x||_inf <= {r0.input_bound:g}"
-                  f"   (base: {base})")
-    for col in ("variant", "bound", "log10 bound", "path-metric", "exact?", "changed", "sign flips", "observed max",
-                "samples"):
+    table = Table(
+        title=f"certified bound on ||R_base(x) - R_variant(x)||_1 for ||x||_inf <= {r0.input_bound:g}   (base: {base})"
+    )
+    for col in (
+        "variant",
+        "bound",
+        "log10 bound",
+        "path-metric",
+        "exact?",
+        "changed",
+        "sign flips",
+        "observed max",
+        "samples",
+    ):
         table.add_column(col, justify="right" if col not in ("variant",) else "left")
     for v, r in zip(variants, results):
         over = max_bound is not None and _exceeds(r.log10_bound, max_bound)
         bound_txt = _fmt(r.bound, r.log10_bound)
-        table.add_row(str(v), f"[red]{bound_txt}[/]" if over else bound_txt, f"{r.log10_bound:.4f}",
-                      _fmt(r.path_metric, r.log10_path_metric), "exact" if r.exact else "upper bound",
-                      f"{r.changed_parameters:,}", str(r.sign_flips),
-                      "-" if r.observed_max_l1_diff is None else f"{r.observed_max_l1_diff:.6g}", str(r.samples))
+        table.add_row(
+            str(v),
+            f"[red]{bound_txt}[/]" if over else bound_txt,
+            f"{r.log10_bound:.4f}",
+            _fmt(r.path_metric, r.log10_path_metric),
+            "exact" if r.exact else "upper bound",
+            f"{r.changed_parameters:,}",
+            str(r.sign_flips),
+            "-" if r.observed_max_l1_diff is None else f"{r.observed_max_l1_diff:.6g}",
+            str(r.samples),
+        )
     out.print(table)
     if any(r.sign_flips for r in results):
         out.print("sign flips: " + next(r.sign_flip_handling for r in results if r.sign_flips), highlight=False)

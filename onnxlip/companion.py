@@ -94,7 +94,9 @@ class GraphBuilder:
 
     def model(self, name: str = "onnxlip") -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", COMPANION_OPSET)], producer_name="onnxlip")
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", COMPANION_OPSET)], producer_name="onnxlip"
+        )
         model.ir_version = 8
         return model
 
@@ -105,7 +107,9 @@ class CompanionEmitter(GraphBuilder):
     With `feeds=True` weights become graph inputs (one session serves many models of one architecture)
     and `self.feed_specs` records how to compute each feed."""
 
-    def __init__(self, q: float, kinds: dict[str, dict[str, np.ndarray]] | None, default_kind: str, feeds: bool = False):
+    def __init__(
+        self, q: float, kinds: dict[str, dict[str, np.ndarray]] | None, default_kind: str, feeds: bool = False
+    ):
         super().__init__()
         self.q = q
         self.kinds = kinds or {}
@@ -286,8 +290,16 @@ def plain_value(log10: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def linear_metric(node: Node, em: CompanionEmitter, a: Scaled, d: Scaled | None, apply, weight_role: str,
-                  bias_role: str | None, bias_shape: tuple[int, ...] | None = None) -> Scaled:
+def linear_metric(
+    node: Node,
+    em: CompanionEmitter,
+    a: Scaled,
+    d: Scaled | None,
+    apply,
+    weight_role: str,
+    bias_role: str | None,
+    bias_shape: tuple[int, ...] | None = None,
+) -> Scaled:
     """Metric rule shared by every parametric linear op: L_delta(a) + L_lo(d) + delta_b (theory.md section 3)."""
     w = node.params[weight_role]
     terms = [(a, em.weight(w, "delta"))]

@@ -17,7 +17,14 @@ from .ops import IMPORTERS, REJECTED
 from .passes import run_passes
 
 # nodes that are never constant-folded even when their inputs are constant
-_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_NONDETERMINISTIC = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
 _FOLD_LIMIT = 64 * 2**20  # do not materialise constants above 64 MiB
 
 
@@ -142,7 +149,9 @@ def _initial_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
         try:
             consts[init.name] = numpy_helper.to_array(init)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt tensor
-            raise OnnxlipError(f"initializer {init.name!r} cannot be decoded (corrupt or truncated file?): {exc}") from None
+            raise OnnxlipError(
+                f"initializer {init.name!r} cannot be decoded (corrupt or truncated file?): {exc}"
+            ) from None
     for sparse in graph.sparse_initializer:
         raise OnnxlipError(f"sparse initializer {sparse.values.name!r} is not supported; densify the model first")
     return consts
@@ -169,7 +178,9 @@ def _fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] 
         if inp.name in user_shapes:
             shape = tuple(int(d) for d in user_shapes[inp.name])
             if ttype.HasField("shape") and len(ttype.shape.dim) != len(shape):
-                raise ShapeError(f"input {inp.name!r} has rank {len(ttype.shape.dim)}, --input-shape gives {len(shape)}")
+                raise ShapeError(
+                    f"input {inp.name!r} has rank {len(ttype.shape.dim)}, --input-shape gives {len(shape)}"
+                )
             if any(d <= 0 for d in shape):
                 raise ShapeError(f"--input-shape for {inp.name!r} must be positive, got {shape}")
             out[inp.name] = shape
@@ -193,7 +204,8 @@ def _fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] 
     if problems:
         example = real_inputs[0].name
         raise ShapeError(
-            "unknown non-batch dimensions in input(s) " + ", ".join(problems)
+            "unknown non-batch dimensions in input(s) "
+            + ", ".join(problems)
             + f"; give them with --input-shape, e.g. --input-shape {example}=1x3x224x224"
         )
     if not out:
@@ -327,13 +339,18 @@ def _fold_one(proto, node, consts, shapes):
     names = [n for n in node.input if n]
     if node.op_type in _NONDETERMINISTIC or not all(n in consts for n in names):
         return None
-    if node.attribute and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+    if node.attribute and any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+    ):
         return None
     if sum(consts[n].nbytes for n in names) > _FOLD_LIMIT:
         return None
     from onnx.reference import ReferenceEvaluator
 
-    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(consts[n].dtype), list(consts[n].shape)) for n in names]
+    inputs = [
+        helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(consts[n].dtype), list(consts[n].shape))
+        for n in names
+    ]
     outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.output if n]
     g = helper.make_graph([node], "fold", inputs, outputs)
     m = helper.make_model(g, opset_imports=list(proto.opset_import))

@@ -90,9 +90,7 @@ class Graph:
         """A copy of this graph with some parameters replaced (by Param name)."""
         nodes = []
         for n in self.nodes:
-            params = {
-                role: replace(p, value=values[p.name]) if p.name in values else p for role, p in n.params.items()
-            }
+            params = {role: replace(p, value=values[p.name]) if p.name in values else p for role, p in n.params.items()}
             nodes.append(replace(n, params=params))
         return replace(self, nodes=nodes)
 

@@ -30,7 +30,9 @@ def make_session(model: onnx.ModelProto | bytes, device: str = "auto") -> tuple[
     wants_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     if wants_cuda and _cuda_works is not False:
         try:
-            sess = ort.InferenceSession(data, session_options(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            sess = ort.InferenceSession(
+                data, session_options(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+            )
             _cuda_works = sess.get_providers()[0] == "CUDAExecutionProvider"
             if _cuda_works:
                 return sess, "cuda"

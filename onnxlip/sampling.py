@@ -44,7 +44,7 @@ class Sampler:
             return np.concatenate([np.asarray(o, np.float64).reshape(n, -1) for o in outs], axis=1)
         rows = []
         for i in range(n):
-            outs = self.session.run(list(self.graph.outputs), {k: v[i:i + 1] for k, v in feeds.items()})
+            outs = self.session.run(list(self.graph.outputs), {k: v[i : i + 1] for k, v in feeds.items()})
             rows.append(np.concatenate([np.asarray(o, np.float64).ravel() for o in outs]))
         return np.stack(rows)
 
@@ -60,8 +60,9 @@ def random_box_inputs(graph: Graph, n: int, radius: float, rng: np.random.Genera
     return xs
 
 
-def observed_max_l1(samplers: tuple[Sampler, Sampler], n: int, radius: float, seed: int = 0,
-                    time_budget: float = 2.0, batch: int = 16) -> tuple[float, int]:
+def observed_max_l1(
+    samplers: tuple[Sampler, Sampler], n: int, radius: float, seed: int = 0, time_budget: float = 2.0, batch: int = 16
+) -> tuple[float, int]:
     """(largest observed l1 output difference, number of inputs actually tried within the time budget)."""
     rng = np.random.default_rng(seed)
     start, done, worst = time.perf_counter(), 0, 0.0

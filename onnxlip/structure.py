@@ -12,7 +12,8 @@ def _attrs_equal(a, b) -> bool:
     if isinstance(a, (np.ndarray, list, tuple)) or isinstance(b, (np.ndarray, list, tuple)):
         try:
             return np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object)) or np.array_equal(
-                np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
+                np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            )
         except (TypeError, ValueError):
             return False
     return a == b
@@ -29,7 +30,9 @@ def align_params(base: Graph, other: Graph, labels: tuple[str, str] = ("a", "b")
     if out_a != out_b:
         raise MismatchError(f"the models have different output shapes: {la} {out_a} vs {lb} {out_b}")
     if len(base.nodes) != len(other.nodes):
-        raise MismatchError(f"the models have different numbers of ops after import: {len(base.nodes)} vs {len(other.nodes)}")
+        raise MismatchError(
+            f"the models have different numbers of ops after import: {len(base.nodes)} vs {len(other.nodes)}"
+        )
     tensor_map = dict(zip(base.inputs, other.inputs))
     values: dict[str, np.ndarray] = {}
     for i, (na, nb) in enumerate(zip(base.nodes, other.nodes)):
@@ -40,7 +43,9 @@ def align_params(base: Graph, other: Graph, labels: tuple[str, str] = ("a", "b")
             raise MismatchError(f"the models differ at {where}: its inputs come from different ops")
         for key in sorted(set(na.attrs) | set(nb.attrs)):
             if not _attrs_equal(na.attrs.get(key), nb.attrs.get(key)):
-                raise MismatchError(f"the models differ at {where}: attribute {key} {na.attrs.get(key)} vs {nb.attrs.get(key)}")
+                raise MismatchError(
+                    f"the models differ at {where}: attribute {key} {na.attrs.get(key)} vs {nb.attrs.get(key)}"
+                )
         if sorted(na.params) != sorted(nb.params):
             raise MismatchError(f"the models differ at {where}: parameters {sorted(na.params)} vs {sorted(nb.params)}")
         for role, pa in na.params.items():
@@ -50,7 +55,9 @@ def align_params(base: Graph, other: Graph, labels: tuple[str, str] = ("a", "b")
             values[pa.name] = pb.value
         for ta, tb in zip(na.outputs, nb.outputs):
             if base.shapes[ta] != other.shapes[tb]:
-                raise MismatchError(f"the models differ at {where}: output shape {base.shapes[ta]} vs {other.shapes[tb]}")
+                raise MismatchError(
+                    f"the models differ at {where}: output shape {base.shapes[ta]} vs {other.shapes[tb]}"
+                )
             tensor_map[ta] = tb
     if [tensor_map.get(t) for t in base.outputs] != list(other.outputs):
         raise MismatchError("the models' outputs come from different ops")

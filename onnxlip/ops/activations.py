@@ -39,13 +39,17 @@ define("relu_combo", _combo_companion)
 
 
 def _combo(ctx, x, relu_coefs, thresholds, skip=0.0, bias=0.0, kind="relu"):
-    ctx.add("relu_combo", [x], attrs={
-        "relu_coefs": [float(c) for c in relu_coefs],
-        "thresholds": [np.asarray(t, dtype=np.float64) for t in thresholds],
-        "skip": float(skip),
-        "bias": np.asarray(bias, dtype=np.float64),
-        "kind": kind,
-    })
+    ctx.add(
+        "relu_combo",
+        [x],
+        attrs={
+            "relu_coefs": [float(c) for c in relu_coefs],
+            "thresholds": [np.asarray(t, dtype=np.float64) for t in thresholds],
+            "skip": float(skip),
+            "bias": np.asarray(bias, dtype=np.float64),
+            "kind": kind,
+        },
+    )
 
 
 @importer("Relu")
@@ -106,8 +110,9 @@ def import_max_min(node, ctx):
         return
     if len(runtime) == 1 and len(consts) == 1:
         out_shape = ctx.shape(node.output[0])
-        if tuple(np.broadcast_shapes(ctx.shape(runtime[0]), consts[0].shape)) != tuple(out_shape) or \
-                tuple(ctx.shape(runtime[0])) != tuple(out_shape):
+        if tuple(np.broadcast_shapes(ctx.shape(runtime[0]), consts[0].shape)) != tuple(out_shape) or tuple(
+            ctx.shape(runtime[0])
+        ) != tuple(out_shape):
             _fail("its constant operand broadcasts the tensor to a larger shape")
         value = consts[0].astype(np.float64)
         if node.op_type == "Max":
@@ -125,14 +130,57 @@ def _max_companion(node, em, xs, with_constants):
 
 define("max", _max_companion)
 
-reject("is not piecewise linear; the bound needs a ReLU network", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Exp",
-       "Log", "Sqrt", "Reciprocal", "Pow", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSwish",
-       "Mish", "Sin", "Cos", "LRN", "LpNormalization", "LayerNormalization", "InstanceNormalization",
-       "GroupNormalization", "MeanVarianceNormalization", "Einsum", "Hardmax")
+reject(
+    "is not piecewise linear; the bound needs a ReLU network",
+    "Sigmoid",
+    "Tanh",
+    "Softmax",
+    "LogSoftmax",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Pow",
+    "Erf",
+    "Gelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Softplus",
+    "Softsign",
+    "HardSwish",
+    "Mish",
+    "Sin",
+    "Cos",
+    "LRN",
+    "LpNormalization",
+    "LayerNormalization",
+    "InstanceNormalization",
+    "GroupNormalization",
+    "MeanVarianceNormalization",
+    "Einsum",
+    "Hardmax",
+)
 reject("is piecewise linear, but not supported in the path-metric (accepted by `lipschitz` only)", "Abs", "HardSigmoid")
 reject("has a learned slope; export it as LeakyRelu or Relu (PRelu is not supported)", "PRelu")
-reject("outputs indices or labels, not values; analyse the logits before it with --output", "ArgMax", "ArgMin",
-       "TopK", "Sort", "ZipMap", "ArrayFeatureExtractor", "LabelEncoder")
+reject(
+    "outputs indices or labels, not values; analyse the logits before it with --output",
+    "ArgMax",
+    "ArgMin",
+    "TopK",
+    "Sort",
+    "ZipMap",
+    "ArrayFeatureExtractor",
+    "LabelEncoder",
+)
 reject("is a recurrent layer with sigmoid/tanh gates: not piecewise linear", "LSTM", "GRU", "RNN")
-reject("rounds values (quantized activations are not piecewise linear); keep activations in float",
-       "QuantizeLinear", "DynamicQuantizeLinear", "Round", "Floor", "Ceil", "QLinearConv", "QLinearMatMul")
+reject(
+    "rounds values (quantized activations are not piecewise linear); keep activations in float",
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "Round",
+    "Floor",
+    "Ceil",
+    "QLinearConv",
+    "QLinearMatMul",
+)

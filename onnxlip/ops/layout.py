@@ -115,7 +115,9 @@ def import_gather(node, ctx):
     if indices is None:
         _fail("its indices are computed at run time; they must be constant")
     rank = len(ctx.shape(node.input[0]))
-    ctx.add("gather", [node.input[0]], attrs={"indices": indices.astype(np.int64), "axis": int(ctx.attr("axis", 0)) % rank})
+    ctx.add(
+        "gather", [node.input[0]], attrs={"indices": indices.astype(np.int64), "axis": int(ctx.attr("axis", 0)) % rank}
+    )
 
 
 @importer("Split")

@@ -164,8 +164,14 @@ def import_conv_transpose(node, ctx):
     bias = _optional_bias(ctx, node, 2)
     if bias is not None:
         params["bias"] = bias
-    attrs = dict(strides=strides, pads=pads, dilations=dilations, group=int(ctx.attr("group", 1)),
-                 output_padding=out_pad, kernel_shape=kernel)
+    attrs = dict(
+        strides=strides,
+        pads=pads,
+        dilations=dilations,
+        group=int(ctx.attr("group", 1)),
+        output_padding=out_pad,
+        kernel_shape=kernel,
+    )
     ctx.add("conv_transpose", [x], attrs=attrs, params=params)
 
 
@@ -243,8 +249,10 @@ def import_batchnorm(node, ctx):
     if len(node.output) > 1 and any(node.output[1:]):
         _fail("BatchNormalization with running-statistics outputs is in training mode; export in eval mode")
     x, scale, bias, mean, var = node.input[:5]
-    values = [_const_or_fail(ctx, t, what) for t, what in
-              ((scale, "scale"), (bias, "bias"), (mean, "running mean"), (var, "running variance"))]
+    values = [
+        _const_or_fail(ctx, t, what)
+        for t, what in ((scale, "scale"), (bias, "bias"), (mean, "running mean"), (var, "running variance"))
+    ]
     gamma, beta, mu, sigma2 = (v.astype(np.float64) for v in values)
     eps = float(ctx.attr("epsilon", 1e-5))
     if np.any(sigma2 + eps <= 0):

@@ -39,8 +39,15 @@ def _window_attrs(ctx, node):
 def sum_pool(em, x_m: str, channels: int, attrs: dict) -> str:
     """Window sums of a (1, C, *spatial) mantissa by a depthwise ones-kernel Conv."""
     ones = em.const(np.ones((channels, 1, *attrs["kernel"]), np.float32), "ones_k")
-    return em.op("Conv", [x_m, ones], "sumpool", group=channels, strides=attrs["strides"],
-                 pads=attrs["pads"], dilations=attrs["dilations"])
+    return em.op(
+        "Conv",
+        [x_m, ones],
+        "sumpool",
+        group=channels,
+        strides=attrs["strides"],
+        pads=attrs["pads"],
+        dilations=attrs["dilations"],
+    )
 
 
 def _pool_companion(node, em, xs, with_constants):
@@ -86,9 +93,15 @@ def _avgpool_weights(node, ctx, attrs) -> np.ndarray:
 
     spatial = list(ctx.shape(node.input[0])[2:])
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, *spatial])
-    avg = helper.make_node("AveragePool", ["x"], ["avg"], **{a.name: helper.get_attribute_value(a) for a in node.attribute})
-    w = helper.make_tensor("w", onnx.TensorProto.FLOAT, [1, 1, *attrs["kernel"]], np.ones(int(np.prod(attrs["kernel"]))))
-    cnt = helper.make_node("Conv", ["x", "w"], ["cnt"], strides=attrs["strides"], pads=attrs["pads"], dilations=attrs["dilations"])
+    avg = helper.make_node(
+        "AveragePool", ["x"], ["avg"], **{a.name: helper.get_attribute_value(a) for a in node.attribute}
+    )
+    w = helper.make_tensor(
+        "w", onnx.TensorProto.FLOAT, [1, 1, *attrs["kernel"]], np.ones(int(np.prod(attrs["kernel"])))
+    )
+    cnt = helper.make_node(
+        "Conv", ["x", "w"], ["cnt"], strides=attrs["strides"], pads=attrs["pads"], dilations=attrs["dilations"]
+    )
     outs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("avg", "cnt")]
     g = helper.make_graph([avg, cnt], "avgw", [x], outs, [w])
     opset = max(ctx.opset, 11)
