@@ -74,15 +74,27 @@ def _load_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
         if not target.is_file():
             raise ModelLoadError(f"{where}: no such file next to the model")
         offset = int(info.offset or 0)
-        length = info.length
+        length = int(info.length) if info.length else _tensor_bytes(tensor)
         size = target.stat().st_size
-        if offset < 0 or offset > size or (length is not None and offset + int(length) > size):
+        if offset < 0 or offset + length > size:
             raise ModelLoadError(f"{where}: the byte range lies past the end of the file (truncated?)")
     if tensors:
         try:
             external_data_helper.load_external_data_for_model(proto, str(base))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{path}: cannot read external data: {exc}") from None
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes a tensor's raw data needs, from its dims and element type."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    return count * itemsize
 
 
 def _check_versions(proto: onnx.ModelProto) -> None:

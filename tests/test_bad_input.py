@@ -1,0 +1,203 @@
+"""Bad input gets a clear error (OnnxlipError in the API, exit code 2 in the CLI), never a traceback or a
+silently wrong number."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxlip
+from onnxlip.errors import MismatchError, ModelLoadError, OnnxlipError, ShapeError, UnsupportedModelError
+from tests.helpers import gemm_chain, make_model
+
+
+def _mlp(width=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return gemm_chain([rng.normal(size=(3, width)), rng.normal(size=(width, 2))], [rng.normal(size=width), rng.normal(size=2)])
+
+
+def _save(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "onnxlip.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01garbage\xff" * 10, b"not an onnx file at all"])
+def test_corrupt_files(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError):
+        onnxlip.path_norm(path)
+    code, out, err = cli("pathnorm", path)
+    assert code == 2 and "Traceback" not in err and "error" in err
+
+
+def test_truncated_files(tmp_path):
+    data = _mlp().SerializeToString()
+    for cut in (len(data) // 3, len(data) // 2, len(data) - 7):
+        path = tmp_path / f"cut{cut}.onnx"
+        path.write_bytes(data[:cut])
+        with pytest.raises(OnnxlipError):
+            onnxlip.path_norm(path)
+        code, out, err = cli("pathnorm", path, "--json")
+        assert code == 2 and "Traceback" not in err
+        assert "error" in json.loads(out)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        onnxlip.path_norm(tmp_path / "nope.onnx")
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        onnxlip.path_norm(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights(bad):
+    m = _mlp()
+    w = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[1, 1] = bad
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, m.graph.initializer[0].name))
+    with pytest.raises(OnnxlipError, match="NaN or Inf"):
+        onnxlip.path_norm(m)
+
+
+def _conv_model(dims):
+    w = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+
+
+def test_unknown_dynamic_dimensions_need_input_shape(tmp_path):
+    m = _conv_model(["N", 3, "H", "W"])
+    with pytest.raises(ShapeError, match="--input-shape x=1x3x224x224"):
+        onnxlip.path_norm(m)
+    r = onnxlip.path_norm(m, input_shapes={"x": [1, 3, 5, 5]})
+    # ones kernel, 2 out x 3 in channels, 3x3 taps on a zero-padded 5x5 map: 2*3*(2+3+3+3+2)^2 paths of weight 1
+    assert r.path_norm == pytest.approx(2 * 3 * 13**2, rel=1e-7)
+    path = _save(m, tmp_path / "dyn.onnx")
+    code, out, err = cli("pathnorm", path)
+    assert code == 2 and "--input-shape" in err
+    code, out, err = cli("pathnorm", path, "--input-shape", "x=1x3x5x5", "--json")
+    assert code == 0 and json.loads(out)["path_norm"] == pytest.approx(r.path_norm)
+    with pytest.raises(ShapeError, match="model's inputs"):
+        onnxlip.path_norm(m, input_shapes={"nope": [1, 3, 5, 5]})
+    code, out, err = cli("pathnorm", path, "--input-shape", "x=1x3xfive")
+    assert code == 2 and "NAME=D1xD2" in err
+
+
+def test_batch_dimension_defaults_to_one():
+    r_dyn = onnxlip.path_norm(_conv_model(["N", 3, 5, 5]))
+    r_fix = onnxlip.path_norm(_conv_model([1, 3, 5, 5]))
+    assert r_dyn.path_norm == r_fix.path_norm
+
+
+def test_mismatched_pairs():
+    with pytest.raises(MismatchError, match="differ"):
+        onnxlip.path_metric(_mlp(4), _mlp(5))
+    rng = np.random.default_rng(0)
+    deeper = gemm_chain([rng.normal(size=(3, 4)), rng.normal(size=(4, 4)), rng.normal(size=(4, 2))],
+                        [rng.normal(size=4), rng.normal(size=4), rng.normal(size=2)])
+    with pytest.raises(MismatchError):
+        onnxlip.bound(_mlp(4), deeper, samples=0)
+
+
+def test_mismatched_pair_cli(tmp_path):
+    a, b = _save(_mlp(4), tmp_path / "a.onnx"), _save(_mlp(5), tmp_path / "b.onnx")
+    code, out, err = cli("bound", a, b, "--json")
+    assert code == 2 and "differ" in json.loads(out)["error"]
+
+
+def _external_model(tmp_path, location):
+    m = _mlp()
+    tensor = m.graph.initializer[0]
+    tensor.ClearField("float_data")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return _save(m, tmp_path / "ext.onnx")
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../outside.bin", "sub/../../outside.bin", "missing.bin"])
+def test_hostile_external_data_paths(tmp_path, location):
+    (tmp_path.parent / "outside.bin").write_bytes(b"\x00" * 64)
+    path = _external_model(tmp_path, location)
+    with pytest.raises(ModelLoadError):
+        onnxlip.path_norm(path)
+    code, out, err = cli("check", path)
+    assert code == 2 and "Traceback" not in err
+
+
+def test_external_data_symlink_escape_and_short_file(tmp_path):
+    outside = tmp_path.parent / "secret.bin"
+    outside.write_bytes(b"\x00" * 64)
+    (tmp_path / "link.bin").symlink_to(outside)
+    with pytest.raises(ModelLoadError, match="leaves the model's folder"):
+        onnxlip.path_norm(_external_model(tmp_path, "link.bin"))
+    (tmp_path / "short.bin").write_bytes(b"\x00" * 4)
+    with pytest.raises(ModelLoadError, match="past the end"):
+        onnxlip.path_norm(_external_model(tmp_path, "short.bin"))
+
+
+def test_valid_external_data_loads(tmp_path):
+    m = _mlp()
+    expected = onnxlip.path_norm(m).path_norm
+    onnx.save(m, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.bin", size_threshold=0)
+    assert onnxlip.path_norm(tmp_path / "m.onnx").path_norm == expected
+
+
+def test_unsupported_ops_are_all_reported():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Sigmoid", ["h"], ["s"], name="sig"),
+             helper.make_node("MatMul", ["s", "w"], ["h2"], name="mm2"), helper.make_node("Tanh", ["h2"], ["y"], name="tanh")]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+    with pytest.raises(UnsupportedModelError) as info:
+        onnxlip.path_norm(m)
+    assert {(i.node, i.op) for i in info.value.issues} == {("sig", "Sigmoid"), ("tanh", "Tanh")}
+    assert "not piecewise linear" in str(info.value)
+    result = onnxlip.check(m)
+    assert not result.supported and len(result.errors) == 2
+    assert "--output h" in (result.hint or "")
+    # analysing up to the tensor before the first unsupported node works
+    assert onnxlip.path_norm(m, output=["h"]).path_norm == pytest.approx(np.abs(numpy_helper.to_array(inits[0])).sum(), rel=1e-6)
+
+
+def test_unknown_output_tensor():
+    with pytest.raises(OnnxlipError, match="not produced"):
+        onnxlip.path_norm(_mlp(), output=["nope"])
+
+
+@pytest.mark.parametrize("q", [0, -1, float("nan"), float("inf")])
+def test_bad_q(q):
+    with pytest.raises(OnnxlipError, match="q must be"):
+        onnxlip.path_norm(_mlp(), q=q)
+
+
+def test_bad_device():
+    with pytest.raises(OnnxlipError, match="unknown device"):
+        onnxlip.path_norm(_mlp(), device="tpu")
+
+
+def test_inputs_are_never_written(tmp_path):
+    a, b = _save(_mlp(4, 0), tmp_path / "a.onnx"), _save(_mlp(4, 1), tmp_path / "b.onnx")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (a, b)}
+    for args in (("check", a), ("pathnorm", a), ("bound", a, b)):
+        assert cli(*args)[0] == 0
+    assert before == {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (a, b)}
+    assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx"]

@@ -1,0 +1,88 @@
+"""The numeric traps of theory.md sections 2-3: depth (no overflow at 1000 layers), cancellation (a single
+pruned weight in a deep, huge-norm network), and tiny metrics next to huge norms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import onnxlip
+from tests.helpers import chain_forward_backward, chain_log10_pathnorm, gemm_chain
+
+
+def _deep_chain(depth: int, width: int, seed: int, low=0.5, high=3.0):
+    rng = np.random.default_rng(seed)
+    signs = lambda shape: rng.choice([-1.0, 1.0], size=shape)  # noqa: E731
+    ws = [rng.uniform(low, high, size=(width, width)) * signs((width, width)) for _ in range(depth)]
+    bs = [rng.uniform(0.1, 1.0, size=width) * signs(width) for _ in range(depth)]
+    return ws, bs
+
+
+@pytest.mark.parametrize("q", [1.0, 2.0])
+def test_thousand_layers_log10_pathnorm(q):
+    ws, bs = _deep_chain(1000, 4, seed=1)
+    expected = chain_log10_pathnorm(ws, bs, q) / q
+    assert expected > 400 * q / q  # far beyond float64's range: 10^expected overflows
+    r = onnxlip.path_norm(gemm_chain(ws, bs), q=q)
+    assert r.path_norm is None  # does not fit a float64, reported as log10 only
+    assert r.log10_path_norm == pytest.approx(expected, rel=1e-9, abs=1e-6)
+
+
+def test_thousand_layers_shrinking_does_not_underflow():
+    ws, bs = _deep_chain(1000, 4, seed=2, low=0.01, high=0.05)
+    bs = [b * 1e-3 for b in bs]
+    expected = chain_log10_pathnorm(ws, bs)
+    r = onnxlip.path_norm(gemm_chain(ws, bs))
+    assert r.log10_path_norm == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_single_pruned_weight_in_deep_network_is_exact(seed):
+    """One weight zeroed in a 60-layer network with a ~1e65 path-norm: the metric must equal the exact path
+    mass through that weight (|w| a_u g_v, theory.md section 4) to 1e-6, though it is ~1e-30 of the norm."""
+    rng = np.random.default_rng(seed)
+    ws, bs = _deep_chain(60, 6, seed=seed + 10, low=1.0, high=3.0)
+    layer = int(rng.integers(0, 60))
+    i, j = int(rng.integers(0, 6)), int(rng.integers(0, 6))
+    ws[layer][i, j] = 1e-30 * np.sign(ws[layer][i, j])  # a weight that barely matters
+    pruned = [w.copy() for w in ws]
+    pruned[layer][i, j] = 0.0
+    acts, grads = chain_forward_backward(ws, bs)
+    w_ij = abs(float(np.float32(ws[layer][i, j])))
+    expected = w_ij * acts[layer][i] * grads[layer + 1][j]
+    norm = onnxlip.path_norm(gemm_chain(ws, bs))
+    assert norm.log10_path_norm > 60
+    m = onnxlip.path_metric(gemm_chain(ws, bs), gemm_chain(pruned, bs))
+    assert m.exact and m.sign_flips == 0
+    assert m.log10_path_metric == pytest.approx(math.log10(expected), abs=5e-7)
+    assert m.log10_path_metric < norm.log10_path_norm - 25  # far below float64 cancellation (1e-16)
+
+
+def test_metric_of_identical_models_is_zero():
+    ws, bs = _deep_chain(5, 4, seed=3)
+    m = onnxlip.path_metric(gemm_chain(ws, bs), gemm_chain(ws, bs))
+    assert m.path_metric == 0.0 and m.log10_path_metric == -math.inf and m.exact
+
+
+def test_bias_only_change_is_exact():
+    ws, bs = _deep_chain(8, 5, seed=4)
+    changed = [b.copy() for b in bs]
+    changed[7][2] = 0.0  # last layer bias: metric is exactly |b|
+    m = onnxlip.path_metric(gemm_chain(ws, bs), gemm_chain(ws, changed))
+    assert m.exact
+    assert m.path_metric == pytest.approx(abs(float(np.float32(bs[7][2]))), rel=1e-7)
+
+
+def test_sign_flip_bound_uses_midpoint_split():
+    ws, bs = _deep_chain(3, 3, seed=5)
+    flipped = [w.copy() for w in ws]
+    flipped[1][0, 0] *= -1
+    a, b = gemm_chain(ws, bs), gemm_chain(flipped, bs)
+    m = onnxlip.path_metric(a, b)
+    assert m.sign_flips == 1 and not m.exact
+    # the split bound equals 2 * (path mass through the flipped weight): M(a, mid) + M(mid, b), both exact
+    acts, grads = chain_forward_backward(ws, bs)
+    through = abs(float(np.float32(ws[1][0, 0]))) * acts[1][0] * grads[2][0]
+    assert m.path_metric == pytest.approx(2 * through, rel=1e-6)
