@@ -1,0 +1,112 @@
+"""The CLI contract: --json prints exactly one JSON object with the documented keys; exit codes 0/1/2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxlip
+from tests.helpers import gemm_chain
+from tests.test_bad_input import cli
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    rng = np.random.default_rng(0)
+    ws = [rng.normal(size=(4, 8)), rng.normal(size=(8, 3))]
+    bs = [rng.normal(size=8), rng.normal(size=3)]
+    pruned = [w.copy() for w in ws]
+    pruned[0][np.abs(pruned[0]) < 0.5] = 0.0
+    noisy = [w + 0.01 * rng.normal(size=w.shape) for w in ws]
+    paths = []
+    for name, weights in (("base", ws), ("pruned", pruned), ("noisy", noisy)):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(gemm_chain(weights, bs), str(path))
+        paths.append(path)
+    return paths
+
+
+def _json(args):
+    code, out, err = cli(*args, "--json")
+    obj = json.loads(out)  # exactly one JSON object, nothing else on stdout
+    assert out.strip().count("\n") == 0
+    return code, obj
+
+
+def test_check_json(pair):
+    code, obj = _json(["check", pair[0]])
+    assert code == 0
+    assert {"supported", "errors", "warnings", "inputs", "outputs", "num_parameters", "ops"} <= set(obj)
+    assert obj["supported"] is True and obj["errors"] == []
+    assert obj["num_parameters"] == 4 * 8 + 8 + 8 * 3 + 3
+    assert obj["ops"] == {"Gemm": 2, "Relu": 1}
+    assert obj["inputs"] == {"x": [1, 4]}
+
+
+def test_pathnorm_json_matches_api(pair):
+    code, obj = _json(["pathnorm", pair[0], "--q", "2"])
+    assert code == 0
+    assert {"q", "path_norm", "log10_path_norm", "device"} <= set(obj)
+    api = onnxlip.path_norm(pair[0], q=2)
+    assert obj["q"] == 2 and obj["path_norm"] == pytest.approx(api.path_norm) and obj["device"] in ("cpu", "cuda")
+
+
+def test_bound_json_single_variant(pair):
+    code, obj = _json(["bound", pair[0], pair[1], "--input-bound", "2", "--samples", "32"])
+    assert code == 0
+    keys = {"path_metric", "log10_path_metric", "exact", "sign_flips", "input_bound", "bound", "log10_bound",
+            "observed_max_l1_diff", "samples", "device"}
+    assert keys <= set(obj)
+    assert obj["exact"] is True and obj["input_bound"] == 2.0
+    assert obj["bound"] == pytest.approx(2 * obj["path_metric"])
+    assert 0 < obj["samples"] <= 32 and obj["observed_max_l1_diff"] <= obj["bound"]
+
+
+def test_bound_json_many_variants(pair):
+    code, obj = _json(["bound", *pair, "--samples", "0"])
+    assert code == 0 and obj["base"] == str(pair[0])
+    assert [r["variant"] for r in obj["results"]] == [str(pair[1]), str(pair[2])]
+    assert obj["results"][0]["exact"] is True and obj["results"][1]["exact"] is False
+    assert obj["results"][0]["samples"] == 0 and obj["results"][0]["observed_max_l1_diff"] is None
+
+
+def test_max_bound_gate(pair):
+    bound = onnxlip.bound(pair[0], pair[1], samples=0).bound
+    code, obj = _json(["bound", pair[0], pair[1], "--samples", "0", "--max-bound", str(bound * 1.01)])
+    assert code == 0 and obj["exceeded"] is False
+    code, obj = _json(["bound", pair[0], pair[1], "--samples", "0", "--max-bound", str(bound * 0.99)])
+    assert code == 1 and obj["exceeded"] is True
+    code, out, err = cli("bound", pair[0], pair[1], "--samples", "0", "--max-bound", str(bound * 0.99))
+    assert code == 1 and "bound" in out
+
+
+def test_human_output(pair):
+    code, out, err = cli("bound", pair[0], pair[1], pair[2], "--samples", "8")
+    assert code == 0 and "exact" in out and "upper bound" in out and "pruned.onnx" in out
+    code, out, err = cli("check", pair[0])
+    assert code == 0 and "supported" in out and "Gemm" in out
+
+
+def test_log10_shown_when_value_overflows(tmp_path):
+    rng = np.random.default_rng(0)
+    ws = [rng.uniform(2, 4, size=(4, 4)) for _ in range(400)]
+    bs = [np.zeros(4) for _ in range(400)]
+    path = tmp_path / "deep.onnx"
+    onnx.save(gemm_chain(ws, bs), str(path))
+    code, obj = _json(["pathnorm", path])
+    assert code == 0 and obj["path_norm"] is None and obj["log10_path_norm"] > 308
+    code, out, err = cli("pathnorm", path)
+    assert code == 0 and "10^" in out
+
+
+def test_bound_needs_two_models(pair):
+    code, out, err = cli("bound", pair[0])
+    assert code == 2 and "at least one variant" in err
+
+
+def test_help_teaches():
+    code, out, err = cli("bound", "--help")
+    assert code == 0 and "--input-bound" in out and "--max-bound" in out and "exact" in out
