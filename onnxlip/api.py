@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .companion import CompanionEmitter, emit_metric, emit_pathnorm, log10_total, plain_value
+from .companion import CompanionEmitter, emit_metric, emit_pathnorm, log10_total, ones_feeds, plain_value
 from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
@@ -142,10 +142,10 @@ def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[
     """log10 of sum_p |Phi_p|^q, by one run of the companion graph."""
     em = CompanionEmitter(q, {"value": {p.name: p.value for p in graph.params()}}, "value")
     outs = emit_pathnorm(graph, em)
-    return _run_scaled(em, outs, device)
+    return _run_scaled(graph, em, outs, device)
 
 
-def _run_scaled(em: CompanionEmitter, outs, device: str) -> tuple[float, str]:
+def _run_scaled(graph: Graph, em: CompanionEmitter, outs, device: str) -> tuple[float, str]:
     names = []
     for s in outs:
         if s is None:
@@ -156,8 +156,8 @@ def _run_scaled(em: CompanionEmitter, outs, device: str) -> tuple[float, str]:
             names.append(ident)
     if not names:
         return -math.inf, "cpu" if device == "auto" else device
-    session, dev = make_session(em.model(), device)
-    values = session.run(None, {})
+    session, dev = make_session(em.model(), device, em.external)
+    values = session.run(None, ones_feeds(graph))
     pairs = [(values[i], float(values[i + 1])) for i in range(0, len(values), 2)]
     return log10_total(pairs), dev
 
@@ -168,9 +168,9 @@ def _pair_log10_metric(graph: Graph, va: dict[str, np.ndarray], vb: dict[str, np
     for name in va:
         a, b = np.abs(va[name]), np.abs(vb[name])
         hi[name], lo[name] = np.maximum(a, b), np.minimum(a, b)
-        delta[name] = hi[name] - lo[name]
+        delta[name] = hi[name].astype(np.float64) - lo[name]  # exact in float64 for float32 parameters
     em = CompanionEmitter(1.0, {"hi": hi, "lo": lo, "delta": delta}, "hi")
-    return _run_scaled(em, emit_metric(graph, em), device)
+    return _run_scaled(graph, em, emit_metric(graph, em), device)
 
 
 def _log10_add(x: float, y: float) -> float:

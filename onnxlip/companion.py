@@ -34,15 +34,19 @@ class Scaled:
 
 
 def normalized_power(value: np.ndarray, q: float = 1.0) -> tuple[np.ndarray, int]:
-    """|value|**q as a float32 mantissa with max in (0.5, 1] and an integer exponent (exact for q = 1)."""
-    a = np.abs(np.asarray(value, dtype=np.float64))
-    if a.size == 0 or not np.any(a):
+    """|value|**q as a float32 mantissa with max in (0.5, 1] and an integer exponent (exact for q = 1 and a
+    float32 value: scaling by a power of two does not round)."""
+    a = np.abs(np.asarray(value))
+    if a.dtype != np.float32:
+        a = a.astype(np.float64, copy=False)
+    top = float(a.max()) if a.size else 0.0
+    if top == 0.0:
         return np.zeros(a.shape, np.float32), 0
     if q == 1:
-        _, e = np.frexp(a.max())
-        return np.ldexp(a, -int(e)).astype(np.float32), int(e)
+        e = int(np.frexp(top)[1])
+        return np.ldexp(a, -e).astype(np.float32, copy=False), e
     with np.errstate(divide="ignore"):
-        log2 = q * np.log2(a)
+        log2 = q * np.log2(a.astype(np.float64))
     e = int(math.ceil(float(log2.max())))
     return np.exp2(log2 - e).astype(np.float32), e
 
@@ -50,9 +54,13 @@ def normalized_power(value: np.ndarray, q: float = 1.0) -> tuple[np.ndarray, int
 class GraphBuilder:
     """A small helper that accumulates ONNX nodes, constants, inputs and outputs."""
 
+    # constants above this many entries are handed to onnxruntime as in-memory OrtValues, not serialized
+    EXTERNAL_MIN_SIZE = 4096
+
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.external: dict[str, np.ndarray] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._ids = itertools.count()
@@ -69,7 +77,11 @@ class GraphBuilder:
             if key in self._scalar_cache:
                 return self._scalar_cache[key]
         name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(array, name))
+        if array.size >= self.EXTERNAL_MIN_SIZE:
+            self.initializers.append(_external_placeholder(name, array))
+            self.external[name] = np.ascontiguousarray(array)
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
         if key is not None:
             self._scalar_cache[key] = name
         return name
@@ -92,13 +104,34 @@ class GraphBuilder:
     def add_output(self, name: str, dtype=TensorProto.FLOAT) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, None))
 
+    def inline_model(self, name: str = "onnxlip") -> onnx.ModelProto:
+        """The model with every constant stored inside it (to save it as a standalone file)."""
+        model = self.model(name)
+        for init in model.graph.initializer:
+            if init.name in self.external:
+                init.CopyFrom(numpy_helper.from_array(self.external[init.name], init.name))
+        return model
+
     def model(self, name: str = "onnxlip") -> onnx.ModelProto:
+        """The model; constants in `self.external` are placeholders to pass to onnxruntime in memory."""
         graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", COMPANION_OPSET)], producer_name="onnxlip"
         )
         model.ir_version = 8
         return model
+
+
+def _external_placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.dims.extend(array.shape)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "onnxlip-in-memory"), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
 
 
 class CompanionEmitter(GraphBuilder):
@@ -230,13 +263,21 @@ def _materialize_zero(em: CompanionEmitter, shape: tuple[int, ...]) -> Scaled:
     return Scaled(em.const(np.zeros(shape, np.float32), "zero"), em.exponent(0))
 
 
+def ones_inputs(graph: Graph, em: CompanionEmitter) -> dict[str, Scaled]:
+    """The all-ones companion input, fed at run time (a constant would make onnxruntime fold the whole
+    graph while building the session, without its run-time optimisations)."""
+    return {name: Scaled(em.add_input(f"ones::{name}", shape), em.exponent(0)) for name, shape in graph.inputs.items()}
+
+
+def ones_feeds(graph: Graph) -> dict[str, np.ndarray]:
+    return {f"ones::{name}": np.ones(shape, np.float32) for name, shape in graph.inputs.items()}
+
+
 def emit_pathnorm(graph: Graph, em: CompanionEmitter) -> list[Scaled]:
     """Emit the companion of `graph` on the all-ones input; returns the Scaled graph outputs."""
     from .ops import OPS
 
-    env: dict[str, Scaled] = {}
-    for name, shape in graph.inputs.items():
-        env[name] = Scaled(em.const(np.ones(shape, np.float32), "ones"), em.exponent(0))
+    env: dict[str, Scaled] = ones_inputs(graph, em)
     for node in graph.nodes:
         outs = OPS[node.op].companion(node, em, [env[t] for t in node.inputs], True)
         env.update(zip(node.outputs, outs))
@@ -248,11 +289,8 @@ def emit_metric(graph: Graph, em: CompanionEmitter) -> list[Scaled | None]:
     d_out = L_{hi-lo}(a_in) + L_lo(d_in) + (|b_hi| - |b_lo|); d is None where it is identically zero."""
     from .ops import OPS
 
-    a_env: dict[str, Scaled] = {}
-    d_env: dict[str, Scaled | None] = {}
-    for name, shape in graph.inputs.items():
-        a_env[name] = Scaled(em.const(np.ones(shape, np.float32), "ones"), em.exponent(0))
-        d_env[name] = None
+    a_env: dict[str, Scaled] = ones_inputs(graph, em)
+    d_env: dict[str, Scaled | None] = {name: None for name in graph.inputs}
     for node in graph.nodes:
         rules = OPS[node.op]
         a_in = [a_env[t] for t in node.inputs]

@@ -70,7 +70,10 @@ class ImportContext:
         arr = self.consts[tensor] if value is None else value
         src = tuple(sources) if sources is not None else self.origins.get(tensor, (tensor,))
         self.used_initializers.update(src)
-        return Param(tensor, np.asarray(arr, dtype=np.float64), src)
+        arr = np.asarray(arr)
+        if arr.dtype not in (np.float32, np.float64):  # float16, int8 after folding, ...
+            arr = arr.astype(np.float64)
+        return Param(tensor, arr, src)
 
     def attr(self, name: str, default=None):
         assert self.node is not None

@@ -190,6 +190,10 @@ def _add_dense(ctx, node, x: str, weight_name: str, weight: np.ndarray, side: st
         ctx.add("dense", [x], [out], {"side": side}, params)
 
 
+def _scaled(alpha: float, w: np.ndarray) -> np.ndarray:
+    return w if alpha == 1.0 else alpha * w.astype(np.float64)
+
+
 def _transposed(ctx, x: str) -> str:
     t = f"{x}::T"
     if t not in ctx.shapes:
@@ -213,13 +217,13 @@ def import_gemm(node, ctx):
         else:
             _fail("its C input is a run-time tensor scaled by beta != 1")
     if ctx.is_const(b) and not ctx.is_const(a):
-        w = ctx.const(b).astype(np.float64)
-        w = alpha * (w.T if trans_b else w)
+        w = ctx.const(b)
+        w = _scaled(alpha, w.T if trans_b else w)
         x = _transposed(ctx, a) if trans_a else a
         _add_dense(ctx, node, x, b, w, "right", bias_term)
     elif ctx.is_const(a) and not ctx.is_const(b):
-        w = ctx.const(a).astype(np.float64)
-        w = alpha * (w.T if trans_a else w)
+        w = ctx.const(a)
+        w = _scaled(alpha, w.T if trans_a else w)
         x = _transposed(ctx, b) if trans_b else b
         _add_dense(ctx, node, x, a, w, "left", bias_term)
     else:
@@ -239,7 +243,7 @@ def import_matmul(node, ctx):
         _fail(f"its constant operand has {w.ndim} dimensions; only 2-D weight matrices are supported")
     if len(ctx.shape(x)) < (1 if side == "right" else 2):
         _fail("its run-time operand has too few dimensions")
-    _add_dense(ctx, node, x, wname, w.astype(np.float64), side, None)
+    _add_dense(ctx, node, x, wname, w, side, None)
 
 
 @importer("BatchNormalization")
