@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from skl2onnx import to_onnx
+from skl2onnx.common.data_types import FloatTensorType
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
-from skl2onnx import to_onnx
-from skl2onnx.common.data_types import FloatTensorType
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
@@ -96,6 +96,13 @@ def int8_dequantized(model: onnx.ModelProto, names) -> onnx.ModelProto:
     return with_initializers(model, values)
 
 
+def with_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Record the type and shape of every intermediate tensor (onnx shape inference), so that a tool cutting the
+    graph at an inner tensor (onnx.utils.Extractor, used by `onnxlip bound --output add_result2` to run the
+    sub-model on random inputs) finds it. The nodes and initializers are unchanged."""
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+
 # ---- the scikit-learn MLP -------------------------------------------------------------------------------------
 def make_mlp(x_train, y_train) -> onnx.ModelProto:
     clf = MLPClassifier(hidden_layer_sizes=(64, 32), activation="relu", max_iter=300, random_state=SEED)
@@ -107,6 +114,11 @@ def make_mlp(x_train, y_train) -> onnx.ModelProto:
         options={id(clf): {"zipmap": False}},
     )
     model.graph.name = "digits_mlp"
+    # skl2onnx lists the opsets in set order (it varies with PYTHONHASHSEED): sort them for byte-identical files
+    opsets = sorted(((o.domain, o.version) for o in model.opset_import), key=lambda dv: dv[0])
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in opsets)
+    model = with_value_info(model)
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
     if len(softmax) != 1 or softmax[0].input[0] != MLP_LOGITS:
         raise RuntimeError(f"skl2onnx changed its graph: the Softmax input is not {MLP_LOGITS!r}")
@@ -312,6 +324,7 @@ def cnn_to_onnx(net: NumpyCNN) -> onnx.ModelProto:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="onnxlip-models")
     model.ir_version = IR_VERSION
+    model = with_value_info(model)
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -357,10 +370,8 @@ def main() -> None:
             path = HERE / name
             onnx.save_model(model, str(path))
             acc = ort_accuracy(path, x_eval, y_test, output)
-            zeros = weight_zero_fraction(model, weights)
-            print(
-                f"{name:24s} test accuracy {acc:.4f}   weight zeros {zeros:6.1%}   {path.stat().st_size / 1024:6.1f} KiB"
-            )
+            zeros, kib = weight_zero_fraction(model, weights), path.stat().st_size / 1024
+            print(f"{name:24s} test accuracy {acc:.4f}   weight zeros {zeros:6.1%}   {kib:6.1f} KiB")
     print(f"--output for the sklearn model: {MLP_LOGITS}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
 

@@ -307,5 +307,4 @@ def check(
     except UnsupportedModelError as exc:
         return CheckResult(False, exc.issues, [], {}, outputs, 0, dict(ops), exc.hint)
     inputs = {k: list(v) for k, v in graph.inputs.items()}
-    n_params = sum(graph.source_sizes.values())
-    return CheckResult(True, [], list(graph.warnings), inputs, list(graph.outputs), n_params, dict(ops))
+    return CheckResult(True, [], list(graph.warnings), inputs, list(graph.outputs), graph.num_parameters, dict(ops))

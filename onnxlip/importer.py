@@ -135,7 +135,7 @@ def import_model(model: ModelLike, options: ImportOptions | None = None) -> Grap
         if name not in shapes and name not in inputs:
             issues.append(ModelIssue(name, "-", "requested output tensor has no inferable static shape"))
     if issues:
-        raise UnsupportedModelError(issues, _output_hint(nodes, issues, shapes, outputs))
+        raise UnsupportedModelError(issues, _output_hint(nodes, issues, shapes, outputs, consts))
     ir = Graph(inputs=inputs, nodes=ctx.nodes, outputs=outputs, shapes=dict(shapes))
     for name, shape in inputs.items():
         ir.shapes[name] = shape
@@ -387,17 +387,21 @@ def _unsupported_reason(node: onnx.NodeProto) -> str:
     return f"{node.op_type} is not supported by onnxlip (not a known piecewise-linear op)"
 
 
-def _output_hint(nodes, issues, shapes, outputs) -> str | None:
-    """Suggest --output TENSOR: the inputs of the first unsupported nodes, when they are supported."""
+def _output_hint(nodes, issues, shapes, outputs, consts) -> str | None:
+    """Suggest --output TENSOR: run-time inputs of the unsupported nodes that do not themselves depend on an
+    unsupported node."""
     bad = {i.node for i in issues}
-    bad_nodes = [n for n in nodes if (n.name or (n.output[0] if n.output else "?")) in bad]
-    if not bad_nodes:
-        return None
-    produced_by_bad = {o for n in bad_nodes for o in n.output}
+    name_of = {id(n): n.name or (n.output[0] if n.output else "?") for n in nodes}
+    tainted: set[str] = set()
+    for n in nodes:  # topological order: taint everything downstream of an unsupported node
+        if name_of[id(n)] in bad or any(t in tainted for t in n.input):
+            tainted.update(o for o in n.output if o)
     candidates = []
-    for n in bad_nodes:
+    for n in nodes:
+        if name_of[id(n)] not in bad:
+            continue
         for t in n.input:
-            if t and t not in produced_by_bad and t in shapes and t not in candidates:
+            if t and t not in tainted and t not in consts and t in shapes and t not in candidates:
                 candidates.append(t)
     if not candidates:
         return None

@@ -63,6 +63,9 @@ class Graph:
 
     @property
     def num_parameters(self) -> int:
+        """Entries of the user's initializers that the analysed network uses as parameters (before folding)."""
+        if self.source_sizes:
+            return sum(self.source_sizes.values())
         return sum(p.size for p in self.params())
 
     def producer(self) -> dict[str, Node]:

@@ -19,6 +19,10 @@ def runnable(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
         model = onnx.ModelProto()
         model.CopyFrom(proto)
     else:
+        # Extractor needs the value_info of inner tensors, which many exporters (skl2onnx) do not write
+        known = {vi.name for vi in list(proto.graph.value_info) + list(proto.graph.output)}
+        if not set(graph.outputs) <= known:
+            proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
         model = onnx_utils.Extractor(proto).extract_model(list(graph.inputs), list(graph.outputs))
     if model.ir_version > 10:
         model.ir_version = 10

@@ -20,7 +20,9 @@ from tests.helpers import gemm_chain, make_model
 
 def _mlp(width=4, seed=0):
     rng = np.random.default_rng(seed)
-    return gemm_chain([rng.normal(size=(3, width)), rng.normal(size=(width, 2))], [rng.normal(size=width), rng.normal(size=2)])
+    return gemm_chain(
+        [rng.normal(size=(3, width)), rng.normal(size=(width, 2))], [rng.normal(size=width), rng.normal(size=2)]
+    )
 
 
 def _save(model, path):
@@ -29,8 +31,13 @@ def _save(model, path):
 
 
 def cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "onnxlip.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxlip.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -76,8 +83,12 @@ def test_non_finite_weights(bad):
 def _conv_model(dims):
     w = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w],
+    )
 
 
 def test_unknown_dynamic_dimensions_need_input_shape(tmp_path):
@@ -108,8 +119,10 @@ def test_mismatched_pairs():
     with pytest.raises(MismatchError, match="differ"):
         onnxlip.path_metric(_mlp(4), _mlp(5))
     rng = np.random.default_rng(0)
-    deeper = gemm_chain([rng.normal(size=(3, 4)), rng.normal(size=(4, 4)), rng.normal(size=(4, 2))],
-                        [rng.normal(size=4), rng.normal(size=4), rng.normal(size=2)])
+    deeper = gemm_chain(
+        [rng.normal(size=(3, 4)), rng.normal(size=(4, 4)), rng.normal(size=(4, 2))],
+        [rng.normal(size=4), rng.normal(size=4), rng.normal(size=2)],
+    )
     with pytest.raises(MismatchError):
         onnxlip.bound(_mlp(4), deeper, samples=0)
 
@@ -155,18 +168,32 @@ def test_external_data_symlink_escape_and_short_file(tmp_path):
 def test_valid_external_data_loads(tmp_path):
     m = _mlp()
     expected = onnxlip.path_norm(m).path_norm
-    onnx.save(m, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="m.bin", size_threshold=0)
+    onnx.save(
+        m,
+        str(tmp_path / "m.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="m.bin",
+        size_threshold=0,
+    )
     assert onnxlip.path_norm(tmp_path / "m.onnx").path_norm == expected
 
 
 def test_unsupported_ops_are_all_reported():
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=(3, 3)).astype(np.float32), "w")]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Sigmoid", ["h"], ["s"], name="sig"),
-             helper.make_node("MatMul", ["s", "w"], ["h2"], name="mm2"), helper.make_node("Tanh", ["h2"], ["y"], name="tanh")]
-    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Sigmoid", ["h"], ["s"], name="sig"),
+        helper.make_node("MatMul", ["s", "w"], ["h2"], name="mm2"),
+        helper.make_node("Tanh", ["h2"], ["y"], name="tanh"),
+    ]
+    m = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        inits,
+    )
     with pytest.raises(UnsupportedModelError) as info:
         onnxlip.path_norm(m)
     assert {(i.node, i.op) for i in info.value.issues} == {("sig", "Sigmoid"), ("tanh", "Tanh")}
@@ -175,7 +202,9 @@ def test_unsupported_ops_are_all_reported():
     assert not result.supported and len(result.errors) == 2
     assert "--output h" in (result.hint or "")
     # analysing up to the tensor before the first unsupported node works
-    assert onnxlip.path_norm(m, output=["h"]).path_norm == pytest.approx(np.abs(numpy_helper.to_array(inits[0])).sum(), rel=1e-6)
+    assert onnxlip.path_norm(m, output=["h"]).path_norm == pytest.approx(
+        np.abs(numpy_helper.to_array(inits[0])).sum(), rel=1e-6
+    )
 
 
 def test_unknown_output_tensor():
@@ -201,3 +230,20 @@ def test_inputs_are_never_written(tmp_path):
         assert cli(*args)[0] == 0
     assert before == {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (a, b)}
     assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx"]
+
+
+def test_inner_output_without_value_info_can_be_sampled():
+    """skl2onnx writes no value_info: cutting the model at an inner --output must still run (regression)."""
+    m = onnx.load("models/digits_mlp.onnx")
+    del m.graph.value_info[:]
+    r = onnxlip.bound(m, "models/digits_mlp_pruned.onnx", output=["add_result2"], samples=16)
+    assert r.samples == 16 and 0 < r.observed_max_l1_diff <= r.bound
+
+
+def test_output_hint_is_followable():
+    """The hint names only run-time tensors that do not depend on an unsupported node, and following it works."""
+    result = onnxlip.check("models/digits_mlp.onnx")
+    assert not result.supported and result.hint is not None
+    suggested = [w for w in result.hint.split() if w not in ("--output",)][-1]
+    assert result.hint.count("--output") == 1 and suggested == "add_result2"
+    assert onnxlip.check("models/digits_mlp.onnx", output=[suggested]).supported
