@@ -11,12 +11,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .companion import CompanionEmitter, emit_metric, emit_pathnorm, log10_total, ones_feeds, plain_value
+from .companion import plain_value
+from .engine import MetricEngine, pathnorm_log10_power
 from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, load_model, model_label
-from .runtime import make_session
 from .sampling import Sampler, observed_max_l1
 from .structure import align_params
 
@@ -138,69 +138,14 @@ def path_norm(
     )
 
 
-def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[float, str]:
-    """log10 of sum_p |Phi_p|^q, by one run of the companion graph."""
-    em = CompanionEmitter(q, {"value": {p.name: p.value for p in graph.params()}}, "value")
-    outs = emit_pathnorm(graph, em)
-    return _run_scaled(graph, em, outs, device)
-
-
-def _run_scaled(graph: Graph, em: CompanionEmitter, outs, device: str) -> tuple[float, str]:
-    names = []
-    for s in outs:
-        if s is None:
-            continue
-        for t in (s.m, s.e):
-            ident = em.op("Identity", [t], "out")
-            em.add_output(ident)
-            names.append(ident)
-    if not names:
-        return -math.inf, "cpu" if device == "auto" else device
-    session, dev = make_session(em.model(), device, em.external)
-    values = session.run(None, ones_feeds(graph))
-    pairs = [(values[i], float(values[i + 1])) for i in range(0, len(values), 2)]
-    return log10_total(pairs), dev
-
-
-# ---- path-metric ---------------------------------------------------------------------------------------
-def _pair_log10_metric(graph: Graph, va: dict[str, np.ndarray], vb: dict[str, np.ndarray], device: str):
-    hi, lo, delta = {}, {}, {}
-    for name in va:
-        a, b = np.abs(va[name]), np.abs(vb[name])
-        hi[name], lo[name] = np.maximum(a, b), np.minimum(a, b)
-        delta[name] = hi[name].astype(np.float64) - lo[name]  # exact in float64 for float32 parameters
-    em = CompanionEmitter(1.0, {"hi": hi, "lo": lo, "delta": delta}, "hi")
-    return _run_scaled(graph, em, emit_metric(graph, em), device)
-
-
-def _log10_add(x: float, y: float) -> float:
-    if x == -math.inf:
-        return y
-    if y == -math.inf:
-        return x
-    top = max(x, y)
-    return top + math.log10(10 ** (x - top) + 10 ** (y - top))
-
-
-def metric_between(base: Analysed, other: Analysed, device: str = "auto") -> PathMetricResult:
+def metric_between(base: Analysed, other: Analysed, device: str = "auto", engine: MetricEngine | None = None):
     """The l1 path-metric (or its certified upper bound) between two imported models of one architecture."""
     vb = align_params(base.graph, other.graph, (base.label or "a", other.label or "b"))
-    va = {p.name: p.value for p in base.graph.params()}
-    flips = sum(int(np.count_nonzero(va[n] * vb[n] < 0)) for n in va)
-    changed = sum(int(np.count_nonzero(va[n] != vb[n])) for n in va)
-    if flips == 0:
-        log10_m, dev = _pair_log10_metric(base.graph, va, vb, device)
-        a_dominates = all(np.all(np.abs(va[n]) >= np.abs(vb[n])) for n in va)
-        b_dominates = all(np.all(np.abs(va[n]) <= np.abs(vb[n])) for n in va)
-        exact, handling = a_dominates or b_dominates, "none needed"
-    else:
-        # theory.md section 3: split at mid = theta with the flipped entries zeroed; triangle inequality
-        mid = {n: np.where(va[n] * vb[n] < 0, 0.0, va[n]) for n in va}
-        first, dev = _pair_log10_metric(base.graph, va, mid, device)
-        second, _ = _pair_log10_metric(base.graph, mid, vb, device)
-        log10_m, exact = _log10_add(first, second), False
-        handling = "split at the midpoint with flipped entries zeroed: M(a, mid) + M(mid, b) (triangle inequality)"
-    return PathMetricResult(plain_value(log10_m), log10_m, bool(exact), flips, handling, changed, dev)
+    engine = engine or MetricEngine(base.graph, device)
+    r = engine.metric(vb)
+    return PathMetricResult(
+        plain_value(r.log10_metric), r.log10_metric, r.exact, r.sign_flips, r.sign_flip_handling, r.changed, r.device
+    )
 
 
 def path_metric(
@@ -262,10 +207,11 @@ def bound_many(
         raise OnnxlipError("--samples must be >= 0")
     ref = analyse(base, output, input_shapes)
     base_sampler = Sampler(ref.proto, ref.graph, "cpu") if samples else None
+    engine = MetricEngine(ref.graph, device)
     results = []
     for variant in variants:
         other = analyse(variant, output, input_shapes)
-        metric = metric_between(ref, other, device)
+        metric = metric_between(ref, other, device, engine)
         log10_bound = metric.log10_path_metric + math.log10(max(input_bound, 1.0))
         observed, tried = None, 0
         if samples:

@@ -33,21 +33,28 @@ class Scaled:
     e: str
 
 
-def normalized_power(value: np.ndarray, q: float = 1.0) -> tuple[np.ndarray, int]:
-    """|value|**q as a float32 mantissa with max in (0.5, 1] and an integer exponent (exact for q = 1 and a
-    float32 value: scaling by a power of two does not round)."""
+def normalized_power(value: np.ndarray, q: float = 1.0, exponent: int | None = None) -> tuple[np.ndarray, int]:
+    """|value|**q as a float32 mantissa with max <= 1 and an integer exponent (exact for q = 1 and a float32
+    value: scaling by a power of two does not round). `exponent`, when given, is a known upper bound
+    (|value|**q <= 2**exponent) and saves the pass that finds the maximum."""
     a = np.abs(np.asarray(value))
-    if a.dtype != np.float32:
-        a = a.astype(np.float64, copy=False)
-    top = float(a.max()) if a.size else 0.0
-    if top == 0.0:
-        return np.zeros(a.shape, np.float32), 0
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
     if q == 1:
-        e = int(np.frexp(top)[1])
-        return np.ldexp(a, -e).astype(np.float32, copy=False), e
+        if exponent is None:
+            top = float(a.max()) if a.size else 0.0
+            if top == 0.0:
+                return np.zeros(a.shape, np.float32), 0
+            exponent = int(np.frexp(top)[1])
+        if -120 < exponent < 120:  # one pass: round to float32, then an exact power-of-two scaling
+            return np.multiply(a, np.float32(2.0**-exponent), dtype=np.float32, casting="unsafe"), exponent
+        return np.ldexp(a, -exponent).astype(np.float32, copy=False), exponent
     with np.errstate(divide="ignore"):
         log2 = q * np.log2(a.astype(np.float64))
-    e = int(math.ceil(float(log2.max())))
+    top = float(log2.max()) if a.size else -math.inf
+    if top == -math.inf:
+        return np.zeros(a.shape, np.float32), 0
+    e = int(math.ceil(top))
     return np.exp2(log2 - e).astype(np.float32), e
 
 
@@ -137,28 +144,36 @@ def _external_placeholder(name: str, array: np.ndarray) -> onnx.TensorProto:
 class CompanionEmitter(GraphBuilder):
     """Builds companion graphs. Parameter values come from `kinds`: a map from a kind name ("value", or
     "hi", "lo", "delta" for the metric) to {param name: array}; `q` is the path-norm exponent.
-    With `feeds=True` weights become graph inputs (one session serves many models of one architecture)
-    and `self.feed_specs` records how to compute each feed."""
+    Kinds listed in `fed` become graph inputs instead of constants (one session then serves many models of
+    one architecture); `self.feed_specs` records how `feed_values` computes each of them.
+    `ones_fed`: the all-ones input is a run-time input (else a constant, which lets onnxruntime fold every
+    stream that depends only on constants while it builds the session)."""
 
     def __init__(
-        self, q: float, kinds: dict[str, dict[str, np.ndarray]] | None, default_kind: str, feeds: bool = False
+        self,
+        q: float,
+        kinds: dict[str, dict[str, np.ndarray]] | None,
+        default_kind: str,
+        fed: tuple[str, ...] = (),
+        ones_fed: bool = True,
     ):
         super().__init__()
         self.q = q
         self.kinds = kinds or {}
         self.default_kind = default_kind
-        self.feeds = feeds
+        self.fed = set(fed)
+        self.ones_fed = ones_fed
         self.feed_specs: dict[str, tuple[str, str, str]] = {}  # input name -> (kind, param name, "m"|"e")
         self._weights: dict[tuple[str, str], Scaled] = {}
         self._two = self.f32(2.0)
 
     # ---- parameters -------------------------------------------------------------------------------
     def weight(self, param: Param, kind: str | None = None) -> Scaled:
-        """|param|**q of the given kind as a Scaled constant (or pair of graph inputs in feeds mode)."""
+        """|param|**q of the given kind as a Scaled constant (or a pair of graph inputs if the kind is fed)."""
         kind = kind or self.default_kind
         key = (kind, param.name)
         if key not in self._weights:
-            if self.feeds:
+            if kind in self.fed:
                 m = self.add_input(self.fresh(f"{kind}_{param.name}"), param.value.shape)
                 e = self.add_input(self.fresh(f"{kind}_{param.name}_exp"), ())
                 self.feed_specs[m] = (kind, param.name, "m")
@@ -169,13 +184,18 @@ class CompanionEmitter(GraphBuilder):
                 self._weights[key] = Scaled(self.const(m_arr, f"{kind}_{param.name}"), self.exponent(e_val))
         return self._weights[key]
 
-    def feed_values(self, kinds: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """The feeds of a feeds-mode graph for the given parameter values."""
+    def feed_values(
+        self, kinds: dict[str, dict[str, np.ndarray]], exponents: dict[str, dict[str, int]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The feeds of the fed kinds for the given parameter values; `exponents[kind][name]`, when given, is a
+        known bound |value|**q <= 2**e (saves a pass). Arrays in `kinds` may be overwritten."""
+        exponents = exponents or {}
         cache: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
         out = {}
         for name, (kind, pname, part) in self.feed_specs.items():
             if (kind, pname) not in cache:
-                cache[(kind, pname)] = normalized_power(kinds[kind][pname], self.q)
+                hint = exponents.get(kind, {}).get(pname)
+                cache[(kind, pname)] = normalized_power(kinds[kind][pname], self.q, hint)
             m, e = cache[(kind, pname)]
             out[name] = m if part == "m" else np.array(e, dtype=np.float32)
         return out
@@ -264,8 +284,13 @@ def _materialize_zero(em: CompanionEmitter, shape: tuple[int, ...]) -> Scaled:
 
 
 def ones_inputs(graph: Graph, em: CompanionEmitter) -> dict[str, Scaled]:
-    """The all-ones companion input, fed at run time (a constant would make onnxruntime fold the whole
+    """The all-ones companion input: fed at run time by default (a constant makes onnxruntime fold the whole
     graph while building the session, without its run-time optimisations)."""
+    if not em.ones_fed:
+        return {
+            name: Scaled(em.const(np.ones(shape, np.float32), "ones"), em.exponent(0))
+            for name, shape in graph.inputs.items()
+        }
     return {name: Scaled(em.add_input(f"ones::{name}", shape), em.exponent(0)) for name, shape in graph.inputs.items()}
 
 
