@@ -17,6 +17,7 @@ from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, load_model, model_label
+from .rounding import relative_error_bound
 from .sampling import Sampler, observed_max_l1
 from .structure import align_params
 
@@ -36,6 +37,9 @@ class PathNormResult:
 
 @dataclass
 class PathMetricResult:
+    """`path_metric` is the computed value; the certified upper bound on the true metric (or on the hi/lo
+    difference when not exact) is path_metric / (1 - rounding_margin), see onnxlip/rounding.py."""
+
     path_metric: float | None
     log10_path_metric: float
     exact: bool
@@ -43,6 +47,7 @@ class PathMetricResult:
     sign_flip_handling: str
     changed_parameters: int
     device: str
+    rounding_margin: float = 0.0
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
@@ -63,6 +68,7 @@ class BoundResult:
     samples: int
     device: str
     variant: str = ""
+    rounding_margin: float = 0.0
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
@@ -143,8 +149,16 @@ def metric_between(base: Analysed, other: Analysed, device: str = "auto", engine
     vb = align_params(base.graph, other.graph, (base.label or "a", other.label or "b"))
     engine = engine or MetricEngine(base.graph, device)
     r = engine.metric(vb)
+    margin = relative_error_bound(base.graph, metric=True)
     return PathMetricResult(
-        plain_value(r.log10_metric), r.log10_metric, r.exact, r.sign_flips, r.sign_flip_handling, r.changed, r.device
+        plain_value(r.log10_metric),
+        r.log10_metric,
+        r.exact,
+        r.sign_flips,
+        r.sign_flip_handling,
+        r.changed,
+        r.device,
+        margin,
     )
 
 
@@ -212,7 +226,13 @@ def bound_many(
     for variant in variants:
         other = analyse(variant, output, input_shapes)
         metric = metric_between(ref, other, device, engine)
-        log10_bound = metric.log10_path_metric + math.log10(max(input_bound, 1.0))
+        # certified: the float32 rounding margin is added, and the float64 result rounded up
+        log10_bound = (
+            metric.log10_path_metric
+            + math.log10(max(input_bound, 1.0))
+            - math.log1p(-metric.rounding_margin) / math.log(10)
+        )
+        log10_bound = math.nextafter(log10_bound, math.inf) if math.isfinite(log10_bound) else log10_bound
         observed, tried = None, 0
         if samples:
             observed, tried = observed_max_l1(
@@ -233,6 +253,7 @@ def bound_many(
                 tried,
                 metric.device,
                 other.label,
+                metric.rounding_margin,
             )
         )
         if progress is not None:

@@ -38,9 +38,9 @@ def make_session(
     wants_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     if wants_cuda and _cuda_works is not False:
         try:
-            sess = ort.InferenceSession(
-                data, session_options(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
-            )
+            # TF32 would round products to 10-bit mantissas and void the rounding margin (rounding.py)
+            cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})
+            sess = ort.InferenceSession(data, session_options(external), providers=[cuda, "CPUExecutionProvider"])
             _cuda_works = sess.get_providers()[0] == "CUDAExecutionProvider"
             if _cuda_works:
                 return sess, "cuda"

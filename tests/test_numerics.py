@@ -86,3 +86,21 @@ def test_sign_flip_bound_uses_midpoint_split():
     acts, grads = chain_forward_backward(ws, bs)
     through = abs(float(np.float32(ws[1][0, 0]))) * acts[1][0] * grads[2][0]
     assert m.path_metric == pytest.approx(2 * through, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rounding_margin_covers_the_float64_truth(seed):
+    """The certified bound must dominate max(R,1) times the EXACT metric (float64 reference), and the
+    computed metric must lie within the a-priori rounding margin of it."""
+    rng = np.random.default_rng(seed)
+    width = [8, 64, 256][seed % 3]
+    ws, bs = _deep_chain(12, width, seed=seed + 20, low=0.0, high=1.0)
+    pruned = [np.where(rng.random(w.shape) < 0.5, 0.0, w) for w in ws]
+    acts_full = chain_log10_pathnorm(ws, bs)
+    acts_pruned = chain_log10_pathnorm(pruned, bs)
+    exact = 10**acts_full - 10**acts_pruned  # dominated pair: metric = difference of norms (fits float64 here)
+    r = onnxlip.bound(gemm_chain(ws, bs), gemm_chain(pruned, bs), input_bound=2.0, samples=0)
+    assert r.exact and r.rounding_margin > 0
+    assert abs(r.path_metric - exact) <= r.rounding_margin * exact
+    assert r.bound >= 2.0 * exact
+    assert r.bound <= 2.0 * exact * (1 + 3 * r.rounding_margin)

@@ -35,7 +35,7 @@ def _combo_companion(node, em, xs, with_constants):
     return [em.scaled_sum([y, em.constant(const, q=1.0, hint="clipc")])]
 
 
-define("relu_combo", _combo_companion)
+define("relu_combo", _combo_companion, rounding_steps=lambda node, shapes: 4)  # gain, constant, sum, renorm
 
 
 def _combo(ctx, x, relu_coefs, thresholds, skip=0.0, bias=0.0, kind="relu"):
@@ -128,7 +128,7 @@ def _max_companion(node, em, xs, with_constants):
     return [em.scaled_sum(list(xs))]
 
 
-define("max", _max_companion)
+define("max", _max_companion, rounding_steps=lambda node, shapes: len(node.inputs) + 1)
 
 reject(
     "is not piecewise linear; the bound needs a ReLU network",

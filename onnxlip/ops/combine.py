@@ -11,7 +11,7 @@ def _add_companion(node, em, xs, with_constants):
     return [em.scaled_sum(terms)]
 
 
-define("add", _add_companion)
+define("add", _add_companion, rounding_steps=lambda node, shapes: 2 * len(node.inputs) + 1)
 
 
 @importer("Sum")
@@ -34,7 +34,7 @@ def _concat_companion(node, em, xs, with_constants):
     return [Scaled(em.op("Concat", parts, "concat", axis=node.attrs["axis"]), top)]
 
 
-define("concat", _concat_companion)
+define("concat", _concat_companion, rounding_steps=lambda node, shapes: 0)  # power-of-two multipliers: exact
 
 
 @importer("Concat")

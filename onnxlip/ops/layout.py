@@ -19,6 +19,10 @@ def _fail(msg: str):
     raise RuleError(msg)
 
 
+def _exact(node, shapes) -> int:
+    return 0  # entries are copied, never rounded
+
+
 def _same(op_type, *input_attrs):
     """Companion: the op applied to the mantissa, with constant inputs/attributes from node.attrs."""
 
@@ -31,10 +35,10 @@ def _same(op_type, *input_attrs):
     return companion
 
 
-define("reshape", _same("Reshape", "shape"))
-define("transpose", _same("Transpose"))
-define("slice", _same("Slice", "starts", "ends", "axes", "steps"))
-define("pad", _same("Pad", "pads"))
+define("reshape", _same("Reshape", "shape"), rounding_steps=_exact)
+define("transpose", _same("Transpose"), rounding_steps=_exact)
+define("slice", _same("Slice", "starts", "ends", "axes", "steps"), rounding_steps=_exact)
+define("pad", _same("Pad", "pads"), rounding_steps=_exact)
 
 
 def _gather_companion(node, em, xs, with_constants):
@@ -57,9 +61,9 @@ def _split_companion(node, em, xs, with_constants):
     return [Scaled(o, x.e) for o in outs]
 
 
-define("gather", _gather_companion)
-define("select", _select_companion)
-define("split", _split_companion)
+define("gather", _gather_companion, rounding_steps=_exact)
+define("select", _select_companion, rounding_steps=_exact)
+define("split", _split_companion, rounding_steps=_exact)
 
 
 @importer("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Cast", "CastLike")

@@ -18,7 +18,7 @@ def _fail(msg: str):
 
 
 # ---- shared companion / metric glue -----------------------------------------------------------------------
-def _linear_rules(name: str, apply_factory, weight_role: str = "weight", bias_role: str = "bias", bias_shape=None):
+def _linear_rules(name, apply_factory, terms, weight_role: str = "weight", bias_role: str = "bias", bias_shape=None):
     """Register companion and metric rules for a linear op whose mantissa application is
     apply_factory(node, em) -> apply(x_m, w_scaled) -> tensor name."""
 
@@ -40,7 +40,8 @@ def _linear_rules(name: str, apply_factory, weight_role: str = "weight", bias_ro
         shape = bias_shape(node) if bias_shape else None
         return [linear_metric(node, em, a[0], d[0], apply, weight_role, bias_role, shape)]
 
-    define(name, companion, metric)
+    # each output sums `terms` products and a bias; mantissa, multiplier and renormalisation roundings on top
+    define(name, companion, metric, rounding_steps=lambda node, shapes: terms(node, shapes) + 4)
 
 
 def _conv_apply(node, em):
@@ -67,10 +68,20 @@ def _channel_bias_shape(node):
     return (-1,) + (1,) * len(node.attrs["kernel_shape"])
 
 
-_linear_rules("conv", _conv_apply, bias_shape=_channel_bias_shape)
-_linear_rules("conv_transpose", _conv_transpose_apply, bias_shape=_channel_bias_shape)
-_linear_rules("dense", _dense_apply)
-_linear_rules("affine", _affine_apply, weight_role="scale")
+def _kernel_terms(node, shapes):  # products per output entry: C_in/group * prod(kernel)
+    w = node.params["weight"].value.shape
+    per_group_in = w[1] if node.op == "conv" else w[0] // node.attrs["group"]
+    return int(per_group_in * np.prod(w[2:]))
+
+
+def _dense_terms(node, shapes):
+    return int(node.params["weight"].value.shape[0 if node.attrs.get("side", "right") == "right" else 1])
+
+
+_linear_rules("conv", _conv_apply, _kernel_terms, bias_shape=_channel_bias_shape)
+_linear_rules("conv_transpose", _conv_transpose_apply, _kernel_terms, bias_shape=_channel_bias_shape)
+_linear_rules("dense", _dense_apply, _dense_terms)
+_linear_rules("affine", _affine_apply, lambda node, shapes: 1, weight_role="scale")
 
 
 # ---- padding arithmetic (shared with pooling) ---------------------------------------------------------------

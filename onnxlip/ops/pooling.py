@@ -64,7 +64,7 @@ def _pool_companion(node, em, xs, with_constants):
     return [em.renorm(em.mul(summed, wc.m), em.add_exp(x.e, wc.e))]
 
 
-define("pool", _pool_companion)
+define("pool", _pool_companion, rounding_steps=lambda node, shapes: int(np.prod(node.attrs["kernel"])) + 3)
 
 
 @importer("MaxPool")
@@ -125,7 +125,12 @@ def _reduce_companion(node, em, xs, with_constants):
     return [em.renorm(scaled.m, scaled.e)]
 
 
-define("reduce", _reduce_companion)
+def _reduce_steps(node, shapes) -> int:
+    in_shape = shapes[node.inputs[0]]
+    return int(np.prod([in_shape[a] for a in node.attrs["axes"]])) + 3
+
+
+define("reduce", _reduce_companion, rounding_steps=_reduce_steps)
 
 
 def _reduce_axes(node, ctx) -> list[int]:

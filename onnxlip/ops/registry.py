@@ -27,8 +27,9 @@ class OpRules:
     name: str
     companion: CompanionRule
     metric: MetricRule | None = None
-    # positive fan-in bound used for the rounding-error margin of certified results
-    fan_in: Callable[[Node, dict], int] | None = None
+    # rounding_steps(node, shapes) -> how many float32 roundings can compound into one output entry of the
+    # companion (products and additions of non-negative terms); see onnxlip/rounding.py
+    rounding_steps: Callable[[Node, dict], int] | None = None
 
 
 IMPORTERS: dict[str, ImportRule] = {}
@@ -48,9 +49,9 @@ def importer(*onnx_ops: str) -> Callable[[ImportRule], ImportRule]:
     return register
 
 
-def define(name: str, companion: CompanionRule, metric: MetricRule | None = None, fan_in=None) -> None:
+def define(name: str, companion: CompanionRule, metric: MetricRule | None = None, rounding_steps=None) -> None:
     """Define an IR op with its rules."""
-    OPS[name] = OpRules(name, companion, metric, fan_in)
+    OPS[name] = OpRules(name, companion, metric, rounding_steps)
 
 
 def reject(reason: str, *onnx_ops: str) -> None:
