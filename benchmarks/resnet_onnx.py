@@ -20,12 +20,18 @@ class _Builder:
     def conv_bn(self, x, cin, cout, k, stride, relu=True):
         w = self.name("conv_w")
         std = np.sqrt(2.0 / (cin * k * k))
-        self.inits.append(numpy_helper.from_array((self.rng.normal(size=(cout, cin, k, k)) * std).astype(np.float32), w))
+        self.inits.append(
+            numpy_helper.from_array((self.rng.normal(size=(cout, cin, k, k)) * std).astype(np.float32), w)
+        )
         y = self.name("conv")
         self.nodes.append(helper.make_node("Conv", [x, w], [y], name=y, strides=[stride, stride], pads=[k // 2] * 4))
         bn = [self.name(p) for p in ("bn_scale", "bn_bias", "bn_mean", "bn_var")]
-        vals = [self.rng.uniform(0.5, 1.5, cout), self.rng.uniform(-0.2, 0.2, cout), self.rng.normal(0, 0.1, cout),
-                self.rng.uniform(0.5, 1.5, cout)]
+        vals = [
+            self.rng.uniform(0.5, 1.5, cout),
+            self.rng.uniform(-0.2, 0.2, cout),
+            self.rng.normal(0, 0.1, cout),
+            self.rng.uniform(0.5, 1.5, cout),
+        ]
         self.inits += [numpy_helper.from_array(v.astype(np.float32), n) for v, n in zip(vals, bn)]
         z = self.name("bn")
         self.nodes.append(helper.make_node("BatchNormalization", [y, *bn], [z], name=z))
@@ -48,17 +54,26 @@ def resnet18(size: int = 224, classes: int = 1000, seed: int = 0, batch: int | s
     b = _Builder(seed)
     x = b.conv_bn("input", 3, 64, 7, 2)
     p = b.name("maxpool")
-    b.nodes.append(helper.make_node("MaxPool", [x], [p], name=p, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    b.nodes.append(
+        helper.make_node("MaxPool", [x], [p], name=p, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    )
     x, cin = p, 64
     for cout, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)):
         x, cin = b.block(x, cin, cout, stride), cout
     g, f = b.name("gap"), b.name("flat")
     b.nodes += [helper.make_node("GlobalAveragePool", [x], [g], name=g), helper.make_node("Flatten", [g], [f], name=f)]
-    b.inits += [numpy_helper.from_array((b.rng.normal(size=(classes, 512)) / np.sqrt(512)).astype(np.float32), "fc_w"),
-                numpy_helper.from_array(b.rng.normal(0, 0.01, classes).astype(np.float32), "fc_b")]
+    b.inits += [
+        numpy_helper.from_array((b.rng.normal(size=(classes, 512)) / np.sqrt(512)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(b.rng.normal(0, 0.01, classes).astype(np.float32), "fc_b"),
+    ]
     b.nodes.append(helper.make_node("Gemm", [f, "fc_w", "fc_b"], ["logits"], name="fc", transB=1))
-    graph = helper.make_graph(b.nodes, "resnet18", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], b.inits)
+    graph = helper.make_graph(
+        b.nodes,
+        "resnet18",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        b.inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     return model

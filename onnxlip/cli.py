@@ -255,39 +255,31 @@ def bound(
 
 def _print_bounds(base, variants, results, max_bound) -> None:
     r0 = results[0]
-    table = Table(
-        title=f"certified bound on ||R_base(x) - R_variant(x)||_1 for ||x||_inf <= {r0.input_bound:g}   (base: {base})"
-    )
-    for col in (
-        "variant",
-        "bound",
-        "log10 bound",
-        "path-metric",
-        "exact?",
-        "changed",
-        "sign flips",
-        "observed max",
-        "samples",
-    ):
-        table.add_column(col, justify="right" if col not in ("variant",) else "left")
+    table = Table(title=f"certified bound on ||R_base(x) - R_variant(x)||_1 for all ||x||_inf <= {r0.input_bound:g}")
+    table.add_column("variant", overflow="fold", min_width=18)
+    for col in ("bound", "path-metric", "metric", "changed", "flips", "observed (n)"):
+        table.add_column(col, justify="right", overflow="fold")
     for v, r in zip(variants, results):
         over = max_bound is not None and _exceeds(r.log10_bound, max_bound)
         bound_txt = _fmt(r.bound, r.log10_bound)
+        observed = "-" if r.observed_max_l1_diff is None else f"{r.observed_max_l1_diff:.4g} ({r.samples})"
         table.add_row(
-            str(v),
+            Path(v).name,
             f"[red]{bound_txt}[/]" if over else bound_txt,
-            f"{r.log10_bound:.4f}",
             _fmt(r.path_metric, r.log10_path_metric),
-            "exact" if r.exact else "upper bound",
+            "exact" if r.exact else "upper bd",
             f"{r.changed_parameters:,}",
             str(r.sign_flips),
-            "-" if r.observed_max_l1_diff is None else f"{r.observed_max_l1_diff:.6g}",
-            str(r.samples),
+            observed,
         )
     out.print(table)
+    out.print(
+        f"base: {base}   device: {r0.device}   rounding margin included: {r0.rounding_margin:.2g}", highlight=False
+    )
     if any(r.sign_flips for r in results):
         out.print("sign flips: " + next(r.sign_flip_handling for r in results if r.sign_flips), highlight=False)
-    out.print(f"device: {r0.device}", highlight=False)
+    if max_bound is not None:
+        out.print(f"gate: --max-bound {max_bound:g}", highlight=False)
 
 
 def main() -> None:  # console-script entry point

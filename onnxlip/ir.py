@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import networkx as nx
 import numpy as np
 
 
@@ -78,8 +77,10 @@ class Graph:
                 out.setdefault(t, []).append(n)
         return out
 
-    def to_networkx(self) -> nx.DiGraph:
-        """The DAG of ops: one vertex per node name, one edge per tensor passed between two nodes."""
+    def to_networkx(self):
+        """The DAG of ops (a networkx.DiGraph): one vertex per node name, one edge per tensor between two nodes."""
+        import networkx as nx  # imported here: it costs 0.1 s of start-up and only analyses need it
+
         dag = nx.DiGraph()
         producer = self.producer()
         for n in self.nodes:
