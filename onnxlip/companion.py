@@ -197,7 +197,7 @@ class CompanionEmitter(GraphBuilder):
                 hint = exponents.get(kind, {}).get(pname)
                 cache[(kind, pname)] = normalized_power(kinds[kind][pname], self.q, hint)
             m, e = cache[(kind, pname)]
-            out[name] = m if part == "m" else np.array(e, dtype=np.float32)
+            out[name] = np.asarray(m, dtype=np.float32) if part == "m" else np.array(e, dtype=np.float32)
         return out
 
     # ---- scale arithmetic ---------------------------------------------------------------------------

@@ -112,9 +112,17 @@ def import_model(model: ModelLike, options: ImportOptions | None = None) -> Grap
     issues = _check_node_names(nodes)
     outputs = list(options.outputs) if options.outputs else [o.name for o in graph.output]
     nodes = _needed_nodes(nodes, outputs, inputs, consts)
+    for name in outputs:
+        if name in consts:
+            raise OnnxlipError(f"output {name!r} is a constant of the model, not a computed tensor; choose another")
     shapes = _infer_shapes(proto, nodes, inputs, consts)
-    nodes = _fold_constants(proto, nodes, consts, shapes, origins)
-    shapes = _infer_shapes(proto, nodes, inputs, consts)
+    # folding can reveal new static shapes (a Shape after a folded Pad), which can enable more folding
+    for _ in range(16):
+        count = len(nodes)
+        nodes = _fold_constants(proto, nodes, consts, shapes, origins)
+        shapes = _infer_shapes(proto, nodes, inputs, consts)
+        if len(nodes) == count:
+            break
 
     ctx = ImportContext(consts, shapes, opset, origins)
     for node in nodes:

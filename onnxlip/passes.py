@@ -106,9 +106,14 @@ def _merge(src: Node, aff: Node, shape: tuple[int, ...]) -> Node | None:
     else:
         wv = wv * s[:, None]
     old_b = src.params.get("bias")
-    if src.op == "dense" and old_b is not None and _channel_vector(old_b.value, rank, axis, channels) is None:
-        return None  # a full-shape Gemm bias: keep the affine separate
-    b_vec = _channel_vector(old_b.value, rank, axis, channels) if old_b is not None else np.zeros(channels)
+    if old_b is None:
+        b_vec = np.zeros(channels)
+    elif src.op in ("conv", "conv_transpose"):
+        b_vec = old_b.value.reshape(-1).astype(np.float64)  # Conv's B input: one entry per output channel
+    else:
+        b_vec = _channel_vector(old_b.value, rank, axis, channels)
+        if b_vec is None:
+            return None  # a full-shape Gemm bias: keep the affine separate
     params = {"weight": _derived(w, wv, [w, scale_p])}
     if old_b is not None or bias_p is not None:
         params["bias"] = _derived(old_b or bias_p, s * b_vec + c, [old_b, scale_p, bias_p])

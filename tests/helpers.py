@@ -21,7 +21,10 @@ def gemm_chain(weights: list[np.ndarray], biases: list[np.ndarray], relu: bool =
     nodes, inits = [], []
     x = "x"
     for i, (w, b) in enumerate(zip(weights, biases)):
-        inits += [numpy_helper.from_array(w.astype(np.float32), f"W{i}"), numpy_helper.from_array(b.astype(np.float32), f"b{i}")]
+        inits += [
+            numpy_helper.from_array(w.astype(np.float32), f"W{i}"),
+            numpy_helper.from_array(b.astype(np.float32), f"b{i}"),
+        ]
         y = f"h{i}"
         nodes.append(helper.make_node("Gemm", [x, f"W{i}", f"b{i}"], [y], name=f"gemm{i}"))
         x = y
@@ -38,7 +41,10 @@ def chain_log10_pathnorm(weights, biases, q: float = 1.0) -> float:
     v = np.ones(weights[0].shape[0])
     log_scale = 0.0
     for w, b in zip(weights, biases):
-        w32, b32 = np.abs(w.astype(np.float32).astype(np.float64)) ** q, np.abs(b.astype(np.float32).astype(np.float64)) ** q
+        w32, b32 = (
+            np.abs(w.astype(np.float32).astype(np.float64)) ** q,
+            np.abs(b.astype(np.float32).astype(np.float64)) ** q,
+        )
         v = v @ w32 + b32 * math.exp(-log_scale) if log_scale < 700 else v @ w32 + b32 * 0.0
         top = v.max()
         v /= top

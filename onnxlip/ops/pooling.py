@@ -29,6 +29,17 @@ def _window_attrs(ctx, node):
     if len(spatial_in) != n:
         _fail(f"kernel has {n} dimensions but the input has {len(spatial_in)} spatial dimensions")
     pads = resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, dilations)
+    if int(ctx.attr("ceil_mode", 0)):
+        for i in range(n):
+            span = (kernel[i] - 1) * dilations[i] + 1
+            out = -(-(spatial_in[i] + pads[i] + pads[n + i] - span) // strides[i]) + 1
+            if (out - 1) * strides[i] >= spatial_in[i] + pads[i]:
+                out -= 1  # onnxruntime (like PyTorch) drops a last window that starts in the right padding
+            if out != spatial_out[i]:
+                _fail(
+                    f"ceil_mode: onnx shape inference gives {spatial_out[i]} outputs on axis {i + 2}, onnxruntime "
+                    f"computes {out}; re-export without ceil_mode or with explicit pads"
+                )
     # ceil_mode: extend the end pads so a zero-padded window sum has exactly the inferred output size
     for i in range(n):
         need = (spatial_out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial_in[i] - pads[i]
