@@ -34,26 +34,29 @@ class Scaled:
 
 
 def normalized_power(value: np.ndarray, q: float = 1.0, exponent: int | None = None) -> tuple[np.ndarray, int]:
-    """|value|**q as a float32 mantissa with max <= 1 and an integer exponent (exact for q = 1 and a float32
-    value: scaling by a power of two does not round). `exponent`, when given, is a known upper bound
-    (|value|**q <= 2**exponent) and saves the pass that finds the maximum."""
-    a = np.abs(np.asarray(value))
-    if a.dtype not in (np.float32, np.float64):
-        a = a.astype(np.float64)
+    """|value|**q as a float32 mantissa with max <= 1 and an integer exponent, so |value|**q ~ m * 2**e.
+    For q = 1 the only rounding is float32's, once per entry (the power-of-two scaling is exact). `exponent`,
+    when given, is a known bound |value|**q <= 2**exponent and saves the pass that finds the maximum."""
+    v = np.asarray(value)
+    if v.dtype not in (np.float32, np.float64):
+        v = v.astype(np.float64)
     if q == 1:
         if exponent is None:
-            top = float(a.max()) if a.size else 0.0
+            top = max(float(v.max()), -float(v.min())) if v.size else 0.0
             if top == 0.0:
-                return np.zeros(a.shape, np.float32), 0
+                return np.zeros(v.shape, np.float32), 0
             exponent = int(np.frexp(top)[1])
-        if -120 < exponent < 120:  # one pass: round to float32, then an exact power-of-two scaling
-            return np.multiply(a, np.float32(2.0**-exponent), dtype=np.float32, casting="unsafe"), exponent
-        return np.ldexp(a, -exponent).astype(np.float32, copy=False), exponent
+        if -100 < exponent < 120:  # round to float32 first: no overflow, no harmful subnormals
+            m = np.array(v, dtype=np.float32)
+            np.abs(m, out=m)
+            m *= np.float32(2.0**-exponent)
+            return m, exponent
+        return np.ldexp(np.abs(v).astype(np.float64), -exponent).astype(np.float32), exponent
     with np.errstate(divide="ignore"):
-        log2 = q * np.log2(a.astype(np.float64))
-    top = float(log2.max()) if a.size else -math.inf
+        log2 = q * np.log2(np.abs(v).astype(np.float64))
+    top = float(log2.max()) if v.size else -math.inf
     if top == -math.inf:
-        return np.zeros(a.shape, np.float32), 0
+        return np.zeros(v.shape, np.float32), 0
     e = int(math.ceil(top))
     return np.exp2(log2 - e).astype(np.float32), e
 

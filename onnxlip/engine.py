@@ -18,7 +18,7 @@ SIGN_SPLIT = "split at the midpoint with flipped entries zeroed: M(a, mid) + M(m
 class CompiledCompanion:
     """An emitted companion-type graph with its session; `log10(kinds)` runs it for fed parameter values."""
 
-    def __init__(self, graph: Graph, em: CompanionEmitter, outs: list[Scaled | None], device: str):
+    def __init__(self, graph: Graph, em: CompanionEmitter, outs: list[Scaled | None], device: str, level: str = "none"):
         self.graph, self.em = graph, em
         self.empty = all(s is None for s in outs)
         self.device = "cpu" if device == "auto" else device
@@ -28,7 +28,7 @@ class CompiledCompanion:
             if s is not None:
                 for t in (s.m, s.e):
                     em.add_output(em.op("Identity", [t], "out"))
-        self.session, self.device = make_session(em.model(), device, em.external)
+        self.session, self.device = make_session(em.model(), device, em.external, level)
 
     def log10(self, kinds: dict[str, dict[str, np.ndarray]] | None = None, exponents=None) -> float:
         """log10 of the sum of all outputs (-inf for zero); kinds/exponents as CompanionEmitter.feed_values."""
@@ -74,7 +74,10 @@ class MetricEngine:
 
     def _compile(self, kinds, fed, ones_fed) -> CompiledCompanion:
         em = CompanionEmitter(1.0, kinds, "hi", fed=fed, ones_fed=ones_fed)
-        return CompiledCompanion(self.graph, em, emit_metric(self.graph, em), self.device)
+        # a constant all-ones input means the hi stream is constant: let onnxruntime fold it once
+        return CompiledCompanion(
+            self.graph, em, emit_metric(self.graph, em), self.device, "none" if ones_fed else "fold"
+        )
 
     def dominated_log10(self, vb_abs: dict[str, np.ndarray]) -> tuple[float, str]:
         """Metric between the base and a variant it dominates, given the variant's |values| (exact)."""

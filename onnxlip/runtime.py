@@ -14,12 +14,22 @@ DEVICES = ("auto", "cpu", "cuda")
 _cuda_works: bool | None = None  # learned on the first attempt, so a broken CUDA setup costs one try
 
 
-def session_options(external: dict[str, np.ndarray] | None = None) -> ort.SessionOptions:
+# Graph optimisation levels, chosen per use (measured on a ResNet-18 companion, benchmarks/README.md):
+# "none" builds fastest and runs companion graphs as fast as the others; "fold" (BASIC) adds constant folding,
+# which evaluates once, while the session is built, every stream that depends on constants only; ENABLE_ALL
+# adds ~0.2 s of layout work per ResNet-18 session and no speed to companion graphs.
+LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "fold": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(external: dict[str, np.ndarray] | None = None, level: str = "none") -> ort.SessionOptions:
     """Quiet options; `external` constants are handed over in memory (no protobuf copy)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
-    # ENABLE_ALL adds ~0.2 s of layout work per ResNet-18 session and no speed to companion graphs
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.graph_optimization_level = LEVELS[level]
     if external:
         names = list(external)
         opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(external[n]) for n in names])
@@ -27,7 +37,10 @@ def session_options(external: dict[str, np.ndarray] | None = None) -> ort.Sessio
 
 
 def make_session(
-    model: onnx.ModelProto | bytes, device: str = "auto", external: dict[str, np.ndarray] | None = None
+    model: onnx.ModelProto | bytes,
+    device: str = "auto",
+    external: dict[str, np.ndarray] | None = None,
+    level: str = "none",
 ) -> tuple[ort.InferenceSession, str]:
     """A session on the requested device; returns (session, "cuda" | "cpu"). `external`: constants the model
     declares as external data, passed in memory."""
@@ -40,7 +53,9 @@ def make_session(
         try:
             # TF32 would round products to 10-bit mantissas and void the rounding margin (rounding.py)
             cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})
-            sess = ort.InferenceSession(data, session_options(external), providers=[cuda, "CPUExecutionProvider"])
+            sess = ort.InferenceSession(
+                data, session_options(external, level), providers=[cuda, "CPUExecutionProvider"]
+            )
             _cuda_works = sess.get_providers()[0] == "CUDAExecutionProvider"
             if _cuda_works:
                 return sess, "cuda"
@@ -49,7 +64,7 @@ def make_session(
     if device == "cuda":
         raise OnnxlipError("--device cuda was requested, but onnxruntime's CUDA provider does not load on this machine")
     try:
-        sess = ort.InferenceSession(data, session_options(external), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, session_options(external, level), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise OnnxlipError(f"onnxruntime could not build the graph: {exc}") from None
     return sess, "cpu"

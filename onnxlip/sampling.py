@@ -34,7 +34,7 @@ class Sampler:
 
     def __init__(self, proto: onnx.ModelProto, graph: Graph, device: str = "auto"):
         self.graph = graph
-        self.session, self.device = make_session(runnable(proto, graph), device)
+        self.session, self.device = make_session(runnable(proto, graph), device, level="fold")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
         self.batched = all(not isinstance(i.shape[0], int) for i in self.session.get_inputs() if i.shape)
