@@ -291,7 +291,7 @@ def _infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
             graph_inputs.append(helper.make_tensor_value_info(name, dtype, list(arr.shape)))
     g = helper.make_graph(nodes, "shapes", graph_inputs, [], initializers)
     light = helper.make_model(g, opset_imports=list(proto.opset_import))
-    light.ir_version = min(proto.ir_version or 8, 10)
+    light.ir_version = 8  # our own copy: IR 3 rules (initializers must be inputs) would defeat inference
     try:
         inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - onnx raises several types; all mean the same to the user
@@ -365,7 +365,7 @@ def _fold_one(proto, node, consts, shapes):
     outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.output if n]
     g = helper.make_graph([node], "fold", inputs, outputs)
     m = helper.make_model(g, opset_imports=list(proto.opset_import))
-    m.ir_version = min(proto.ir_version or 8, 10)
+    m.ir_version = 8
     results = ReferenceEvaluator(m).run(None, {n: consts[n] for n in names})
     return [np.asarray(r) for r in results]
 
