@@ -65,7 +65,9 @@ class ImportContext:
             raise RuleError(f"the shape of tensor {name!r} is unknown")
         return self.shapes[name]
 
-    def param(self, tensor: str, value: np.ndarray | None = None, sources: Iterable[str] | None = None) -> Param:
+    def param(
+        self, tensor: str, value: np.ndarray | None = None, sources: Iterable[str] | None = None, transposed=False
+    ) -> Param:
         """A learned parameter read from initializer `tensor` (or a value derived from it)."""
         arr = self.consts[tensor] if value is None else value
         src = tuple(sources) if sources is not None else self.origins.get(tensor, (tensor,))
@@ -73,7 +75,7 @@ class ImportContext:
         arr = np.asarray(arr)
         if arr.dtype not in (np.float32, np.float64):  # float16, int8 after folding, ...
             arr = arr.astype(np.float64)
-        return Param(tensor, arr, src)
+        return Param(tensor, arr, src, transposed)
 
     def attr(self, name: str, default=None):
         assert self.node is not None

@@ -21,6 +21,8 @@ class Param:
     name: str
     value: np.ndarray
     sources: tuple[str, ...] = ()
+    # True when `value` is the transpose of the initializer `name` (Gemm transB, ...): scores map back with .T
+    transposed: bool = False
 
     @property
     def size(self) -> int:

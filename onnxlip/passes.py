@@ -125,4 +125,4 @@ def _derived(base: Param, value: np.ndarray, parts: list[Param | None]) -> Param
     for p in parts:
         if p is not None:
             sources += [s for s in p.sources if s not in sources]
-    return Param(base.name, np.asarray(value, dtype=np.float64), tuple(sources))
+    return Param(base.name, np.asarray(value, dtype=np.float64), tuple(sources), base.transposed)

@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 
-from .registry import define, importer, reject
+from ..companion import Scaled
+from .registry import define, define_adjoint, importer, reject
 
 
 def _fail(msg: str):
@@ -184,3 +185,20 @@ reject(
     "QLinearConv",
     "QLinearMatMul",
 )
+
+
+def _combo_adjoint(node, em, a, b):
+    q = em.q
+    gain = sum(abs(c) ** q for c in node.attrs["relu_coefs"]) + abs(node.attrs["skip"]) ** q
+    return [em.scale_by(b[0], gain)]
+
+
+def _max_adjoint(node, em, a, b):
+    from ..adjoint import reduce_to
+
+    y_shape = em.shapes[node.output]
+    return [Scaled(reduce_to(em, b[0].m, y_shape, em.shapes[t]), b[0].e) for t in node.inputs]
+
+
+define_adjoint("relu_combo", _combo_adjoint)
+define_adjoint("max", _max_adjoint)

@@ -3,7 +3,7 @@ Concat. Their companions are sums and concatenations of scaled tensors with alig
 
 from __future__ import annotations
 
-from .registry import define, importer
+from .registry import define, define_adjoint, importer
 
 
 def _add_companion(node, em, xs, with_constants):
@@ -47,3 +47,29 @@ def import_concat(node, ctx):
     rank = len(ctx.shape(node.output[0]))
     axis = int(ctx.attr("axis", 1))
     ctx.add("concat", inputs, attrs={"axis": axis % rank})
+
+
+def _add_adjoint(node, em, a, b):
+    from ..adjoint import reduce_to
+    from ..companion import Scaled
+
+    y_shape = em.shapes[node.output]
+    out = []
+    for t, c in zip(node.inputs, node.attrs["coefs"]):
+        reduced = Scaled(reduce_to(em, b[0].m, y_shape, em.shapes[t]), b[0].e)
+        out.append(em.scale_by(reduced, abs(c) ** em.q))
+    return out
+
+
+def _concat_adjoint(node, em, a, b):
+    from ..companion import Scaled
+
+    sizes = [em.shapes[t][node.attrs["axis"]] for t in node.inputs]
+    if len(sizes) == 1:
+        return [b[0]]
+    parts = em.op("Split", [b[0].m, em.i64(sizes)], "unconcat", n_out=len(sizes), axis=node.attrs["axis"])
+    return [Scaled(p, b[0].e) for p in parts]
+
+
+define_adjoint("add", _add_adjoint)
+define_adjoint("concat", _concat_adjoint)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..companion import Scaled
-from .registry import define, importer
+from .registry import define, define_adjoint, importer
 
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
@@ -193,3 +193,62 @@ def _index_map(node, ctx) -> np.ndarray:
     if index.shape != tuple(ctx.shape(node.output[0])) or not np.all(index == np.round(index)):
         _fail("could not derive its index map")
     return index.astype(np.int64)
+
+
+# ---- adjoint rules: the transpose of a copy map scatters back (theory.md section 4) -------------------------
+def _in_shape(node, em):
+    return tuple(em.shapes[node.inputs[0]])
+
+
+def _reshape_adjoint(node, em, a, b):
+    return [Scaled(em.op("Reshape", [b[0].m, em.i64(_in_shape(node, em))], "unreshape"), b[0].e)]
+
+
+def _transpose_adjoint(node, em, a, b):
+    inverse = list(np.argsort(node.attrs["perm"]))
+    return [Scaled(em.op("Transpose", [b[0].m], "untranspose", perm=[int(i) for i in inverse]), b[0].e)]
+
+
+def _pad_adjoint(node, em, a, b):
+    shape = _in_shape(node, em)
+    n = len(shape)
+    starts = node.attrs["pads"][:n]
+    ends = [starts[i] + shape[i] for i in range(n)]
+    return [Scaled(em.op("Slice", [b[0].m, em.i64(starts), em.i64(ends), em.i64(range(n))], "unpad"), b[0].e)]
+
+
+def _split_adjoint(node, em, a, b):
+    top, mults = em.align([x.e for x in b])
+    parts = [em.mul(x.m, c) for x, c in zip(b, mults)]
+    return [Scaled(em.op("Concat", parts, "unsplit", axis=node.attrs["axis"]), top)]
+
+
+def _copy_map(node, em) -> np.ndarray:
+    """For each output entry, the flat index of the input entry it copies (slice, gather, select)."""
+    shape = _in_shape(node, em)
+    iota = np.arange(int(np.prod(shape))).reshape(shape)
+    if node.op == "select":
+        return node.attrs["index"]
+    if node.op == "gather":
+        return np.take(iota, node.attrs["indices"], axis=node.attrs["axis"])
+    slices = [slice(None)] * len(shape)
+    for start, end, axis, step in zip(
+        node.attrs["starts"], node.attrs["ends"], node.attrs["axes"], node.attrs["steps"]
+    ):
+        slices[axis] = slice(*slice(start, end, step).indices(shape[axis]))
+    return iota[tuple(slices)]
+
+
+def _scatter_adjoint(node, em, a, b):
+    from ..adjoint import scatter_add
+
+    return [Scaled(scatter_add(em, b[0].m, _copy_map(node, em), _in_shape(node, em)), b[0].e)]
+
+
+define_adjoint("reshape", _reshape_adjoint)
+define_adjoint("transpose", _transpose_adjoint)
+define_adjoint("pad", _pad_adjoint)
+define_adjoint("split", _split_adjoint)
+define_adjoint("slice", _scatter_adjoint)
+define_adjoint("gather", _scatter_adjoint)
+define_adjoint("select", _scatter_adjoint)

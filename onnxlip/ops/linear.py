@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..companion import linear_metric
-from .registry import define, importer
+from ..companion import Scaled, linear_metric
+from .registry import define, define_adjoint, importer
 
 
 def _fail(msg: str):
@@ -186,9 +186,9 @@ def import_conv_transpose(node, ctx):
     ctx.add("conv_transpose", [x], attrs=attrs, params=params)
 
 
-def _add_dense(ctx, node, x: str, weight_name: str, weight: np.ndarray, side: str, bias_term):
+def _add_dense(ctx, node, x: str, weight_name: str, weight: np.ndarray, side: str, bias_term, transposed=False):
     """dense node; bias_term is None, ("const", name, value) or ("tensor", name)."""
-    params = {"weight": ctx.param(weight_name, weight)}
+    params = {"weight": ctx.param(weight_name, weight, transposed=transposed)}
     out = node.output[0]
     if bias_term is not None and bias_term[0] == "const":
         params["bias"] = ctx.param(bias_term[1], bias_term[2])
@@ -231,12 +231,12 @@ def import_gemm(node, ctx):
         w = ctx.const(b)
         w = _scaled(alpha, w.T if trans_b else w)
         x = _transposed(ctx, a) if trans_a else a
-        _add_dense(ctx, node, x, b, w, "right", bias_term)
+        _add_dense(ctx, node, x, b, w, "right", bias_term, transposed=bool(trans_b))
     elif ctx.is_const(a) and not ctx.is_const(b):
         w = ctx.const(a)
         w = _scaled(alpha, w.T if trans_a else w)
         x = _transposed(ctx, b) if trans_b else b
-        _add_dense(ctx, node, x, a, w, "left", bias_term)
+        _add_dense(ctx, node, x, a, w, "left", bias_term, transposed=bool(trans_a))
     else:
         _fail("Gemm multiplies two run-time tensors: not piecewise linear (one operand must be a weight)")
 
@@ -312,3 +312,165 @@ def import_arith(node, ctx):
             _fail("Div by a constant with zero entries")
         params = {"scale": ctx.param(cname, 1.0 / c)}
     ctx.add("affine", [x], params=params)
+
+
+# ---- adjoint and score rules (theory.md section 4) --------------------------------------------------------
+def _spatial_pads(em, pads, rank_spatial, extra_end=None):
+    """ONNX Pad pads for a (1, C, *spatial) tensor from Conv-style [begin..., end...]."""
+    n = rank_spatial
+    end = [pads[n + i] + (extra_end[i] if extra_end else 0) for i in range(n)]
+    return em.i64([0, 0, *pads[:n], 0, 0, *end])
+
+
+def _correlate(em, big, small, big_shape, small_shape, group, strides, dilations, kernel):
+    """grad[o, j, k] = sum_pos small[o, pos] * big[g(o)*m + j, pos*stride + k*dilation], o the small channels,
+    j the big channels of o's group: one Conv with the channels moved to the batch axis (stride and dilation
+    swap roles). big: (1, Cb, *spatial) padded; small: (1, Cs, *spatial). Returns (Cs, Cb/group, *kernel)."""
+    cb, cs, n = big_shape[1], small_shape[1], len(kernel)
+    m = cb // group
+    b = em.op("Reshape", [big, em.i64([group, m, *big_shape[2:]])], "bg")
+    b = em.op("Transpose", [b], "bgT", perm=[1, 0, *range(2, n + 2)])
+    s = em.op("Reshape", [small, em.i64([cs, 1, *small_shape[2:]])], "sg")
+    out = em.op("Conv", [b, s], "wgrad", group=group, strides=list(dilations), dilations=list(strides))
+    out = em.op("Slice", [out, em.i64([0] * n), em.i64(kernel), em.i64(range(2, n + 2))], "wslice")
+    return em.op("Transpose", [out], "wgradT", perm=[1, 0, *range(2, n + 2)])
+
+
+def _bias_scores(node, em, b_out, bias_shape):
+    """|bias| * (sum of the adjoint over the positions the bias is broadcast to)."""
+    from ..adjoint import reduce_to
+
+    bias = node.params.get("bias")
+    if bias is None:
+        return {}
+    bw = em.weight(bias)
+    y_shape = em.shapes[node.output]
+    if node.op in ("conv", "conv_transpose"):
+        axes = [0, *range(2, len(y_shape))]
+        summed = em.op("ReduceSum", [b_out.m, em.i64(axes)], "bsum", keepdims=0)
+    else:
+        summed = reduce_to(em, b_out.m, y_shape, bias.value.shape)
+    return {"bias": Scaled(em.mul(bw.m, summed), em.add_exp(bw.e, b_out.e))}
+
+
+def _conv_geometry(node, em):
+    x_shape, y_shape = em.shapes[node.inputs[0]], em.shapes[node.output]
+    a = node.attrs
+    return x_shape, y_shape, a["kernel_shape"], a["strides"], a["pads"], a["dilations"], a["group"]
+
+
+def _conv_adjoint(node, em, a, b):
+    x_shape, y_shape, k, s, p, d, g = _conv_geometry(node, em)
+    n = len(k)
+    out_pad = [
+        x_shape[2 + i] - ((y_shape[2 + i] - 1) * s[i] - p[i] - p[n + i] + (k[i] - 1) * d[i] + 1) for i in range(n)
+    ]
+    w = em.weight(node.params["weight"])
+
+    def apply(bm, wt):
+        return em.op(
+            "ConvTranspose", [bm, wt.m], "convT", strides=s, pads=p, dilations=d, group=g, output_padding=out_pad
+        )
+
+    return [em.linear([(b[0], w)], apply, None)]
+
+
+def _conv_scores(node, em, a, b):
+    x_shape, y_shape, k, s, p, d, g = _conv_geometry(node, em)
+    n = len(k)
+    padded = em.op("Pad", [a[0].m, _spatial_pads(em, p, n)], "xpad")
+    padded_shape = (1, x_shape[1], *[x_shape[2 + i] + p[i] + p[n + i] for i in range(n)])
+    grad = _correlate(em, padded, b[0].m, padded_shape, y_shape, g, s, d, k)
+    w = em.weight(node.params["weight"])
+    out = {"weight": Scaled(em.mul(w.m, grad), em.add_exp(w.e, a[0].e, b[0].e))}
+    out.update(_bias_scores(node, em, b[0], None))
+    return out
+
+
+def _conv_transpose_adjoint(node, em, a, b):
+    _, _, k, s, p, d, g = _conv_geometry(node, em)
+    w = em.weight(node.params["weight"])
+
+    def apply(bm, wt):
+        return em.op("Conv", [bm, wt.m], "conv", strides=s, pads=p, dilations=d, group=g)
+
+    return [em.linear([(b[0], w)], apply, None)]
+
+
+def _conv_transpose_scores(node, em, a, b):
+    x_shape, y_shape, k, s, p, d, g = _conv_geometry(node, em)
+    n = len(k)
+    # y[o, s*i + k*d - p] += x[c, i] W[c, o', k]: correlate the padded output adjoint with the input
+    need = [(x_shape[2 + i] - 1) * s[i] + (k[i] - 1) * d[i] + 1 for i in range(n)]
+    have = [y_shape[2 + i] + p[i] + p[n + i] for i in range(n)]
+    extra = [max(0, need[i] - have[i]) for i in range(n)]
+    padded = em.op("Pad", [b[0].m, _spatial_pads(em, p, n, extra)], "bpad")
+    padded_shape = (1, y_shape[1], *[have[i] + extra[i] for i in range(n)])
+    grad = _correlate(em, padded, a[0].m, padded_shape, x_shape, g, s, d, k)  # (C_in, C_out/g, *k)
+    w = em.weight(node.params["weight"])
+    out = {"weight": Scaled(em.mul(w.m, grad), em.add_exp(w.e, a[0].e, b[0].e))}
+    out.update(_bias_scores(node, em, b[0], None))
+    return out
+
+
+def _dense_adjoint(node, em, a, b):
+    w = em.weight(node.params["weight"])
+    left = node.attrs.get("side", "right") == "left"
+
+    def apply(bm, wt):
+        wt_t = em.op("Transpose", [wt.m], "wT")
+        return em.op("MatMul", [wt_t, bm] if left else [bm, wt_t], "matmulT")
+
+    return [em.linear([(b[0], w)], apply, None)]
+
+
+def _dense_scores(node, em, a, b):
+    w = em.weight(node.params["weight"])
+    rows, cols = node.params["weight"].value.shape
+    if node.attrs.get("side", "right") == "right":  # grad = sum over leading axes of a^T b: (K, N)
+        a2 = em.op("Reshape", [a[0].m, em.i64([-1, rows])], "a2")
+        b2 = em.op("Reshape", [b[0].m, em.i64([-1, cols])], "b2")
+        grad = em.op("MatMul", [em.op("Transpose", [a2], "a2T"), b2], "wgrad")
+    else:  # y = W x: grad = sum over leading axes of b x^T: (M, K)
+        x_shape = em.shapes[node.inputs[0]]
+        a3 = em.op("Reshape", [a[0].m, em.i64([-1, cols, x_shape[-1]])], "a3")
+        b3 = em.op("Reshape", [b[0].m, em.i64([-1, rows, x_shape[-1]])], "b3")
+        prod = em.op("MatMul", [b3, em.op("Transpose", [a3], "a3T", perm=[0, 2, 1])], "bxT")
+        grad = em.op("ReduceSum", [prod, em.i64([0])], "wgrad", keepdims=0)
+    out = {"weight": Scaled(em.mul(w.m, grad), em.add_exp(w.e, a[0].e, b[0].e))}
+    out.update(_bias_scores(node, em, b[0], None))
+    return out
+
+
+def _affine_adjoint(node, em, a, b):
+    from ..adjoint import reduce_to
+
+    x_shape, y_shape = em.shapes[node.inputs[0]], em.shapes[node.output]
+    if "scale" not in node.params:
+        return [Scaled(reduce_to(em, b[0].m, y_shape, x_shape), b[0].e)]
+    s = em.weight(node.params["scale"])
+
+    def apply(bm, wt):
+        return reduce_to(em, em.op("Mul", [bm, wt.m], "bs"), y_shape, x_shape)
+
+    return [em.linear([(b[0], s)], apply, None)]
+
+
+def _affine_scores(node, em, a, b):
+    from ..adjoint import reduce_to
+
+    out = {}
+    y_shape = em.shapes[node.output]
+    if "scale" in node.params:
+        p = node.params["scale"]
+        s = em.weight(p)
+        ab = em.op("Mul", [a[0].m, b[0].m], "ab")
+        out["scale"] = Scaled(em.mul(s.m, reduce_to(em, ab, y_shape, p.value.shape)), em.add_exp(s.e, a[0].e, b[0].e))
+    out.update(_bias_scores(node, em, b[0], None))
+    return out
+
+
+define_adjoint("conv", _conv_adjoint, _conv_scores)
+define_adjoint("conv_transpose", _conv_transpose_adjoint, _conv_transpose_scores)
+define_adjoint("dense", _dense_adjoint, _dense_scores)
+define_adjoint("affine", _affine_adjoint, _affine_scores)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..companion import Scaled
 from .linear import resolve_pads
-from .registry import define, importer
+from .registry import define, define_adjoint, importer
 
 
 def _fail(msg: str):
@@ -172,3 +172,45 @@ def import_reduce(node, ctx):
         ctx.add("reshape", [node.input[0]], attrs={"shape": list(ctx.shape(node.output[0]))})
         return
     ctx.add("reduce", [node.input[0]], attrs={"axes": axes, "keepdims": keepdims, "weight": weight})
+
+
+# ---- adjoint rules (theory.md section 4) -------------------------------------------------------------------
+def _pool_adjoint(node, em, a, b):
+    x_shape, y_shape = em.shapes[node.inputs[0]], em.shapes[node.output]
+    attrs = node.attrs
+    n = len(attrs["kernel"])
+    bm, be = b[0].m, b[0].e
+    weights = attrs.get("weights")
+    if weights is not None:  # average pool: the fixed edge weights (1/divisor)**q
+        wc = em.constant(np.asarray(weights, dtype=np.float64) ** em.q, q=1.0, hint="poolw")
+        bm, be = em.mul(bm, wc.m), em.add_exp(be, wc.e)
+    ones = em.const(np.ones((attrs["channels"], 1, *attrs["kernel"]), np.float32), "ones_k")
+    s, p, d = attrs["strides"], attrs["pads"], attrs["dilations"]
+    out_pad = [
+        x_shape[2 + i] - ((y_shape[2 + i] - 1) * s[i] - p[i] - p[n + i] + (attrs["kernel"][i] - 1) * d[i] + 1)
+        for i in range(n)
+    ]
+    spread = em.op(
+        "ConvTranspose",
+        [bm, ones],
+        "unpool",
+        group=attrs["channels"],
+        strides=s,
+        pads=p,
+        dilations=d,
+        output_padding=out_pad,
+    )
+    return [em.renorm(spread, be)]
+
+
+def _reduce_adjoint(node, em, a, b):
+    x_shape = em.shapes[node.inputs[0]]
+    bm = b[0].m
+    if not node.attrs["keepdims"]:
+        bm = em.op("Unsqueeze", [bm, em.i64(node.attrs["axes"])], "unsq")
+    spread = em.op("Expand", [bm, em.i64(x_shape)], "expand")
+    return [em.scale_by(Scaled(spread, b[0].e), node.attrs["weight"] ** em.q)]
+
+
+define_adjoint("pool", _pool_adjoint)
+define_adjoint("reduce", _reduce_adjoint)

@@ -30,6 +30,11 @@ class OpRules:
     # rounding_steps(node, shapes) -> how many float32 roundings can compound into one output entry of the
     # companion (products and additions of non-negative terms); see onnxlip/rounding.py
     rounding_steps: Callable[[Node, dict], int] | None = None
+    # adjoint(node, emitter, a_inputs, b_outputs) -> b for each input (None where zero): the transpose of the
+    # companion's linear part applied to the adjoint values b (theory.md section 4)
+    adjoint: Callable | None = None
+    # scores(node, emitter, a_inputs, b_outputs) -> {role: Scaled}: |theta| * d||Phi||_1 / d|theta| per entry
+    scores: Callable | None = None
 
 
 IMPORTERS: dict[str, ImportRule] = {}
@@ -52,6 +57,12 @@ def importer(*onnx_ops: str) -> Callable[[ImportRule], ImportRule]:
 def define(name: str, companion: CompanionRule, metric: MetricRule | None = None, rounding_steps=None) -> None:
     """Define an IR op with its rules."""
     OPS[name] = OpRules(name, companion, metric, rounding_steps)
+
+
+def define_adjoint(name: str, adjoint: Callable, scores: Callable | None = None) -> None:
+    """Attach the adjoint (transpose) rule and, for parametric ops, the weight-score rule to an op."""
+    OPS[name].adjoint = adjoint
+    OPS[name].scores = scores
 
 
 def reject(reason: str, *onnx_ops: str) -> None:
