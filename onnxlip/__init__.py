@@ -13,6 +13,8 @@ from .api import (
 )
 from .errors import MismatchError, ModelIssue, ModelLoadError, OnnxlipError, ShapeError, UnsupportedModelError
 from .importer import ImportOptions, import_model
+from .prune import PruneResult, prune
+from .scores import ScoresResult, scores
 
 __version__ = "0.1.0"
 
@@ -21,11 +23,15 @@ __all__ = [
     "CheckResult",
     "PathMetricResult",
     "PathNormResult",
+    "PruneResult",
+    "ScoresResult",
     "bound",
     "bound_many",
     "check",
     "path_metric",
     "path_norm",
+    "prune",
+    "scores",
     "import_model",
     "ImportOptions",
     "OnnxlipError",

@@ -1,0 +1,109 @@
+"""Pruning: the file differs from the input only in zeroed entries, loads in onnxruntime, reaches the requested
+sparsity, and its certified bound (exact metric) holds on random inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import onnxlip
+from onnxlip.prune import prune, prune_sweep
+from tests.test_bad_input import cli
+
+MODELS = ["models/digits_cnn.onnx", "models/digits_mlp.onnx"]
+OUTPUTS = {"models/digits_mlp.onnx": ["add_result2"], "models/digits_cnn.onnx": None}
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("criterion", ["path-magnitude", "magnitude"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_pruned_file_differs_only_in_zeroed_entries(tmp_path, model, criterion, scope):
+    out = tmp_path / "pruned.onnx"
+    r = prune(model, 0.4, criterion=criterion, scope=scope, out_path=out, output=OUTPUTS[model])
+    a, b = onnx.load(model), onnx.load(str(out))
+    assert a.graph.node == b.graph.node and a.opset_import == b.opset_import and a.ir_version == b.ir_version
+    assert [i.name for i in a.graph.initializer] == [i.name for i in b.graph.initializer]
+    changed = 0
+    for ia, ib in zip(a.graph.initializer, b.graph.initializer):
+        x, y = numpy_helper.to_array(ia), numpy_helper.to_array(ib)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        diff = x != y
+        assert np.all(y[diff] == 0)
+        changed += int(diff.sum())
+    assert changed > 0 and r.exact and r.sparsity == pytest.approx(0.4, abs=0.01)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_bound_of_pruned_model_holds(tmp_path, model):
+    out = tmp_path / "pruned.onnx"
+    r = prune(model, 0.6, out_path=out, output=OUTPUTS[model], input_bound=1.0)
+    check = onnxlip.bound(model, out, input_bound=1.0, samples=256, output=OUTPUTS[model])
+    assert check.exact and check.bound == pytest.approx(r.bound, rel=1e-12)
+    assert 0 < check.observed_max_l1_diff <= r.bound
+
+
+def test_path_magnitude_prunes_the_smallest_scores_first():
+    scores = onnxlip.scores("models/digits_cnn.onnx")
+    r = prune_sweep("models/digits_cnn.onnx", [1 / 3784], criteria=["path-magnitude"])[0]
+    smallest = min(float(t.relative.min()) for n, t in scores.tensors.items() if n.endswith("weight"))
+    assert r.pruned_entries == 1
+    assert r.path_metric == pytest.approx(smallest * 10**scores.log10_path_norm, rel=1e-5, abs=1e-9)
+
+
+def test_sweep_cli_and_plot(tmp_path):
+    code, out, err = cli(
+        "prune", "models/digits_cnn.onnx", "--sweep", "0.2,0.5", "--json", "--plot", tmp_path / "sweep.png"
+    )
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    assert [(r["criterion"], r["requested_sparsity"]) for r in rows] == [
+        ("path-magnitude", 0.2),
+        ("path-magnitude", 0.5),
+        ("magnitude", 0.2),
+        ("magnitude", 0.5),
+    ]
+    keys = {
+        "criterion",
+        "scope",
+        "sparsity",
+        "path_metric",
+        "log10_path_metric",
+        "exact",
+        "bound",
+        "log10_bound",
+        "input_bound",
+        "output",
+    }
+    assert all(keys <= set(r) for r in rows)
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_cli_single_and_refusals(tmp_path):
+    code, out, err = cli("prune", "models/digits_cnn.onnx", "--sparsity", "0.3", "-o", tmp_path / "p.onnx", "--json")
+    assert code == 0 and json.loads(out)["output"] == str(tmp_path / "p.onnx")
+    code, out, err = cli("prune", "models/digits_cnn.onnx", "--sparsity", "0.3", "-o", "models/digits_cnn.onnx")
+    assert code == 2 and "overwrite" in err
+    code, out, err = cli("prune", "models/digits_cnn.onnx", "--sparsity", "1.5", "-o", tmp_path / "q.onnx")
+    assert code == 2 and "between 0 and 1" in err
+    code, out, err = cli(
+        "prune", "models/digits_cnn.onnx", "--sparsity", "0.3", "-o", tmp_path / "q.onnx", "--criterion", "random"
+    )
+    assert code == 2 and "unknown criterion" in err
+
+
+def test_scores_cli_npz(tmp_path):
+    code, out, err = cli("scores", "models/digits_cnn.onnx", "-o", tmp_path / "s.npz", "--json")
+    assert code == 0
+    obj = json.loads(out)
+    assert {"log10_path_norm", "output", "tensors"} <= set(obj)
+    data = np.load(tmp_path / "s.npz")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load("models/digits_cnn.onnx").graph.initializer}
+    for name, t in obj["tensors"].items():
+        assert list(data[name].shape) == t["shape"] == list(inits[name].shape)
+        assert {"shape", "log10_sum", "log10_max"} <= set(t)
