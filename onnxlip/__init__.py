@@ -14,6 +14,7 @@ from .api import (
 from .errors import MismatchError, ModelIssue, ModelLoadError, OnnxlipError, ShapeError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .prune import PruneResult, prune
+from .rescale import RescaleResult, rescale
 from .scores import ScoresResult, scores
 
 __version__ = "0.1.0"
@@ -24,6 +25,8 @@ __all__ = [
     "PathMetricResult",
     "PathNormResult",
     "PruneResult",
+    "RescaleResult",
+    "rescale",
     "ScoresResult",
     "bound",
     "bound_many",

@@ -435,6 +435,38 @@ def _plot_sweep(results, path: Path) -> None:
     plt.close(fig)
 
 
+@app.command("rescale")
+def rescale_cmd(
+    model: Path = typer.Argument(..., help="ONNX file."),
+    out_file: Path = typer.Option(..., "-o", "--out", help="Where to write the rescaled model."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    factors: str = typer.Option(
+        "1,128,4096", "--factors", help="Comma-separated positive factors; each neuron draws one uniformly."
+    ),
+    as_json: bool = JsonOpt,
+):
+    """A functionally identical model with random positive neuron-wise rescaling at every ReLU neuron where it is
+    exact (incoming weights and bias times lambda, outgoing weights over lambda; per channel for convolutions).
+    Path-norms, bounds and path-magnitude scores do not change; weight magnitudes do."""
+    from .rescale import rescale
+
+    with _guard(as_json):
+        try:
+            values = [float(f) for f in factors.split(",") if f.strip()]
+        except ValueError:
+            raise OnnxlipError(f"--factors {factors!r} is not a comma-separated list of numbers") from None
+        _refuse_overwrite(out_file, [model])
+        _, result = rescale(model, seed=seed, factors=values, out_path=out_file)
+        if as_json:
+            _emit_json(result.to_json())
+        else:
+            out.print(
+                f"rescaled {result.rescaled_neurons} neurons in {result.rescaled_layers} layers "
+                f"({result.skipped_layers} ReLU layers skipped: residual, concat or shared); wrote {out_file}",
+                highlight=False,
+            )
+
+
 def _refuse_overwrite(target: Path, inputs) -> None:
     """Never write over an input file."""
     for src in inputs:

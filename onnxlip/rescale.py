@@ -1,0 +1,223 @@
+"""Random positive neuron-wise rescaling (theory.md sections 3-4): for a ReLU neuron, multiply its incoming
+weights and bias by lambda > 0 and its outgoing weights by 1/lambda. The function, the path-norms, the metrics
+and the path-magnitude scores do not change; plain weight magnitudes do. This is the attack that breaks
+magnitude pruning. It edits the ONNX file's own initializers (per channel for convolutions) and skips every
+neuron where the symmetry would not hold exactly (residual Adds, Concats, shared tensors, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .api import _jsonable
+from .errors import OnnxlipError
+from .loading import ModelLike, load_model
+
+# channel-wise positively homogeneous ops a rescaled activation may pass through on its way to the next layer
+_PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
+_DEFAULT_FACTORS = (1.0, 128.0, 4096.0)
+
+
+@dataclass
+class RescaleResult:
+    rescaled_neurons: int
+    rescaled_layers: int
+    skipped_layers: int
+    output: str | None
+
+    def to_json(self) -> dict:
+        return _jsonable(asdict(self))
+
+
+class _Graph:
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        self.inits = {i.name: i for i in proto.graph.initializer}
+        self.values = {n: numpy_helper.to_array(i).copy() for n, i in self.inits.items()}
+        self.producer = {o: n for n in proto.graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in proto.graph.node:
+            for t in n.input:
+                self.consumers.setdefault(t, []).append(n)
+        self.outputs = {o.name for o in proto.graph.output}
+        self.use_count: dict[str, int] = {}
+        for n in proto.graph.node:
+            for t in n.input:
+                if t in self.inits:
+                    self.use_count[t] = self.use_count.get(t, 0) + 1
+
+    def sole_consumer(self, tensor: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(tensor, [])
+        return users[0] if len(users) == 1 and tensor not in self.outputs else None
+
+    def private_init(self, name: str) -> bool:
+        return name in self.values and self.use_count.get(name, 0) == 1 and self.values[name].dtype.kind == "f"
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _incoming(g: _Graph, z: str):
+    """How to multiply the pre-activation z by lam per channel: a function lam -> None, and the channel count;
+    or None when z is not produced by a layer we can rescale exactly."""
+    node = g.producer.get(z)
+    if node is None or g.sole_consumer(z) is None:
+        return None
+    if node.op_type == "BatchNormalization" and all(g.private_init(t) for t in node.input[1:3]):
+        gamma, beta = node.input[1], node.input[2]
+        return len(g.values[gamma]), lambda lam: (_mul(g, gamma, lam, 0), _mul(g, beta, lam, 0))
+    if node.op_type == "Conv" and g.private_init(node.input[1]):
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None and not g.private_init(bias):
+            return None
+        w = node.input[1]
+        return g.values[w].shape[0], lambda lam: (_mul(g, w, lam, 0), bias and _mul(g, bias, lam, 0))
+    if node.op_type == "Gemm" and g.private_init(node.input[1]) and not int(_attr(node, "transA", 0)):
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None and (not g.private_init(bias) or g.values[bias].size not in (1, _out_dim(g, node))):
+            return None
+        w, axis = node.input[1], 0 if int(_attr(node, "transB", 0)) else 1
+        n = g.values[w].shape[axis]
+        if bias is not None and g.values[bias].size != n:
+            return None
+        return n, lambda lam: (_mul(g, w, lam, axis), bias and _mul(g, bias, lam, -1))
+    if node.op_type == "Add":  # MatMul(x, W) + c, as Keras/sklearn/MATLAB export dense layers
+        x, c = node.input
+        if c not in g.values:
+            x, c = c, x
+        mm = g.producer.get(x)
+        if not (
+            c in g.values
+            and g.private_init(c)
+            and mm is not None
+            and mm.op_type == "MatMul"
+            and g.sole_consumer(x) is not None
+            and g.private_init(mm.input[1])
+        ):
+            return None
+        w = mm.input[1]
+        n = g.values[w].shape[-1]
+        if g.values[w].ndim != 2 or g.values[c].size != n:
+            return None
+        return n, lambda lam: (_mul(g, w, lam, 1), _mul(g, c, lam, -1))
+    if node.op_type == "MatMul" and g.private_init(node.input[1]) and g.values[node.input[1]].ndim == 2:
+        w = node.input[1]
+        return g.values[w].shape[1], lambda lam: _mul(g, w, lam, 1)
+    return None
+
+
+def _out_dim(g: _Graph, gemm) -> int:
+    w = g.values[gemm.input[1]]
+    return w.shape[0] if int(_attr(gemm, "transB", 0)) else w.shape[1]
+
+
+def _outgoing(g: _Graph, r: str, channels: int):
+    """How to divide the next layer's weights by lam per input channel, following r through channel-wise
+    homogeneous ops; None when the activation reaches anything else."""
+    tensor, spatial = r, None
+    while True:
+        node = g.sole_consumer(tensor)
+        if node is None:
+            return None
+        if node.op_type in _PASS_THROUGH:
+            if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
+                return None
+            tensor = node.output[0]
+            continue
+        if node.op_type == "Flatten" and int(_attr(node, "axis", 1)) == 1:
+            tensor, spatial = node.output[0], "flatten"
+            continue
+        break
+    if node.input[0] != tensor:
+        return None
+    if node.op_type == "Conv" and spatial is None and g.private_init(node.input[1]):
+        w = node.input[1]
+        group = int(_attr(node, "group", 1))
+        per_group = g.values[w].shape[1]
+        if per_group * group != channels:
+            return None
+
+        def divide(lam, w=w, group=group, per_group=per_group):
+            out_per_group = g.values[w].shape[0] // group
+            factors = np.repeat(lam.reshape(group, per_group), out_per_group, axis=0)  # (C_out, C_in/group)
+            g.values[w] = (g.values[w] / factors.reshape(factors.shape + (1,) * (g.values[w].ndim - 2))).astype(
+                g.values[w].dtype
+            )
+
+        return divide
+    if node.op_type in ("Gemm", "MatMul") and g.private_init(node.input[1]) and g.values[node.input[1]].ndim == 2:
+        w = node.input[1]
+        trans = node.op_type == "Gemm" and int(_attr(node, "transB", 0))
+        if node.op_type == "Gemm" and int(_attr(node, "transA", 0)):
+            return None
+        rows = g.values[w].shape[1 if trans else 0]
+        if rows % channels:
+            return None
+        per_channel = rows // channels  # flattened (C, H, W) features: channel c owns a block of H*W rows
+        if per_channel != 1 and spatial != "flatten":
+            return None
+
+        def divide(lam, w=w, trans=trans, per_channel=per_channel):
+            factors = np.repeat(lam, per_channel)
+            _mul(g, w, 1.0 / factors, 1 if trans else 0)
+
+        return divide
+    return None
+
+
+def _mul(g: _Graph, name: str, factors: np.ndarray, axis: int) -> None:
+    arr = g.values[name]
+    if arr.size == 1 and arr.ndim <= 1 and factors.size != 1:
+        raise OnnxlipError(f"cannot rescale the scalar {name!r} per channel")
+    shape = [1] * arr.ndim
+    shape[axis] = -1
+    g.values[name] = (arr * factors.reshape(shape)).astype(arr.dtype)
+
+
+def rescale(
+    model: ModelLike, *, seed: int = 0, factors: Sequence[float] = _DEFAULT_FACTORS, out_path: str | Path | None = None
+) -> tuple[onnx.ModelProto, RescaleResult]:
+    """A functionally identical model with random positive rescaling of every ReLU neuron where it is exact.
+    Each neuron's factor is drawn uniformly from `factors`. Returns the model and a summary."""
+    factors = np.asarray([float(f) for f in factors], dtype=np.float64)
+    if factors.size == 0 or not np.all(np.isfinite(factors)) or np.any(factors <= 0):
+        raise OnnxlipError("rescaling factors must be positive finite numbers")
+    proto = onnx.ModelProto()
+    proto.CopyFrom(load_model(model))
+    g = _Graph(proto)
+    rng = np.random.default_rng(seed)
+    neurons = layers = skipped = 0
+    for node in list(proto.graph.node):
+        if node.op_type != "Relu":
+            continue
+        inc = _incoming(g, node.input[0])
+        out = _outgoing(g, node.output[0], inc[0]) if inc is not None else None
+        if inc is None or out is None:
+            skipped += 1
+            continue
+        lam = rng.choice(factors, size=inc[0])
+        inc[1](lam)
+        out(lam)
+        neurons += int(np.count_nonzero(lam != 1.0))
+        layers += 1
+    for name, init in g.inits.items():
+        init.CopyFrom(numpy_helper.from_array(g.values[name], name))
+    result = RescaleResult(neurons, layers, skipped, None if out_path is None else str(out_path))
+    if out_path is not None:
+        if (
+            not isinstance(model, onnx.ModelProto)
+            and Path(out_path).exists()
+            and Path(out_path).resolve() == Path(model).resolve()
+        ):
+            raise OnnxlipError(f"refusing to overwrite the input file {model}; choose another output path")
+        onnx.save(proto, str(out_path))
+    return proto, result

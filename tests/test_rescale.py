@@ -1,0 +1,84 @@
+"""Rescaling: same function, same path-norm, metrics and scores; visibly different magnitudes; magnitude pruning
+of the rescaled model collapses while path-magnitude pruning is unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import onnxlip
+from onnxlip.prune import prune_sweep
+from onnxlip.rescale import rescale
+from tests import dag_factory as F
+from tests.test_bad_input import cli
+
+CASES = [("models/digits_cnn.onnx", None), ("models/digits_mlp.onnx", ["add_result2"])]
+
+
+def _outputs(model, x, names=None):
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(names, {sess.get_inputs()[0].name: x})
+
+
+def _inputs(path, n=16):
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    shape = [d if isinstance(d, int) else n for d in sess.get_inputs()[0].shape]
+    return np.random.default_rng(0).random(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("path,output", CASES)
+@pytest.mark.parametrize("factors", [(1.0, 128.0, 4096.0), (0.013, 0.7, 3.3, 91.0)])
+def test_rescaled_model_is_the_same_function_with_other_magnitudes(path, output, factors):
+    model, result = rescale(path, seed=1, factors=factors)
+    assert result.rescaled_neurons > 0 and result.rescaled_layers >= 2
+    x = _inputs(path)
+    for a, b in zip(_outputs(path, x), _outputs(model, x)):  # every graph output, tails included
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max() + 1e-7)
+    before = {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    ratios = [
+        np.abs(after[n]).max() / np.abs(before[n]).max()
+        for n in before
+        if before[n].dtype.kind == "f" and before[n].size > 1 and np.abs(before[n]).max() > 0
+    ]
+    assert max(ratios) > 5 or min(ratios) < 0.2  # visibly different magnitudes
+    pa, pb = onnxlip.path_norm(path, output=output), onnxlip.path_norm(model, output=output)
+    assert pb.log10_path_norm == pytest.approx(pa.log10_path_norm, abs=1e-6)
+    sa, sb = onnxlip.scores(path, output=output), onnxlip.scores(model, output=output)
+    for name, t in sa.tensors.items():
+        assert np.allclose(sb.tensors[name].relative, t.relative, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gemm", "conv2d", "maxpool", "matmul"])
+def test_rescaling_keeps_metrics_on_random_dags(family):
+    spec = F.build(family, 0)
+    model, _ = rescale(spec.model, seed=3, factors=(0.25, 2.0, 64.0))
+    pruned = prune_sweep(spec.model, [0.3], criteria=["path-magnitude"])[0]
+    pruned_rescaled = prune_sweep(model, [0.3], criteria=["path-magnitude"])[0]
+    assert pruned_rescaled.log10_path_metric == pytest.approx(pruned.log10_path_metric, abs=1e-5)
+
+
+def test_magnitude_pruning_collapses_after_rescaling_path_magnitude_does_not():
+    path = "models/digits_cnn.onnx"
+    model, _ = rescale(path, seed=0)
+    base = prune_sweep(path, [0.6], criteria=["path-magnitude", "magnitude"])
+    attacked = prune_sweep(model, [0.6], criteria=["path-magnitude", "magnitude"])
+    assert attacked[0].log10_bound == pytest.approx(base[0].log10_bound, abs=1e-6)  # path-magnitude: unchanged
+    assert attacked[1].log10_bound > base[1].log10_bound + 0.15  # magnitude: > 1.4x the certified drift
+
+
+def test_cli(tmp_path):
+    code, out, err = cli("rescale", "models/digits_cnn.onnx", "-o", tmp_path / "r.onnx", "--seed", "2", "--json")
+    assert (
+        code == 0 and json.loads(out)["rescaled_neurons"] > 0 and json.loads(out)["output"] == str(tmp_path / "r.onnx")
+    )
+    code, out, err = cli("rescale", "models/digits_cnn.onnx", "-o", "models/digits_cnn.onnx")
+    assert code == 2 and "overwrite" in err
+    code, out, err = cli("rescale", "models/digits_cnn.onnx", "-o", tmp_path / "s.onnx", "--factors", "1,-2")
+    assert code == 2 and "positive" in err
