@@ -1,0 +1,37 @@
+"""Scores against torch autograd of the float64 companion network (theory.md section 4: a score is |theta| times
+the gradient of the path-norm), for torch-exported CNNs with BatchNorm, strided/grouped/dilated/depthwise convs,
+max- and average-pooling, ReLU6, LeakyReLU and residual blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")
+
+import onnxlip  # noqa: E402
+from tests import exporter_models as E  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", ["resnet", "convzoo", "conv1d", "transpose", "mix"])
+def test_scores_equal_torch_autograd_of_the_companion(tmp_path, arch):
+    model = E.build(arch, seed=1)
+    path = tmp_path / f"{arch}.onnx"
+    # no constant folding: initializers keep torch's parameter names (BatchNorm stays for onnxlip to fold)
+    E.export(model, path, dynamo=False, dynamic_batch=False, do_constant_folding=False)
+    comp = E.companion(model, 1.0)
+    out = comp(torch.ones((1, *model.input_shape), dtype=torch.float64))
+    out.sum().backward()
+    expected = {name: (p * p.grad).detach().numpy() for name, p in comp.named_parameters() if p.grad is not None}
+    result = onnxlip.scores(path)
+    compared = 0
+    for name in result.tensors:
+        if name not in expected or "bn" in name:
+            continue  # BatchNorm parameters are folded into the conv before them in onnxlip
+        got = result.absolute(name)
+        assert got.shape == expected[name].shape
+        assert np.allclose(got, expected[name], rtol=2e-5, atol=1e-9 * np.abs(expected[name]).max()), name
+        compared += 1
+    assert compared >= 5
+    assert result.log10_path_norm == pytest.approx(np.log10(float(out.sum().detach())), abs=1e-6)
