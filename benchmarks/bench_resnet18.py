@@ -75,6 +75,27 @@ def torch_reference(repeat: int) -> float | None:
     return median_time(lambda: reference_pathnorm(net), repeat)
 
 
+def torch_scores_reference(repeat: int) -> float | None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    from benchmarks.torch_resnet import ResNet18, reference_scores
+
+    net = ResNet18().eval()
+    return median_time(lambda: reference_scores(net), repeat)
+
+
+def prune_costs(base: Path, repeat: int) -> tuple[float, float]:
+    """(one scores call, a --sweep over 5 sparsities for both criteria), from file."""
+    from onnxlip.prune import prune_sweep
+
+    reps = max(1, repeat // 3)
+    single = median_time(lambda: onnxlip.scores(base), reps)
+    swept = median_time(lambda: prune_sweep(base, [0.1, 0.2, 0.4, 0.6, 0.8]), reps)
+    return single, swept
+
+
 def sweep(base: Path, tmp: Path, repeat: int) -> dict:
     model = onnx.load(str(base))
     pruned, quantized = [], []
@@ -121,6 +142,8 @@ def main() -> None:
         sw = sweep(base, tmp, args.repeat)
         variant = tmp / "pruned0.4.onnx"
         cli = statistics.median(cli_bound(base, variant) for _ in range(3))
+        scores_s, prune_sweep_s = prune_costs(base, args.repeat)
+        torch_scores = torch_scores_reference(max(1, args.repeat // 2))
     r = {
         "plain_forward_s": fwd,
         "plain_session_create_s": fwd_create,
@@ -135,6 +158,12 @@ def main() -> None:
         "sweep_quantization_per_variant_s": sw["quantization"]["per_variant_s"],
         "sweep_quantization_per_variant_forwards": sw["quantization"]["per_variant_s"] / fwd,
         "cli_bound_end_to_end_s": cli,
+        "scores_from_file_s": scores_s,
+        "scores_over_forward": scores_s / fwd,
+        "torch_scores_reference_s": torch_scores,
+        "scores_over_torch_reference": None if torch_scores is None else scores_s / torch_scores,
+        "prune_sweep_5x2_s": prune_sweep_s,
+        "prune_sweep_over_scores": prune_sweep_s / scores_s,
     }
     for k, v in r.items():
         print(f"{k:42s} {'-' if v is None else f'{v:.4f}'}")
