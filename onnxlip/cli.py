@@ -203,7 +203,7 @@ def bound(
         "--samples",
         help="Random inputs in the box for the observed difference (a sanity figure, not a certificate); 0 to skip.",
     ),
-    sample_seconds: float = typer.Option(2.0, "--sample-seconds", help="Time budget per variant for sampling."),
+    sample_seconds: float = typer.Option(1.0, "--sample-seconds", help="Time budget per variant for sampling."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
     max_bound: Optional[float] = typer.Option(
         None, "--max-bound", help="CI gate: exit 1 when a certified bound exceeds this value."
