@@ -58,33 +58,9 @@ class _SumPool(nn.Module):
         return F.avg_pool2d(x, k, self.pool.stride, self.pool.padding, count_include_pad=True) * (k * k)
 
 
-@torch.no_grad()
-def reference_pathnorm(net: nn.Module, size: int = 224) -> float:
-    """||Phi||_1: float64 deep copy, |weights|, BatchNorm as the affine map |a| x + |c|, ReLU -> identity,
-    max-pool -> sum-pool, all-ones input, sum of the outputs."""
-    n = copy.deepcopy(net).double()
-    for name, m in list(n.named_modules()):
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.weight.abs_()
-            if m.bias is not None:
-                m.bias.abs_()
-        elif isinstance(m, nn.BatchNorm2d):
-            a = m.weight / torch.sqrt(m.running_var + m.eps)
-            c = m.bias - a * m.running_mean
-            m.weight.copy_(a.abs())
-            m.bias.copy_(c.abs())
-            m.running_mean.zero_()
-            m.running_var.fill_(1.0 - m.eps)
-        elif isinstance(m, nn.ReLU):
-            m.forward = lambda x: x
-        elif isinstance(m, nn.MaxPool2d):
-            parent = n.get_submodule(name.rsplit(".", 1)[0]) if "." in name else n
-            setattr(parent, name.rsplit(".", 1)[-1], _SumPool(m))
-    return float(n(torch.ones(1, 3, size, size, dtype=torch.float64)).sum())
-
-
-def reference_scores(net: nn.Module, size: int = 224) -> dict:
-    """Path-magnitude scores the reference way: float64 autograd of the companion network, |theta| * grad."""
+def _companion(net: nn.Module) -> nn.Module:
+    """Float64 deep copy with |weights|, BatchNorm as the affine map |a| x + |c|, ReLU -> identity, max-pool ->
+    sum-pool (the path-norm toolkit's recipe)."""
     n = copy.deepcopy(net).double()
     with torch.no_grad():
         for m in n.modules():
@@ -105,5 +81,17 @@ def reference_scores(net: nn.Module, size: int = 224) -> dict:
         elif isinstance(m, nn.MaxPool2d):
             parent = n.get_submodule(name.rsplit(".", 1)[0]) if "." in name else n
             setattr(parent, name.rsplit(".", 1)[-1], _SumPool(m))
+    return n
+
+
+@torch.no_grad()
+def reference_pathnorm(net: nn.Module, size: int = 224) -> float:
+    """||Phi||_1: one forward of the companion on the all-ones input, summed."""
+    return float(_companion(net)(torch.ones(1, 3, size, size, dtype=torch.float64)).sum())
+
+
+def reference_scores(net: nn.Module, size: int = 224) -> dict:
+    """Path-magnitude scores the reference way: float64 autograd of the companion network, |theta| * grad."""
+    n = _companion(net)
     n(torch.ones(1, 3, size, size, dtype=torch.float64)).sum().backward()
     return {k: (p * p.grad).detach() for k, p in n.named_parameters()}

@@ -162,6 +162,17 @@ def metric_between(base: Analysed, other: Analysed, device: str = "auto", engine
     )
 
 
+def certified_log10_bound(metric: PathMetricResult, input_bound: float) -> float:
+    """log10 of max(R, 1) * metric / (1 - rounding margin), rounded up: the certified bound (theory.md section 3;
+    the float32 rounding margin of onnxlip/rounding.py keeps it valid)."""
+    value = (
+        metric.log10_path_metric
+        + math.log10(max(input_bound, 1.0))
+        - math.log1p(-metric.rounding_margin) / math.log(10)
+    )
+    return math.nextafter(value, math.inf) if math.isfinite(value) else value
+
+
 def path_metric(
     a: ModelLike,
     b: ModelLike,
@@ -226,13 +237,7 @@ def bound_many(
     for variant in variants:
         other = analyse(variant, output, input_shapes)
         metric = metric_between(ref, other, device, engine)
-        # certified: the float32 rounding margin is added, and the float64 result rounded up
-        log10_bound = (
-            metric.log10_path_metric
-            + math.log10(max(input_bound, 1.0))
-            - math.log1p(-metric.rounding_margin) / math.log(10)
-        )
-        log10_bound = math.nextafter(log10_bound, math.inf) if math.isfinite(log10_bound) else log10_bound
+        log10_bound = certified_log10_bound(metric, input_bound)
         observed, tried = None, 0
         if samples:
             observed, tried = observed_max_l1(

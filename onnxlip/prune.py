@@ -5,7 +5,6 @@ dominates it entrywise)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -14,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .api import Analysed, _jsonable, analyse, metric_between
+from .api import Analysed, _jsonable, analyse, certified_log10_bound, metric_between
 from .companion import plain_value
 from .engine import MetricEngine
 from .errors import OnnxlipError
@@ -133,11 +132,7 @@ def _result(m, pruned_proto, masks, tensors, criterion, scope, sparsity, input_b
     metric = metric_between(m, other, device, engine)
     total = sum(a.size for a in tensors.values())
     zeros = sum(int(np.count_nonzero((a == 0) | ~masks[n])) for n, a in tensors.items())
-    log10_bound = (
-        metric.log10_path_metric
-        + math.log10(max(input_bound, 1.0))
-        - math.log1p(-metric.rounding_margin) / math.log(10)
-    )
+    log10_bound = certified_log10_bound(metric, input_bound)
     return PruneResult(
         criterion,
         scope,
