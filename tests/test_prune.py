@@ -57,6 +57,7 @@ def test_path_magnitude_prunes_the_smallest_scores_first():
 
 
 def test_sweep_cli_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")  # the optional 'plot' extra (installed by the 'test' extra)
     code, out, err = cli(
         "prune", "models/digits_cnn.onnx", "--sweep", "0.2,0.5", "--json", "--plot", tmp_path / "sweep.png"
     )
