@@ -41,15 +41,20 @@ def _ones_like(em: CompanionEmitter, shape) -> Scaled:
     return Scaled(em.const(np.ones(shape, np.float32), "ones_out"), em.exponent(0))
 
 
-def emit_scores(graph: Graph, em: CompanionEmitter) -> tuple[list[Scaled], dict[str, Scaled], dict[str, Scaled]]:
+def emit_scores(
+    graph: Graph, em: CompanionEmitter, input_paths_only: bool = False
+) -> tuple[list[Scaled], dict[str, Scaled], dict[str, Scaled]]:
     """Emit the companion forward run and the adjoint run. Returns (companion outputs, scores by parameter
-    name, adjoint values b at the graph inputs)."""
+    name, adjoint values b at the graph inputs). With `input_paths_only` the fixed constants of parameter-free
+    ops are dropped (the caller zeroes the biases): only paths that start at an input remain (theory.md
+    section 5)."""
     from .ops import OPS
 
     em.shapes = graph.shapes
     a_env: dict[str, Scaled] = ones_inputs(graph, em)
     for node in graph.nodes:
-        a_env.update(zip(node.outputs, OPS[node.op].companion(node, em, [a_env[t] for t in node.inputs], True)))
+        ins = [a_env[t] for t in node.inputs]
+        a_env.update(zip(node.outputs, OPS[node.op].companion(node, em, ins, not input_paths_only)))
     pending: dict[str, list[Scaled]] = {t: [_ones_like(em, graph.shapes[t])] for t in graph.outputs}
     scores: dict[str, Scaled] = {}
     for node in reversed(graph.nodes):
