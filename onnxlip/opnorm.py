@@ -14,8 +14,9 @@ R^H R = (t*I - G) + E with |E| <= g |R^H| |R| (Demmel 1989; Higham, Accuracy and
 Algorithms, 2nd ed., Thm 10.3, valid for any order of the inner products, hence for blocked LAPACK), which gives
 ||E||_2 <= g/(1-g) * trace(t*I - G), so lambda_max(G) <= t + g/(1-g) * n * t. The rounding of the Gram product
 itself, |fl(B B^H) - B B^H| <= g' |B| |B|^H, is covered by g' * ||B||_F^2 (Cauchy-Schwarz), and the rounding of
-t*I - G by u*t. The candidate t is the float64 eigenvalue (numpy.linalg.eigvalsh) times (1 + tau) with a tiny
-tau; a failed Cholesky raises t and tries again. All constants g are the textbook gamma_k = k*u/(1 - k*u),
+t*I - G by u*t. The candidate t is the float64 eigenvalue (numpy.linalg.eigvalsh, of the matrices a batched
+Lanczos ranks highest) times (1 + tau) with a tiny tau; a failed Cholesky raises t and tries again. Eigenvalue
+solvers only propose t: nothing they return is trusted. All constants g are the textbook gamma_k = k*u/(1 - k*u),
 u = 2**-53, with k doubled and then the whole term doubled for complex arithmetic (Higham section 3.6), so the
 margins are generous: they are ~1e-10 relative for 512 channels, invisible next to the bound's own looseness.
 Assumptions (standard for such a-posteriori proofs): IEEE double arithmetic with round-to-nearest in numpy/BLAS/
@@ -217,12 +218,13 @@ def _lanczos_top(g: np.ndarray, steps: int, seed: int = 12345) -> np.ndarray:
     scale = np.max(np.abs(g), axis=(1, 2)) + 1e-300
     for j in range(steps):
         basis[:, :, j] = v
-        w = (g @ v[:, :, None])[:, :, 0]
+        # numpy's own loops (einsum), not thousands of tiny multithreaded BLAS calls
+        w = np.einsum("bij,bj->bi", g, v)
         vb = basis[:, :, : j + 1]
         h = np.zeros((b, j + 1), dtype=g.dtype)
         for _ in range(2):  # twice is enough (Parlett's "twice is enough")
-            hh = (np.conj(np.swapaxes(vb, 1, 2)) @ w[:, :, None])[:, :, 0]
-            w = w - (vb @ hh[:, :, None])[:, :, 0]
+            hh = np.einsum("bij,bi->bj", np.conj(vb), w)
+            w = w - np.einsum("bij,bj->bi", vb, hh)
             h = h + hh
         tri[:, j, j] = np.real(h[:, j])
         if j + 1 < steps:
@@ -236,12 +238,12 @@ def _lanczos_top(g: np.ndarray, steps: int, seed: int = 12345) -> np.ndarray:
 def _certified_lambda_max(g: np.ndarray, fro2_max: float, inner: int, t_floor: float = 0.0) -> tuple[float, float]:
     """A verified upper bound on max_i lambda_max(B_i B_i^H) for the exact products of the float64 matrices B_i
     whose computed Gram matrices are g[i] = fl(B_i B_i^H) (b, n, n), given max_i ||B_i||_F^2 <= fro2_max and the
-    inner dimension of the products. Returns (bound, estimate), estimate = the largest eigvalsh computed (not
-    certified, <= the true max up to rounding when every matrix was checked, else possibly below it).
-    t_floor: a value already certified elsewhere (a bigger t only makes the Cholesky easier)."""
+    inner dimension of the products. Returns (bound, t): t is the shift at which every t*I - g[i] passed the
+    Cholesky test (pass it as t_floor for the next batch of the same operator: a bigger t only makes the test
+    easier, and the matrices whose eigenvalues stay below it need no eigvalsh)."""
     b, n, _ = g.shape
     tau = max(2.0**-40, 16 * n * U)
-    if n <= 32:
+    if n <= 32 or (b == 1 and t_floor <= 0.0):
         est = np.linalg.eigvalsh(g)[:, -1]
     else:  # Lanczos ranks the matrices; the top ones above the current floor get an exact eigvalsh
         est = _lanczos_top(g, 12)
@@ -249,8 +251,7 @@ def _certified_lambda_max(g: np.ndarray, fro2_max: float, inner: int, t_floor: f
         cand = cand[est[cand] * (1 + tau) > t_floor]
         if cand.size:
             est[cand] = np.linalg.eigvalsh(g[cand])[:, -1]
-    estimate = float(est.max())
-    t = max(t_floor, estimate * (1 + tau), 1e-300)
+    t = max(t_floor, float(est.max()) * (1 + tau), 1e-300)
     pending = np.arange(b)
     for _ in range(40):
         ok = _shift_cholesky_ok(g[pending], t)
@@ -258,7 +259,6 @@ def _certified_lambda_max(g: np.ndarray, fro2_max: float, inner: int, t_floor: f
         if pending.size == 0:
             break
         lam = float(np.linalg.eigvalsh(g[pending])[:, -1].max())
-        estimate = max(estimate, lam)
         if lam * (1 + tau) > t:  # a matrix Lanczos under-ranked: lift t to its eigenvalue
             t = lam * (1 + tau)
         else:  # a rounding failure next to a tight eigenvalue: widen the gap
@@ -271,7 +271,7 @@ def _certified_lambda_max(g: np.ndarray, fro2_max: float, inner: int, t_floor: f
     shift = U * t  # rounding of t - g_ii (0 <= g_ii < t)
     gram = _gamma_c(inner) * fro2_max * (1 + _gamma(inner * n + 2))  # ||fl(BB^H) - BB^H|| <= g ||B||_F^2
     bound = (t + chol + shift + gram + _TINY) * _SAFE
-    return bound, estimate
+    return bound, t
 
 
 def _gram_stack(x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
@@ -354,7 +354,7 @@ def dense_norm(w, method: str = "auto", max_gram: int = 8192) -> float:
     if method != "gram":
         raise ValueError(f"unknown method {method!r}")
     b = ws if k <= n else ws.T  # B with fewer rows: G = B B^T is min(K, N) square
-    g = (b @ b.T)[None]
+    g = _gram_stack(b[None], None)
     fro2 = float(np.sum(b * b)) * (1 + _gamma(b.size + 1))
     bound, _ = _certified_lambda_max(g, fro2, b.shape[1])
     return math.ldexp(math.sqrt(bound) * _SAFE, e)
@@ -404,14 +404,14 @@ def _unit_roots(n: int) -> np.ndarray:
     return np.array([complex(math.cos(two_pi * m / n), math.sin(two_pi * m / n)) for m in range(n)])
 
 
-def _alias_classes(geo: _Geo) -> tuple[np.ndarray, tuple[int, ...]]:
+def _alias_classes(geo: _Geo, extra: int = 0) -> tuple[np.ndarray, tuple[int, ...]]:
     """Effective frequencies e = (dil * f) mod N of the distinct alias classes, shape (classes, S, d), and N.
 
     The strided canvas has q_i = N_i / s_i output frequencies g per dim; g collects the s^d input frequencies
     f = g + a q. The class matrix B(g) depends only on the multiset of e vectors (e_i forced to 0 for k_i = 1), and
     B(-g) is a conjugate of B(g) up to a column permutation: both are deduplicated."""
     d = len(geo.n)
-    N = tuple(geo.s[i] * -(-(geo.n[i] + geo.pb[i] + geo.pe[i]) // geo.s[i]) for i in range(d))
+    N = tuple(geo.s[i] * (-(-(geo.n[i] + geo.pb[i] + geo.pe[i]) // geo.s[i]) + extra) for i in range(d))
     q = tuple(N[i] // geo.s[i] for i in range(d))
     g = np.stack(np.meshgrid(*[np.arange(qi) for qi in q], indexing="ij"), -1).reshape(-1, d)
     a = np.stack(np.meshgrid(*[np.arange(si) for si in geo.s], indexing="ij"), -1).reshape(-1, d)
@@ -449,17 +449,20 @@ def conv_norm_certified(
     transpose: bool = False,
     output_padding=None,
     *,
+    extra_canvases: int = 0,
     max_chunk_bytes: int = 256 << 20,
 ) -> float:
     """Certified upper bound on the l2 operator norm of an ONNX Conv (or ConvTranspose, transpose=True) with zero
     padding, on an input of spatial size `spatial` (the node's input; batch 1).
 
     The strided circular-embedding bound (module docstring) on the smallest canvas N_i = multiple of s_i >=
-    n_i + pad_begin_i + pad_end_i, with rounding margins. Tight (often exact up to a few %) for stride 1 when the
-    pads are small next to n; for 1x1 kernels it equals sigma_max of the C_out x C_in matrix.
-    Cost: C_out * C_in/group * prod(k) * #freq for the kernel DFT, plus per distinct frequency class a Gram
-    product and a Cholesky of min(C_out/group, s^d C_in/group)^2-sized matrices (~ #freq * C^3 / 2, #freq ~
-    prod(N_i / s_i) / 2); memory is chunked to about max_chunk_bytes.
+    n_i + pad_begin_i + pad_end_i, with rounding margins. Close to exact (a few %) for stride 1 when the pads are
+    small next to n; equal to sigma_max of the C_out x C_in matrix for 1x1 kernels; loose when the output is
+    tiny next to the kernel. extra_canvases=j also tries the canvases N + s, ..., N + j*s (each a valid bound)
+    and returns the smallest: rarely more than a few % better, j+1 times the cost.
+    Cost: C_out * C_in/group * prod(k) * #freq for the kernel DFT, plus per distinct frequency class (about
+    prod(N_i / s_i) / 2 of them) a Gram product and a Cholesky factorisation of a min(C_out, s^d C_in)/group
+    square matrix, plus a little Lanczos; memory is chunked to about max_chunk_bytes.
     """
     geo = _geometry(weight, spatial, strides, pads, dilations, group, transpose, output_padding)
     w = np.asarray(geo.w, dtype=np.float64)
@@ -468,13 +471,19 @@ def conv_norm_certified(
     if not np.any(w):
         return 0.0
     ws, expo = _scale_pow2(w)
+    best = min(_circular_bound(geo, ws, extra, max_chunk_bytes) for extra in range(int(extra_canvases) + 1))
+    return math.ldexp(best, expo)
+
+
+def _circular_bound(geo: _Geo, ws: np.ndarray, extra: int, max_chunk_bytes: int) -> float:
+    """Certified sigma_max of the strided circular conv (weights ws, float64) on the canvas enlarged by extra*s."""
     d = len(geo.n)
     grp = geo.group
     cout_g, cin_g = ws.shape[0] // grp, ws.shape[1]
     kk = int(np.prod(geo.k))
     S = int(np.prod(geo.s))
     wt = np.ascontiguousarray(ws.reshape(grp * cout_g * cin_g, kk).T)  # (K, C_out * C_in/g)
-    ev, N = _alias_classes(geo)
+    ev, N = _alias_classes(geo, extra)
     roots = [_unit_roots(Ni) for Ni in N]
     kidx = np.stack(np.meshgrid(*[np.arange(ki) for ki in geo.k], indexing="ij"), -1).reshape(-1, d)  # (K, d)
     cols = cout_g <= S * cin_g  # Gram on the C_out side (B B^H) or on the S*C_in side (B^H B)
@@ -482,7 +491,7 @@ def conv_norm_certified(
     inner = S * cin_g if cols else cout_g
     per_class = 40 * grp * cout_g * cin_g * S + 24 * grp * n * n + 48 * kk * S  # x, y, their copies, G
     chunk = max(1, int(max_chunk_bytes // per_class))
-    t_cert = 0.0
+    t_cert = t_pass = 0.0
     for c0 in range(0, ev.shape[0], chunk):
         e = ev[c0 : c0 + chunk]  # (c, S, d)
         c = e.shape[0]
@@ -506,15 +515,16 @@ def conv_norm_certified(
         fro2 = float(np.max(np.sum(x * x + y * y, axis=(1, 2)))) * (1 + _gamma(2 * x[0].size + 2))
         gmat = _gram_stack(x, y)
         del x, y
-        bound, _ = _certified_lambda_max(gmat, fro2, inner, t_floor=t_cert)
+        bound, t_pass = _certified_lambda_max(gmat, fro2, inner, t_floor=t_pass)
         t_cert = max(t_cert, bound)
     sigma_b = math.sqrt(t_cert / S) * _SAFE  # sigma_max(B_hat) with the s^{-d/2} scaling
-    # rounding of the kernel DFT: |M_hat - M| <= eta * sum_k |w_k| entrywise; ||.||_2 <= eta ||sum_k |w_k| ||_F,
-    # and the same for B (s^d blocks scaled by s^{-d/2}). eta: angle 3u*2pi, libm 1 ulp, d complex products, sums.
+    # rounding of the kernel DFT: |M_hat - M| <= eta * sum_k |w_k| entrywise, so ||M_hat - M||_2 <= eta ||A||_F
+    # with A = sum_k |w_k| (C_out x C_in/g), and the same for B (s^d blocks scaled by s^{-d/2}).
+    # eta: angle error 3u * 2 pi, libm 1 ulp, d - 1 complex products, K-term real sums; then doubled.
     eta = 2.0 * (40.0 * d * U + 2.0 * _gamma(kk + 1))
     abs_sum = np.abs(ws).reshape(-1, kk).sum(axis=1)
-    delta = eta * math.sqrt(float(np.sum(abs_sum * abs_sum))) * (1 + _gamma(kk + abs_sum.size + 2))
-    return math.ldexp((sigma_b + delta) * _SAFE, expo)
+    delta = eta * math.sqrt(float(np.sum(abs_sum * abs_sum))) * (1 + _gamma(kk + abs_sum.size + 2)) + _TINY
+    return (sigma_b + delta) * _SAFE
 
 
 def conv_norms_certified(layers: Sequence[ConvLayer], **kwargs) -> list[float]:
@@ -588,12 +598,14 @@ def _session(nodes, inputs, outputs, inits, threads: int = 0):
     import onnxruntime as ort
     from onnx import helper
 
-    ort.set_default_logger_severity(3)
+    from . import runtime  # noqa: F401  (sets onnxlip's quiet global logger severity)
+
     graph = helper.make_graph(nodes, "opnorm", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting on a shared machine
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -665,7 +677,7 @@ def conv_norms_estimate_power(
             sigma[i] = new
         if all(r is not None for r in done):
             break
-    return [r if r is not None else PowerEstimate(sigma[i], max_iters, tol is None) for i, r in enumerate(done)]
+    return [r if r is not None else PowerEstimate(sigma[i], max_iters, False) for i, r in enumerate(done)]
 
 
 def conv_norm_estimate_power(
@@ -704,7 +716,7 @@ def explicit_matrix(
     geo = _geometry(weight, spatial, strides, pads, dilations, group, transpose, output_padding)
     nodes, inits, inputs, outputs = [], [], [], []
     _add_pair(nodes, inits, inputs, outputs, geo, "0", with_adjoint=False)
-    sess = _session(nodes, inputs, outputs, inits)
+    sess = _session(nodes, inputs, outputs, inits, threads=1)
     n_in, _, c_in, _ = _node_io(geo)
     size = c_in * int(np.prod(n_in))
     basis = np.eye(size, dtype=np.float32).reshape(size, c_in, *n_in)
