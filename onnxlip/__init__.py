@@ -13,6 +13,7 @@ from .api import (
 )
 from .errors import MismatchError, ModelIssue, ModelLoadError, OnnxlipError, ShapeError, UnsupportedModelError
 from .importer import ImportOptions, import_model
+from .lipschitz import LipschitzResult, lipschitz
 from .prune import PruneResult, prune
 from .rescale import RescaleResult, rescale
 from .scores import ScoresResult, scores
@@ -25,6 +26,8 @@ __all__ = [
     "PathMetricResult",
     "PathNormResult",
     "PruneResult",
+    "LipschitzResult",
+    "lipschitz",
     "RescaleResult",
     "rescale",
     "ScoresResult",

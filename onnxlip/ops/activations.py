@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ..companion import Scaled
-from .registry import define, define_adjoint, importer, reject
+from .registry import define, define_adjoint, define_lipschitz, importer, reject
 
 
 def _fail(msg: str):
@@ -202,3 +202,17 @@ def _max_adjoint(node, em, a, b):
 
 define_adjoint("relu_combo", _combo_adjoint)
 define_adjoint("max", _max_adjoint)
+
+
+def _combo_lipschitz(node, shapes, l_in, norm):
+    # ReLU, LeakyReLU (0 <= alpha <= 1) and Clip have slopes in [0, 1] entrywise: 1-Lipschitz
+    return [l_in[0]]
+
+
+def _max_lipschitz(node, shapes, l_in, norm):
+    # |max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|): entrywise, so sqrt(sum of squares) over the branches
+    return [float(np.sqrt(sum(v * v for v in l_in)))]
+
+
+define_lipschitz("relu_combo", _combo_lipschitz)
+define_lipschitz("max", _max_lipschitz)

@@ -3,7 +3,7 @@ Concat. Their companions are sums and concatenations of scaled tensors with alig
 
 from __future__ import annotations
 
-from .registry import define, define_adjoint, importer
+from .registry import define, define_adjoint, define_lipschitz, importer
 
 
 def _add_companion(node, em, xs, with_constants):
@@ -73,3 +73,23 @@ def _concat_adjoint(node, em, a, b):
 
 define_adjoint("add", _add_adjoint)
 define_adjoint("concat", _concat_adjoint)
+
+
+def _add_lipschitz(node, shapes, l_in, norm):
+    import math
+
+    out = math.prod(shapes[node.output])
+    return [
+        sum(
+            abs(c) * math.sqrt(out / math.prod(shapes[t])) * v
+            for t, c, v in zip(node.inputs, node.attrs["coefs"], l_in)
+        )
+    ]
+
+
+def _concat_lipschitz(node, shapes, l_in, norm):
+    return [sum(v * v for v in l_in) ** 0.5]
+
+
+define_lipschitz("add", _add_lipschitz)
+define_lipschitz("concat", _concat_lipschitz)

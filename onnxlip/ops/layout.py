@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..companion import Scaled
-from .registry import define, define_adjoint, importer
+from .registry import define, define_adjoint, define_lipschitz, importer
 
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
@@ -252,3 +252,22 @@ define_adjoint("split", _split_adjoint)
 define_adjoint("slice", _scatter_adjoint)
 define_adjoint("gather", _scatter_adjoint)
 define_adjoint("select", _scatter_adjoint)
+
+
+# ---- AutoLip rules: a copy map's l2 norm is sqrt(the largest number of copies of one entry) -------------------
+def _copy_lipschitz(node, shapes, l_in, norm):
+    return [l_in[0]] * len(node.outputs)
+
+
+def _duplicating_lipschitz(node, shapes, l_in, norm):
+    index = node.attrs["index"] if node.op == "select" else np.asarray(node.attrs["indices"])
+    copies = int(np.bincount(index.ravel() % max(1, int(np.prod(shapes[node.inputs[0]])))).max()) if index.size else 1
+    if node.op == "gather":  # copies along one axis of the gathered rows
+        copies = int(np.bincount(index.ravel() % shapes[node.inputs[0]][node.attrs["axis"]]).max())
+    return [float(np.sqrt(copies)) * l_in[0]]
+
+
+for _op in ("reshape", "transpose", "slice", "pad", "split"):
+    define_lipschitz(_op, _copy_lipschitz)
+define_lipschitz("gather", _duplicating_lipschitz)
+define_lipschitz("select", _duplicating_lipschitz)

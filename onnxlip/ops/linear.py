@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..companion import Scaled, linear_metric
-from .registry import define, define_adjoint, importer
+from .registry import define, define_adjoint, define_lipschitz, importer
 
 
 def _fail(msg: str):
@@ -474,3 +474,21 @@ define_adjoint("conv", _conv_adjoint, _conv_scores)
 define_adjoint("conv_transpose", _conv_transpose_adjoint, _conv_transpose_scores)
 define_adjoint("dense", _dense_adjoint, _dense_scores)
 define_adjoint("affine", _affine_adjoint, _affine_scores)
+
+
+# ---- AutoLip rules (theory.md section 5): ||L x||_2 <= ||L|| ||x||_2 ------------------------------------------
+def _normed(node, shapes, l_in, norm):
+    return [norm * l_in[0]]
+
+
+def _affine_lipschitz(node, shapes, l_in, norm):
+    p = node.params.get("scale")
+    top = float(np.abs(p.value).max()) if p is not None else 1.0
+    # broadcasting to a larger shape copies entries: sqrt(copies) more in l2
+    copies = np.prod(shapes[node.output]) / np.prod(shapes[node.inputs[0]])
+    return [top * float(np.sqrt(max(copies, 1.0))) * l_in[0]]
+
+
+for _op in ("conv", "conv_transpose", "dense"):
+    define_lipschitz(_op, _normed)
+define_lipschitz("affine", _affine_lipschitz)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..companion import Scaled
 from .linear import resolve_pads
-from .registry import define, define_adjoint, importer
+from .registry import define, define_adjoint, define_lipschitz, importer
 
 
 def _fail(msg: str):
@@ -171,7 +171,8 @@ def import_reduce(node, ctx):
     if not axes:
         ctx.add("reshape", [node.input[0]], attrs={"shape": list(ctx.shape(node.output[0]))})
         return
-    ctx.add("reduce", [node.input[0]], attrs={"axes": axes, "keepdims": keepdims, "weight": weight})
+    kind = "max" if node.op_type in ("GlobalMaxPool", "ReduceMax") else "sum"  # max neurons: 1-Lipschitz in l2
+    ctx.add("reduce", [node.input[0]], attrs={"axes": axes, "keepdims": keepdims, "weight": weight, "kind": kind})
 
 
 # ---- adjoint rules (theory.md section 4) -------------------------------------------------------------------
@@ -214,3 +215,41 @@ def _reduce_adjoint(node, em, a, b):
 
 define_adjoint("pool", _pool_adjoint)
 define_adjoint("reduce", _reduce_adjoint)
+
+
+# ---- AutoLip rules ------------------------------------------------------------------------------------------
+def _windows_per_input(node, shapes) -> int:
+    """The largest number of windows that contain one input entry (a product over the spatial axes)."""
+    a = node.attrs
+    n = len(a["kernel"])
+    out = shapes[node.output][2:]
+    total = 1
+    for i in range(n):
+        size = shapes[node.inputs[0]][2 + i]
+        counts = np.zeros(size + a["pads"][i] + a["pads"][n + i] + a["kernel"][i] * a["dilations"][i], dtype=np.int64)
+        for o in range(out[i]):
+            start = o * a["strides"][i]
+            counts[start : start + a["kernel"][i] * a["dilations"][i] : a["dilations"][i]] += 1
+        total *= int(counts[a["pads"][i] : a["pads"][i] + size].max())
+    return total
+
+
+def _pool_lipschitz(node, shapes, l_in, norm):
+    overlap = _windows_per_input(node, shapes)
+    weights = node.attrs.get("weights")
+    if weights is None:  # max pool: each output is 1-Lipschitz in its window; overlapping windows count
+        return [float(np.sqrt(overlap)) * l_in[0]]
+    w = np.asarray(weights, dtype=np.float64)
+    rows = float((w * np.prod(node.attrs["kernel"])).max())  # a row sums at most K weights of that position
+    return [float(np.sqrt(rows * w.max() * overlap)) * l_in[0]]  # Schur: sqrt(||A||_1 ||A||_inf)
+
+
+def _reduce_lipschitz(node, shapes, l_in, norm):
+    if node.attrs.get("kind") == "max":
+        return [l_in[0]]
+    count = int(np.prod([shapes[node.inputs[0]][a] for a in node.attrs["axes"]]))
+    return [node.attrs["weight"] * float(np.sqrt(count)) * l_in[0]]
+
+
+define_lipschitz("pool", _pool_lipschitz)
+define_lipschitz("reduce", _reduce_lipschitz)

@@ -35,6 +35,9 @@ class OpRules:
     adjoint: Callable | None = None
     # scores(node, emitter, a_inputs, b_outputs) -> {role: Scaled}: |theta| * d||Phi||_1 / d|theta| per entry
     scores: Callable | None = None
+    # lipschitz(node, shapes, l_in, norm) -> l2 Lipschitz constant of each output given those of the inputs
+    # (AutoLip, seed 001); `norm` is the certified operator norm the driver computed for conv/dense ops
+    lipschitz: Callable | None = None
 
 
 IMPORTERS: dict[str, ImportRule] = {}
@@ -63,6 +66,10 @@ def define_adjoint(name: str, adjoint: Callable, scores: Callable | None = None)
     """Attach the adjoint (transpose) rule and, for parametric ops, the weight-score rule to an op."""
     OPS[name].adjoint = adjoint
     OPS[name].scores = scores
+
+
+def define_lipschitz(name: str, rule: Callable) -> None:
+    OPS[name].lipschitz = rule
 
 
 def reject(reason: str, *onnx_ops: str) -> None:
