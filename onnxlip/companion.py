@@ -114,14 +114,6 @@ class GraphBuilder:
     def add_output(self, name: str, dtype=TensorProto.FLOAT) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, None))
 
-    def inline_model(self, name: str = "onnxlip") -> onnx.ModelProto:
-        """The model with every constant stored inside it (to save it as a standalone file)."""
-        model = self.model(name)
-        for init in model.graph.initializer:
-            if init.name in self.external:
-                init.CopyFrom(numpy_helper.from_array(self.external[init.name], init.name))
-        return model
-
     def model(self, name: str = "onnxlip") -> onnx.ModelProto:
         """The model; constants in `self.external` are placeholders to pass to onnxruntime in memory."""
         graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)

@@ -7,7 +7,7 @@ results can be reported against them. Which ops exist and what they mean is defi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -91,15 +91,3 @@ class Graph:
                 if t in producer:
                     dag.add_edge(producer[t].name, n.name, tensor=t)
         return dag
-
-    def with_params(self, values: dict[str, np.ndarray]) -> Graph:
-        """A copy of this graph with some parameters replaced (by Param name)."""
-        nodes = []
-        for n in self.nodes:
-            params = {role: replace(p, value=values[p.name]) if p.name in values else p for role, p in n.params.items()}
-            nodes.append(replace(n, params=params))
-        return replace(self, nodes=nodes)
-
-    def map_params(self, fn) -> Graph:
-        """A copy with every parameter array replaced by fn(param)."""
-        return self.with_params({p.name: fn(p) for p in self.params()})

@@ -78,3 +78,19 @@ def test_ir_versions_and_opsets(ir_version, opset):
     m = _two_in_two_out(*_weights(2), ir_version=ir_version, opset=opset)
     onnx.checker.check_model(m)
     assert onnxlip.path_norm(m).path_norm == pytest.approx(expected, rel=1e-12)
+
+
+def test_ir_as_networkx_dag():
+    import networkx as nx
+
+    from onnxlip.importer import import_model
+
+    graph = import_model(_two_in_two_out(*_weights(0)))
+    dag = graph.to_networkx()
+    assert nx.is_directed_acyclic_graph(dag)
+    assert dag.number_of_nodes() == len(graph.nodes)
+    ops = nx.get_node_attributes(dag, "op")
+    assert sorted(ops.values()) == sorted(n.op for n in graph.nodes)
+    # the residual-style Add joins both dense branches; both outputs are reachable from it or from the first branch
+    add = next(n.name for n in graph.nodes if n.op == "add")
+    assert dag.in_degree(add) == 2
