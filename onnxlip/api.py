@@ -114,13 +114,16 @@ def _jsonable(obj):
 
 
 def analyse(
-    model: ModelLike, output: Sequence[str] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None
+    model: ModelLike,
+    output: Sequence[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    lipschitz: bool = False,
 ) -> Analysed:
-    """Load and import a model once, for several computations."""
+    """Load and import a model once, for several computations (`lipschitz`: the lipschitz-only import mode)."""
     if isinstance(model, Analysed):
         return model
     proto = load_model(model)
-    graph = import_model(proto, ImportOptions(outputs=output, input_shapes=input_shapes))
+    graph = import_model(proto, ImportOptions(outputs=output, input_shapes=input_shapes, lipschitz=lipschitz))
     return Analysed(proto, graph, model_label(model))
 
 

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper, shape_inference
 from .errors import ModelIssue, OnnxlipError, ShapeError, UnsupportedModelError
 from .ir import Graph, Node, Param
 from .loading import ModelLike, default_opset, load_model
-from .ops import IMPORTERS, REJECTED
+from .ops import IMPORTERS, LIPSCHITZ_IMPORTERS, REJECTED
 from .passes import run_passes
 
 # nodes that are never constant-folded even when their inputs are constant
@@ -34,6 +34,8 @@ class ImportOptions:
 
     outputs: Sequence[str] | None = None
     input_shapes: Mapping[str, Sequence[int]] | None = None
+    # accept the 1-Lipschitz / monotone activations that only the `lipschitz` command can treat
+    lipschitz: bool = False
 
 
 class RuleError(Exception):
@@ -51,6 +53,10 @@ class ImportContext:
         self.nodes: list[Node] = []
         self.node: onnx.NodeProto | None = None
         self.used_initializers: set[str] = set()
+
+    def consumers_of(self, tensor: str) -> list[str]:
+        """Names of the nodes (and graph outputs) that use a tensor."""
+        return list(self.users.get(tensor, []))
 
     def const(self, name: str) -> np.ndarray | None:
         if not name:
@@ -127,9 +133,17 @@ def import_model(model: ModelLike, options: ImportOptions | None = None) -> Grap
             break
 
     ctx = ImportContext(consts, shapes, opset, origins)
+    ctx.users = {}
+    for n in nodes:
+        for t in n.input:
+            ctx.users.setdefault(t, []).append(n.name or n.op_type)
+    for t in outputs:
+        ctx.users.setdefault(t, []).append("a graph output")
     for node in nodes:
         ctx.node = node
         rule = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if options.lipschitz and node.domain in ("", "ai.onnx") and node.op_type in LIPSCHITZ_IMPORTERS:
+            rule = LIPSCHITZ_IMPORTERS[node.op_type]
         where = node.name or (node.output[0] if node.output else "?")
         if rule is None:
             issues.append(ModelIssue(where, node.op_type, _unsupported_reason(node)))
@@ -150,7 +164,7 @@ def import_model(model: ModelLike, options: ImportOptions | None = None) -> Grap
     for name, shape in inputs.items():
         ir.shapes[name] = shape
     ir.source_sizes = {n: int(consts[n].size) for n in ctx.used_initializers if n in consts}
-    ir = run_passes(ir)
+    ir = run_passes(ir, lipschitz=options.lipschitz)
     _check_finite(ir)
     return ir
 

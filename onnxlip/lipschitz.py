@@ -112,6 +112,7 @@ class LipschitzResult:
 
 
 _NORMED_OPS = ("conv", "conv_transpose", "dense")
+_NON_RELU_OPS = ("unary_lipschitz", "group_sort")
 
 
 def layer_norms(graph, estimate: bool = False, iters: int = 50, progress=None) -> dict[str, LayerNorm]:
@@ -176,7 +177,10 @@ def autolip(graph, norms: Mapping[str, float]) -> float:
 
 def _ratio(d: np.ndarray, dx: np.ndarray, norm: str) -> np.ndarray:
     order = {"2": 2, "1": 1, "inf": np.inf}[norm]
-    return np.linalg.norm(d, ord=order, axis=1) / np.linalg.norm(dx, ord=order, axis=1)
+    den = np.linalg.norm(dx, ord=order, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.linalg.norm(d, ord=order, axis=1) / den
+    return np.where(den > 0, ratio, 0.0)
 
 
 def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tuple[float, int]:
@@ -193,22 +197,28 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
     rng = np.random.default_rng(seed)
 
     def evaluate(x, dx):
+        # the model sees float32 inputs: measure the step between exactly those, or rounding inflates ratios
+        x32 = x.astype(np.float32).astype(np.float64)
+        x2 = (x + dx).astype(np.float32).astype(np.float64)
         feeds, feeds2, start = {}, {}, 0
         for n, s in shapes.items():
-            feeds[n] = x[:, start : start + sizes[n]].reshape((-1, *s))
-            feeds2[n] = (x + dx)[:, start : start + sizes[n]].reshape((-1, *s))
+            feeds[n] = x32[:, start : start + sizes[n]].reshape((-1, *s))
+            feeds2[n] = x2[:, start : start + sizes[n]].reshape((-1, *s))
             start += sizes[n]
-        return _ratio(sampler.run(feeds2) - sampler.run(feeds), dx, norm)
+        return _ratio(sampler.run(feeds2) - sampler.run(feeds), x2 - x32, norm)
 
     batch, tried, best, best_pair = 16, 0, 0.0, None
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         if best_pair is None or rng.random() < 0.3:  # explore
             x = rng.uniform(-1, 1, size=(batch, dim))
-            dx = rng.normal(size=(batch, dim)) * 10.0 ** rng.uniform(-2, 0, size=(batch, 1))
-        else:  # exploit: perturb the best pair
+            # steps of 0.1 to 1 per coordinate: small enough to stay local, large against float32 rounding
+            dx = rng.normal(size=(batch, dim)) * 10.0 ** rng.uniform(-1, 0, size=(batch, 1))
+        else:  # exploit: perturb the best pair; the step keeps its length (tiny steps would measure rounding)
             x = best_pair[0] + 0.05 * rng.normal(size=(batch, dim))
-            dx = best_pair[1] * (1 + 0.2 * rng.normal(size=(batch, dim)))
+            length = np.linalg.norm(best_pair[1])
+            dx = best_pair[1] + 0.2 * length / np.sqrt(dim) * rng.normal(size=(batch, dim))
+            dx *= length / np.linalg.norm(dx, axis=1, keepdims=True)
         ratios = evaluate(x, dx)
         tried += batch
         i = int(np.argmax(ratios))
@@ -237,8 +247,14 @@ def lipschitz(
     norm = str(norm)
     if norm not in ("2", "1", "inf"):
         raise OnnxlipError(f"--norm must be 2, 1 or inf, got {norm!r}")
-    m = analyse(model, output, input_shapes)
-    bounds = pathnorm_bounds(m, device=device)
+    m = analyse(model, output, input_shapes, lipschitz=True)
+    relu_network = not any(n.op in _NON_RELU_OPS for n in m.graph.nodes)
+    if not relu_network and norm != "2":
+        raise OnnxlipError(
+            f"the l{norm} bounds come from path-norms, which need a ReLU network; this model has "
+            "non-ReLU activations (Tanh, Sigmoid, Abs, GroupSort, ...): use --norm 2"
+        )
+    bounds = pathnorm_bounds(m, device=device) if relu_network else []
     by_norm = {b.norm: b for b in bounds}
     layers: dict[str, LayerNorm] = {}
     if norm == "2":

@@ -13,8 +13,48 @@ from .ir import Graph, Node, Param
 _FOLD_INTO = ("conv", "conv_transpose", "dense", "affine")
 
 
-def run_passes(graph: Graph) -> Graph:
-    return unique_param_names(fold_affine(graph))
+def run_passes(graph: Graph, lipschitz: bool = False) -> Graph:
+    graph = fold_affine(graph)
+    if lipschitz:
+        graph = find_max_min(graph)
+    return unique_param_names(graph)
+
+
+def find_max_min(graph: Graph) -> Graph:
+    """MaxMin activations (Split in two halves -> Max and Min of the halves -> Concat) become one `group_sort`
+    node: a permutation of each pair, 1-Lipschitz in every norm (AutoLip would otherwise count both branches)."""
+    producer, consumers = graph.producer(), graph.consumers()
+    for concat in graph.nodes:
+        if concat.op != "concat" or len(concat.inputs) != 2:
+            continue
+        pair = [producer.get(t) for t in concat.inputs]
+        if any(p is None or p.op != "max" or len(p.inputs) != 2 for p in pair):
+            continue
+        if sorted(bool(p.attrs.get("negate")) for p in pair) != [False, True] or set(pair[0].inputs) != set(
+            pair[1].inputs
+        ):
+            continue
+        split = producer.get(pair[0].inputs[0])
+        if split is None or split.op != "split" or set(split.outputs) != set(pair[0].inputs):
+            continue
+        if split.attrs["axis"] != concat.attrs["axis"] or len(set(split.attrs["sizes"])) != 1:
+            continue
+        inner = list(split.outputs) + [p.output for p in pair]
+        if any(len(consumers.get(t, [])) != (2 if t in split.outputs else 1) or t in graph.outputs for t in inner):
+            continue
+        merged = Node(
+            concat.name,
+            "group_sort",
+            [split.inputs[0]],
+            list(concat.outputs),
+            {"axis": concat.attrs["axis"]},
+            {},
+            "MaxMin",
+        )
+        drop = {id(split), id(pair[0]), id(pair[1])}
+        nodes = [merged if n is concat else n for n in graph.nodes if id(n) not in drop]
+        return find_max_min(replace(graph, nodes=nodes))
+    return graph
 
 
 def unique_param_names(graph: Graph) -> Graph:

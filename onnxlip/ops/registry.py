@@ -41,6 +41,8 @@ class OpRules:
 
 
 IMPORTERS: dict[str, ImportRule] = {}
+# import rules used only by the `lipschitz` command (non-ReLU activations with known Lipschitz constants)
+LIPSCHITZ_IMPORTERS: dict[str, ImportRule] = {}
 OPS: dict[str, OpRules] = {}
 # ONNX ops that are not piecewise linear, with the reason shown to the user
 REJECTED: dict[str, str] = {}
@@ -52,6 +54,17 @@ def importer(*onnx_ops: str) -> Callable[[ImportRule], ImportRule]:
     def register(fn: ImportRule) -> ImportRule:
         for op in onnx_ops:
             IMPORTERS[op] = fn
+        return fn
+
+    return register
+
+
+def lipschitz_importer(*onnx_ops: str) -> Callable[[ImportRule], ImportRule]:
+    """Register an import rule that only the `lipschitz` command's import mode uses."""
+
+    def register(fn: ImportRule) -> ImportRule:
+        for op in onnx_ops:
+            LIPSCHITZ_IMPORTERS[op] = fn
         return fn
 
     return register

@@ -1,0 +1,131 @@
+"""The lipschitz-only import mode: a 1-Lipschitz network (orthogonal / certified-norm-normalised dense and conv
+layers with MaxMin or GroupSort, seeds 003-004) certifies at most 1 + 1e-3 in l2 and its lower bound comes close;
+Tanh/Sigmoid/Abs carry their constants; bound/scores keep refusing them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxlip
+from onnxlip import opnorm
+from onnxlip.lipschitz import lipschitz
+from tests.helpers import make_model
+
+
+def _orth(rng, n):
+    return np.linalg.qr(rng.normal(size=(n, n)))[0].astype(np.float32)
+
+
+def _maxmin(nodes, x, tag, axis=1):
+    a, b = f"{tag}_a", f"{tag}_b"
+    nodes += [
+        helper.make_node("Split", [x], [a, b], axis=axis, num_outputs=2),
+        helper.make_node("Max", [a, b], [f"{tag}_max"]),
+        helper.make_node("Min", [a, b], [f"{tag}_min"]),
+        helper.make_node("Concat", [f"{tag}_max", f"{tag}_min"], [f"{tag}_out"], axis=axis),
+    ]
+    return f"{tag}_out"
+
+
+def _dense_maxmin_net(seed=0, width=8, depth=3):
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i in range(depth):
+        inits += [
+            numpy_helper.from_array(_orth(rng, width), f"W{i}"),
+            numpy_helper.from_array(rng.normal(size=width).astype(np.float32), f"b{i}"),
+        ]
+        nodes.append(helper.make_node("Gemm", [x, f"W{i}", f"b{i}"], [f"h{i}"]))
+        x = _maxmin(nodes, f"h{i}", f"mm{i}") if i < depth - 1 else f"h{i}"
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", width])],
+        inits,
+        opset=18,
+    )
+
+
+def _conv_groupsort_net(seed=0):
+    """1x1 orthogonal conv -> MaxMin over channels -> 3x3 conv normalised by its certified norm -> GroupSort
+    (TopK within groups of 2 channels) -> Flatten -> orthogonal Gemm."""
+    rng = np.random.default_rng(seed)
+    w1 = _orth(rng, 4).reshape(4, 4, 1, 1)
+    w2 = rng.normal(size=(4, 4, 3, 3))
+    w2 = (w2 / opnorm.conv_norm_certified(w2, (5, 5), (1, 1), (1, 1, 1, 1), (1, 1), 1)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(_orth(rng, 100), "fc"),
+        numpy_helper.from_array(np.array([1, 2, 2, 5, 5], np.int64), "g"),
+        numpy_helper.from_array(np.array([1, 4, 5, 5], np.int64), "back"),
+        numpy_helper.from_array(np.array([2], np.int64), "k"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"])]
+    mm = _maxmin(nodes, "c1", "mm")
+    nodes += [
+        helper.make_node("Conv", [mm, "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c2", "g"], ["grp"]),
+        helper.make_node("TopK", ["grp", "k"], ["sorted", "idx"], axis=2),
+        helper.make_node("Reshape", ["sorted", "back"], ["gs"]),
+        helper.make_node("Flatten", ["gs"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc"], ["y"]),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100])],
+        inits,
+        opset=18,
+    )
+
+
+def test_dense_maxmin_network_certifies_one_and_the_lower_bound_comes_close():
+    model = _dense_maxmin_net()
+    result = lipschitz(model, "2", lower_seconds=1.0)
+    assert result.upper.certified and result.upper.value <= 1 + 1e-3
+    assert result.upper.method.startswith("AutoLip")
+    # orthogonal layers and MaxMin preserve norms; the search maximises over ~1e5 float32 evaluations of the model,
+    # whose rounding (~1e-5 relative) can lift an observed ratio that much above the exact network's constant
+    assert 0.99 <= result.lower["value"] <= result.upper.value * (1 + 1e-4)
+
+
+def test_conv_groupsort_network_certifies_one():
+    model = _conv_groupsort_net()
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.ones((1, 4, 5, 5), np.float32)})[0].shape == (1, 100)
+    result = lipschitz(model, "2", per_layer=True, lower_seconds=1.0)
+    assert result.upper.value <= 1 + 1e-3
+    assert 0.5 < result.lower["value"] <= result.upper.value
+
+
+@pytest.mark.parametrize("op,constant", [("Tanh", 1.0), ("Sigmoid", 0.25), ("Abs", 1.0)])
+def test_monotone_and_abs_activations_carry_their_constants(op, constant):
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node(op, ["h"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    result = lipschitz(model, "2", lower_seconds=0.5)
+    expected = (
+        np.linalg.svd(w1.astype(np.float64), compute_uv=False)[0]
+        * constant
+        * np.linalg.svd(w2.astype(np.float64), compute_uv=False)[0]
+    )
+    assert result.upper.value == pytest.approx(expected, rel=1e-6)
+    assert 0 < result.lower["value"] <= result.upper.value
+    with pytest.raises(onnxlip.UnsupportedModelError):
+        onnxlip.bound(model, model, samples=0)
+    with pytest.raises(onnxlip.OnnxlipError, match="--norm 2"):
+        lipschitz(model, "inf")
