@@ -21,13 +21,31 @@ def run_passes(graph: Graph, lipschitz: bool = False) -> Graph:
 
 
 def find_max_min(graph: Graph) -> Graph:
-    """MaxMin activations (Split in two halves -> Max and Min of the halves -> Concat) become one `group_sort`
-    node: a permutation of each pair, 1-Lipschitz in every norm (AutoLip would otherwise count both branches)."""
+    """MaxMin activations become one `group_sort` node, a permutation of each pair, 1-Lipschitz in every norm
+    (AutoLip would otherwise count both branches): Split in two halves -> Max and Min of the halves -> Concat,
+    and ReduceMax and ReduceMin over an axis of length 2 (keepdims) -> Concat along that axis."""
     producer, consumers = graph.producer(), graph.consumers()
     for concat in graph.nodes:
         if concat.op != "concat" or len(concat.inputs) != 2:
             continue
         pair = [producer.get(t) for t in concat.inputs]
+        if all(p is not None and p.op == "reduce" for p in pair):
+            kinds = sorted(p.attrs.get("kind") for p in pair)
+            source = pair[0].inputs[0]
+            axis = concat.attrs["axis"]
+            if (
+                kinds == ["max", "min"]
+                and pair[1].inputs[0] == source
+                and all(p.attrs["keepdims"] for p in pair)
+                and all(p.attrs["axes"] == [axis] for p in pair)
+                and graph.shapes[source][axis] == 2
+                and all(len(consumers.get(p.output, [])) == 1 and p.output not in graph.outputs for p in pair)
+            ):
+                merged = Node(concat.name, "group_sort", [source], list(concat.outputs), {"axis": axis}, {}, "MaxMin")
+                drop = {id(pair[0]), id(pair[1])}
+                nodes = [merged if n is concat else n for n in graph.nodes if id(n) not in drop]
+                return find_max_min(replace(graph, nodes=nodes))
+            continue
         if any(p is None or p.op != "max" or len(p.inputs) != 2 for p in pair):
             continue
         if sorted(bool(p.attrs.get("negate")) for p in pair) != [False, True] or set(pair[0].inputs) != set(

@@ -129,3 +129,32 @@ def test_monotone_and_abs_activations_carry_their_constants(op, constant):
         onnxlip.bound(model, model, samples=0)
     with pytest.raises(onnxlip.OnnxlipError, match="--norm 2"):
         lipschitz(model, "inf")
+
+
+def test_torch_exported_one_lipschitz_network_certifies_one(tmp_path):
+    """An orthogonal-weight MLP with MaxMin (x.view(B, -1, 2) max/min), exported by torch.onnx."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from torch import nn
+
+    class MaxMin(nn.Module):
+        def forward(self, x):
+            pairs = x.view(x.shape[0], -1, 2)
+            out = torch.cat([pairs.max(-1, keepdim=True).values, pairs.min(-1, keepdim=True).values], -1)
+            return out.view(x.shape[0], -1)
+
+    torch.manual_seed(0)
+    layers = []
+    for i in range(3):
+        lin = nn.Linear(8, 8)
+        with torch.no_grad():
+            lin.weight.copy_(torch.linalg.qr(torch.randn(8, 8))[0])
+        layers += [lin] + ([MaxMin()] if i < 2 else [])
+    net = nn.Sequential(*layers).eval()
+    path = tmp_path / "lip1.onnx"
+    torch.onnx.export(net, (torch.randn(1, 8),), str(path), dynamo=False, input_names=["x"], output_names=["y"])
+    result = lipschitz(path, "2", lower_seconds=1.0)
+    assert result.upper.value <= 1 + 1e-3
+    assert 0.99 <= result.lower["value"] <= result.upper.value * (1 + 1e-4)
+    # MaxMin via ReduceMax/ReduceMin is a ReLU network too: the path-metric still works on it
+    assert onnxlip.path_norm(path).path_norm > 0

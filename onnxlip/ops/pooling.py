@@ -161,7 +161,7 @@ def _reduce_axes(node, ctx) -> list[int]:
     return sorted(int(a) % rank for a in axes)
 
 
-@importer("GlobalMaxPool", "GlobalAveragePool", "ReduceMax", "ReduceMean", "ReduceSum")
+@importer("GlobalMaxPool", "GlobalAveragePool", "ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum")
 def import_reduce(node, ctx):
     axes = _reduce_axes(node, ctx)
     in_shape = ctx.shape(node.input[0])
@@ -171,7 +171,8 @@ def import_reduce(node, ctx):
     if not axes:
         ctx.add("reshape", [node.input[0]], attrs={"shape": list(ctx.shape(node.output[0]))})
         return
-    kind = "max" if node.op_type in ("GlobalMaxPool", "ReduceMax") else "sum"  # max neurons: 1-Lipschitz in l2
+    # max and min neurons (min = -max(-x): weights 1 in the companion) are 1-Lipschitz; sums are not
+    kind = {"GlobalMaxPool": "max", "ReduceMax": "max", "ReduceMin": "min"}.get(node.op_type, "sum")
     ctx.add("reduce", [node.input[0]], attrs={"axes": axes, "keepdims": keepdims, "weight": weight, "kind": kind})
 
 
@@ -245,7 +246,7 @@ def _pool_lipschitz(node, shapes, l_in, norm):
 
 
 def _reduce_lipschitz(node, shapes, l_in, norm):
-    if node.attrs.get("kind") == "max":
+    if node.attrs.get("kind") in ("max", "min"):
         return [l_in[0]]
     count = int(np.prod([shapes[node.inputs[0]][a] for a in node.attrs["axes"]]))
     return [node.attrs["weight"] * float(np.sqrt(count)) * l_in[0]]
