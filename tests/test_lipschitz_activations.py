@@ -158,3 +158,44 @@ def test_torch_exported_one_lipschitz_network_certifies_one(tmp_path):
     assert 0.99 <= result.lower["value"] <= result.upper.value * (1 + 1e-4)
     # MaxMin via ReduceMax/ReduceMin is a ReLU network too: the path-metric still works on it
     assert onnxlip.path_norm(path).path_norm > 0
+
+
+def test_torch_exported_one_lipschitz_conv_network_certifies_one(tmp_path):
+    """Orthogonal 1x1 convolutions (norm-preserving) with MaxMin over channel pairs, then a spectrally normalised
+    3x3 convolution (divided by its certified norm), exported by torch.onnx."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from torch import nn
+
+    class ChannelMaxMin(nn.Module):
+        def forward(self, x):
+            b, c, h, w = x.shape
+            pairs = x.view(b, c // 2, 2, h, w)
+            return torch.cat([pairs.max(2, keepdim=True).values, pairs.min(2, keepdim=True).values], 2).view(b, c, h, w)
+
+    torch.manual_seed(1)
+    convs = []
+    for _ in range(2):
+        conv = nn.Conv2d(6, 6, 1, bias=True)
+        with torch.no_grad():
+            conv.weight.copy_(torch.linalg.qr(torch.randn(6, 6))[0].view(6, 6, 1, 1))
+        convs += [conv, ChannelMaxMin()]
+    last = nn.Conv2d(6, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        w = last.weight.double().numpy()
+        last.weight.copy_(torch.from_numpy(w / opnorm.conv_norm_certified(w, (5, 5), (1, 1), (1, 1, 1, 1), (1, 1), 1)))
+    net = nn.Sequential(*convs, last).eval()
+    path = tmp_path / "lipconv.onnx"
+    torch.onnx.export(net, (torch.randn(1, 6, 5, 5),), str(path), dynamo=False, input_names=["x"], output_names=["y"])
+    result = lipschitz(path, "2", per_layer=True, lower_seconds=1.0)
+    assert result.upper.value <= 1 + 1e-3
+    assert 0.5 < result.lower["value"] <= result.upper.value * (1 + 1e-4)
+    without_last = lipschitz(path, "2", output=[_input_of_last_conv(path)], lower_seconds=1.0)
+    assert without_last.upper.value <= 1 + 1e-3 and without_last.lower["value"] >= 0.99  # norm-preserving part
+
+
+def _input_of_last_conv(path):
+    import onnx
+
+    convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    return convs[-1].input[0]
