@@ -79,6 +79,8 @@ def _guard(as_json: bool):
         raise
     except OnnxlipError as exc:
         _fail(as_json, str(exc), 2, getattr(exc, "issues", None), getattr(exc, "hint", None))
+    except OSError as exc:  # an output file that cannot be written (missing folder, permissions, full disk)
+        _fail(as_json, f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}", 2)
     except KeyboardInterrupt:
         _fail(as_json, "interrupted", 130)
     except Exception as exc:  # noqa: BLE001 - never show a traceback to a user unless asked

@@ -141,16 +141,7 @@ def layer_norms(graph, estimate: bool = False, iters: int = 50, progress=None) -
                 node.op == "conv_transpose",
                 tuple(a.get("output_padding", [0] * len(a["strides"]))),
             )
-            cert = opnorm.conv_norm_certified(
-                layer.weight,
-                layer.spatial,
-                layer.strides,
-                layer.pads,
-                layer.dilations,
-                layer.group,
-                layer.transpose,
-                layer.output_padding,
-            )
+            (cert,) = opnorm.conv_norms_certified([layer])
             est = None
             conv_layers.append(layer)
             conv_nodes.append(node)

@@ -247,3 +247,10 @@ def test_output_hint_is_followable():
     suggested = [w for w in result.hint.split() if w not in ("--output",)][-1]
     assert result.hint.count("--output") == 1 and suggested == "add_result2"
     assert onnxlip.check("models/digits_mlp.onnx", output=[suggested]).supported
+
+
+@pytest.mark.parametrize("command", [["prune", "--sparsity", "0.3"], ["rescale"], ["scores"]])
+def test_unwritable_output_is_a_clear_error(tmp_path, command):
+    target = tmp_path / "missing-folder" / "out.onnx"
+    code, out, err = cli(command[0], "models/digits_cnn.onnx", *command[1:], "-o", target)
+    assert code == 2 and "cannot write" in err and "Traceback" not in err and "internal error" not in err
