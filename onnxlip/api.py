@@ -17,7 +17,6 @@ from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, load_model, model_label
-from .rounding import relative_error_bound
 from .sampling import Sampler, observed_max_l1
 from .structure import align_params
 
@@ -48,6 +47,9 @@ class PathMetricResult:
     changed_parameters: int
     device: str
     rounding_margin: float = 0.0
+    # how it was computed: "difference stream" (theory.md section 3), "subtraction" (well conditioned, see
+    # onnxlip/engine.py) or "hi/lo difference stream" (an upper bound, for pairs neither dominates)
+    route: str = ""
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
@@ -69,6 +71,7 @@ class BoundResult:
     device: str
     variant: str = ""
     rounding_margin: float = 0.0
+    route: str = ""
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
@@ -152,7 +155,6 @@ def metric_between(base: Analysed, other: Analysed, device: str = "auto", engine
     vb = align_params(base.graph, other.graph, (base.label or "a", other.label or "b"))
     engine = engine or MetricEngine(base.graph, device)
     r = engine.metric(vb)
-    margin = relative_error_bound(base.graph, metric=True)
     return PathMetricResult(
         plain_value(r.log10_metric),
         r.log10_metric,
@@ -161,7 +163,8 @@ def metric_between(base: Analysed, other: Analysed, device: str = "auto", engine
         r.sign_flip_handling,
         r.changed,
         r.device,
-        margin,
+        r.rounding_margin,
+        r.route,
     )
 
 
@@ -262,6 +265,7 @@ def bound_many(
                 metric.device,
                 other.label,
                 metric.rounding_margin,
+                metric.route,
             )
         )
         if progress is not None:

@@ -185,13 +185,18 @@ class CompanionEmitter(GraphBuilder):
         """The feeds of the fed kinds for the given parameter values; `exponents[kind][name]`, when given, is a
         known bound |value|**q <= 2**e (saves a pass). Arrays in `kinds` may be overwritten."""
         exponents = exponents or {}
-        cache: dict[tuple[str, str], tuple[np.ndarray, int]] = {}
+        pairs: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
+        for kind, pname, _ in self.feed_specs.values():
+            if pname not in pairs.setdefault(kind, {}):
+                hint = exponents.get(kind, {}).get(pname)
+                pairs[kind][pname] = normalized_power(kinds[kind][pname], self.q, hint)
+        return self.feed_pairs(pairs)
+
+    def feed_pairs(self, pairs: dict[str, dict[str, tuple[np.ndarray, int]]]) -> dict[str, np.ndarray]:
+        """The feeds of the fed kinds from ready (float32 mantissa, exponent) pairs, as normalized_power gives."""
         out = {}
         for name, (kind, pname, part) in self.feed_specs.items():
-            if (kind, pname) not in cache:
-                hint = exponents.get(kind, {}).get(pname)
-                cache[(kind, pname)] = normalized_power(kinds[kind][pname], self.q, hint)
-            m, e = cache[(kind, pname)]
+            m, e = pairs[kind][pname]
             out[name] = np.asarray(m, dtype=np.float32) if part == "m" else np.array(e, dtype=np.float32)
         return out
 

@@ -8,11 +8,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .companion import CompanionEmitter, Scaled, emit_metric, emit_pathnorm, log10_total, ones_feeds
+from .companion import CompanionEmitter, Scaled, emit_metric, emit_pathnorm, log10_total, normalized_power, ones_feeds
 from .ir import Graph
+from .rounding import relative_error_bound
 from .runtime import make_session
 
 SIGN_SPLIT = "split at the midpoint with flipped entries zeroed: M(a, mid) + M(mid, b) (triangle inequality)"
+ROUTE_DIFFERENCE = "difference stream"
+ROUTE_SUBTRACTION = "subtraction"
+ROUTE_HILO = "hi/lo difference stream"
+# A dominated pair's metric d = ||Phi(a)|| - ||Phi(b)|| may be formed by subtracting two float32 companion runs
+# when that is well conditioned: (||Phi(a)|| + ||Phi(b)||) / d <= 2, so the float32 errors of both runs weigh at
+# most twice their own size against d. The trap of theory.md section 3 (d << ||Phi||) never takes this route,
+# and the rounding margin of the result accounts for the subtraction exactly (subtraction_metric).
+MAX_CONDITION = 2.0
+Pairs = dict[str, tuple[np.ndarray, int]]
 
 
 class CompiledCompanion:
@@ -30,11 +40,19 @@ class CompiledCompanion:
                     em.add_output(em.op("Identity", [t], "out"))
         self.session, self.device = make_session(em.model(), device, em.external, level)
 
-    def log10(self, kinds: dict[str, dict[str, np.ndarray]] | None = None, exponents=None) -> float:
-        """log10 of the sum of all outputs (-inf for zero); kinds/exponents as CompanionEmitter.feed_values."""
+    def log10(
+        self,
+        kinds: dict[str, dict[str, np.ndarray]] | None = None,
+        exponents=None,
+        pairs: dict[str, Pairs] | None = None,
+    ) -> float:
+        """log10 of the sum of all outputs (-inf for zero). The fed kinds come as values (`kinds`, `exponents`:
+        see CompanionEmitter.feed_values) or as ready float32 (mantissa, exponent) `pairs`."""
         if self.empty:
             return -math.inf
-        feeds = self.em.feed_values(kinds or {}, exponents) if self.em.feed_specs else {}
+        feeds = {}
+        if self.em.feed_specs:
+            feeds = self.em.feed_pairs(pairs) if pairs is not None else self.em.feed_values(kinds or {}, exponents)
         if self.em.ones_fed:
             feeds.update(ones_feeds(self.graph))
         values = self.session.run(None, feeds)
@@ -55,13 +73,30 @@ def _log10_add(x: float, y: float) -> float:
     return top + math.log10(10 ** (x - top) + 10 ** (y - top))
 
 
+def subtraction_metric(log10_a: float, log10_b: float, margin: float) -> tuple[float, float] | None:
+    """(log10 d, rounding margin of d) for d = Phi_a - Phi_b from two float32 companion sums whose relative error
+    is at most `margin` each; None when the subtraction is not well conditioned (MAX_CONDITION). With the true
+    values Phi_a <= sa/(1 - margin) and Phi_b >= sb/(1 + margin), d <= d_up; the margin m returned satisfies
+    d_up = (sa - sb) / (1 - m), the convention of PathMetricResult.rounding_margin."""
+    if not (math.isfinite(log10_a) and log10_b < log10_a):
+        return None
+    ratio = 10.0 ** (log10_b - log10_a) if log10_b > -math.inf else 0.0  # Phi_b / Phi_a < 1
+    share = -math.expm1((log10_b - log10_a) * math.log(10.0)) if ratio > 0 else 1.0  # 1 - ratio, accurately
+    if (1.0 + ratio) / share > MAX_CONDITION:
+        return None
+    inflation = (1.0 / (1.0 - margin) - ratio / (1.0 + margin)) / share  # d_up / (sa - sb) >= 1
+    rounding = math.nextafter(1.0 - 1.0 / inflation, 1.0)
+    return log10_a + math.log10(share), max(rounding, margin)
+
+
 class MetricEngine:
     """Path-metrics between one base parameter set and many others of the same architecture.
 
-    Two sessions, built on first use and reused: for variants the base dominates (|v| <= |base| entrywise, as
-    pruning gives) the hi stream is the base's companion, a constant that onnxruntime evaluates once while
-    building the session, so each variant costs only the difference stream; any other pair feeds hi, lo and
-    delta."""
+    Sessions are built on first use and reused. For variants the base dominates (|v| <= |base| entrywise, as
+    pruning gives): when the variant keeps little of the base's path mass, ||Phi(base)|| - ||Phi(v)|| from one
+    companion run with the variant's weights (well conditioned, see MAX_CONDITION); otherwise the
+    cancellation-free difference stream, whose hi stream is the base's companion, a constant that onnxruntime
+    evaluates once while building the session. Any other pair feeds hi, lo and delta."""
 
     def __init__(self, graph: Graph, device: str = "auto"):
         self.graph, self.device = graph, device
@@ -69,9 +104,20 @@ class MetricEngine:
         self.base_abs = {n: np.abs(v) for n, v in self.base.items()}
         # |base| <= 2**e: also a bound for every lo and delta of a variant the base dominates
         self.base_exp = {n: int(np.frexp(float(a.max()))[1]) if a.size else 0 for n, a in self.base_abs.items()}
+        # parameters that multiply (weights, scales): their kept l1 mass predicts how much path mass survives
+        self._multiplicative = [
+            p.name for node in graph.nodes for role, p in node.params.items() if role in ("weight", "scale")
+        ]
+        self.metric_margin = relative_error_bound(graph, metric=True)
+        self.norm_margin = relative_error_bound(graph)
+        self._base_pairs: Pairs | None = None
+        self._base_mass: dict[str, float] = {}
+        self._log10_base: float | None = None
         self._dominated: CompiledCompanion | None = None
         self._general: CompiledCompanion | None = None
+        self._values: CompiledCompanion | None = None
 
+    # ---- sessions ------------------------------------------------------------------------------------------
     def _compile(self, kinds, fed, ones_fed) -> CompiledCompanion:
         em = CompanionEmitter(1.0, kinds, "hi", fed=fed, ones_fed=ones_fed)
         # a constant all-ones input means the hi stream is constant: let onnxruntime fold it once
@@ -79,13 +125,75 @@ class MetricEngine:
             self.graph, em, emit_metric(self.graph, em), self.device, "none" if ones_fed else "fold"
         )
 
-    def dominated_log10(self, vb_abs: dict[str, np.ndarray]) -> tuple[float, str]:
-        """Metric between the base and a variant it dominates, given the variant's |values| (exact)."""
-        delta = {n: self.base_abs[n] - b for n, b in vb_abs.items()}  # correctly rounded, as in float64
+    @property
+    def base_pairs(self) -> Pairs:
+        """|base| as float32 mantissas with the exponents base_exp (the exact normalisation of companion.py)."""
+        if self._base_pairs is None:
+            self._base_pairs = {n: normalized_power(a, 1.0, self.base_exp[n]) for n, a in self.base_abs.items()}
+        return self._base_pairs
+
+    def log10_norm(self, pairs: Pairs) -> tuple[float, str]:
+        """log10 ||Phi||_1 of the parameters given as (mantissa, exponent) pairs, one companion run."""
+        if self._values is None:
+            em = CompanionEmitter(1.0, {}, "value", fed=("value",), ones_fed=False)
+            self._values = CompiledCompanion(self.graph, em, emit_pathnorm(self.graph, em), self.device)
+        return self._values.log10(pairs={"value": pairs}), self._values.device
+
+    def log10_base(self) -> float:
+        if self._log10_base is None:
+            self._log10_base = self.log10_norm(self.base_pairs)[0]
+        return self._log10_base
+
+    # ---- routes ----------------------------------------------------------------------------------------------
+    def _difference(self, lo: Pairs, delta: Pairs) -> tuple[float, str]:
+        """Difference stream between the base and a variant it dominates (exact, cancellation-free)."""
         if self._dominated is None:
             self._dominated = self._compile({"hi": self.base}, ("lo", "delta"), ones_fed=False)
-        exps = {"lo": self.base_exp, "delta": self.base_exp}
-        return self._dominated.log10({"lo": vb_abs, "delta": delta}, exps), self._dominated.device
+        return self._dominated.log10(pairs={"lo": lo, "delta": delta}), self._dominated.device
+
+    def _subtraction(self, lo: Pairs) -> tuple[float, float, str] | None:
+        log10_b, dev = self.log10_norm(lo)
+        out = subtraction_metric(self.log10_base(), log10_b, self.norm_margin)
+        return None if out is None else (*out, dev)
+
+    def _kept_mass_ratio(self, lo: Pairs) -> float:
+        """prod over multiplicative parameters of (kept l1 mass / base l1 mass): a cheap guess of
+        ||Phi(v)|| / ||Phi(base)|| (exact for one path; only used to pick a route)."""
+        ratio = 1.0
+        for n in self._multiplicative:
+            if n not in self._base_mass:
+                self._base_mass[n] = float(self.base_pairs[n][0].sum(dtype=np.float64))
+            base = self._base_mass[n]
+            if base > 0 and lo[n][0] is not self.base_pairs[n][0]:
+                ratio *= float(lo[n][0].sum(dtype=np.float64)) / base
+        return ratio
+
+    def dominated(self, lo: Pairs, delta: Pairs, changed: int, upper: float | None = None) -> MetricOutcome:
+        """The exact metric between the base and a variant it dominates, given the variant's |values| (`lo`) and
+        |base| - |variant| (`delta`) as pairs with the base's exponents. `upper`, when known, bounds
+        metric / ||Phi(base)|| from above (e.g. the pruned entries' relative scores): it only steers the route."""
+        guess_share = 1.0 - self._kept_mass_ratio(lo)
+        worth_trying = guess_share * MAX_CONDITION >= 2.0 - guess_share and (upper is None or upper >= 2 / 3)
+        if worth_trying:
+            out = self._subtraction(lo)
+            if out is not None:
+                log10_m, margin, dev = out
+                return MetricOutcome(log10_m, True, 0, changed, "none needed", dev, margin, ROUTE_SUBTRACTION)
+        log10_m, dev = self._difference(lo, delta)
+        return MetricOutcome(log10_m, True, 0, changed, "none needed", dev, self.metric_margin, ROUTE_DIFFERENCE)
+
+    def pruned(self, keep: dict[str, np.ndarray], upper: float | None = None) -> MetricOutcome:
+        """The exact metric between the base and the base with the entries where `keep` is False set to zero
+        (`keep`: boolean arrays shaped like the IR parameters they name; others are kept whole)."""
+        lo, delta, changed = {}, {}, 0
+        for n, (m, e) in self.base_pairs.items():
+            k = keep.get(n)
+            if k is None:
+                lo[n], delta[n] = (m, e), (np.zeros_like(m), e)
+            else:  # exact: each mantissa is either kept or moved to delta
+                lo[n], delta[n] = (np.where(k, m, np.float32(0)), e), (np.where(k, np.float32(0), m), e)
+                changed += int(np.count_nonzero(~k & (m != 0)))
+        return self.dominated(lo, delta, changed, upper)
 
     def general_log10(self, va_abs: dict[str, np.ndarray], vb_abs: dict[str, np.ndarray]) -> tuple[float, str]:
         """log10 of ||Phi(hi)||_1 - ||Phi(lo)||_1 without cancellation (an upper bound of the metric)."""
@@ -103,22 +211,44 @@ class MetricEngine:
     def metric(self, vb: dict[str, np.ndarray]) -> MetricOutcome:
         """The metric between the base and vb, choosing the cheapest exact or certified route."""
         va = self.base
+        flips = changed = 0
+        dominated = dominating = True
+        for n, a in va.items():
+            b = vb[n]
+            diff = a != b
+            count = int(np.count_nonzero(diff))
+            if count == 0:
+                continue
+            changed += count
+            ac, bc = a[diff], b[diff]
+            flips += int(np.count_nonzero(((ac < 0) & (bc > 0)) | ((ac > 0) & (bc < 0))))
+            aa, ab = np.abs(ac), np.abs(bc)
+            dominated = dominated and bool(np.all(ab <= aa))
+            dominating = dominating and bool(np.all(aa <= ab))
         vb_abs = {n: np.abs(v) for n, v in vb.items()}
-        flips = sum(int(np.count_nonzero((va[n] < 0) & (vb[n] > 0) | (va[n] > 0) & (vb[n] < 0))) for n in va)
-        changed = sum(int(np.count_nonzero(va[n] != vb[n])) for n in va)
         if flips == 0:
-            if all(bool(np.all(self.base_abs[n] >= vb_abs[n])) for n in va):
-                log10_m, dev = self.dominated_log10(vb_abs)
-                return MetricOutcome(log10_m, True, 0, changed, "none needed", dev)
-            exact = all(bool(np.all(self.base_abs[n] <= vb_abs[n])) for n in va)
+            if dominated:
+                lo = {n: normalized_power(b, 1.0, self.base_exp[n]) for n, b in vb_abs.items()}
+                delta = {n: normalized_power(self.base_abs[n] - b, 1.0, self.base_exp[n]) for n, b in vb_abs.items()}
+                return self.dominated(lo, delta, changed)
             log10_m, dev = self.general_log10(self.base_abs, vb_abs)
-            return MetricOutcome(log10_m, exact, 0, changed, "none needed", dev)
+            return MetricOutcome(log10_m, dominating, 0, changed, "none needed", dev, self.metric_margin, ROUTE_HILO)
         # theory.md section 3: mid = base with the flipped entries zeroed; (base, mid) and (mid, vb) are
         # same-sign pairs and the base dominates mid
-        mid_abs = {n: np.where(va[n] * vb[n] < 0, 0, self.base_abs[n]).astype(self.base_abs[n].dtype) for n in va}
-        first, dev = self.dominated_log10(mid_abs)
-        second, _ = self.general_log10(mid_abs, vb_abs)
-        return MetricOutcome(_log10_add(first, second), False, flips, changed, SIGN_SPLIT, dev)
+        keep = {n: ~(((va[n] < 0) & (vb[n] > 0)) | ((va[n] > 0) & (vb[n] < 0))) for n in va}
+        first = self.pruned(keep, upper=0.0)  # upper=0: the difference stream, whose margin covers both parts
+        mid_abs = {n: np.where(keep[n], self.base_abs[n], 0).astype(self.base_abs[n].dtype) for n in va}
+        second, dev = self.general_log10(mid_abs, vb_abs)
+        return MetricOutcome(
+            _log10_add(first.log10_metric, second),
+            False,
+            flips,
+            changed,
+            SIGN_SPLIT,
+            dev,
+            self.metric_margin,
+            ROUTE_HILO,
+        )
 
 
 @dataclass
@@ -129,3 +259,5 @@ class MetricOutcome:
     changed: int
     sign_flip_handling: str
     device: str
+    rounding_margin: float = 0.0
+    route: str = ROUTE_DIFFERENCE
