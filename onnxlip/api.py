@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from .companion import plain_value
-from .engine import MetricEngine, pathnorm_log10_power
+from .engine import MetricEngine, MetricOutcome, pathnorm_log10_power
 from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
@@ -154,7 +154,11 @@ def metric_between(base: Analysed, other: Analysed, device: str = "auto", engine
     """The l1 path-metric (or its certified upper bound) between two imported models of one architecture."""
     vb = align_params(base.graph, other.graph, (base.label or "a", other.label or "b"))
     engine = engine or MetricEngine(base.graph, device)
-    r = engine.metric(vb)
+    return metric_result(engine.metric(vb))
+
+
+def metric_result(r: MetricOutcome) -> PathMetricResult:
+    """The user-facing result of one engine computation."""
     return PathMetricResult(
         plain_value(r.log10_metric),
         r.log10_metric,

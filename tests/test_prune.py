@@ -12,7 +12,20 @@ import pytest
 from onnx import numpy_helper
 
 import onnxlip
-from onnxlip.prune import prune, prune_sweep
+from onnxlip.api import analyse
+from onnxlip.prune import (
+    apply_masks,
+    criterion_scores,
+    ir_keep_masks,
+    masks_for,
+    masks_for_many,
+    prunable_tensors,
+    prune,
+    prune_sweep,
+)
+from onnxlip.structure import align_params
+from tests import dag_factory as F
+from tests.helpers import make_model
 from tests.test_bad_input import cli
 
 MODELS = ["models/digits_cnn.onnx", "models/digits_mlp.onnx"]
@@ -108,3 +121,66 @@ def test_scores_cli_npz(tmp_path):
     for name, t in obj["tensors"].items():
         assert list(data[name].shape) == t["shape"] == list(inits[name].shape)
         assert {"shape", "log10_sum", "log10_max"} <= set(t)
+
+
+# ---- pruning as masks on the IR (no re-import per sparsity) ----------------------------------------------------
+@pytest.mark.parametrize("family", ["gemm", "matmul", "conv2d", "convtranspose", "batchnorm", "residual", "mixed"])
+def test_masks_on_the_ir_equal_reimporting_the_pruned_file(family):
+    spec = F.build(family, 0)
+    m = analyse(spec.model)
+    tensors = prunable_tensors(m, include_biases=True)
+    masks = masks_for(criterion_scores(m, tensors, "magnitude"), 0.5, "global")
+    keep = ir_keep_masks(m.graph, masks)
+    assert keep is not None
+    vb = align_params(m.graph, analyse(apply_masks(m.proto, masks)).graph)
+    for p in m.graph.params():
+        want = np.where(keep[p.name], p.value, 0) if p.name in keep else p.value
+        np.testing.assert_array_equal(vb[p.name], want)
+
+
+def test_shared_initializer_falls_back_to_the_file(tmp_path):
+    """One weight used by two MatMuls: zeroing it changes both IR parameters, so the sweep re-imports."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 6)).astype(np.float32)
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "W"], ["h"]),
+        onnx.helper.make_node("Relu", ["h"], ["r"]),
+        onnx.helper.make_node("MatMul", ["r", "W"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 6])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    m = analyse(model)
+    masks = masks_for(criterion_scores(m, prunable_tensors(m), "magnitude"), 0.5, "global")
+    assert ir_keep_masks(m.graph, masks) is None
+    out = tmp_path / "pruned.onnx"
+    r = prune(model, 0.5, criterion="magnitude", out_path=out)
+    want = onnxlip.path_metric(model, out)
+    assert r.exact and r.path_metric == pytest.approx(want.path_metric, rel=1e-12)
+
+
+def test_one_selection_serves_every_sparsity():
+    rng = np.random.default_rng(1)
+    scores = {"a": rng.random((40, 7)), "b": np.round(rng.random(500), 2)}  # b has ties
+    sparsities = [0.0, 0.1, 0.33, 0.5, 0.9, 1.0]
+    for scope in ("global", "layer"):
+        many = masks_for_many(scores, sparsities, scope)
+        for s, masks in zip(sparsities, many):
+            single = {n: _reference_keep(v.ravel(), s).reshape(v.shape) for n, v in scores.items()}
+            if scope == "global":
+                flat = np.concatenate([v.ravel() for v in scores.values()])
+                ref = _reference_keep(flat, s)
+                single = {"a": ref[:280].reshape(40, 7), "b": ref[280:]}
+            for n in scores:
+                np.testing.assert_array_equal(masks[n], single[n])
+
+
+def _reference_keep(values, sparsity):
+    """Sort-based reference: prune the k smallest, ties in position order."""
+    k = int(round(sparsity * values.size))
+    keep = np.ones(values.size, dtype=bool)
+    keep[np.argsort(values, kind="stable")[:k]] = False
+    return keep
