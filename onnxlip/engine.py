@@ -168,12 +168,15 @@ class MetricEngine:
                 ratio *= float(lo[n][0].sum(dtype=np.float64)) / base
         return ratio
 
-    def dominated(self, lo: Pairs, delta: Pairs, changed: int, upper: float | None = None) -> MetricOutcome:
+    def dominated(self, lo: Pairs, delta: Pairs, changed: int, upper=None) -> MetricOutcome:
         """The exact metric between the base and a variant it dominates, given the variant's |values| (`lo`) and
         |base| - |variant| (`delta`) as pairs with the base's exponents. `upper`, when known, bounds
-        metric / ||Phi(base)|| from above (e.g. the pruned entries' relative scores): it only steers the route."""
+        metric / ||Phi(base)|| from above (e.g. the pruned entries' relative scores; a float or a function giving it,
+        called only when needed): it only steers the route."""
         guess_share = 1.0 - self._kept_mass_ratio(lo)
-        worth_trying = guess_share * MAX_CONDITION >= 2.0 - guess_share and (upper is None or upper >= 2 / 3)
+        worth_trying = guess_share * MAX_CONDITION >= 2.0 - guess_share
+        if worth_trying and upper is not None:
+            worth_trying = (upper() if callable(upper) else upper) >= 2 / 3
         if worth_trying:
             out = self._subtraction(lo)
             if out is not None:
@@ -182,7 +185,7 @@ class MetricEngine:
         log10_m, dev = self._difference(lo, delta)
         return MetricOutcome(log10_m, True, 0, changed, "none needed", dev, self.metric_margin, ROUTE_DIFFERENCE)
 
-    def pruned(self, keep: dict[str, np.ndarray], upper: float | None = None) -> MetricOutcome:
+    def pruned(self, keep: dict[str, np.ndarray], upper=None) -> MetricOutcome:
         """The exact metric between the base and the base with the entries where `keep` is False set to zero
         (`keep`: boolean arrays shaped like the IR parameters they name; others are kept whole)."""
         lo, delta, changed = {}, {}, 0
@@ -191,8 +194,9 @@ class MetricEngine:
             if k is None:
                 lo[n], delta[n] = (m, e), (np.zeros_like(m), e)
             else:  # exact: each mantissa is either kept or moved to delta
-                lo[n], delta[n] = (np.where(k, m, np.float32(0)), e), (np.where(k, np.float32(0), m), e)
-                changed += int(np.count_nonzero(~k & (m != 0)))
+                kept = m * k
+                lo[n], delta[n] = (kept, e), (m - kept, e)
+                changed += int(np.count_nonzero(delta[n][0]))
         return self.dominated(lo, delta, changed, upper)
 
     def general_log10(self, va_abs: dict[str, np.ndarray], vb_abs: dict[str, np.ndarray]) -> tuple[float, str]:

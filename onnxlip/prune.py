@@ -72,8 +72,8 @@ def prunable_tensors(m: Analysed, include_biases: bool = False) -> dict[str, np.
 
 def criterion_scores(m: Analysed, tensors: Mapping[str, np.ndarray], criterion: str, device: str = "auto"):
     """One array per prunable tensor, shaped like it: larger means keep."""
-    if criterion == "magnitude":
-        return {n: np.abs(a).astype(np.float64) for n, a in tensors.items()}
+    if criterion == "magnitude":  # |a| keeps the file's float dtype: exact, and float32 halves the selection's work
+        return {n: np.abs(a) for n, a in tensors.items()}
     if criterion != "path-magnitude":
         raise OnnxlipError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     result = compute_scores(m, device=device)
@@ -120,15 +120,14 @@ def _keep_largest(values: np.ndarray, sparsities: Sequence[float]) -> list[np.nd
     selected = np.partition(values, inner) if inner else values
     out = []
     for k in ks:
-        keep = np.ones(values.size, dtype=bool)
-        if k >= values.size:
-            keep[:] = False
-        elif k > 0:
-            threshold = selected[k - 1]
-            below = values < threshold
-            keep[below] = False
-            ties = np.flatnonzero(values == threshold)[: k - int(np.count_nonzero(below))]
-            keep[ties] = False
+        if k >= values.size or k == 0:
+            out.append(np.full(values.size, k == 0))
+            continue
+        threshold = selected[k - 1]
+        keep = values > threshold
+        ties = np.flatnonzero(values == threshold)
+        below = values.size - int(np.count_nonzero(keep)) - ties.size
+        keep[ties[k - below :]] = True  # the first k - below ties are pruned, the later ones kept
         out.append(keep)
     return out
 
@@ -173,12 +172,13 @@ def _pruned_metric(m: Analysed, masks, engine: MetricEngine, path_scores, device
         pruned = apply_masks(m.proto, masks)
         other = Analysed(pruned, import_model(pruned, ImportOptions(outputs=m.graph.outputs)), "pruned")
         return metric_between(m, other, device, engine)
+
     # the pruned entries' relative path-magnitude scores bound metric / ||Phi|| from above (theory.md
     # section 4: each score is the first-order loss, and the loss is sub-additive): a hint for the route
-    upper = None
-    if path_scores is not None:
-        upper = sum(float(s.sum()) - float(s[masks[n]].sum()) for n, s in path_scores.items() if n in masks)
-    return metric_result(engine.pruned(keep, upper))
+    def upper() -> float:
+        return sum(float(np.dot(s.ravel(), ~masks[n].ravel())) for n, s in path_scores.items() if n in masks)
+
+    return metric_result(engine.pruned(keep, None if path_scores is None else upper))
 
 
 def prune(
