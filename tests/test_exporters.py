@@ -641,9 +641,7 @@ MATLAB_CASES = {
 }
 
 
-@pytest.mark.parametrize(
-    "case", list(MATLAB_CASES)
-)
+@pytest.mark.parametrize("case", list(MATLAB_CASES))
 def test_matlab_style(tmp_path, case):
     opset, ir_version, reshape, spatial, inits_as_inputs, softmax, conv_bias = MATLAB_CASES[case]
     rng = np.random.default_rng(len(case))

@@ -26,24 +26,69 @@ def _zeroed(model: onnx.ModelProto, name: str, flat_index: int) -> onnx.ModelPro
     return out
 
 
-@pytest.mark.parametrize("family", sorted(F.FAMILIES))
-@pytest.mark.parametrize("seed", [0, 1])
-def test_score_equals_metric_to_the_model_with_that_entry_zeroed(family, seed):
-    spec = F.build(family, seed)
+def _check_against_zeroed_entries(spec: F.Spec, rng: np.random.Generator, per_tensor: int = 3) -> int:
     result = scores(spec.model)
-    rng = np.random.default_rng(seed)
     inits = {i.name: numpy_helper.to_array(i) for i in spec.model.graph.initializer}
     checked = 0
     for name, t in result.tensors.items():
         if t.folded or name not in spec.params or inits[name].shape != t.shape:
             continue  # folded tensors have no single original entry to zero
-        for flat in rng.choice(inits[name].size, size=min(3, inits[name].size), replace=False):
+        for flat in rng.choice(inits[name].size, size=min(per_tensor, inits[name].size), replace=False):
             expected = onnxlip.path_metric(spec.model, _zeroed(spec.model, name, int(flat)))
             got = result.absolute(name).flat[int(flat)]
             assert expected.exact
             assert got == pytest.approx(expected.path_metric, rel=2e-6, abs=1e-12 * 10**result.log10_path_norm)
             checked += 1
-    assert checked > 0
+    return checked
+
+
+@pytest.mark.parametrize("family", sorted(F.FAMILIES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_score_equals_metric_to_the_model_with_that_entry_zeroed(family, seed):
+    assert _check_against_zeroed_entries(F.build(family, seed), np.random.default_rng(seed)) > 0
+
+
+def _conv_geometry_model(kind: str) -> F.Spec:
+    """1x1 conv -> Relu -> the layer under test -> Relu -> 3x3 conv -> Relu -> Gemm: the weight-gradient of the
+    middle layer sees non-uniform activations and adjoints."""
+    b = F.Builder(np.random.default_rng(list(GEOMETRIES).index(kind)), "geometry")
+    spatial, c_in, layer = GEOMETRIES[kind]
+    h = b.relu(b.conv(b.input(c_in, *spatial), c_in, (1,) * len(spatial)))
+    h = b.relu(layer(b, h))
+    h = b.relu(b.conv(h, 2, (3,) * len(spatial), pads=[1] * 2 * len(spatial)))
+    return b.spec(b.gemm(b.flatten(h), 2))
+
+
+def _conv_transpose(b, h, c_out, kernel, **attrs):
+    c_in = b.shape(h)[0]
+    w = b.weight(c_in, c_out // attrs.get("group", 1), *kernel, scale=0.8)
+    return b.op("ConvTranspose", [h, w, b.bias(c_out)], kernel_shape=list(kernel), **attrs)
+
+
+GEOMETRIES = {  # spatial, input channels, layer
+    "stem 7x7 stride 2": ((17, 15), 3, lambda b, h: b.conv(h, 4, (7, 7), strides=[2, 2], pads=[3, 2, 3, 1])),
+    "stride and dilation": ((11, 12), 4, lambda b, h: b.conv(h, 6, (3, 2), strides=[2, 3], dilations=[2, 1])),
+    "grouped": ((9, 9), 6, lambda b, h: b.conv(h, 4, (3, 3), strides=[2, 1], pads=[1, 0, 1, 1], group=2)),
+    "grouped, one output per group": ((7, 8), 6, lambda b, h: b.conv(h, 3, (2, 3), pads=[0, 1, 1, 1], group=3)),
+    "depthwise x2": ((9, 8), 3, lambda b, h: b.conv(h, 6, (3, 3), strides=[2, 2], dilations=[2, 1], group=3)),
+    "1-D": ((19,), 3, lambda b, h: b.conv(h, 4, (3,), strides=[3], pads=[2, 0], dilations=[2])),
+    "3-D": ((5, 6, 4), 2, lambda b, h: b.conv(h, 3, (2, 3, 2), strides=[2, 1, 1], pads=[1, 0, 1, 0, 1, 0])),
+    "transpose dilated": (
+        (4, 5),
+        4,
+        lambda b, h: _conv_transpose(
+            b, h, 4, (3, 2), strides=[2, 3], dilations=[2, 1], pads=[1, 0, 0, 1], output_padding=[1, 2], group=2
+        ),
+    ),
+    "transpose 1-D": ((6,), 2, lambda b, h: _conv_transpose(b, h, 3, (4,), strides=[2], pads=[1, 2])),
+}
+
+
+@pytest.mark.parametrize("kind", list(GEOMETRIES))
+def test_conv_weight_scores_over_geometries(kind):
+    """Strided + dilated, grouped, depthwise with a channel multiplier, 1-D and 3-D convs, stems (7x7 stride 2)
+    and dilated ConvTranspose with output_padding, against the same zeroed-entry oracle."""
+    assert _check_against_zeroed_entries(_conv_geometry_model(kind), np.random.default_rng(7), per_tensor=4) > 0
 
 
 def test_layer_scores_sum_to_the_path_norm_in_a_bias_free_chain():

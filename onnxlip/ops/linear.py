@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..companion import Scaled, linear_metric
+from .conv_grad import correlate
 from .registry import define, define_adjoint, define_lipschitz, importer
 
 
@@ -315,27 +316,6 @@ def import_arith(node, ctx):
 
 
 # ---- adjoint and score rules (theory.md section 4) --------------------------------------------------------
-def _spatial_pads(em, pads, rank_spatial, extra_end=None):
-    """ONNX Pad pads for a (1, C, *spatial) tensor from Conv-style [begin..., end...]."""
-    n = rank_spatial
-    end = [pads[n + i] + (extra_end[i] if extra_end else 0) for i in range(n)]
-    return em.i64([0, 0, *pads[:n], 0, 0, *end])
-
-
-def _correlate(em, big, small, big_shape, small_shape, group, strides, dilations, kernel):
-    """grad[o, j, k] = sum_pos small[o, pos] * big[g(o)*m + j, pos*stride + k*dilation], o the small channels,
-    j the big channels of o's group: one Conv with the channels moved to the batch axis (stride and dilation
-    swap roles). big: (1, Cb, *spatial) padded; small: (1, Cs, *spatial). Returns (Cs, Cb/group, *kernel)."""
-    cb, cs, n = big_shape[1], small_shape[1], len(kernel)
-    m = cb // group
-    b = em.op("Reshape", [big, em.i64([group, m, *big_shape[2:]])], "bg")
-    b = em.op("Transpose", [b], "bgT", perm=[1, 0, *range(2, n + 2)])
-    s = em.op("Reshape", [small, em.i64([cs, 1, *small_shape[2:]])], "sg")
-    out = em.op("Conv", [b, s], "wgrad", group=group, strides=list(dilations), dilations=list(strides))
-    out = em.op("Slice", [out, em.i64([0] * n), em.i64(kernel), em.i64(range(2, n + 2))], "wslice")
-    return em.op("Transpose", [out], "wgradT", perm=[1, 0, *range(2, n + 2)])
-
-
 def _bias_scores(node, em, b_out, bias_shape):
     """|bias| * (sum of the adjoint over the positions the bias is broadcast to)."""
     from ..adjoint import reduce_to
@@ -377,10 +357,7 @@ def _conv_adjoint(node, em, a, b):
 
 def _conv_scores(node, em, a, b):
     x_shape, y_shape, k, s, p, d, g = _conv_geometry(node, em)
-    n = len(k)
-    padded = em.op("Pad", [a[0].m, _spatial_pads(em, p, n)], "xpad")
-    padded_shape = (1, x_shape[1], *[x_shape[2 + i] + p[i] + p[n + i] for i in range(n)])
-    grad = _correlate(em, padded, b[0].m, padded_shape, y_shape, g, s, d, k)
+    grad = correlate(em, a[0].m, b[0].m, x_shape, y_shape, p[: len(k)], g, s, d, k)
     w = em.weight(node.params["weight"])
     out = {"weight": Scaled(em.mul(w.m, grad), em.add_exp(w.e, a[0].e, b[0].e))}
     out.update(_bias_scores(node, em, b[0], None))
@@ -399,14 +376,8 @@ def _conv_transpose_adjoint(node, em, a, b):
 
 def _conv_transpose_scores(node, em, a, b):
     x_shape, y_shape, k, s, p, d, g = _conv_geometry(node, em)
-    n = len(k)
     # y[o, s*i + k*d - p] += x[c, i] W[c, o', k]: correlate the padded output adjoint with the input
-    need = [(x_shape[2 + i] - 1) * s[i] + (k[i] - 1) * d[i] + 1 for i in range(n)]
-    have = [y_shape[2 + i] + p[i] + p[n + i] for i in range(n)]
-    extra = [max(0, need[i] - have[i]) for i in range(n)]
-    padded = em.op("Pad", [b[0].m, _spatial_pads(em, p, n, extra)], "bpad")
-    padded_shape = (1, y_shape[1], *[have[i] + extra[i] for i in range(n)])
-    grad = _correlate(em, padded, a[0].m, padded_shape, x_shape, g, s, d, k)  # (C_in, C_out/g, *k)
+    grad = correlate(em, b[0].m, a[0].m, y_shape, x_shape, p[: len(k)], g, s, d, k)  # (C_in, C_out/g, *k)
     w = em.weight(node.params["weight"])
     out = {"weight": Scaled(em.mul(w.m, grad), em.add_exp(w.e, a[0].e, b[0].e))}
     out.update(_bias_scores(node, em, b[0], None))
