@@ -114,6 +114,28 @@ class GraphBuilder:
     def add_output(self, name: str, dtype=TensorProto.FLOAT) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, None))
 
+    def add_outputs(self, names: Iterable[str]) -> None:
+        """Declare graph outputs in order; constants, graph inputs and repeats get their own Identity copy."""
+        produced = {t for n in self.nodes for t in n.output}
+        taken: set[str] = set()
+        for t in names:
+            if t not in produced or t in taken:
+                t = self.op("Identity", [t], "out")
+            taken.add(t)
+            self.add_output(t)
+
+    def drop_dead_nodes(self) -> None:
+        """Remove the nodes and constants no graph output depends on."""
+        live = {o.name for o in self.outputs}
+        kept = []
+        for node in reversed(self.nodes):  # emitted in topological order
+            if any(t in live for t in node.output):
+                kept.append(node)
+                live.update(node.input)
+        self.nodes[:] = kept[::-1]
+        self.initializers[:] = [t for t in self.initializers if t.name in live]
+        self.external = {n: a for n, a in self.external.items() if n in live}
+
     def model(self, name: str = "onnxlip") -> onnx.ModelProto:
         """The model; constants in `self.external` are placeholders to pass to onnxruntime in memory."""
         graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
@@ -226,6 +248,8 @@ class CompanionEmitter(GraphBuilder):
         return out
 
     def mul(self, tensor: str, factor: str) -> str:
+        if factor == self._scalar_cache.get((np.dtype(np.float32).str, (), 1.0)):
+            return tensor  # times the constant 1.0 (e.g. align's multiplier of a single term)
         return self.op("Mul", [tensor, factor], "mul")
 
     def renorm(self, m: str, e: str) -> Scaled:

@@ -73,19 +73,6 @@ def _finite(x: float):
     return x if math.isfinite(x) else None
 
 
-def _drop_dead_nodes(em: CompanionEmitter) -> None:
-    """Remove the nodes and constants no output depends on (e.g. the adjoint at the graph inputs)."""
-    live = {o.name for o in em.outputs}
-    kept = []
-    for node in reversed(em.nodes):  # emitted in topological order
-        if any(t in live for t in node.output):
-            kept.append(node)
-            live.update(node.input)
-    em.nodes[:] = kept[::-1]
-    em.initializers[:] = [t for t in em.initializers if t.name in live]
-    em.external = {n: a for n, a in em.external.items() if n in live}
-
-
 def _relative(mant: np.ndarray, shift: float) -> np.ndarray:
     """mant * 2**shift in float64; shifts beyond float64's normal exponents go through ldexp (one rounding)."""
     if not math.isfinite(shift):  # zero path-norm: every score is 0
@@ -101,15 +88,8 @@ def scores_graph(graph: Graph) -> tuple[CompanionEmitter, int, dict[str, Scaled]
     params = {p.name: p for p in graph.params()}
     em = CompanionEmitter(1.0, {"value": {n: p.value for n, p in params.items()}}, "value")
     outs, score_map, _ = emit_scores(graph, em)
-    produced = {t for n in em.nodes for t in n.output}
-    taken: set[str] = set()
-    for s in outs + list(score_map.values()):
-        for t in (s.m, s.e):
-            if t not in produced or t in taken:  # constants and repeats need their own name (an Identity copy)
-                t = em.op("Identity", [t], "out")
-            taken.add(t)
-            em.add_output(t)
-    _drop_dead_nodes(em)
+    em.add_outputs(t for s in outs + list(score_map.values()) for t in (s.m, s.e))
+    em.drop_dead_nodes()
     return em, len(outs), score_map
 
 
