@@ -59,6 +59,19 @@ def companion_run(path: Path, repeat: int) -> tuple[float, float]:
     return median_time(compiled.log10, repeat), created
 
 
+def scores_run(path: Path, repeat: int) -> float:
+    """Median time of the scores graph run alone (companion forward + adjoint + weight gradients), prebuilt."""
+    from onnxlip.companion import ones_feeds
+    from onnxlip.runtime import make_session
+    from onnxlip.scores import LEVEL, scores_graph
+
+    graph = analyse(path).graph
+    em, _, _ = scores_graph(graph)
+    session, _ = make_session(em.model(), "cpu", em.external, level=LEVEL)
+    feeds = ones_feeds(graph)
+    return median_time(lambda: session.run(None, feeds), repeat)
+
+
 def torch_reference(repeat: int) -> float | None:
     """Path-norm toolkit style on an already-built torch ResNet-18: deepcopy to float64, abs of every weight,
     BatchNorm as |affine|, max-pool as sum-pool, one forward of the all-ones input."""
@@ -143,6 +156,7 @@ def main() -> None:
         variant = tmp / "pruned0.4.onnx"
         cli = statistics.median(cli_bound(base, variant) for _ in range(3))
         scores_s, prune_sweep_s = prune_costs(base, args.repeat)
+        scores_run_s = scores_run(base, args.repeat)
         torch_scores = torch_scores_reference(max(1, args.repeat // 2))
     r = {
         "plain_forward_s": fwd,
@@ -158,6 +172,8 @@ def main() -> None:
         "sweep_quantization_per_variant_s": sw["quantization"]["per_variant_s"],
         "sweep_quantization_per_variant_forwards": sw["quantization"]["per_variant_s"] / fwd,
         "cli_bound_end_to_end_s": cli,
+        "scores_run_s": scores_run_s,
+        "scores_run_over_forward": scores_run_s / fwd,
         "scores_from_file_s": scores_s,
         "scores_over_forward": scores_s / fwd,
         "torch_scores_reference_s": torch_scores,

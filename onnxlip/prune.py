@@ -72,12 +72,19 @@ def prunable_tensors(m: Analysed, include_biases: bool = False) -> dict[str, np.
 
 def criterion_scores(m: Analysed, tensors: Mapping[str, np.ndarray], criterion: str, device: str = "auto"):
     """One array per prunable tensor, shaped like it: larger means keep."""
+    return _criterion(m, tensors, criterion, device)[0]
+
+
+def _criterion(
+    m: Analysed, tensors: Mapping[str, np.ndarray], criterion: str, device: str
+) -> tuple[dict[str, np.ndarray], float]:
+    """criterion_scores and, for path-magnitude, the log2 factor from them to relative scores."""
     if criterion == "magnitude":  # |a| keeps the file's float dtype: exact, and float32 halves the selection's work
-        return {n: np.abs(a) for n, a in tensors.items()}
+        return {n: np.abs(a) for n, a in tensors.items()}, 0.0
     if criterion != "path-magnitude":
         raise OnnxlipError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    result = compute_scores(m, device=device)
-    return {n: result.tensors[n].relative.reshape(a.shape) for n, a in tensors.items()}
+    values, log2_factor = compute_scores(m, device=device).comparable(list(tensors))
+    return {n: values[n].reshape(a.shape) for n, a in tensors.items()}, log2_factor
 
 
 def masks_for(scores: Mapping[str, np.ndarray], sparsity: float, scope: str) -> dict[str, np.ndarray]:
@@ -176,7 +183,9 @@ def _pruned_metric(m: Analysed, masks, engine: MetricEngine, path_scores, device
     # the pruned entries' relative path-magnitude scores bound metric / ||Phi|| from above (theory.md
     # section 4: each score is the first-order loss, and the loss is sub-additive): a hint for the route
     def upper() -> float:
-        return sum(float(np.dot(s.ravel(), ~masks[n].ravel())) for n, s in path_scores.items() if n in masks)
+        values, log2_factor = path_scores
+        pruned = sum(float(np.sum(s, where=~masks[n], dtype=np.float64)) for n, s in values.items() if n in masks)
+        return pruned * 2.0**log2_factor
 
     return metric_result(engine.pruned(keep, None if path_scores is None else upper))
 
@@ -240,9 +249,9 @@ def prune_sweep(
     results = []
     path_scores = None
     for criterion in criteria:
-        scores = criterion_scores(m, tensors, criterion, device)
+        scores, log2_factor = _criterion(m, tensors, criterion, device)
         if criterion == "path-magnitude":
-            path_scores = scores
+            path_scores = (scores, log2_factor)
         for sparsity, masks in zip(sparsities, masks_for_many(scores, sparsities, scope)):
             if out_path is not None:
                 onnx.save(apply_masks(m.proto, masks), str(out_path))

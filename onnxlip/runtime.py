@@ -43,7 +43,9 @@ def make_session(
     level: str = "none",
 ) -> tuple[ort.InferenceSession, str]:
     """A session on the requested device; returns (session, "cuda" | "cpu"). `external`: constants the model
-    declares as external data, passed in memory."""
+    declares as external data, passed in memory. onnxruntime copies them into the session while it loads the
+    model (documented for AddExternalInitializers), so the dict is emptied once the session exists: the
+    caller's arrays are released instead of being held twice."""
     if device not in DEVICES:
         raise OnnxlipError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     data = model if isinstance(model, bytes) else model.SerializeToString()
@@ -58,6 +60,7 @@ def make_session(
             )
             _cuda_works = sess.get_providers()[0] == "CUDAExecutionProvider"
             if _cuda_works:
+                _release(external)
                 return sess, "cuda"
         except Exception:  # noqa: BLE001 - CUDA libraries missing: fall back below
             _cuda_works = False
@@ -67,7 +70,13 @@ def make_session(
         sess = ort.InferenceSession(data, session_options(external, level), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise OnnxlipError(f"onnxruntime could not build the graph: {exc}") from None
+    _release(external)
     return sess, "cpu"
+
+
+def _release(external: dict[str, np.ndarray] | None) -> None:
+    if external:
+        external.clear()
 
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

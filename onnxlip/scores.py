@@ -25,14 +25,23 @@ LEVEL = "fold"
 
 @dataclass
 class TensorScores:
-    """Scores of one parameter tensor: `relative` = score / ||Phi||_1 (always <= 1, so it fits a float64)."""
+    """Scores of one parameter tensor, stored as onnxruntime returned them: score / ||Phi||_1 =
+    mantissa * 2**shift exactly, with `mantissa` float32 in the layout of the user's initializer. `relative`
+    (always <= 1, so it fits a float64) is computed on each access: keeping float64 copies of every score
+    would triple the memory of a scores call."""
 
     name: str
     shape: tuple[int, ...]
     log10_sum: float
     log10_max: float
-    relative: np.ndarray
+    mantissa: np.ndarray
+    shift: float
     sources: tuple[str, ...]
+
+    @property
+    def relative(self) -> np.ndarray:
+        """score / ||Phi||_1 in float64 (a new array on each access)."""
+        return _relative(self.mantissa, self.shift)
 
     @property
     def folded(self) -> bool:
@@ -51,6 +60,27 @@ class ScoresResult:
         """Scores in absolute units (inf where they do not fit a float64)."""
         with np.errstate(over="ignore"):
             return self.tensors[name].relative * 10.0**self.log10_path_norm
+
+    def comparable(self, names: Sequence[str]) -> tuple[dict[str, np.ndarray], float]:
+        """Arrays ordered like the relative scores of `names` across tensors, and the log2 factor back to
+        relative scores (relative = array * 2**factor). Float32 when that is exact: the mantissas times
+        powers of two 2**(e_i - max e) that push no score below float32's normal range (then sorting them
+        sorts the scores, at half the memory of float64); otherwise the float64 relative scores."""
+        tensors = [self.tensors[n] for n in names]
+        if not tensors:
+            return {}, 0.0
+        top = max(t.shift for t in tensors)
+        out = {}
+        for t in tensors:
+            drop = round(top - t.shift)  # an integer: shifts differ by onnxruntime's integer exponents
+            if drop == 0:
+                out[t.name] = t.mantissa
+                continue
+            tiny = float(np.min(t.mantissa, initial=np.inf, where=t.mantissa > 0))
+            if drop > 126 or (math.isfinite(tiny) and math.log2(tiny) - drop < -126):
+                return {t.name: t.relative for t in tensors}, 0.0
+            out[t.name] = t.mantissa * np.float32(2.0**-drop)
+        return out, top
 
     def to_json(self) -> dict:
         return {
@@ -77,10 +107,13 @@ def _relative(mant: np.ndarray, shift: float) -> np.ndarray:
     """mant * 2**shift in float64; shifts beyond float64's normal exponents go through ldexp (one rounding)."""
     if not math.isfinite(shift):  # zero path-norm: every score is 0
         return np.zeros(mant.shape)
+    out = mant.astype(np.float64)
     k = math.floor(shift)
     if -1000 < k < 1000:
-        return np.multiply(mant, 2.0**shift, dtype=np.float64)
-    return np.ldexp(np.multiply(mant, 2.0 ** (shift - k), dtype=np.float64), k)
+        out *= 2.0**shift
+        return out
+    out *= 2.0 ** (shift - k)
+    return np.ldexp(out, k, out=out)
 
 
 def scores_graph(graph: Graph) -> tuple[CompanionEmitter, int, dict[str, Scaled]]:
@@ -90,6 +123,7 @@ def scores_graph(graph: Graph) -> tuple[CompanionEmitter, int, dict[str, Scaled]
     outs, score_map, _ = emit_scores(graph, em)
     em.add_outputs(t for s in outs + list(score_map.values()) for t in (s.m, s.e))
     em.drop_dead_nodes()
+    em.kinds = {}  # emitted: the parameter values live on as the constants' mantissas only
     return em, len(outs), score_map
 
 
@@ -103,27 +137,33 @@ def scores(
     """score_i = |theta_i| d||Phi||_1/d|theta_i| = the l1 path mass through parameter entry i, for every
     parameter tensor (keys: the user's initializer names; folded tensors list their sources)."""
     graph = analyse(model, output, input_shapes).graph
-    params = {p.name: p for p in graph.params()}
     em, n_outs, score_map = scores_graph(graph)
+    layouts = {p.name: (p.value.shape, p.transposed, tuple(p.sources)) for p in graph.params()}
+    feeds, outputs = ones_feeds(graph), list(graph.outputs)
+    # from here on only the session's copies of the constants are needed: without the float64 IR parameters
+    # (2x the model's parameter bytes) and our mantissas (1x) the peak memory stays within 3x params + activations
+    del graph
     session, dev = make_session(em.model(), device, em.external, level=LEVEL)
-    values = session.run(None, ones_feeds(graph))
+    values = session.run(None, feeds)
+    del session
     pairs = [(values[i], float(values[i + 1])) for i in range(0, len(values), 2)]
+    del values
     log10_norm = log10_total(pairs[:n_outs])
-    result = ScoresResult(log10_norm, list(graph.outputs), dev)
+    result = ScoresResult(log10_norm, outputs, dev)
     log2_norm = log10_norm / LOG10_2
     for name, (mant, exp) in zip(score_map, pairs[n_outs:]):
-        relative = _relative(mant, exp - log2_norm)  # <= 1: a score never exceeds the path-norm
         total, top = float(mant.sum(dtype=np.float64)), float(mant.max()) if mant.size else 0.0
-        p = params[name]
-        relative = relative.reshape(p.value.shape)
-        if p.transposed:  # back to the layout of the user's initializer
-            relative = relative.T
+        shape, transposed, sources = layouts[name]
+        mant = mant.reshape(shape)
+        if transposed:  # back to the layout of the user's initializer
+            mant = mant.T
         result.tensors[name] = TensorScores(
             name,
-            tuple(relative.shape),
+            tuple(mant.shape),
             math.log10(total) + exp * LOG10_2 if total > 0 else -math.inf,
             math.log10(top) + exp * LOG10_2 if top > 0 else -math.inf,
-            relative,
-            tuple(p.sources),
+            mant,
+            exp - log2_norm,  # <= 1 in all: a score never exceeds the path-norm
+            sources,
         )
     return result

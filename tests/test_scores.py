@@ -115,3 +115,34 @@ def test_scores_survive_huge_norms():
         t = result.tensors[f"W{i}"]
         assert t.relative.sum() == pytest.approx(1.0, rel=1e-5)  # every path crosses every layer
         assert t.log10_sum == pytest.approx(result.log10_path_norm, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(F.FAMILIES)[:6])
+def test_comparable_arrays_are_the_relative_scores_exactly(family):
+    """The selection arrays pruning sorts are the float32 mantissas times integer powers of two, exactly: their
+    order is the order of the relative scores."""
+    result = scores(F.build(family, 0).model)
+    names = list(result.tensors)
+    values, log2_factor = result.comparable(names)
+    for n in names:
+        t = result.tensors[n]
+        assert values[n].shape == t.shape and values[n].dtype == np.float32
+        drop = t.shift - log2_factor
+        assert drop == pytest.approx(round(drop), abs=1e-9)
+        np.testing.assert_array_equal(values[n], np.ldexp(t.mantissa.astype(np.float64), round(drop)))
+        np.testing.assert_allclose(values[n].astype(np.float64) * 2.0**log2_factor, t.relative, rtol=1e-15, atol=0)
+
+
+def test_comparable_falls_back_to_float64_when_float32_would_underflow():
+    from onnxlip.scores import ScoresResult, TensorScores
+
+    big = TensorScores("a", (3,), 0.0, 0.0, np.array([1.0, 0.5, 0.0], np.float32), -1.0, ("a",))
+    far = TensorScores("b", (2,), 0.0, 0.0, np.array([1.0, 2.0**-20], np.float32), -1.0 - 120, ("b",))
+    result = ScoresResult(0.0, ["y"], "cpu", {"a": big, "b": far})
+    values, log2_factor = result.comparable(["a", "b"])
+    assert log2_factor == 0.0 and values["b"].dtype == np.float64  # 2**-20 * 2**-120 is below float32's range
+    assert values["b"][1] == 2.0**-141
+    near = TensorScores("b", (2,), 0.0, 0.0, np.array([1.0, 2.0**-2], np.float32), -1.0 - 120, ("b",))
+    result.tensors["b"] = near
+    values, log2_factor = result.comparable(["a", "b"])
+    assert log2_factor == -1.0 and values["b"].dtype == np.float32 and values["b"][1] == np.float32(2.0**-122)
