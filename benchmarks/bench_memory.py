@@ -73,6 +73,7 @@ def main() -> None:
     import onnx
 
     from benchmarks.resnet_onnx import resnet18, with_weights
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--calls", default="scores,path_norm,bound,prune_sweep")
@@ -83,17 +84,20 @@ def main() -> None:
         tiny = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"  # warms the libraries up
         model = resnet18()
         onnx.save(model, str(base))
-        onnx.save(with_weights(model, lambda n, a: np.where(np.abs(a) < np.quantile(np.abs(a), 0.4), 0, a)), str(variant))
+        pruned = with_weights(model, lambda n, a: np.where(np.abs(a) < np.quantile(np.abs(a), 0.4), 0, a))
+        onnx.save(pruned, str(variant))
         params, acts = param_and_activation_bytes(base)
         budget = 3 * params + acts
         r = {"param_bytes": params, "activation_bytes": acts, "budget_bytes": budget}
-        print(f"parameters {params / 2**20:.1f} MiB, activations {acts / 2**20:.1f} MiB, budget 3P+A {budget / 2**20:.1f} MiB")
+        mib = 2.0**20
+        print(f"parameters {params / mib:.1f} MiB, activations {acts / mib:.1f} MiB, 3P+A {budget / mib:.1f} MiB")
         for call in args.calls.split(","):
             peak = measure(call, base, variant, tiny)
             r[f"{call}_peak_extra_bytes"] = peak
             r[f"{call}_over_budget"] = peak / budget
             r[f"{call}_over_params"] = peak / params
-            print(f"{call:12s} peak extra {peak / 2**20:7.1f} MiB = {peak / params:4.1f}x params = {peak / budget:4.2f}x budget")
+            ratios = f"{peak / params:4.1f}x params = {peak / budget:4.2f}x budget"
+            print(f"{call:12s} peak extra {peak / mib:7.1f} MiB = {ratios}")
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
 
