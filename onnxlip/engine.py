@@ -116,6 +116,9 @@ class MetricEngine:
         self._dominated: CompiledCompanion | None = None
         self._general: CompiledCompanion | None = None
         self._values: CompiledCompanion | None = None
+        # pruned(): per-parameter output buffers for the kept and moved mantissas, and zero deltas
+        self._buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._zeros: dict[str, np.ndarray] = {}
 
     # ---- sessions ------------------------------------------------------------------------------------------
     def _compile(self, kinds, fed, ones_fed) -> CompiledCompanion:
@@ -192,11 +195,17 @@ class MetricEngine:
         for n, (m, e) in self.base_pairs.items():
             k = keep.get(n)
             if k is None:
-                lo[n], delta[n] = (m, e), (np.zeros_like(m), e)
+                if n not in self._zeros:
+                    self._zeros[n] = np.zeros_like(m)
+                lo[n], delta[n] = (m, e), (self._zeros[n], e)
             else:  # exact: each mantissa is either kept or moved to delta
-                kept = m * k
-                lo[n], delta[n] = (kept, e), (m - kept, e)
-                changed += int(np.count_nonzero(delta[n][0]))
+                if n not in self._buffers:  # reused across calls: fresh pages are slow to fault in
+                    self._buffers[n] = (np.empty_like(m), np.empty_like(m))
+                kept, moved = self._buffers[n]
+                np.multiply(m, k, out=kept)
+                np.subtract(m, kept, out=moved)
+                lo[n], delta[n] = (kept, e), (moved, e)
+                changed += int(np.count_nonzero(moved))
         return self.dominated(lo, delta, changed, upper)
 
     def general_log10(self, va_abs: dict[str, np.ndarray], vb_abs: dict[str, np.ndarray]) -> tuple[float, str]:
