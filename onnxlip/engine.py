@@ -89,6 +89,10 @@ def subtraction_metric(log10_a: float, log10_b: float, margin: float) -> tuple[f
     return log10_a + math.log10(share), max(rounding, margin)
 
 
+def _abs_max(v: np.ndarray) -> float:
+    return max(float(v.max()), -float(v.min())) if v.size else 0.0
+
+
 class MetricEngine:
     """Path-metrics between one base parameter set and many others of the same architecture.
 
@@ -101,9 +105,9 @@ class MetricEngine:
     def __init__(self, graph: Graph, device: str = "auto"):
         self.graph, self.device = graph, device
         self.base = {p.name: p.value for p in graph.params()}
-        self.base_abs = {n: np.abs(v) for n, v in self.base.items()}
+        self._base_abs: dict[str, np.ndarray] | None = None
         # |base| <= 2**e: also a bound for every lo and delta of a variant the base dominates
-        self.base_exp = {n: int(np.frexp(float(a.max()))[1]) if a.size else 0 for n, a in self.base_abs.items()}
+        self.base_exp = {n: int(np.frexp(_abs_max(v))[1]) for n, v in self.base.items()}
         # parameters that multiply (weights, scales): their kept l1 mass predicts how much path mass survives
         self._multiplicative = [
             p.name for node in graph.nodes for role, p in node.params.items() if role in ("weight", "scale")
@@ -129,10 +133,17 @@ class MetricEngine:
         )
 
     @property
+    def base_abs(self) -> dict[str, np.ndarray]:
+        """|base| (built on first use: pruning needs only the mantissas)."""
+        if self._base_abs is None:
+            self._base_abs = {n: np.abs(v) for n, v in self.base.items()}
+        return self._base_abs
+
+    @property
     def base_pairs(self) -> Pairs:
         """|base| as float32 mantissas with the exponents base_exp (the exact normalisation of companion.py)."""
         if self._base_pairs is None:
-            self._base_pairs = {n: normalized_power(a, 1.0, self.base_exp[n]) for n, a in self.base_abs.items()}
+            self._base_pairs = {n: normalized_power(v, 1.0, self.base_exp[n]) for n, v in self.base.items()}
         return self._base_pairs
 
     def log10_norm(self, pairs: Pairs) -> tuple[float, str]:
@@ -164,11 +175,11 @@ class MetricEngine:
         ||Phi(v)|| / ||Phi(base)|| (exact for one path; only used to pick a route)."""
         ratio = 1.0
         for n in self._multiplicative:
-            if n not in self._base_mass:
-                self._base_mass[n] = float(self.base_pairs[n][0].sum(dtype=np.float64))
+            if n not in self._base_mass:  # float32 (pairwise) sums: a guess needs no more precision
+                self._base_mass[n] = float(self.base_pairs[n][0].sum())
             base = self._base_mass[n]
             if base > 0 and lo[n][0] is not self.base_pairs[n][0]:
-                ratio *= float(lo[n][0].sum(dtype=np.float64)) / base
+                ratio *= float(lo[n][0].sum()) / base
         return ratio
 
     def dominated(self, lo: Pairs, delta: Pairs, changed: int, upper=None) -> MetricOutcome:

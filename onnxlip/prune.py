@@ -147,6 +147,24 @@ def ir_keep_masks(graph: Graph, masks: Mapping[str, np.ndarray]) -> dict[str, np
     return out
 
 
+class _PrunedShare:
+    """Sum of the pruned entries' relative path-magnitude scores, by float32 dot products with reused
+    buffers (a route hint needs no more precision; fresh memory is slow to fault in)."""
+
+    def __init__(self, values: Mapping[str, np.ndarray], log2_factor: float):
+        self.values, self.factor = values, 2.0**log2_factor
+        self.totals = {n: float(v.sum()) for n, v in values.items()}
+        self.scratch = {n: np.empty(v.shape, v.dtype) for n, v in values.items()}
+
+    def pruned_share(self, masks: Mapping[str, np.ndarray]) -> float:
+        pruned = 0.0
+        for n, v in self.values.items():
+            if n in masks:
+                np.copyto(self.scratch[n], masks[n])
+                pruned += self.totals[n] - float(np.dot(v.ravel(), self.scratch[n].ravel()))
+        return max(pruned, 0.0) * self.factor
+
+
 def _pruned_metric(m: Analysed, masks, engine: MetricEngine, path_scores, device: str) -> PathMetricResult:
     keep = ir_keep_masks(m.graph, masks)
     if keep is None:  # re-import the pruned file
@@ -157,12 +175,7 @@ def _pruned_metric(m: Analysed, masks, engine: MetricEngine, path_scores, device
     # the pruned entries' relative path-magnitude scores bound metric / ||Phi|| from above (theory.md
     # section 4: each score is the first-order loss, and the loss is sub-additive): a hint for the route
     def upper() -> float:
-        values, log2_factor = path_scores
-        # float32 dot products: a hint needs no more precision
-        pruned = sum(
-            float(np.dot(s.ravel(), (~masks[n].ravel()).astype(s.dtype))) for n, s in values.items() if n in masks
-        )
-        return pruned * 2.0**log2_factor
+        return path_scores.pruned_share(masks)
 
     return metric_result(engine.pruned(keep, None if path_scores is None else upper))
 
@@ -228,7 +241,7 @@ def prune_sweep(
     for criterion in criteria:
         scores, log2_factor = _criterion(m, tensors, criterion, device)
         if criterion == "path-magnitude":
-            path_scores = (scores, log2_factor)
+            path_scores = _PrunedShare(scores, log2_factor)
         for sparsity, masks in zip(sparsities, masks_for_many(scores, sparsities, scope)):
             if out_path is not None:
                 onnx.save(apply_masks(m.proto, masks), str(out_path))
