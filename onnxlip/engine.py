@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blockwise import abs_difference, abs_gap, abs_max, abs_max_of, abs_min_of, compare, exponent_of, mantissas, same
 from .companion import CompanionEmitter, Scaled, emit_metric, emit_pathnorm, log10_total, normalized_power, ones_feeds
 from .ir import Graph
 from .rounding import relative_error_bound
@@ -89,10 +90,6 @@ def subtraction_metric(log10_a: float, log10_b: float, margin: float) -> tuple[f
     return log10_a + math.log10(share), max(rounding, margin)
 
 
-def _abs_max(v: np.ndarray) -> float:
-    return max(float(v.max()), -float(v.min())) if v.size else 0.0
-
-
 class MetricEngine:
     """Path-metrics between one base parameter set and many others of the same architecture.
 
@@ -105,9 +102,8 @@ class MetricEngine:
     def __init__(self, graph: Graph, device: str = "auto"):
         self.graph, self.device = graph, device
         self.base = {p.name: p.value for p in graph.params()}
-        self._base_abs: dict[str, np.ndarray] | None = None
         # |base| <= 2**e: also a bound for every lo and delta of a variant the base dominates
-        self.base_exp = {n: int(np.frexp(_abs_max(v))[1]) for n, v in self.base.items()}
+        self.base_exp = {n: exponent_of(abs_max(v)) for n, v in self.base.items()}
         # parameters that multiply (weights, scales): their kept l1 mass predicts how much path mass survives
         self._multiplicative = [
             p.name for node in graph.nodes for role, p in node.params.items() if role in ("weight", "scale")
@@ -123,6 +119,7 @@ class MetricEngine:
         # pruned(): per-parameter output buffers for the kept and moved mantissas, and zero deltas
         self._buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._zeros: dict[str, np.ndarray] = {}
+        self._scratch: dict[tuple[str, str], np.ndarray] = {}  # metric(): float32 mantissa buffers
 
     # ---- sessions ------------------------------------------------------------------------------------------
     def _compile(self, kinds, fed, ones_fed) -> CompiledCompanion:
@@ -131,13 +128,6 @@ class MetricEngine:
         return CompiledCompanion(
             self.graph, em, emit_metric(self.graph, em), self.device, "none" if ones_fed else "fold"
         )
-
-    @property
-    def base_abs(self) -> dict[str, np.ndarray]:
-        """|base| (built on first use: pruning needs only the mantissas)."""
-        if self._base_abs is None:
-            self._base_abs = {n: np.abs(v) for n, v in self.base.items()}
-        return self._base_abs
 
     @property
     def base_pairs(self) -> Pairs:
@@ -219,18 +209,25 @@ class MetricEngine:
                 changed += int(np.count_nonzero(moved))
         return self.dominated(lo, delta, changed, upper)
 
-    def general_log10(self, va_abs: dict[str, np.ndarray], vb_abs: dict[str, np.ndarray]) -> tuple[float, str]:
-        """log10 of ||Phi(hi)||_1 - ||Phi(lo)||_1 without cancellation (an upper bound of the metric)."""
-        hi = {n: np.maximum(va_abs[n], b) for n, b in vb_abs.items()}
-        lo = {n: np.minimum(va_abs[n], b) for n, b in vb_abs.items()}
-        delta = {n: hi[n] - lo[n] for n in hi}
-        exps = {}
-        for n, h in hi.items():
-            exps[n] = int(np.frexp(float(h.max()))[1]) if h.size else 0
+    def _buffer(self, kind: str, name: str) -> np.ndarray:
+        """A float32 buffer shaped like parameter `name`, reused across calls (fresh pages are slow)."""
+        key = (kind, name)
+        if key not in self._scratch:
+            self._scratch[key] = np.empty(self.base[name].shape, np.float32)
+        return self._scratch[key]
+
+    def general_log10(self, va: dict[str, np.ndarray], vb: dict[str, np.ndarray]) -> tuple[float, str]:
+        """log10 of ||Phi(hi)||_1 - ||Phi(lo)||_1 without cancellation (an upper bound of the metric), with
+        hi = max(|va|, |vb|) and lo = min(|va|, |vb|) entrywise."""
+        pairs: dict[str, Pairs] = {"hi": {}, "lo": {}, "delta": {}}
+        for n, b in vb.items():
+            a = va[n]
+            e = exponent_of(max(abs_max(a), abs_max(b)))
+            for kind, fn in (("hi", abs_max_of), ("lo", abs_min_of), ("delta", abs_gap)):
+                pairs[kind][n] = mantissas(fn, (a, b), e, self._buffer(kind, n))
         if self._general is None:
             self._general = self._compile({}, ("hi", "lo", "delta"), ones_fed=True)
-        kinds = {"hi": hi, "lo": lo, "delta": delta}
-        return self._general.log10(kinds, {k: exps for k in kinds}), self._general.device
+        return self._general.log10(pairs=pairs), self._general.device
 
     def metric(self, vb: dict[str, np.ndarray]) -> MetricOutcome:
         """The metric between the base and vb, choosing the cheapest exact or certified route."""
@@ -238,31 +235,25 @@ class MetricEngine:
         flips = changed = 0
         dominated = dominating = True
         for n, a in va.items():
-            b = vb[n]
-            diff = a != b
-            count = int(np.count_nonzero(diff))
-            if count == 0:
-                continue
-            changed += count
-            ac, bc = a[diff], b[diff]
-            flips += int(np.count_nonzero(((ac < 0) & (bc > 0)) | ((ac > 0) & (bc < 0))))
-            aa, ab = np.abs(ac), np.abs(bc)
-            dominated = dominated and bool(np.all(ab <= aa))
-            dominating = dominating and bool(np.all(aa <= ab))
-        vb_abs = {n: np.abs(v) for n, v in vb.items()}
+            c, f, below, above = compare(a, vb[n])
+            changed, flips = changed + c, flips + f
+            dominated, dominating = dominated and below, dominating and above
         if flips == 0:
             if dominated:
-                lo = {n: normalized_power(b, 1.0, self.base_exp[n]) for n, b in vb_abs.items()}
-                delta = {n: normalized_power(self.base_abs[n] - b, 1.0, self.base_exp[n]) for n, b in vb_abs.items()}
+                lo = {n: mantissas(same, (b,), self.base_exp[n], self._buffer("lo", n)) for n, b in vb.items()}
+                delta = {
+                    n: mantissas(abs_difference, (va[n], b), self.base_exp[n], self._buffer("delta", n))
+                    for n, b in vb.items()
+                }
                 return self.dominated(lo, delta, changed)
-            log10_m, dev = self.general_log10(self.base_abs, vb_abs)
+            log10_m, dev = self.general_log10(va, vb)
             return MetricOutcome(log10_m, dominating, 0, changed, "none needed", dev, self.metric_margin, ROUTE_HILO)
         # theory.md section 3: mid = base with the flipped entries zeroed; (base, mid) and (mid, vb) are
         # same-sign pairs and the base dominates mid
-        keep = {n: ~(((va[n] < 0) & (vb[n] > 0)) | ((va[n] > 0) & (vb[n] < 0))) for n in va}
+        keep = {n: np.sign(va[n]) * np.sign(vb[n]) >= 0 for n in va}
         first = self.pruned(keep, upper=0.0)  # upper=0: the difference stream, whose margin covers both parts
-        mid_abs = {n: np.where(keep[n], self.base_abs[n], 0).astype(self.base_abs[n].dtype) for n in va}
-        second, dev = self.general_log10(mid_abs, vb_abs)
+        mid = {n: np.where(keep[n], va[n], 0.0).astype(va[n].dtype) for n in va}
+        second, dev = self.general_log10(mid, vb)
         return MetricOutcome(
             _log10_add(first.log10_metric, second),
             False,

@@ -1,0 +1,68 @@
+"""Block-by-block passes (onnxlip/blockwise.py) equal the whole-array computations they replace, across block
+boundaries, for float32 and float64 parameters, with zeros, ties and values whose products underflow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxlip import blockwise as B
+from onnxlip.companion import normalized_power
+
+
+def _pair(rng, size, dtype, kind):
+    a = rng.normal(size=size).astype(dtype)
+    b = a.copy()
+    if kind == "pruned":
+        b[rng.random(size) < 0.3] = 0
+    elif kind == "quantized":
+        b = (np.round(a * 7) / 7).astype(dtype)
+    elif kind == "flipped":
+        flip = rng.random(size) < 1e-4
+        b[flip] = -b[flip]
+    elif kind == "tiny":  # products of these underflow to 0 in float64: a sign test must not multiply values
+        a = np.full(size, 1e-200, dtype)
+        b = a.copy()
+        b[size // 2] = -1e-200
+    return a, b
+
+
+@pytest.mark.parametrize("kind", ["pruned", "quantized", "flipped", "tiny", "same"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compare_counts_like_the_whole_array_test(kind, dtype):
+    if kind == "tiny" and dtype == np.float32:
+        pytest.skip("1e-200 is not a float32")
+    rng = np.random.default_rng(0)
+    a, b = _pair(rng, 3 * B.BLOCK + 17, dtype, kind)
+    changed, flips, dominated, dominating = B.compare(a.reshape(-1, 1, 1), b.reshape(-1, 1, 1))
+    assert changed == np.count_nonzero(a != b)
+    assert flips == np.count_nonzero(((a < 0) & (b > 0)) | ((a > 0) & (b < 0)))
+    assert dominated == bool(np.all(np.abs(b) <= np.abs(a)))
+    assert dominating == bool(np.all(np.abs(a) <= np.abs(b)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mantissas_are_bit_identical_to_normalized_power(dtype):
+    rng = np.random.default_rng(1)
+    a, b = _pair(rng, 5 * (B.BLOCK // 2 + 3), dtype, "quantized")
+    a, b = a.reshape(-1, 5), b.reshape(-1, 5)
+    cases = [
+        (B.same, (b,), np.abs(b)),
+        (B.abs_difference, (a, b), np.abs(a) - np.abs(b)),
+        (B.abs_max_of, (a, b), np.maximum(np.abs(a), np.abs(b))),
+        (B.abs_min_of, (a, b), np.minimum(np.abs(a), np.abs(b))),
+        (B.abs_gap, (a, b), np.maximum(np.abs(a), np.abs(b)) - np.minimum(np.abs(a), np.abs(b))),
+    ]
+    for exponent in (B.exponent_of(max(B.abs_max(a), B.abs_max(b))), 130, -140):  # the float64 path too
+        for fn, args, whole in cases:
+            out = np.empty(a.shape, np.float32)
+            got, e = B.mantissas(fn, args, exponent, out)
+            want, e_want = normalized_power(whole, 1.0, exponent)
+            assert got is out and e == e_want
+            np.testing.assert_array_equal(got, want)
+
+
+def test_exponent_matches_frexp_of_the_maximum():
+    v = np.array([[-3.0, 2.5], [0.0, 1.0]])
+    assert B.abs_max(v) == 3.0 and B.exponent_of(3.0) == 2
+    assert B.abs_max(np.zeros(0)) == 0.0 and B.exponent_of(0.0) == 0
