@@ -65,11 +65,11 @@ def scores_run(path: Path, repeat: int) -> float:
     """Median time of the scores graph run alone (companion forward + adjoint + weight gradients), prebuilt."""
     from onnxlip.companion import ones_feeds
     from onnxlip.runtime import make_session
-    from onnxlip.scores import LEVEL, scores_graph
+    from onnxlip.scores import LEVEL, PREPACK, scores_graph
 
     graph = analyse(path).graph
     em, _, _ = scores_graph(graph)
-    session, _ = make_session(em.model(), "cpu", em.external, level=LEVEL)
+    session, _ = make_session(em.model(), "cpu", em.external, level=LEVEL, prepack=PREPACK)
     feeds = ones_feeds(graph)
     return median_time(lambda: session.run(None, feeds), repeat)
 

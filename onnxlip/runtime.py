@@ -26,11 +26,16 @@ LEVELS = {
 }
 
 
-def session_options(external: dict[str, np.ndarray] | None = None, level: str = "none") -> ort.SessionOptions:
-    """Quiet options; `external` constants are handed over in memory (no protobuf copy)."""
+def session_options(
+    external: dict[str, np.ndarray] | None = None, level: str = "none", prepack: bool = True
+) -> ort.SessionOptions:
+    """Quiet options; `external` constants are handed over in memory (no protobuf copy). `prepack=False` skips
+    onnxruntime's weight prepacking (ConvTranspose, Gemm), which costs a one-shot graph more than it saves."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     opts.graph_optimization_level = LEVELS[level]
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if external:
         names = list(external)
         opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(external[n]) for n in names])
@@ -42,6 +47,7 @@ def make_session(
     device: str = "auto",
     external: dict[str, np.ndarray] | None = None,
     level: str = "none",
+    prepack: bool = True,
 ) -> tuple[ort.InferenceSession, str]:
     """A session on the requested device; returns (session, "cuda" | "cpu"). `external`: constants the model
     declares as external data, passed in memory. onnxruntime copies them into the session while it loads the
@@ -57,7 +63,7 @@ def make_session(
             # TF32 would round products to 10-bit mantissas and void the rounding margin (rounding.py)
             cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})
             sess = ort.InferenceSession(
-                data, session_options(external, level), providers=[cuda, "CPUExecutionProvider"]
+                data, session_options(external, level, prepack), providers=[cuda, "CPUExecutionProvider"]
             )
             _cuda_works = sess.get_providers()[0] == "CUDAExecutionProvider"
             if _cuda_works:
@@ -68,7 +74,7 @@ def make_session(
     if device == "cuda":
         raise OnnxlipError("--device cuda was requested, but onnxruntime's CUDA provider does not load on this machine")
     try:
-        sess = ort.InferenceSession(data, session_options(external, level), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, session_options(external, level, prepack), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise OnnxlipError(f"onnxruntime could not build the graph: {exc}") from None
     _release(external)

@@ -16,11 +16,12 @@ from .ir import Graph
 from .loading import ModelLike
 from .runtime import make_session
 
-# Constant folding: the adjoint stream depends on the weights only (the companion of a ReLU network is linear),
-# so onnxruntime evaluates it while it builds the session. ResNet-18 on 2 CPU cores: from file to result as fast
-# as "none" (~0.35 s), the run itself 3.2x a plain forward instead of 4.8x; "all" runs at ~2.9x but builds the
-# session ~70 ms slower.
-LEVEL = "fold"
+# Session options for the one-shot scores graph. "fold" would evaluate the adjoint (which depends on the weights
+# only) while the session is built; "none" without weight prepacking builds in less than half the time and the
+# first run is the whole forward + adjoint + weight-gradient work: the fastest from file to scores
+# (benchmarks/README.md).
+LEVEL = "none"
+PREPACK = False
 
 
 @dataclass
@@ -143,7 +144,7 @@ def scores(
     # from here on only the session's copies of the constants are needed: without the float64 IR parameters
     # (2x the model's parameter bytes) and our mantissas (1x) the peak memory stays within 3x params + activations
     del graph
-    session, dev = make_session(em.model(), device, em.external, level=LEVEL)
+    session, dev = make_session(em.model(), device, em.external, level=LEVEL, prepack=PREPACK)
     values = session.run(None, feeds)
     del session
     pairs = [(values[i], float(values[i + 1])) for i in range(0, len(values), 2)]
