@@ -151,18 +151,18 @@ def _merge(src: Node, aff: Node, shape: tuple[int, ...]) -> Node | None:
     if s is None or c is None:
         return None
     w = src.params["weight"]
-    wv = w.value
+    wv = w.value.astype(np.float64)  # a copy; then scaled in place (same values as w * s, no mixed-type loop)
     if src.op == "conv":
-        wv = wv * s.reshape((-1,) + (1,) * (wv.ndim - 1))
+        wv *= s.reshape((-1,) + (1,) * (wv.ndim - 1))
     elif src.op == "conv_transpose":
         group = src.attrs["group"]
         cin_g, cout_g = wv.shape[0] // group, wv.shape[1]
         factor = s[(np.arange(wv.shape[0])[:, None] // cin_g) * cout_g + np.arange(cout_g)[None, :]]
-        wv = wv * factor.reshape(factor.shape + (1,) * (wv.ndim - 2))
+        wv *= factor.reshape(factor.shape + (1,) * (wv.ndim - 2))
     elif src.attrs.get("side", "right") == "right":
-        wv = wv * s[None, :]
+        wv *= s[None, :]
     else:
-        wv = wv * s[:, None]
+        wv *= s[:, None]
     old_b = src.params.get("bias")
     if old_b is None:
         b_vec = np.zeros(channels)
