@@ -62,9 +62,11 @@ class CompiledCompanion:
 
 def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[float, str]:
     """log10 of sum_p |Phi_p|^q, by one run of the companion graph."""
-    em = CompanionEmitter(q, {"value": {p.name: p.value for p in graph.params()}}, "value")
+    # the weights are fed: onnxruntime reads our mantissas in place instead of copying them into the session
+    em = CompanionEmitter(q, {}, "value", fed=("value",))
     compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), device)
-    return compiled.log10(), compiled.device
+    pairs = {p.name: normalized_power(p.value, q) for p in graph.params()}
+    return compiled.log10(pairs={"value": pairs}), compiled.device
 
 
 def _log10_add(x: float, y: float) -> float:
