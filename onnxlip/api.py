@@ -142,12 +142,10 @@ def path_norm(
     """L^q path-norm ||Phi(theta)||_q^q... reported as ||Phi||_q (the q-th root), value and log10."""
     if not (isinstance(q, (int, float)) and math.isfinite(q) and q > 0):
         raise OnnxlipError(f"q must be a positive finite number, got {q!r}")
-    m = analyse(model, output, input_shapes)
-    log10_sum, dev = pathnorm_log10_power(m.graph, float(q), device)
+    graph = analyse(model, output, input_shapes).graph  # the protobuf is released before the run (memory)
+    log10_sum, dev = pathnorm_log10_power(graph, float(q), device)
     log10_norm = log10_sum / q
-    return PathNormResult(
-        float(q), plain_value(log10_norm), log10_norm, dev, m.graph.num_parameters, list(m.graph.outputs)
-    )
+    return PathNormResult(float(q), plain_value(log10_norm), log10_norm, dev, graph.num_parameters, list(graph.outputs))
 
 
 def metric_between(base: Analysed, other: Analysed, device: str = "auto", engine: MetricEngine | None = None):
