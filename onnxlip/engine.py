@@ -118,10 +118,7 @@ class MetricEngine:
         self._dominated: CompiledCompanion | None = None
         self._general: CompiledCompanion | None = None
         self._values: CompiledCompanion | None = None
-        # pruned(): per-parameter output buffers for the kept and moved mantissas, and zero deltas
-        self._buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._zeros: dict[str, np.ndarray] = {}
-        self._scratch: dict[tuple[str, str], np.ndarray] = {}  # metric(): float32 mantissa buffers
+        self._buffers: dict[tuple[str, str], np.ndarray] = {}  # float32 mantissa buffers, see _buffer
 
     # ---- sessions ------------------------------------------------------------------------------------------
     def _compile(self, kinds, fed, ones_fed) -> CompiledCompanion:
@@ -198,13 +195,9 @@ class MetricEngine:
         for n, (m, e) in self.base_pairs.items():
             k = keep.get(n)
             if k is None:
-                if n not in self._zeros:
-                    self._zeros[n] = np.zeros_like(m)
-                lo[n], delta[n] = (m, e), (self._zeros[n], e)
+                lo[n], delta[n] = (m, e), (self._buffer("zero", n), e)
             else:  # exact: each mantissa is either kept or moved to delta
-                if n not in self._buffers:  # reused across calls: fresh pages are slow to fault in
-                    self._buffers[n] = (np.empty_like(m), np.empty_like(m))
-                kept, moved = self._buffers[n]
+                kept, moved = self._buffer("kept", n), self._buffer("moved", n)
                 np.multiply(m, k, out=kept)
                 np.subtract(m, kept, out=moved)
                 lo[n], delta[n] = (kept, e), (moved, e)
@@ -212,11 +205,12 @@ class MetricEngine:
         return self.dominated(lo, delta, changed, upper)
 
     def _buffer(self, kind: str, name: str) -> np.ndarray:
-        """A float32 buffer shaped like parameter `name`, reused across calls (fresh pages are slow)."""
+        """A float32 buffer shaped like parameter `name`, reused across calls: fresh pages are slow to fault in
+        (benchmarks/README.md). The "zero" kind is all zeros and stays so."""
         key = (kind, name)
-        if key not in self._scratch:
-            self._scratch[key] = np.empty(self.base[name].shape, np.float32)
-        return self._scratch[key]
+        if key not in self._buffers:
+            self._buffers[key] = (np.zeros if kind == "zero" else np.empty)(self.base[name].shape, np.float32)
+        return self._buffers[key]
 
     def general_log10(self, va: dict[str, np.ndarray], vb: dict[str, np.ndarray]) -> tuple[float, str]:
         """log10 of ||Phi(hi)||_1 - ||Phi(lo)||_1 without cancellation (an upper bound of the metric), with
