@@ -191,13 +191,17 @@ class CompanionEmitter(GraphBuilder):
         key = (kind, param.name)
         if key not in self._weights:
             if kind in self.fed:
-                m = self.add_input(self.fresh(f"{kind}_{param.name}"), param.value.shape)
+                m = self.add_input(self.fresh(f"{kind}_{param.name}"), param.shape)
                 e = self.add_input(self.fresh(f"{kind}_{param.name}_exp"), ())
                 self.feed_specs[m] = (kind, param.name, "m")
                 self.feed_specs[e] = (kind, param.name, "e")
                 self._weights[key] = Scaled(m, e)
             else:
-                m_arr, e_val = normalized_power(self.kinds[kind][param.name], self.q)
+                source = self.kinds[kind][param.name]  # an array, or a Param (read without forming its value)
+                if isinstance(source, Param):
+                    m_arr, e_val = source.mantissas(self.q)
+                else:
+                    m_arr, e_val = normalized_power(source, self.q)
                 self._weights[key] = Scaled(self.const(m_arr, f"{kind}_{param.name}"), self.exponent(e_val))
         return self._weights[key]
 

@@ -65,7 +65,7 @@ def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[
     # the weights are fed: onnxruntime reads our mantissas in place instead of copying them into the session
     em = CompanionEmitter(q, {}, "value", fed=("value",))
     compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), device)
-    pairs = {p.name: normalized_power(p.value, q) for p in graph.params()}
+    pairs = {p.name: p.mantissas(q) for p in graph.params()}
     return compiled.log10(pairs={"value": pairs}), compiled.device
 
 

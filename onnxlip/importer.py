@@ -433,12 +433,7 @@ def _output_hint(nodes, issues, shapes, outputs, consts) -> str | None:
     return f"hint: to analyse the network up to the unsupported tail (e.g. the logits before a Softmax), use {flags}"
 
 
-def _all_finite(v: np.ndarray) -> bool:
-    """min and max propagate NaN and show +-Inf: two reductions, no full-size temporary."""
-    return v.size == 0 or bool(np.isfinite(v.min()) and np.isfinite(v.max()))
-
-
 def _check_finite(ir: Graph) -> None:
-    bad = [p.name for p in ir.params() if not _all_finite(p.value)]
+    bad = [p.name for p in ir.params() if not p.all_finite()]
     if bad:
         raise OnnxlipError(f"parameter(s) {', '.join(sorted(set(bad))[:8])} contain NaN or Inf values")

@@ -16,17 +16,53 @@ import numpy as np
 @dataclass
 class Param:
     """A learned tensor. `name` is the user's initializer name (or a derived one); `sources` lists every
-    original initializer that was folded into it (e.g. a Conv weight and the BatchNorm scale)."""
+    original initializer that was folded into it (e.g. a Conv weight and the BatchNorm scale).
+
+    A folded weight may be kept as `factors` = (base, factor): value = float64(base) * factor (factor broadcasts
+    along the leading axis, e.g. BatchNorm's per-channel scale), formed on first access of `value`.
+    `mantissas(1)` reads the factors directly, block by block: a path-norm or a scores run never needs the
+    float64 copy (2x the model's parameter bytes, and fresh memory is slow on our machines)."""
 
     name: str
-    value: np.ndarray
+    _value: np.ndarray | None
     sources: tuple[str, ...] = ()
     # True when `value` is the transpose of the initializer `name` (Gemm transB, ...): scores map back with .T
     transposed: bool = False
+    factors: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def value(self) -> np.ndarray:
+        if self._value is None:
+            base, factor = self.factors
+            value = base.astype(np.float64)
+            value *= factor
+            self._value = value
+        return self._value
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._value.shape if self._value is not None else self.factors[0].shape)
 
     @property
     def size(self) -> int:
-        return int(self.value.size)
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def mantissas(self, q: float = 1.0) -> tuple[np.ndarray, int]:
+        """normalized_power(value, q) (companion.py), bit for bit, without forming `value` when it is factored."""
+        from .companion import normalized_power
+        from .folding import factored_mantissas
+
+        if self._value is not None or q != 1:
+            return normalized_power(self.value, q)
+        return factored_mantissas(*self.factors) or normalized_power(self.value, q)
+
+    def all_finite(self) -> bool:
+        """No NaN or Inf in `value` (checked on the factors when it is factored)."""
+        from .folding import factored_finite, finite
+
+        if self._value is None:
+            return factored_finite(*self.factors)
+        return finite(self._value)
 
 
 @dataclass

@@ -57,7 +57,7 @@ def pathnorm_bounds(
     values = {}
     for node in graph.nodes:
         for role, p in node.params.items():
-            values[p.name] = np.zeros_like(p.value) if role == "bias" else p.value
+            values[p.name] = np.zeros(p.shape) if role == "bias" else p  # a Param: read without forming it
     em = CompanionEmitter(1.0, {"value": values}, "value")
     outs, _, b_inputs = emit_scores(graph, em, input_paths_only=True)
     pieces = [outs[i] for i in range(len(outs))] + [b_inputs[t] for t in graph.inputs if t in b_inputs]

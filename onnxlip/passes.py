@@ -151,18 +151,18 @@ def _merge(src: Node, aff: Node, shape: tuple[int, ...]) -> Node | None:
     if s is None or c is None:
         return None
     w = src.params["weight"]
-    wv = w.value.astype(np.float64)  # a copy; then scaled in place (same values as w * s, no mixed-type loop)
+    wv = w.value  # the weight as it is: a factored weight folded again is formed first
     if src.op == "conv":
-        wv *= s.reshape((-1,) + (1,) * (wv.ndim - 1))
+        factor = s.reshape((-1,) + (1,) * (wv.ndim - 1))
     elif src.op == "conv_transpose":
         group = src.attrs["group"]
         cin_g, cout_g = wv.shape[0] // group, wv.shape[1]
         factor = s[(np.arange(wv.shape[0])[:, None] // cin_g) * cout_g + np.arange(cout_g)[None, :]]
-        wv *= factor.reshape(factor.shape + (1,) * (wv.ndim - 2))
+        factor = factor.reshape(factor.shape + (1,) * (wv.ndim - 2))
     elif src.attrs.get("side", "right") == "right":
-        wv *= s[None, :]
+        factor = s[None, :]
     else:
-        wv *= s[:, None]
+        factor = s[:, None]
     old_b = src.params.get("bias")
     if old_b is None:
         b_vec = np.zeros(channels)
@@ -172,15 +172,17 @@ def _merge(src: Node, aff: Node, shape: tuple[int, ...]) -> Node | None:
         b_vec = _channel_vector(old_b.value, rank, axis, channels)
         if b_vec is None:
             return None  # a full-shape Gemm bias: keep the affine separate
-    params = {"weight": _derived(w, wv, [w, scale_p])}
+    # kept as factors: value = float64(wv) * factor, formed only where a float64 copy is needed (ir.Param)
+    params = {"weight": _derived(w, None, [w, scale_p], factors=(wv, factor))}
     if old_b is not None or bias_p is not None:
         params["bias"] = _derived(old_b or bias_p, s * b_vec + c, [old_b, scale_p, bias_p])
     return replace(src, outputs=list(aff.outputs), params=params)
 
 
-def _derived(base: Param, value: np.ndarray, parts: list[Param | None]) -> Param:
+def _derived(base: Param, value: np.ndarray | None, parts: list[Param | None], factors=None) -> Param:
     sources: list[str] = []
     for p in parts:
         if p is not None:
             sources += [s for s in p.sources if s not in sources]
-    return Param(base.name, np.asarray(value, dtype=np.float64), tuple(sources), base.transposed)
+    value = None if value is None else np.asarray(value, dtype=np.float64)
+    return Param(base.name, value, tuple(sources), base.transposed, factors)

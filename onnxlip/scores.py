@@ -120,7 +120,7 @@ def _relative(mant: np.ndarray, shift: float) -> np.ndarray:
 def scores_graph(graph: Graph) -> tuple[CompanionEmitter, int, dict[str, Scaled]]:
     """The scores model: outputs are the (m, e) pairs of the companion outputs, then of every score."""
     params = {p.name: p for p in graph.params()}
-    em = CompanionEmitter(1.0, {"value": {n: p.value for n, p in params.items()}}, "value")
+    em = CompanionEmitter(1.0, {"value": params}, "value")
     outs, score_map, _ = emit_scores(graph, em)
     em.add_outputs(t for s in outs + list(score_map.values()) for t in (s.m, s.e))
     em.drop_dead_nodes()
@@ -139,7 +139,7 @@ def scores(
     parameter tensor (keys: the user's initializer names; folded tensors list their sources)."""
     graph = analyse(model, output, input_shapes).graph
     em, n_outs, score_map = scores_graph(graph)
-    layouts = {p.name: (p.value.shape, p.transposed, tuple(p.sources)) for p in graph.params()}
+    layouts = {p.name: (p.shape, p.transposed, tuple(p.sources)) for p in graph.params()}
     feeds, outputs = ones_feeds(graph), list(graph.outputs)
     # from here on only the session's copies of the constants are needed: without the float64 IR parameters
     # (2x the model's parameter bytes) and our mantissas (1x) the peak memory stays within 3x params + activations

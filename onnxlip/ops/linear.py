@@ -70,13 +70,13 @@ def _channel_bias_shape(node):
 
 
 def _kernel_terms(node, shapes):  # products per output entry: C_in/group * prod(kernel)
-    w = node.params["weight"].value.shape
+    w = node.params["weight"].shape
     per_group_in = w[1] if node.op == "conv" else w[0] // node.attrs["group"]
     return int(per_group_in * np.prod(w[2:]))
 
 
 def _dense_terms(node, shapes):
-    return int(node.params["weight"].value.shape[0 if node.attrs.get("side", "right") == "right" else 1])
+    return int(node.params["weight"].shape[0 if node.attrs.get("side", "right") == "right" else 1])
 
 
 _linear_rules("conv", _conv_apply, _kernel_terms, bias_shape=_channel_bias_shape)
@@ -397,7 +397,7 @@ def _dense_adjoint(node, em, a, b):
 
 def _dense_scores(node, em, a, b):
     w = em.weight(node.params["weight"])
-    rows, cols = node.params["weight"].value.shape
+    rows, cols = node.params["weight"].shape
     if node.attrs.get("side", "right") == "right":  # grad = sum over leading axes of a^T b: (K, N)
         a2 = em.op("Reshape", [a[0].m, em.i64([-1, rows])], "a2")
         b2 = em.op("Reshape", [b[0].m, em.i64([-1, cols])], "b2")
@@ -436,7 +436,7 @@ def _affine_scores(node, em, a, b):
         p = node.params["scale"]
         s = em.weight(p)
         ab = em.op("Mul", [a[0].m, b[0].m], "ab")
-        out["scale"] = Scaled(em.mul(s.m, reduce_to(em, ab, y_shape, p.value.shape)), em.add_exp(s.e, a[0].e, b[0].e))
+        out["scale"] = Scaled(em.mul(s.m, reduce_to(em, ab, y_shape, p.shape)), em.add_exp(s.e, a[0].e, b[0].e))
     out.update(_bias_scores(node, em, b[0], None))
     return out
 
