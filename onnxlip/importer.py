@@ -128,9 +128,9 @@ def import_model(model: ModelLike, options: ImportOptions | None = None) -> Grap
     for _ in range(16):
         count = len(nodes)
         nodes = _fold_constants(proto, nodes, consts, shapes, origins)
-        shapes = _infer_shapes(proto, nodes, inputs, consts)
-        if len(nodes) == count:
+        if len(nodes) == count:  # nothing folded: the shapes stand
             break
+        shapes = _infer_shapes(proto, nodes, inputs, consts)
 
     ctx = ImportContext(consts, shapes, opset, origins)
     ctx.users = {}
