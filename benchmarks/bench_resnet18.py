@@ -1,10 +1,13 @@
 """Speed of onnxlip on a ResNet-18-shaped model at 224x224, as ratios against one plain onnxruntime forward
-pass of the model and against the PyTorch reference method (path-norm toolkit style) when torch is installed.
+pass of the model and against the PyTorch reference methods (path-norm toolkit style) when torch is installed.
 
     python benchmarks/bench_resnet18.py [--repeat 7] [--json out.json]
 
-Measures: the companion run alone; `path_norm` from file to number; session creation; a sweep of one base
-against pruned and quantized variants (per-variant cost); `onnxlip bound a.onnx b.onnx` end to end (CLI)."""
+Measures: the companion run alone (both session levels) and the scores run alone, each interleaved with plain
+forward passes; `path_norm` and `scores` from file, interleaved with the torch references; session creation; a
+sweep of one base against pruned and quantized variants (per-variant cost, interleaved with forwards); a
+`prune --sweep` of 5 sparsities x 2 criteria against one `scores` call; `onnxlip bound a.onnx b.onnx` end to
+end (CLI). Every ratio compares calls made in turn within the same seconds (see `interleaved`)."""
 
 from __future__ import annotations
 
@@ -30,27 +33,34 @@ from onnxlip.companion import CompanionEmitter, emit_pathnorm  # noqa: E402
 from onnxlip.engine import CompiledCompanion  # noqa: E402
 
 
-def median_time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def interleaved(fns: dict, repeat: int, pause: float = 0.0) -> dict[str, float]:
+    """Median time of each function, the functions called in turn `repeat` times (after one warm-up round), so
+    that every ratio compares calls made within the same seconds: this machine's speed drifts by up to 2x within
+    minutes. `pause`: seconds of rest before each call (the torch reference's OpenMP threads spin on after it
+    returns and would slow the next call)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            time.sleep(pause)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def plain_forward(path: Path, repeat: int) -> tuple[float, float]:
-    """(median forward time, session creation time) with onnxruntime's default options."""
+def plain_forward(path: Path):
+    """(a function running one forward pass with onnxruntime's default options, session creation time)."""
     start = time.perf_counter()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     created = time.perf_counter() - start
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
-    return median_time(lambda: sess.run(None, {"input": x}), repeat), created
+    return (lambda: sess.run(None, {"input": x})), created
 
 
-def companion_run(path: Path, repeat: int, level: str = "none") -> tuple[float, float]:
-    """(median companion run time with a prebuilt session, session creation time). `level`: "none" is what
+def companion_run(path: Path, level: str = "none"):
+    """(a function running the prebuilt companion session, session creation time). `level`: "none" is what
     path_norm uses (fastest from file to number); "all" adds onnxruntime's NCHWc layouts, as the plain forward
     has them, for ~40 ms more session creation."""
     graph = analyse(path).graph
@@ -58,11 +68,12 @@ def companion_run(path: Path, repeat: int, level: str = "none") -> tuple[float, 
     start = time.perf_counter()
     compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), "cpu", level)
     created = time.perf_counter() - start
-    return median_time(compiled.log10, repeat), created
+    return compiled.log10, created
 
 
-def scores_run(path: Path, repeat: int) -> float:
-    """Median time of the scores graph run alone (companion forward + adjoint + weight gradients), prebuilt."""
+def scores_run(path: Path):
+    """A function running the prebuilt scores session: companion forward + adjoint + weight gradients, all at
+    run time (the session options scores() uses)."""
     from onnxlip.companion import ones_feeds
     from onnxlip.runtime import make_session
     from onnxlip.scores import LEVEL, PREPACK, scores_graph
@@ -71,47 +82,25 @@ def scores_run(path: Path, repeat: int) -> float:
     em, _, _ = scores_graph(graph)
     session, _ = make_session(em.model(), "cpu", em.external, level=LEVEL, prepack=PREPACK)
     feeds = ones_feeds(graph)
-    return median_time(lambda: session.run(None, feeds), repeat)
+    return lambda: session.run(None, feeds)
 
 
-def torch_reference(repeat: int) -> float | None:
-    """Path-norm toolkit style on an already-built torch ResNet-18: deepcopy to float64, abs of every weight,
-    BatchNorm as |affine|, max-pool as sum-pool, one forward of the all-ones input."""
-    try:
-        import torch
-        from torch import nn
-    except ImportError:
-        return None
-    from benchmarks.torch_resnet import ResNet18, reference_pathnorm
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    net = ResNet18().eval()
-    del nn
-    return median_time(lambda: reference_pathnorm(net), repeat)
-
-
-def torch_scores_reference(repeat: int) -> float | None:
+def torch_references():
+    """(path-norm, scores) reference functions on an already-built torch ResNet-18, or None without torch:
+    the path-norm toolkit's recipe (deep copy to float64, |weights|, BatchNorm as |affine|, max-pool as
+    sum-pool, one forward of the all-ones input) and float64 autograd of that companion network."""
     try:
         import torch  # noqa: F401
     except ImportError:
         return None
-    from benchmarks.torch_resnet import ResNet18, reference_scores
+    from benchmarks.torch_resnet import ResNet18, reference_pathnorm, reference_scores
 
     net = ResNet18().eval()
-    return median_time(lambda: reference_scores(net), repeat)
+    return (lambda: reference_pathnorm(net)), (lambda: reference_scores(net))
 
 
-def prune_costs(base: Path, repeat: int) -> tuple[float, float]:
-    """(one scores call, a --sweep over 5 sparsities for both criteria), from file."""
-    from onnxlip.prune import prune_sweep
-
-    reps = max(1, repeat // 3)
-    single = median_time(lambda: onnxlip.scores(base), reps)
-    swept = median_time(lambda: prune_sweep(base, [0.1, 0.2, 0.4, 0.6, 0.8]), reps)
-    return single, swept
-
-
-def sweep(base: Path, tmp: Path, repeat: int) -> dict:
+def variants(base: Path, tmp: Path) -> tuple[list[Path], list[Path]]:
+    """Five magnitude-pruned and three uniformly quantized copies of the base model, as files."""
     model = onnx.load(str(base))
     pruned, quantized = [], []
     for sparsity in (0.1, 0.2, 0.4, 0.6, 0.8):
@@ -126,13 +115,7 @@ def sweep(base: Path, tmp: Path, repeat: int) -> dict:
 
         quantized.append(tmp / f"int{bits}.onnx")
         onnx.save(with_weights(model, quant), str(quantized[-1]))
-    out = {}
-    for name, variants in (("pruning", pruned), ("quantization", quantized)):
-        reps = max(1, repeat // 3)
-        base_only = median_time(lambda v=variants: onnxlip.bound_many(base, v[:1], samples=0), reps)
-        total = median_time(lambda v=variants: onnxlip.bound_many(base, v, samples=0), reps)
-        out[name] = {"variants": len(variants), "per_variant_s": (total - base_only) / (len(variants) - 1)}
-    return out
+    return pruned, quantized
 
 
 def cli_bound(a: Path, b: Path) -> float:
@@ -142,51 +125,60 @@ def cli_bound(a: Path, b: Path) -> float:
 
 
 def main() -> None:
+    from onnxlip.prune import prune_sweep
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    n, few = args.repeat, max(3, args.repeat // 2)
+    r: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         base = tmp / "resnet18.onnx"
         onnx.save(resnet18(), str(base))
-        fwd, fwd_create = plain_forward(base, args.repeat)
-        comp, comp_create = companion_run(base, args.repeat)
-        comp_all, comp_all_create = companion_run(base, args.repeat, "all")
-        e2e = median_time(lambda: onnxlip.path_norm(base), args.repeat)
-        ref = torch_reference(args.repeat)
-        sw = sweep(base, tmp, args.repeat)
-        variant = tmp / "pruned0.4.onnx"
-        cli = statistics.median(cli_bound(base, variant) for _ in range(3))
-        scores_s, prune_sweep_s = prune_costs(base, args.repeat)
-        scores_run_s = scores_run(base, args.repeat)
-        torch_scores = torch_scores_reference(max(1, args.repeat // 2))
-    r = {
-        "plain_forward_s": fwd,
-        "plain_session_create_s": fwd_create,
-        "companion_run_s": comp,
-        "companion_run_over_forward": comp / fwd,
-        "companion_run_all_level_s": comp_all,
-        "companion_run_all_level_over_forward": comp_all / fwd,
-        "companion_session_create_all_level_s": comp_all_create,
-        "companion_session_create_s": comp_create,
-        "path_norm_from_file_s": e2e,
-        "torch_reference_s": ref,
-        "path_norm_over_torch_reference": None if ref is None else e2e / ref,
-        "sweep_pruning_per_variant_s": sw["pruning"]["per_variant_s"],
-        "sweep_pruning_per_variant_forwards": sw["pruning"]["per_variant_s"] / fwd,
-        "sweep_quantization_per_variant_s": sw["quantization"]["per_variant_s"],
-        "sweep_quantization_per_variant_forwards": sw["quantization"]["per_variant_s"] / fwd,
-        "cli_bound_end_to_end_s": cli,
-        "scores_run_s": scores_run_s,
-        "scores_run_over_forward": scores_run_s / fwd,
-        "scores_from_file_s": scores_s,
-        "scores_over_forward": scores_s / fwd,
-        "torch_scores_reference_s": torch_scores,
-        "scores_over_torch_reference": None if torch_scores is None else scores_s / torch_scores,
-        "prune_sweep_5x2_s": prune_sweep_s,
-        "prune_sweep_over_scores": prune_sweep_s / scores_s,
-    }
+        forward, r["plain_session_create_s"] = plain_forward(base)
+        comp, r["companion_session_create_s"] = companion_run(base)
+        comp_all, r["companion_session_create_all_level_s"] = companion_run(base, "all")
+        # each run against forwards alternating with it alone: a third call in the round (say the scores run,
+        # with its large buffers) would slow whichever call follows it
+        runs = {"companion_run": comp, "companion_run_all_level": comp_all, "scores_run": scores_run(base)}
+        for key, fn in runs.items():
+            t = interleaved({"forward": forward, "run": fn}, 3 * n)
+            r[f"{key}_s"], r[f"{key}_over_forward"] = t["run"], t["run"] / t["forward"]
+            r["plain_forward_s"] = t["forward"]
+
+        refs = torch_references()
+        fns = {"path_norm": lambda: onnxlip.path_norm(base), "scores": lambda: onnxlip.scores(base)}
+        if refs is not None:
+            fns.update(torch_path_norm=refs[0], torch_scores=refs[1])
+        t = interleaved(fns, n, pause=0.2)
+        r["path_norm_from_file_s"], r["scores_from_file_s"] = t["path_norm"], t["scores"]
+        r["torch_reference_s"] = t.get("torch_path_norm")
+        r["path_norm_over_torch_reference"] = t["path_norm"] / t["torch_path_norm"] if refs else None
+        r["torch_scores_reference_s"] = t.get("torch_scores")
+        r["scores_over_torch_reference"] = t["scores"] / t["torch_scores"] if refs else None
+
+        pruned, quantized = variants(base, tmp)
+        for name, vs in (("pruning", pruned), ("quantization", quantized)):
+            t = interleaved(
+                {
+                    "one": lambda v=vs: onnxlip.bound_many(base, v[:1], samples=0),
+                    "all": lambda v=vs: onnxlip.bound_many(base, v, samples=0),
+                    "forward": forward,
+                },
+                few,
+            )
+            per_variant = (t["all"] - t["one"]) / (len(vs) - 1)
+            r[f"sweep_{name}_per_variant_s"] = per_variant
+            r[f"sweep_{name}_per_variant_forwards"] = per_variant / t["forward"]
+
+        t = interleaved(
+            {"sweep": lambda: prune_sweep(base, [0.1, 0.2, 0.4, 0.6, 0.8]), "scores": lambda: onnxlip.scores(base)},
+            few,
+        )
+        r["prune_sweep_5x2_s"], r["prune_sweep_over_scores"] = t["sweep"], t["sweep"] / t["scores"]
+        r["cli_bound_end_to_end_s"] = statistics.median(cli_bound(base, pruned[2]) for _ in range(3))
     for k, v in r.items():
         print(f"{k:42s} {'-' if v is None else f'{v:.4f}'}")
     if args.json:
