@@ -36,7 +36,7 @@ class Param:
             base, factor = self.factors
             value = base.astype(np.float64)
             value *= factor
-            self._value = value
+            self._value, self.factors = value, None  # formed: the factors are no longer needed
         return self._value
 
     @property
