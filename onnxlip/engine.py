@@ -35,10 +35,7 @@ class CompiledCompanion:
         self.device = "cpu" if device == "auto" else device
         if self.empty:  # no output depends on anything that differs: identically zero
             return
-        for s in outs:
-            if s is not None:
-                for t in (s.m, s.e):
-                    em.add_output(em.op("Identity", [t], "out"))
+        em.add_outputs(t for s in outs if s is not None for t in (s.m, s.e))
         self.session, self.device = make_session(em.model(), device, em.external, level)
 
     def log10(
