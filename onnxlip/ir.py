@@ -49,8 +49,8 @@ class Param:
 
     def mantissas(self, q: float = 1.0) -> tuple[np.ndarray, int]:
         """normalized_power(value, q) (companion.py), bit for bit, without forming `value` when it is factored."""
+        from .blockwise import factored_mantissas
         from .companion import normalized_power
-        from .folding import factored_mantissas
 
         if self._value is not None or q != 1:
             return normalized_power(self.value, q)
@@ -58,7 +58,7 @@ class Param:
 
     def all_finite(self) -> bool:
         """No NaN or Inf in `value` (checked on the factors when it is factored)."""
-        from .folding import factored_finite, finite
+        from .blockwise import factored_finite, finite
 
         if self._value is None:
             return factored_finite(*self.factors)

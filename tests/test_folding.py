@@ -1,4 +1,4 @@
-"""Folded weights kept as factors (onnxlip/folding.py, ir.Param): mantissas and NaN/Inf checks read from the
+"""Folded weights kept as factors (onnxlip/blockwise.py, ir.Param): mantissas and NaN/Inf checks read from the
 factors equal, bit for bit, those of the formed float64 value; path-norm and scores never form it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import onnxlip
-from onnxlip import folding
+from onnxlip import blockwise as folding
 from onnxlip.api import analyse
 from onnxlip.companion import normalized_power
 from onnxlip.ir import Param
