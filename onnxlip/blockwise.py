@@ -101,7 +101,8 @@ def factored_finite(base: np.ndarray, factor: np.ndarray) -> bool:
     if abs_max(base) * abs_max(factor) <= _FLOAT64_MAX:
         return True
     value = base.astype(np.float64)
-    value *= factor
+    with np.errstate(over="ignore"):  # an overflow is what this looks for
+        value *= factor
     return finite(value)
 
 
@@ -120,11 +121,12 @@ def factored_mantissas(base: np.ndarray, factor: np.ndarray) -> tuple[np.ndarray
     out = np.empty(base.shape, np.float32)
     top = 0.0
     for rows, block in _blocks(base, factor):
-        top = max(top, float(block.max()), -float(block.min())) if block.size else top
-        out[rows] = block  # float64 -> float32, rounded to nearest as np.array(v, dtype=np.float32) does
+        top = max(top, abs_max(block))
+        with np.errstate(over="ignore"):  # beyond float32: the result is discarded below (general path)
+            out[rows] = block  # float64 -> float32, rounded to nearest as np.array(v, dtype=np.float32) does
     if top == 0.0:
         return np.zeros(base.shape, np.float32), 0
-    exponent = int(np.frexp(top)[1])
+    exponent = exponent_of(top)
     if not -100 < exponent < 120 or not math.isfinite(top):
         return None
     np.abs(out, out=out)

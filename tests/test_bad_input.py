@@ -80,6 +80,68 @@ def test_non_finite_weights(bad):
         onnxlip.path_norm(m)
 
 
+def _conv_bn_model(weight_entry: float, var: float, eps: float, gamma: float = 1.0) -> onnx.ModelProto:
+    """Conv -> BatchNormalization: the importer keeps the folded weight as factors (conv weight x BN scale).
+    `weight_entry` and `gamma` both sit on output channel 0."""
+    w = np.ones((2, 3, 3, 3), np.float32)
+    w[0, 0, 1, 1] = weight_entry
+    bn = {"g": [gamma, 1.0], "b": [0.0, 0.0], "mu": [0.0, 0.0], "var": [var, 1.0]}
+    inits = [numpy_helper.from_array(w, "w")] + [numpy_helper.from_array(np.array(v), n) for n, v in bn.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "mu", "var"], ["y"], epsilon=eps),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+
+
+@pytest.mark.parametrize(
+    "weight_entry, var, eps, gamma, message",
+    [
+        (np.nan, 1.0, 1e-5, 1.0, "NaN or Inf"),  # NaN in the conv weight under a folded BatchNorm
+        (np.inf, 1.0, 1e-5, 1.0, "NaN or Inf"),
+        (3e38, 1.0, 1e-5, 1e300, "NaN or Inf"),  # finite factors whose product overflows float64
+        (1.0, 0.0, 0.0, 1.0, "variance \\+ epsilon is not positive"),  # an infinite scale, refused earlier
+    ],
+)
+def test_non_finite_folded_weights_exit_2(tmp_path, weight_entry, var, eps, gamma, message):
+    path = tmp_path / "bad.onnx"
+    onnx.save(_conv_bn_model(weight_entry, var, eps, gamma), str(path))
+    with pytest.raises(OnnxlipError, match=message):
+        onnxlip.path_norm(path)
+    code, out, err = cli("pathnorm", path, "--json")
+    assert code == 2 and "Traceback" not in err and "Warning" not in err
+    assert "error" in json.loads(out)
+
+
+def _reference_log10_conv_bn(weight_entry: float, gamma: float) -> float:
+    """log10 path-norm of the Conv -> BN model: the folded |weights| applied to the all-ones 5x5 input (pads 1)."""
+    w = np.ones((2, 3, 3, 3))
+    w[0, 0, 1, 1] = weight_entry
+    scale = np.array([gamma, 1.0]) / np.sqrt(1.0 + 1e-5)
+    folded = np.abs(w * scale[:, None, None, None])
+    x = np.pad(np.ones((3, 5, 5)), ((0, 0), (1, 1), (1, 1)))
+    total = sum(
+        float((folded[o] * x[:, i : i + 3, j : j + 3]).sum()) for o in range(2) for i in range(5) for j in range(5)
+    )
+    return float(np.log10(total))
+
+
+@pytest.mark.parametrize("weight_entry, gamma", [(3e38, 1e-30), (1.0, 1e300), (3e38, 1e200)])
+def test_large_but_finite_folded_weights_are_exact(tmp_path, weight_entry, gamma):
+    """Folded weights beyond float32's range (exponents >= 120) take the general path, without warnings."""
+    path = tmp_path / "ok.onnx"
+    onnx.save(_conv_bn_model(weight_entry, 1.0, 1e-5, gamma), str(path))
+    got = onnxlip.path_norm(path).log10_path_norm
+    assert got == pytest.approx(_reference_log10_conv_bn(weight_entry, gamma), abs=1e-6)
+    code, out, err = cli("pathnorm", path, "--json")
+    assert code == 0 and "Warning" not in err
+
+
 def _conv_model(dims):
     w = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
