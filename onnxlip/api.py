@@ -4,6 +4,7 @@ typed result whose `to_json()` is the CLI's --json contract."""
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
@@ -19,6 +20,7 @@ from .ir import Graph
 from .loading import ModelLike, load_model, model_label
 from .sampling import Sampler, observed_max_l1
 from .structure import align_params
+from .variants import VariantReader
 
 
 @dataclass
@@ -240,11 +242,18 @@ def bound_many(
         raise OnnxlipError("--samples must be >= 0")
     ref = analyse(base, output, input_shapes)
     base_sampler = Sampler(ref.proto, ref.graph, "cpu") if samples else None
+    # variant files that differ from the base file only in initializer values reuse the base's import
+    reader = VariantReader(base, ref.graph) if isinstance(base, (str, os.PathLike)) and len(variants) else None
     engine = MetricEngine(ref.graph, device)
     results = []
     for variant in variants:
-        other = analyse(variant, output, input_shapes)
-        metric = metric_between(ref, other, device, engine)
+        changes = reader.changes(variant) if reader and isinstance(variant, (str, os.PathLike)) else None
+        if changes is not None:  # the same graph as the base: its IR serves, with the changed values
+            other = Analysed(load_model(variant) if samples else None, ref.graph, model_label(variant))
+            metric = metric_result(engine.metric_changes(changes))
+        else:
+            other = analyse(variant, output, input_shapes)
+            metric = metric_between(ref, other, device, engine)
         log10_bound = certified_log10_bound(metric, input_bound)
         observed, tried = None, 0
         if samples:

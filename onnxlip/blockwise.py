@@ -21,23 +21,39 @@ from .companion import normalized_power
 BLOCK = 1 << 16
 
 
-def compare(a: np.ndarray, b: np.ndarray) -> tuple[int, int, bool, bool]:
+def compare(
+    a: np.ndarray, b: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> tuple[int, int, bool, bool, bool]:
     """(entries that differ, entries whose sign flips (both non-zero), |b| <= |a| everywhere, |a| <= |b|
-    everywhere)."""
+    everywhere, every entry that differs is zero in b (b prunes a)).
+
+    `split` = (m, kept, moved), C-contiguous and laid out as a and b: in the same pass, kept = m where a == b
+    else 0 and moved = m - kept (exact), as split_kept; complete when the last flag (b prunes a) is True."""
     a, b = a.ravel(), b.ravel()
+    fm, fk, fv = (x.reshape(-1) for x in split) if split is not None else (None, None, None)
     changed = flips = 0
-    dominated = dominating = True
+    dominated = dominating = zeroed = True
     for s in range(0, a.size, BLOCK):
-        x, y = a[s : s + BLOCK], b[s : s + BLOCK]
-        count = int(np.count_nonzero(x != y))
+        e = s + BLOCK
+        x, y = a[s:e], b[s:e]
+        differ = x != y
+        count = int(np.count_nonzero(differ))
+        if zeroed and fm is not None:
+            np.multiply(fm[s:e], differ, out=fv[s:e])
+            np.subtract(fm[s:e], fv[s:e], out=fk[s:e])
         if count == 0:
             continue
         changed += count
+        if zeroed:  # so far b only zeroes entries of a: the cheap test first (pruned variants)
+            if not np.any(np.logical_and(differ, y, out=differ)):
+                dominating = False  # some x != 0 became 0
+                continue
+            zeroed = False
         flips += int(np.count_nonzero(np.sign(x) * np.sign(y) < 0))  # exact: no product of tiny values
         ax, ay = np.abs(x), np.abs(y)
         dominated = dominated and bool(np.all(ay <= ax))
         dominating = dominating and bool(np.all(ax <= ay))
-    return changed, flips, dominated, dominating
+    return changed, flips, dominated, dominating, zeroed and dominated
 
 
 def mantissas(
@@ -50,6 +66,19 @@ def mantissas(
     for s in range(0, dest.size, BLOCK):
         dest[s : s + BLOCK] = normalized_power(fn(*(x[s : s + BLOCK] for x in flat)), 1.0, exponent)[0]
     return out, exponent
+
+
+def split_kept(m: np.ndarray, base: np.ndarray, new: np.ndarray, kept: np.ndarray, moved: np.ndarray) -> None:
+    """kept = m where new == base else 0, moved = m - kept (exact: each entry is m or 0), block by block; m, kept
+    and moved C-contiguous and shaped like base and new (which may be transposed views)."""
+    if not (base.flags.c_contiguous and new.flags.c_contiguous):
+        base, new = np.ascontiguousarray(base), np.ascontiguousarray(new)
+    flat = [x.reshape(-1) for x in (m, base, new, kept, moved)]
+    fm, fb, fn, fk, fv = flat
+    for s in range(0, fm.size, BLOCK):
+        e = s + BLOCK
+        np.multiply(fm[s:e], fn[s:e] == fb[s:e], out=fk[s:e])
+        np.subtract(fm[s:e], fk[s:e], out=fv[s:e])
 
 
 def abs_max(v: np.ndarray) -> float:
@@ -88,17 +117,36 @@ def abs_gap(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 _FLOAT64_MAX = float(np.finfo(np.float64).max)
 
 
+def extremes(v: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a non-empty array in one pass over memory (NaN propagates)."""
+    flat = v.reshape(-1) if v.flags.c_contiguous else v
+    if flat.ndim != 1:
+        return float(v.min()), float(v.max())
+    lows, highs = [], []
+    for s in range(0, flat.size, BLOCK):
+        block = flat[s : s + BLOCK]
+        lows.append(block.min())
+        highs.append(block.max())  # the block is still in cache
+    return float(np.min(lows)), float(np.max(highs))  # np.min and np.max propagate NaN
+
+
 def finite(v: np.ndarray) -> bool:
-    """min and max propagate NaN and show +-Inf: two reductions, no full-size temporary."""
-    return v.size == 0 or bool(np.isfinite(v.min()) and np.isfinite(v.max()))
+    """min and max propagate NaN and show +-Inf: no full-size temporary."""
+    if v.size == 0:
+        return True
+    low, high = extremes(v)
+    return math.isfinite(low) and math.isfinite(high)
 
 
 def factored_finite(base: np.ndarray, factor: np.ndarray) -> bool:
     """Whether float64(base) * factor is free of NaN and Inf. Finite factors whose largest magnitudes multiply
     to a finite number give finite products; otherwise the products are formed and checked."""
-    if not (finite(base) and finite(factor)):
+    if base.size == 0:
+        return True
+    low, high = extremes(base)
+    if not (math.isfinite(low) and math.isfinite(high) and finite(factor)):
         return False
-    if abs_max(base) * abs_max(factor) <= _FLOAT64_MAX:
+    if max(high, -low) * abs_max(factor) <= _FLOAT64_MAX:
         return True
     value = base.astype(np.float64)
     with np.errstate(over="ignore"):  # an overflow is what this looks for

@@ -8,11 +8,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blockwise import abs_difference, abs_gap, abs_max, abs_max_of, abs_min_of, compare, exponent_of, mantissas, same
+from .blockwise import (
+    abs_difference,
+    abs_gap,
+    abs_max,
+    abs_max_of,
+    abs_min_of,
+    compare,
+    exponent_of,
+    mantissas,
+    same,
+    split_kept,
+)
 from .companion import CompanionEmitter, Scaled, emit_metric, emit_pathnorm, log10_total, normalized_power, ones_feeds
 from .ir import Graph
 from .rounding import relative_error_bound
 from .runtime import make_session
+from .variants import Change
 
 SIGN_SPLIT = "split at the midpoint with flipped entries zeroed: M(a, mid) + M(mid, b) (triangle inequality)"
 ROUTE_DIFFERENCE = "difference stream"
@@ -215,6 +227,10 @@ class MetricEngine:
         pairs: dict[str, Pairs] = {"hi": {}, "lo": {}, "delta": {}}
         for n, b in vb.items():
             a = va[n]
+            if a is b and a is self.base.get(n):  # unchanged: hi = lo = |base|, delta = 0
+                pairs["hi"][n] = pairs["lo"][n] = self.base_pairs[n]
+                pairs["delta"][n] = (self._buffer("zero", n), self.base_exp[n])
+                continue
             e = exponent_of(max(abs_max(a), abs_max(b)))
             for kind, fn in (("hi", abs_max_of), ("lo", abs_min_of), ("delta", abs_gap)):
                 pairs[kind][n] = mantissas(fn, (a, b), e, self._buffer(kind, n))
@@ -222,13 +238,45 @@ class MetricEngine:
             self._general = self._compile({}, ("hi", "lo", "delta"), ones_fed=True)
         return self._general.log10(pairs=pairs), self._general.device
 
-    def metric(self, vb: dict[str, np.ndarray]) -> MetricOutcome:
-        """The metric between the base and vb, choosing the cheapest exact or certified route."""
+    def metric_changes(self, changes: dict[str, Change]) -> MetricOutcome:
+        """metric() for a variant given by the parameters it changes (variants.VariantReader), the others being
+        the base's: the same outcome, bit for bit, without forming unchanged or merely pruned parameters.
+        Comparisons read the file's values: with a shared non-zero factor (variants._factor_ok) they order,
+        equal and sign the same way as the formed products."""
+        compared = {}
+        for n, c in changes.items():
+            # pruned entries are split off in the comparing pass where the layouts agree (not transposed)
+            split = None if c.transposed else (self.base_pairs[n][0], self._buffer("lo", n), self._buffer("delta", n))
+            compared[n] = compare(c.base, c.new, split) + (split is not None,)
+        flips = sum(r[1] for r in compared.values())
+        if flips == 0 and all(r[2] for r in compared.values()):
+            lo, delta = {}, {}
+            for n, (m, e) in self.base_pairs.items():
+                c = changes.get(n)
+                kept, moved = self._buffer("lo", n), self._buffer("delta", n)
+                if c is None:
+                    lo[n], delta[n] = (m, e), (self._buffer("zero", n), e)
+                    continue
+                if not compared[n][4]:  # not only zeroed entries: formed as metric() does
+                    v = c.value(n)
+                    mantissas(same, (v,), e, kept)
+                    mantissas(abs_difference, (self.base[n], v), e, moved)
+                elif not compared[n][5]:  # pruned, not split yet
+                    split_kept(m, c.layout(c.base), c.layout(c.new), kept, moved)
+                lo[n], delta[n] = (kept, e), (moved, e)
+            return self.dominated(lo, delta, sum(r[0] for r in compared.values()))
+        vb = {n: changes[n].value(n) if n in changes else a for n, a in self.base.items()}
+        same_as_base = {n: (0, 0, True, True, True) for n in self.base if n not in changes}
+        return self.metric(vb, {**{n: r[:5] for n, r in compared.items()}, **same_as_base})
+
+    def metric(self, vb: dict[str, np.ndarray], compared: dict[str, tuple] | None = None) -> MetricOutcome:
+        """The metric between the base and vb, choosing the cheapest exact or certified route (`compared`:
+        blockwise.compare of each parameter, when already known)."""
         va = self.base
         flips = changed = 0
         dominated = dominating = True
         for n, a in va.items():
-            c, f, below, above = compare(a, vb[n])
+            c, f, below, above, _ = compare(a, vb[n]) if compared is None else compared[n]
             changed, flips = changed + c, flips + f
             dominated, dominating = dominated and below, dominating and above
         if flips == 0:

@@ -53,6 +53,7 @@ class ImportContext:
         self.nodes: list[Node] = []
         self.node: onnx.NodeProto | None = None
         self.used_initializers: set[str] = set()
+        self.initializers: dict[str, np.ndarray] = {}  # the decoded initializers, before any folding
 
     def consumers_of(self, tensor: str) -> list[str]:
         """Names of the nodes (and graph outputs) that use a tensor."""
@@ -81,7 +82,22 @@ class ImportContext:
         arr = np.asarray(arr)
         if arr.dtype not in (np.float32, np.float64):  # float16, int8 after folding, ...
             arr = arr.astype(np.float64)
-        return Param(tensor, arr, src, transposed)
+        return Param(tensor, arr, src, transposed, origin=tensor if self._unchanged(tensor, arr, transposed) else None)
+
+    def _unchanged(self, tensor: str, arr: np.ndarray, transposed: bool) -> bool:
+        """Whether arr is initializer `tensor` itself (or, when transposed, its transposed view)."""
+        init = self.initializers.get(tensor)
+        if init is None:
+            return False
+        if not transposed:
+            return arr is init
+        same_memory = arr.__array_interface__["data"][0] == init.__array_interface__["data"][0]
+        return (
+            same_memory
+            and arr.dtype == init.dtype
+            and arr.shape == init.shape[::-1]
+            and arr.strides == init.strides[::-1]
+        )
 
     def attr(self, name: str, default=None):
         assert self.node is not None
@@ -114,6 +130,7 @@ def import_model(model: ModelLike, options: ImportOptions | None = None) -> Grap
     opset = default_opset(proto) or 7
     graph = proto.graph
     consts = _initial_constants(graph)
+    initializers = dict(consts)
     origins = {n: (n,) for n, arr in consts.items() if arr.dtype.kind == "f" or arr.dtype in (np.int8, np.uint8)}
     inputs = _fixed_input_shapes(graph, consts, options.input_shapes)
     nodes = list(graph.node)
@@ -133,6 +150,7 @@ def import_model(model: ModelLike, options: ImportOptions | None = None) -> Grap
         shapes = _infer_shapes(proto, nodes, inputs, consts)
 
     ctx = ImportContext(consts, shapes, opset, origins)
+    ctx.initializers = initializers
     ctx.users = {}
     for n in nodes:
         for t in n.input:

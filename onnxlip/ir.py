@@ -29,6 +29,11 @@ class Param:
     # True when `value` is the transpose of the initializer `name` (Gemm transB, ...): scores map back with .T
     transposed: bool = False
     factors: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    # the initializer this value was read from unchanged: value == float64(initializer) (its transpose when
+    # `transposed`), times factors[1] when factored. None for anything computed (scaled, folded twice, cast).
+    # It lets a variant file that differs only in initializer values reuse this import (onnxlip/variants.py).
+    origin: str | None = None
+    _formed_factor: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def value(self) -> np.ndarray:
@@ -36,8 +41,14 @@ class Param:
             base, factor = self.factors
             value = base.astype(np.float64)
             value *= factor
-            self._value, self.factors = value, None  # formed: the factors are no longer needed
+            # formed: the base is no longer needed; the (small) factor stays for `factor`
+            self._value, self.factors, self._formed_factor = value, None, factor
         return self._value
+
+    @property
+    def factor(self) -> np.ndarray | None:
+        """The factor of a folded weight (value = float64(base) * factor), formed or not; None if unfactored."""
+        return self.factors[1] if self.factors is not None else self._formed_factor
 
     @property
     def shape(self) -> tuple[int, ...]:

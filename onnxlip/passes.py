@@ -151,6 +151,7 @@ def _merge(src: Node, aff: Node, shape: tuple[int, ...]) -> Node | None:
     if s is None or c is None:
         return None
     w = src.params["weight"]
+    origin = w.origin if w.factors is None else None  # a weight folded twice is no longer the file's
     wv = w.value  # the weight as it is: a factored weight folded again is formed first
     if src.op == "conv":
         factor = s.reshape((-1,) + (1,) * (wv.ndim - 1))
@@ -173,16 +174,16 @@ def _merge(src: Node, aff: Node, shape: tuple[int, ...]) -> Node | None:
         if b_vec is None:
             return None  # a full-shape Gemm bias: keep the affine separate
     # kept as factors: value = float64(wv) * factor, formed only where a float64 copy is needed (ir.Param)
-    params = {"weight": _derived(w, None, [w, scale_p], factors=(wv, factor))}
+    params = {"weight": _derived(w, None, [w, scale_p], factors=(wv, factor), origin=origin)}
     if old_b is not None or bias_p is not None:
         params["bias"] = _derived(old_b or bias_p, s * b_vec + c, [old_b, scale_p, bias_p])
     return replace(src, outputs=list(aff.outputs), params=params)
 
 
-def _derived(base: Param, value: np.ndarray | None, parts: list[Param | None], factors=None) -> Param:
+def _derived(base: Param, value: np.ndarray | None, parts: list[Param | None], factors=None, origin=None) -> Param:
     sources: list[str] = []
     for p in parts:
         if p is not None:
             sources += [s for s in p.sources if s not in sources]
     value = None if value is None else np.asarray(value, dtype=np.float64)
-    return Param(base.name, value, tuple(sources), base.transposed, factors)
+    return Param(base.name, value, tuple(sources), base.transposed, factors, origin)

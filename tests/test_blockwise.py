@@ -15,6 +15,9 @@ def _pair(rng, size, dtype, kind):
     b = a.copy()
     if kind == "pruned":
         b[rng.random(size) < 0.3] = 0
+    elif kind == "shrunk":  # dominated, but not by zeroing: a zeroing test must not pass it
+        shrink = rng.random(size) < 0.01
+        b[shrink] = b[shrink] / 2
     elif kind == "quantized":
         b = (np.round(a * 7) / 7).astype(dtype)
     elif kind == "flipped":
@@ -27,18 +30,19 @@ def _pair(rng, size, dtype, kind):
     return a, b
 
 
-@pytest.mark.parametrize("kind", ["pruned", "quantized", "flipped", "tiny", "same"])
+@pytest.mark.parametrize("kind", ["pruned", "shrunk", "quantized", "flipped", "tiny", "same"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_compare_counts_like_the_whole_array_test(kind, dtype):
     if kind == "tiny" and dtype == np.float32:
         pytest.skip("1e-200 is not a float32")
     rng = np.random.default_rng(0)
     a, b = _pair(rng, 3 * B.BLOCK + 17, dtype, kind)
-    changed, flips, dominated, dominating = B.compare(a.reshape(-1, 1, 1), b.reshape(-1, 1, 1))
+    changed, flips, dominated, dominating, zeroed = B.compare(a.reshape(-1, 1, 1), b.reshape(-1, 1, 1))
     assert changed == np.count_nonzero(a != b)
     assert flips == np.count_nonzero(((a < 0) & (b > 0)) | ((a > 0) & (b < 0)))
     assert dominated == bool(np.all(np.abs(b) <= np.abs(a)))
     assert dominating == bool(np.all(np.abs(a) <= np.abs(b)))
+    assert zeroed == bool(np.all((a == b) | (b == 0)))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -1,0 +1,263 @@
+"""Variant files read against an imported base: a sweep's variants (pruned, quantized, fine-tuned copies) usually
+differ from the base only in initializer values. Such a file need not be parsed and imported again: its bytes,
+with the initializers' raw data left out (the "skeleton"), equal the base file's, so its IR is the base's IR
+with the changed initializers' values in place (ir.Param.origin says which parameter reads which initializer
+unchanged). Everything else (another layout, a changed BatchNorm, float_data or external storage, a file that
+does not parse) takes the full import, which also gives the errors.
+
+The scanner reads the protobuf wire format (https://protobuf.dev/programming-guides/encoding/) of ModelProto,
+GraphProto and TensorProto just deep enough to find each initializer's raw_data; every byte outside those
+payloads belongs to the skeleton and is compared, so two files with equal skeletons parse to equal protos up to
+raw_data. Files are read into one reused buffer: fresh memory is slow to fault in on our machines, and a
+memory map could end in SIGBUS if the file shrank while mapped."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .blockwise import BLOCK, finite
+from .errors import OnnxlipError
+from .ir import Graph
+
+# field numbers of onnx.proto3
+_MODEL_GRAPH = 7
+_GRAPH_INITIALIZER = 5
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW = 1, 2, 8, 9
+_TENSOR_PLAIN_FIELDS = {_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW, 12}  # 12: doc_string
+_RAW_DTYPES = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.DOUBLE: np.dtype("<f8")}
+# a variant's factor (BatchNorm scale) keeps comparisons of float32/64 entries exact when the products stay
+# normal float64 numbers: |factor| in [2**-850, 2**850] (see _factor_ok)
+_FACTOR_RANGE = (2.0**-850, 2.0**850)
+
+
+class _Malformed(Exception):
+    """Not a file this scanner reads: the caller takes the full import."""
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Malformed
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int):
+    """(field number, wire type, payload start, payload end, value) for each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, after = _varint(buf, pos, end)
+            yield number, wire, pos, after, value
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            after = pos + length
+            if after > end:
+                raise _Malformed
+            yield number, wire, pos, after, None
+        elif wire in (1, 5):
+            after = pos + (8 if wire == 1 else 4)
+            if after > end:
+                raise _Malformed
+            yield number, wire, pos, after, None
+        else:  # groups: not in ONNX files
+            raise _Malformed
+        pos = after
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int  # of the raw_data payload in the file
+    end: int
+
+
+def scan(buf: memoryview) -> tuple[bytes, dict[str, RawTensor]]:
+    """(skeleton, {initializer name: where its raw data lies}) of a serialized ModelProto; _Malformed for
+    anything this fast path does not read (no graph, initializers stored otherwise than as raw float data)."""
+    holes: list[tuple[int, int]] = []
+    tensors: dict[str, RawTensor] = {}
+    graphs = [f for f in _fields(buf, 0, len(buf)) if f[0] == _MODEL_GRAPH]
+    if len(graphs) != 1 or graphs[0][1] != 2:
+        raise _Malformed
+    _, _, gstart, gend, _ = graphs[0]
+    for number, wire, start, end, _ in _fields(buf, gstart, gend):
+        if number != _GRAPH_INITIALIZER:
+            continue
+        if wire != 2:
+            raise _Malformed
+        name, tensor = _tensor(buf, start, end)
+        if name in tensors:
+            raise _Malformed
+        tensors[name] = tensor
+        holes.append((tensor.start, tensor.end))
+    pieces, pos = [], 0
+    for start, end in sorted(holes):
+        pieces.append(buf[pos:start])
+        pos = end
+    pieces.append(buf[pos:])
+    return b"".join(pieces), tensors
+
+
+def _tensor(buf: memoryview, start: int, end: int) -> tuple[str, RawTensor]:
+    dims: list[int] = []
+    data_type = None
+    name = None
+    raw = None
+    for number, wire, s, e, value in _fields(buf, start, end):
+        if number not in _TENSOR_PLAIN_FIELDS:  # float_data, external data, segments, ...
+            raise _Malformed
+        if number == _TENSOR_DIMS:
+            if wire == 0:
+                dims.append(value)
+            else:  # packed
+                pos = s
+                while pos < e:
+                    d, pos = _varint(buf, pos, e)
+                    dims.append(d)
+        elif number == _TENSOR_DATA_TYPE and wire == 0:
+            data_type = value
+        elif number == _TENSOR_NAME and wire == 2:
+            name = bytes(buf[s:e]).decode("utf-8", errors="strict")
+        elif number == _TENSOR_RAW and wire == 2:
+            if raw is not None:
+                raise _Malformed
+            raw = (s, e)
+    dtype = _RAW_DTYPES.get(data_type)
+    if name is None or raw is None or dtype is None or any(d >= 2**63 for d in dims):
+        raise _Malformed
+    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    if raw[1] - raw[0] != count * dtype.itemsize:
+        raise _Malformed
+    return name, RawTensor(dtype, tuple(dims), raw[0], raw[1])
+
+
+class _Buffer:
+    """A file read into reused memory."""
+
+    def __init__(self) -> None:
+        self.data = np.empty(0, np.uint8)
+
+    def read(self, path: Path) -> memoryview:
+        size = os.path.getsize(path)
+        if self.data.size < size:
+            self.data = np.empty(size, np.uint8)
+        view = memoryview(self.data)[:size]
+        with open(path, "rb", buffering=0) as f:
+            got = f.readinto(view)
+        if got != size:
+            raise _Malformed
+        return view
+
+
+@dataclass
+class Change:
+    """A parameter whose initializer the variant changes: `base` and `new` in the file's layout (float32 or
+    float64), value = float64(new) (transposed when `transposed`) times `factor` when there is one."""
+
+    base: np.ndarray
+    new: np.ndarray
+    transposed: bool
+    factor: np.ndarray | None
+
+    def layout(self, raw: np.ndarray) -> np.ndarray:
+        """A raw array in the parameter's layout (a view)."""
+        return raw.T if self.transposed else raw
+
+    def value(self, name: str = "") -> np.ndarray:
+        """The variant's parameter value as the full import would form it (ir.Param.value); OnnxlipError, as the
+        import's, when it holds NaN or Inf (a variant that only zeroes entries of the finite base cannot)."""
+        v = self.layout(self.new)
+        if self.factor is not None:
+            v = v.astype(np.float64)
+            with np.errstate(over="ignore"):  # an overflow is reported below
+                v *= self.factor
+        if not finite(v):
+            raise OnnxlipError(f"parameter(s) {name or 'of the variant'} contain NaN or Inf values")
+        return v
+
+
+class VariantReader:
+    """Reads variant files against a base file and its IR: `changes(path)` gives {parameter name: Change} for
+    the parameters the variant changes, or None when the file needs the full import."""
+
+    def __init__(self, base_path: str | os.PathLike, graph: Graph):
+        self._base_buffer, self._buffer = _Buffer(), _Buffer()
+        self._base = None
+        try:
+            view = self._base_buffer.read(Path(base_path))
+            self._base = (view, *scan(view))
+        except (_Malformed, OSError, UnicodeDecodeError):
+            return
+        self._params: dict[str, list] = {}  # initializer -> the parameters reading it unchanged
+        self._blocked: set[str] = set()  # initializers some parameter uses otherwise (a changed one: full import)
+        for p in graph.params():
+            factor = p.factor
+            if p.origin is not None and _factor_ok(factor):
+                self._params.setdefault(p.origin, []).append((p, factor))
+            self._blocked.update(s for s in p.sources if s != p.origin)
+            if p.origin is None or not _factor_ok(factor):
+                self._blocked.update(p.sources)
+
+    @property
+    def usable(self) -> bool:
+        return self._base is not None
+
+    def changes(self, path: str | os.PathLike) -> dict[str, Change] | None:
+        """The variant's changed parameters; None when it differs from the base in more than initializer values
+        this reader can take over (the caller then imports it in full). The arrays view a buffer that the next
+        call overwrites."""
+        if self._base is None:
+            return None
+        base_view, base_skeleton, base_tensors = self._base
+        try:
+            view = self._buffer.read(Path(path))
+            skeleton, tensors = scan(view)
+        except (_Malformed, OSError, UnicodeDecodeError):
+            return None
+        if skeleton != base_skeleton or tensors.keys() != base_tensors.keys():
+            return None
+        out: dict[str, Change] = {}
+        for name, t in tensors.items():
+            b = base_tensors[name]
+            if _same_bytes(base_view[b.start : b.end], view[t.start : t.end]):
+                continue
+            if name in self._blocked or name not in self._params:
+                return None
+            base = np.frombuffer(base_view, b.dtype, int(np.prod(b.shape, dtype=np.int64)), b.start).reshape(b.shape)
+            new = np.frombuffer(view, t.dtype, base.size, t.start).reshape(t.shape)
+            for p, factor in self._params[name]:  # NaN and Inf are for the engine to find (Change.value)
+                out[p.name] = Change(base, new, p.transposed, factor)
+        return out
+
+
+def _same_bytes(x: memoryview, y: memoryview) -> bool:
+    """Byte equality in cache-sized blocks, stopping at the first block that differs."""
+    if len(x) != len(y):
+        return False
+    words = len(x) // 8
+    a, b = np.frombuffer(x, np.uint64, words), np.frombuffer(y, np.uint64, words)
+    for s in range(0, words, BLOCK):
+        if not np.array_equal(a[s : s + BLOCK], b[s : s + BLOCK]):
+            return False
+    return x[8 * words :] == y[8 * words :]
+
+
+def _factor_ok(factor: np.ndarray | None) -> bool:
+    if factor is None:
+        return True
+    mags = np.abs(factor)
+    return bool(mags.size and np.all(mags >= _FACTOR_RANGE[0]) and np.all(mags <= _FACTOR_RANGE[1]))
