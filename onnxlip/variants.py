@@ -29,6 +29,7 @@ _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
 _TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW = 1, 2, 8, 9
 _TENSOR_PLAIN_FIELDS = {_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW, 12}  # 12: doc_string
+_TENSOR_EXTERNAL = {3, 13, 14}  # segment, external_data, data_location
 _RAW_DTYPES = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.DOUBLE: np.dtype("<f8")}
 # a variant's factor (BatchNorm scale) keeps comparisons of float32/64 entries exact when the products stay
 # normal float64 numbers: |factor| in [2**-850, 2**850] (see _factor_ok)
@@ -86,8 +87,9 @@ class RawTensor:
 
 
 def scan(buf: memoryview) -> tuple[bytes, dict[str, RawTensor]]:
-    """(skeleton, {initializer name: where its raw data lies}) of a serialized ModelProto; _Malformed for
-    anything this fast path does not read (no graph, initializers stored otherwise than as raw float data)."""
+    """(skeleton, {initializer name: where its raw data lies}) of a serialized ModelProto, for the float32 and
+    float64 initializers stored as raw_data; _Malformed for what this fast path does not read (no single graph,
+    external data, a raw_data length that does not match the dims)."""
     holes: list[tuple[int, int]] = []
     tensors: dict[str, RawTensor] = {}
     graphs = [f for f in _fields(buf, 0, len(buf)) if f[0] == _MODEL_GRAPH]
@@ -99,7 +101,10 @@ def scan(buf: memoryview) -> tuple[bytes, dict[str, RawTensor]]:
             continue
         if wire != 2:
             raise _Malformed
-        name, tensor = _tensor(buf, start, end)
+        found = _tensor(buf, start, end)
+        if found is None:
+            continue
+        name, tensor = found
         if name in tensors:
             raise _Malformed
         tensors[name] = tensor
@@ -112,15 +117,18 @@ def scan(buf: memoryview) -> tuple[bytes, dict[str, RawTensor]]:
     return b"".join(pieces), tensors
 
 
-def _tensor(buf: memoryview, start: int, end: int) -> tuple[str, RawTensor]:
+def _tensor(buf: memoryview, start: int, end: int) -> tuple[str, RawTensor] | None:
+    """(name, where its raw data lies) of a float32/float64 initializer stored as raw_data; None for others,
+    whose every byte then stays in the skeleton (any change sends the variant to the full import)."""
     dims: list[int] = []
-    data_type = None
-    name = None
-    raw = None
+    data_type = name = raw = None
+    plain = True
     for number, wire, s, e, value in _fields(buf, start, end):
-        if number not in _TENSOR_PLAIN_FIELDS:  # float_data, external data, segments, ...
+        if number in _TENSOR_EXTERNAL:  # the values live elsewhere: equal bytes here prove nothing
             raise _Malformed
-        if number == _TENSOR_DIMS:
+        if number not in _TENSOR_PLAIN_FIELDS:  # float_data, int64_data, ...: compared as skeleton bytes
+            plain = False
+        elif number == _TENSOR_DIMS:
             if wire == 0:
                 dims.append(value)
             else:  # packed
@@ -137,7 +145,9 @@ def _tensor(buf: memoryview, start: int, end: int) -> tuple[str, RawTensor]:
                 raise _Malformed
             raw = (s, e)
     dtype = _RAW_DTYPES.get(data_type)
-    if name is None or raw is None or dtype is None or any(d >= 2**63 for d in dims):
+    if not plain or name is None or raw is None or dtype is None:
+        return None
+    if any(d >= 2**40 for d in dims):
         raise _Malformed
     count = int(np.prod(dims, dtype=np.int64)) if dims else 1
     if raw[1] - raw[0] != count * dtype.itemsize:

@@ -223,7 +223,8 @@ def import_gemm(node, ctx):
     if len(node.input) > 2 and node.input[2]:
         c = node.input[2]
         if ctx.is_const(c):
-            bias_term = ("const", c, beta * ctx.const(c).astype(np.float64))
+            # beta == 1: the initializer itself, which a variant file may change alone (ir.Param.origin)
+            bias_term = ("const", c, ctx.const(c) if beta == 1.0 else beta * ctx.const(c).astype(np.float64))
         elif beta == 1.0:
             bias_term = ("tensor", c)
         else:
