@@ -16,6 +16,7 @@ from .blockwise import (
     abs_min_of,
     compare,
     exponent_of,
+    hilo_mantissas,
     mantissas,
     same,
     split_kept,
@@ -232,8 +233,12 @@ class MetricEngine:
                 pairs["delta"][n] = (self._buffer("zero", n), self.base_exp[n])
                 continue
             e = exponent_of(max(abs_max(a), abs_max(b)))
-            for kind, fn in (("hi", abs_max_of), ("lo", abs_min_of), ("delta", abs_gap)):
-                pairs[kind][n] = mantissas(fn, (a, b), e, self._buffer(kind, n))
+            outs = tuple(self._buffer(kind, n) for kind in ("hi", "lo", "delta"))
+            if not hilo_mantissas(a, b, e, outs):
+                for out, fn in zip(outs, (abs_max_of, abs_min_of, abs_gap)):
+                    mantissas(fn, (a, b), e, out)
+            for kind, out in zip(("hi", "lo", "delta"), outs):
+                pairs[kind][n] = (out, e)
         if self._general is None:
             self._general = self._compile({}, ("hi", "lo", "delta"), ones_fed=True)
         return self._general.log10(pairs=pairs), self._general.device

@@ -70,3 +70,20 @@ def test_exponent_matches_frexp_of_the_maximum():
     v = np.array([[-3.0, 2.5], [0.0, 1.0]])
     assert B.abs_max(v) == 3.0 and B.exponent_of(3.0) == 2
     assert B.abs_max(np.zeros(0)) == 0.0 and B.exponent_of(0.0) == 0
+
+
+@pytest.mark.parametrize("dtypes", [(np.float32, np.float32), (np.float64, np.float32), (np.float32, np.float64)])
+def test_hilo_mantissas_match_three_mantissa_passes(dtypes):
+    rng = np.random.default_rng(4)
+    a, b = _pair(rng, 5 * (B.BLOCK // 2 + 7), np.float64, "quantized")
+    a, b = a.astype(dtypes[0]).reshape(-1, 5), b.astype(dtypes[1]).reshape(-1, 5)
+    b[0, 0], a[0, 1] = -0.0, -0.0
+    for exponent in (B.exponent_of(max(B.abs_max(a), B.abs_max(b))), 3, 119, 130):
+        outs = tuple(np.empty(a.shape, np.float32) for _ in range(3))
+        done = B.hilo_mantissas(a, b, exponent, outs)
+        assert done == (-100 < exponent < 120)
+        if not done:
+            continue
+        for out, fn in zip(outs, (B.abs_max_of, B.abs_min_of, B.abs_gap)):
+            want, _ = B.mantissas(fn, (a, b), exponent, np.empty(a.shape, np.float32))
+            assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
