@@ -71,8 +71,10 @@ def mantissas(
 def split_kept(m: np.ndarray, base: np.ndarray, new: np.ndarray, kept: np.ndarray, moved: np.ndarray) -> None:
     """kept = m where new == base else 0, moved = m - kept (exact: each entry is m or 0), block by block; m, kept
     and moved C-contiguous and shaped like base and new (which may be transposed views)."""
-    if not (base.flags.c_contiguous and new.flags.c_contiguous):
-        base, new = np.ascontiguousarray(base), np.ascontiguousarray(new)
+    if not (base.flags.c_contiguous and new.flags.c_contiguous):  # transposed views: whole arrays, no copies
+        np.multiply(m, new == base, out=kept)
+        np.subtract(m, kept, out=moved)
+        return
     flat = [x.reshape(-1) for x in (m, base, new, kept, moved)]
     fm, fb, fn, fk, fv = flat
     for s in range(0, fm.size, BLOCK):
