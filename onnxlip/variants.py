@@ -210,7 +210,7 @@ class VariantReader:
         try:
             view = self._base_buffer.read(Path(base_path))
             self._base = (view, *scan(view))
-        except (_Malformed, OSError, UnicodeDecodeError):
+        except (_Malformed, OSError, UnicodeDecodeError, MemoryError):
             return
         self._params: dict[str, list] = {}  # initializer -> the parameters reading it unchanged
         self._blocked: set[str] = set()  # initializers some parameter uses otherwise (a changed one: full import)
@@ -236,7 +236,7 @@ class VariantReader:
         try:
             view = self._buffer.read(Path(path))
             skeleton, tensors = scan(view)
-        except (_Malformed, OSError, UnicodeDecodeError):
+        except (_Malformed, OSError, UnicodeDecodeError, MemoryError):
             return None
         if skeleton != base_skeleton or tensors.keys() != base_tensors.keys():
             return None

@@ -285,3 +285,33 @@ def test_change_value_matches_the_import(tmp_path):
         got = change.value(name)
         assert got.dtype == imported[name].dtype and np.array_equal(got, imported[name])
         assert dataclasses.is_dataclass(change)
+
+
+def test_a_shared_weight_changes_every_parameter_that_reads_it(tmp_path):
+    """One initializer used by two MatMuls (weight tying): both IR parameters take the variant's values."""
+    rng = np.random.default_rng(5)
+    w, v = rng.normal(size=(4, 4)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "W"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "V"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(v, "V")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    base = _save(model, tmp_path / "tied.onnx")
+    ref = analyse(base)
+    assert sum(p.origin == "W" for p in ref.graph.params()) == 2
+    pruned = _save(_set(model, "W", lambda a: np.where(np.abs(a) < 0.5, 0, a)), tmp_path / "tied_pruned.onnx")
+    changes = VariantReader(base, ref.graph).changes(pruned)
+    assert changes is not None and len(changes) == 2
+    full = MetricEngine(ref.graph).metric(align_params(ref.graph, analyse(pruned).graph))
+    assert MetricEngine(ref.graph).metric_changes(changes) == full and full.changed > 0
