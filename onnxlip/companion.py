@@ -197,8 +197,11 @@ class CompanionEmitter(GraphBuilder):
                 self.feed_specs[e] = (kind, param.name, "e")
                 self._weights[key] = Scaled(m, e)
             else:
-                source = self.kinds[kind][param.name]  # an array, or a Param (read without forming its value)
-                if isinstance(source, Param):
+                # an array, a Param (read without forming its value) or a ready (mantissa, exponent) pair (q = 1)
+                source = self.kinds[kind][param.name]
+                if isinstance(source, tuple):
+                    m_arr, e_val = source
+                elif isinstance(source, Param):
                     m_arr, e_val = source.mantissas(self.q)
                 else:
                     m_arr, e_val = normalized_power(source, self.q)

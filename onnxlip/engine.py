@@ -21,7 +21,7 @@ from .blockwise import (
     same,
     split_kept,
 )
-from .companion import CompanionEmitter, Scaled, emit_metric, emit_pathnorm, log10_total, normalized_power, ones_feeds
+from .companion import CompanionEmitter, Scaled, emit_metric, emit_pathnorm, log10_total, ones_feeds
 from .ir import Graph
 from .rounding import relative_error_bound
 from .runtime import make_session
@@ -113,9 +113,9 @@ class MetricEngine:
 
     def __init__(self, graph: Graph, device: str = "auto"):
         self.graph, self.device = graph, device
-        self.base = {p.name: p.value for p in graph.params()}
-        # |base| <= 2**e: also a bound for every lo and delta of a variant the base dominates
-        self.base_exp = {n: exponent_of(abs_max(v)) for n, v in self.base.items()}
+        self.params = {p.name: p for p in graph.params()}
+        self._base: dict[str, np.ndarray] | None = None
+        self._base_exp: dict[str, int] | None = None
         # parameters that multiply (weights, scales): their kept l1 mass predicts how much path mass survives
         self._multiplicative = [
             p.name for node in graph.nodes for role, p in node.params.items() if role in ("weight", "scale")
@@ -139,11 +139,25 @@ class MetricEngine:
         )
 
     @property
+    def base(self) -> dict[str, np.ndarray]:
+        """The base's parameter values, formed on first use: pruned variants never need them (memory)."""
+        if self._base is None:
+            self._base = {n: p.value for n, p in self.params.items()}
+        return self._base
+
+    @property
     def base_pairs(self) -> Pairs:
-        """|base| as float32 mantissas with the exponents base_exp (the exact normalisation of companion.py)."""
+        """|base| as float32 mantissas and exponents (normalized_power, read from folded weights' factors)."""
         if self._base_pairs is None:
-            self._base_pairs = {n: normalized_power(v, 1.0, self.base_exp[n]) for n, v in self.base.items()}
+            self._base_pairs = {n: p.mantissas(1.0) for n, p in self.params.items()}
         return self._base_pairs
+
+    @property
+    def base_exp(self) -> dict[str, int]:
+        """|base| <= 2**e: also a bound for every lo and delta of a variant the base dominates."""
+        if self._base_exp is None:
+            self._base_exp = {n: e for n, (_, e) in self.base_pairs.items()}
+        return self._base_exp
 
     def log10_norm(self, pairs: Pairs) -> tuple[float, str]:
         """log10 ||Phi||_1 of the parameters given as (mantissa, exponent) pairs, one companion run."""
@@ -161,7 +175,7 @@ class MetricEngine:
     def _difference(self, lo: Pairs, delta: Pairs) -> tuple[float, str]:
         """Difference stream between the base and a variant it dominates (exact, cancellation-free)."""
         if self._dominated is None:
-            self._dominated = self._compile({"hi": self.base}, ("lo", "delta"), ones_fed=False)
+            self._dominated = self._compile({"hi": self.base_pairs}, ("lo", "delta"), ones_fed=False)
         return self._dominated.log10(pairs={"lo": lo, "delta": delta}), self._dominated.device
 
     def _subtraction(self, lo: Pairs) -> tuple[float, float, str] | None:
@@ -219,7 +233,7 @@ class MetricEngine:
         (benchmarks/README.md). The "zero" kind is all zeros and stays so."""
         key = (kind, name)
         if key not in self._buffers:
-            self._buffers[key] = (np.zeros if kind == "zero" else np.empty)(self.base[name].shape, np.float32)
+            self._buffers[key] = (np.zeros if kind == "zero" else np.empty)(self.params[name].shape, np.float32)
         return self._buffers[key]
 
     def general_log10(self, va: dict[str, np.ndarray], vb: dict[str, np.ndarray]) -> tuple[float, str]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .api import Analysed, PathMetricResult, _jsonable, analyse, certified_log10_bound, metric_between, metric_result
+from .blockwise import BLOCK
 from .companion import plain_value
 from .engine import MetricEngine
 from .errors import OnnxlipError
@@ -63,12 +64,24 @@ def prunable_tensors(m: Analysed, include_biases: bool = False) -> dict[str, np.
             p = node.params.get(role)
             if p is None or p.name not in inits or (role == "bias" and len(p.sources) > 1):
                 continue  # a bias folded from a BatchNorm is not one initializer of the file
-            arr = numpy_helper.to_array(inits[p.name])
+            arr = _as_in_file(p) if p.origin == p.name else None
+            arr = numpy_helper.to_array(inits[p.name]) if arr is None else arr
             if arr.dtype.kind == "f":
                 out[p.name] = arr
     if not out:
         raise OnnxlipError("the model has no prunable weights (Conv, ConvTranspose, Gemm or MatMul initializers)")
     return out
+
+
+def _as_in_file(p: Param) -> np.ndarray | None:
+    """The initializer a parameter reads unchanged (ir.Param.origin), as the IR holds it: no second copy."""
+    if p.factors is not None:
+        raw = p.factors[0]
+    elif p.factor is None:
+        raw = p.value
+    else:  # a folded weight already formed: the file's values are gone
+        return None
+    return raw.T if p.transposed else raw
 
 
 def criterion_scores(m: Analysed, tensors: Mapping[str, np.ndarray], criterion: str, device: str = "auto"):
@@ -91,26 +104,27 @@ def _criterion(
 def masks_for(scores: Mapping[str, np.ndarray], sparsity: float, scope: str) -> dict[str, np.ndarray]:
     """Boolean keep-masks removing the `sparsity` fraction of entries with the smallest scores (ties broken by
     position, so results are deterministic)."""
-    return masks_for_many(scores, [sparsity], scope)[0]
+    return next(iter(masks_for_many(scores, [sparsity], scope)))
 
 
 def masks_for_many(
     scores: Mapping[str, np.ndarray], sparsities: Sequence[float], scope: str
-) -> list[dict[str, np.ndarray]]:
-    """masks_for at several sparsities, with one selection pass over the scores for all of them."""
+) -> Iterator[dict[str, np.ndarray]]:
+    """masks_for at several sparsities, with one selection pass over the scores for all of them; the masks of
+    each sparsity are formed when it is reached (one set in memory at a time)."""
     for sparsity in sparsities:
         if not 0.0 <= sparsity <= 1.0:
             raise OnnxlipError(f"sparsity must be between 0 and 1, got {sparsity}")
     names = list(scores)
     if scope == "layer":
-        per_tensor = {n: keep_largest([scores[n]], sparsities) for n in names}
-        return [{n: per_tensor[n][i][0].reshape(scores[n].shape) for n in names} for i in range(len(sparsities))]
+        per_tensor = zip(*(keep_largest([scores[n]], sparsities) for n in names))
+        return ({n: keeps[0].reshape(scores[n].shape) for n, keeps in zip(names, row)} for row in per_tensor)
     if scope != "global":
         raise OnnxlipError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
-    return [
+    return (
         {n: keep.reshape(scores[n].shape) for n, keep in zip(names, keeps)}
         for keeps in keep_largest([scores[n] for n in names], sparsities)
-    ]
+    )
 
 
 def apply_masks(proto: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -141,7 +155,7 @@ def ir_keep_masks(graph: Graph, masks: Mapping[str, np.ndarray]) -> dict[str, np
             return None
         p = params[0]
         k = keep.T if p.transposed else keep
-        if k.shape != p.value.shape:
+        if k.shape != p.shape:  # p.shape: a folded weight is not formed for this
             return None
         out[name] = k
     return out
@@ -154,14 +168,20 @@ class _PrunedShare:
     def __init__(self, values: Mapping[str, np.ndarray], log2_factor: float):
         self.values, self.factor = values, 2.0**log2_factor
         self.totals = {n: float(v.sum()) for n, v in values.items()}
-        self.scratch = {n: np.empty(v.shape, v.dtype) for n, v in values.items()}
+        self.scratch = np.empty(BLOCK, np.float32)  # masks become float32 block by block, not all at once
 
     def pruned_share(self, masks: Mapping[str, np.ndarray]) -> float:
         pruned = 0.0
         for n, v in self.values.items():
             if n in masks:
-                np.copyto(self.scratch[n], masks[n])
-                pruned += self.totals[n] - float(np.dot(v.ravel(), self.scratch[n].ravel()))
+                flat, mask = v.reshape(-1), masks[n].reshape(-1)
+                kept = 0.0
+                for s in range(0, flat.size, BLOCK):
+                    block = flat[s : s + BLOCK]
+                    scratch = self.scratch[: block.size]
+                    np.copyto(scratch, mask[s : s + BLOCK])
+                    kept += float(np.dot(block, scratch))
+                pruned += self.totals[n] - kept
         return max(pruned, 0.0) * self.factor
 
 

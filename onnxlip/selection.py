@@ -8,7 +8,7 @@ partition, so the result never depends on the sample: it is always the exact k-t
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -61,19 +61,23 @@ def _by_partition(flat: Sequence[np.ndarray], ks: Sequence[int]) -> list:
     return [selected[k - 1] for k in ks]
 
 
-def keep_largest(arrays: Sequence[np.ndarray], sparsities: Sequence[float]) -> list[list[np.ndarray]]:
-    """For each sparsity, boolean keep-masks (flat, one per array) removing the k = round(sparsity * total)
+def keep_largest(arrays: Sequence[np.ndarray], sparsities: Sequence[float]) -> Iterator[list[np.ndarray]]:
+    """For each sparsity in turn, boolean keep-masks (flat, one per array) removing the k = round(sparsity * total)
     smallest entries of all arrays together; ties at the threshold are pruned in position order (array order,
-    then index), so results are deterministic."""
+    then index), so results are deterministic. The thresholds of all sparsities come from one selection, made
+    before the first masks; each sparsity's masks are formed when the iteration reaches it."""
     flat = [a.ravel() for a in arrays]
     total = sum(a.size for a in flat)
     ks = [int(round(s * total)) for s in sparsities]
     inner = sorted({k for k in ks if 0 < k < total})
     thresholds = dict(zip(inner, kth_smallest(flat, inner))) if inner else {}
-    out = []
+    return _masks(flat, ks, total, thresholds)
+
+
+def _masks(flat: Sequence[np.ndarray], ks: Sequence[int], total: int, thresholds: dict) -> Iterator[list[np.ndarray]]:
     for k in ks:
         if k == 0 or k >= total:
-            out.append([np.full(a.size, k == 0) for a in flat])
+            yield [np.full(a.size, k == 0) for a in flat]
             continue
         threshold = thresholds[k]
         keeps = [a > threshold for a in flat]
@@ -83,5 +87,4 @@ def keep_largest(arrays: Sequence[np.ndarray], sparsities: Sequence[float]) -> l
         for keep, tie in zip(keeps, ties):
             keep[tie[to_prune:] if to_prune > 0 else tie] = True
             to_prune -= tie.size
-        out.append(keeps)
-    return out
+        yield keeps
