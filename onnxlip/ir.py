@@ -58,6 +58,19 @@ class Param:
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    def as_in_file(self) -> np.ndarray | None:
+        """The initializer `origin` as the IR holds it (no copy), in the file's layout; None when the parameter
+        is not read unchanged from one, or is a folded weight whose product has been formed."""
+        if self.origin is None:
+            return None
+        if self.factors is not None:
+            raw = self.factors[0]
+        elif self._formed_factor is None:
+            raw = self._value
+        else:
+            return None
+        return raw.T if self.transposed else raw
+
     def mantissas(self, q: float = 1.0) -> tuple[np.ndarray, int]:
         """normalized_power(value, q) (companion.py), bit for bit, without forming `value` when it is factored."""
         from .blockwise import factored_mantissas

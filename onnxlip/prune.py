@@ -64,24 +64,13 @@ def prunable_tensors(m: Analysed, include_biases: bool = False) -> dict[str, np.
             p = node.params.get(role)
             if p is None or p.name not in inits or (role == "bias" and len(p.sources) > 1):
                 continue  # a bias folded from a BatchNorm is not one initializer of the file
-            arr = _as_in_file(p) if p.origin == p.name else None
+            arr = p.as_in_file() if p.origin == p.name else None
             arr = numpy_helper.to_array(inits[p.name]) if arr is None else arr
             if arr.dtype.kind == "f":
                 out[p.name] = arr
     if not out:
         raise OnnxlipError("the model has no prunable weights (Conv, ConvTranspose, Gemm or MatMul initializers)")
     return out
-
-
-def _as_in_file(p: Param) -> np.ndarray | None:
-    """The initializer a parameter reads unchanged (ir.Param.origin), as the IR holds it: no second copy."""
-    if p.factors is not None:
-        raw = p.factors[0]
-    elif p.factor is None:
-        raw = p.value
-    else:  # a folded weight already formed: the file's values are gone
-        return None
-    return raw.T if p.transposed else raw
 
 
 def criterion_scores(m: Analysed, tensors: Mapping[str, np.ndarray], criterion: str, device: str = "auto"):

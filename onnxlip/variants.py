@@ -214,13 +214,27 @@ class VariantReader:
             return
         self._params: dict[str, list] = {}  # initializer -> the parameters reading it unchanged
         self._blocked: set[str] = set()  # initializers some parameter uses otherwise (a changed one: full import)
+        base_tensors = self._base[2]
         for p in graph.params():
             factor = p.factor
-            if p.origin is not None and _factor_ok(factor):
+            usable = p.origin is not None and _factor_ok(factor) and self._same_as_imported(p, base_tensors)
+            if usable:
                 self._params.setdefault(p.origin, []).append((p, factor))
             self._blocked.update(s for s in p.sources if s != p.origin)
-            if p.origin is None or not _factor_ok(factor):
+            if not usable:
                 self._blocked.update(p.sources)
+
+    def _same_as_imported(self, p, base_tensors: dict[str, RawTensor]) -> bool:
+        """The base file's values of p.origin equal the ones the IR was imported from (a file changed since, or
+        a parameter the import altered, must not be taken over)."""
+        held, t = p.as_in_file(), base_tensors.get(p.origin)
+        if held is None or t is None or held.shape != t.shape or held.dtype != t.dtype:
+            return False
+        return bool(np.array_equal(held, self._array(self._base[0], t)))
+
+    @staticmethod
+    def _array(view: memoryview, t: RawTensor) -> np.ndarray:
+        return np.frombuffer(view, t.dtype, int(np.prod(t.shape, dtype=np.int64)), t.start).reshape(t.shape)
 
     @property
     def usable(self) -> bool:
@@ -247,8 +261,7 @@ class VariantReader:
                 continue
             if name in self._blocked or name not in self._params:
                 return None
-            base = np.frombuffer(base_view, b.dtype, int(np.prod(b.shape, dtype=np.int64)), b.start).reshape(b.shape)
-            new = np.frombuffer(view, t.dtype, base.size, t.start).reshape(t.shape)
+            base, new = self._array(base_view, b), self._array(view, t)
             for p, factor in self._params[name]:  # NaN and Inf are for the engine to find (Change.value)
                 out[p.name] = Change(base, new, p.transposed, factor)
         return out

@@ -315,3 +315,11 @@ def test_a_shared_weight_changes_every_parameter_that_reads_it(tmp_path):
     assert changes is not None and len(changes) == 2
     full = MetricEngine(ref.graph).metric(align_params(ref.graph, analyse(pruned).graph))
     assert MetricEngine(ref.graph).metric_changes(changes) == full and full.changed > 0
+
+
+def test_a_base_file_that_changed_since_its_import_is_not_trusted(tmp_path):
+    spec, base, ref, weight = _conv_bn(tmp_path)
+    variant = _save(_variant(spec, "weights-only", ref.graph), tmp_path / "v.onnx")
+    assert VariantReader(base, ref.graph).changes(variant) is not None
+    _save(_set(spec.model, weight, lambda v: v * 2), base)  # the file on disk no longer matches the IR
+    assert VariantReader(base, ref.graph).changes(variant) is None
