@@ -17,7 +17,7 @@ from .engine import MetricEngine, MetricOutcome, pathnorm_log10_power
 from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
-from .loading import ModelLike, load_model, model_label
+from .loading import ModelLike, load_model, load_with_arrays, model_label
 from .sampling import Sampler, observed_max_l1
 from .structure import align_params
 from .variants import VariantReader
@@ -100,7 +100,7 @@ class CheckResult:
 class Analysed:
     """A model imported once: its proto (for sampling) and IR."""
 
-    proto: onnx.ModelProto
+    proto: onnx.ModelProto | None  # None when imported with keep_proto=False
     graph: Graph
     label: str = ""
     extra: dict = field(default_factory=dict)
@@ -123,13 +123,19 @@ def analyse(
     output: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     lipschitz: bool = False,
+    keep_proto: bool = True,
 ) -> Analysed:
-    """Load and import a model once, for several computations (`lipschitz`: the lipschitz-only import mode)."""
+    """Load and import a model once, for several computations (`lipschitz`: the lipschitz-only import mode).
+    keep_proto=False: only the IR is wanted; the file's weights are then read in place, not parsed and copied
+    (Analysed.proto is None)."""
     if isinstance(model, Analysed):
         return model
+    options = ImportOptions(outputs=output, input_shapes=input_shapes, lipschitz=lipschitz)
+    if not keep_proto:
+        proto, arrays = load_with_arrays(model)
+        return Analysed(None, import_model(proto, options, arrays), model_label(model))
     proto = load_model(model)
-    graph = import_model(proto, ImportOptions(outputs=output, input_shapes=input_shapes, lipschitz=lipschitz))
-    return Analysed(proto, graph, model_label(model))
+    return Analysed(proto, import_model(proto, options), model_label(model))
 
 
 # ---- path-norm -----------------------------------------------------------------------------------------
@@ -144,7 +150,7 @@ def path_norm(
     """L^q path-norm ||Phi(theta)||_q^q... reported as ||Phi||_q (the q-th root), value and log10."""
     if not (isinstance(q, (int, float)) and math.isfinite(q) and q > 0):
         raise OnnxlipError(f"q must be a positive finite number, got {q!r}")
-    graph = analyse(model, output, input_shapes).graph  # the protobuf is released before the run (memory)
+    graph = analyse(model, output, input_shapes, keep_proto=False).graph
     log10_sum, dev = pathnorm_log10_power(graph, float(q), device)
     log10_norm = log10_sum / q
     return PathNormResult(float(q), plain_value(log10_norm), log10_norm, dev, graph.num_parameters, list(graph.outputs))
@@ -192,7 +198,8 @@ def path_metric(
     device: str = "auto",
 ) -> PathMetricResult:
     """The l1 path-metric ||Phi(theta_a) - Phi(theta_b)||_1 (exact when one model dominates the other)."""
-    return metric_between(analyse(a, output, input_shapes), analyse(b, output, input_shapes), device)
+    a_, b_ = (analyse(m, output, input_shapes, keep_proto=False) for m in (a, b))
+    return metric_between(a_, b_, device)
 
 
 # ---- bound ---------------------------------------------------------------------------------------------
@@ -240,7 +247,7 @@ def bound_many(
         raise OnnxlipError(f"the input bound must be a finite number >= 0, got {input_bound}")
     if samples < 0:
         raise OnnxlipError("--samples must be >= 0")
-    ref = analyse(base, output, input_shapes)
+    ref = analyse(base, output, input_shapes, keep_proto=bool(samples))
     base_sampler = Sampler(ref.proto, ref.graph, "cpu") if samples else None
     # variant files that differ from the base file only in initializer values reuse the base's import
     reader = VariantReader(base, ref.graph) if isinstance(base, (str, os.PathLike)) and len(variants) else None
@@ -252,7 +259,7 @@ def bound_many(
             other = Analysed(load_model(variant) if samples else None, ref.graph, model_label(variant))
             metric = metric_result(engine.metric_changes(changes))
         else:
-            other = analyse(variant, output, input_shapes)
+            other = analyse(variant, output, input_shapes, keep_proto=bool(samples))
             metric = metric_between(ref, other, device, engine)
         log10_bound = certified_log10_bound(metric, input_bound)
         observed, tried = None, 0
@@ -289,11 +296,11 @@ def check(
     model: ModelLike, *, output: Sequence[str] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> CheckResult:
     """Is the model supported? Which ops, how many parameters, and every problem found."""
-    proto = load_model(model)
+    proto, arrays = load_with_arrays(model)
     ops = Counter(n.op_type for n in proto.graph.node)
     outputs = list(output) if output else [o.name for o in proto.graph.output]
     try:
-        graph = import_model(proto, ImportOptions(outputs=output, input_shapes=input_shapes))
+        graph = import_model(proto, ImportOptions(outputs=output, input_shapes=input_shapes), arrays)
     except UnsupportedModelError as exc:
         return CheckResult(False, exc.issues, [], {}, outputs, 0, dict(ops), exc.hint)
     inputs = {k: list(v) for k, v in graph.inputs.items()}

@@ -123,13 +123,16 @@ class ImportContext:
         return node
 
 
-def import_model(model: ModelLike, options: ImportOptions | None = None) -> Graph:
-    """Import an ONNX model (path or ModelProto) into the IR, raising OnnxlipError subclasses on bad input."""
+def import_model(
+    model: ModelLike, options: ImportOptions | None = None, arrays: Mapping[str, np.ndarray] | None = None
+) -> Graph:
+    """Import an ONNX model (path or ModelProto) into the IR, raising OnnxlipError subclasses on bad input.
+    `arrays`: values of initializers whose data the proto omits (loading.load_with_arrays)."""
     options = options or ImportOptions()
     proto = load_model(model)
     opset = default_opset(proto) or 7
     graph = proto.graph
-    consts = _initial_constants(graph)
+    consts = _initial_constants(graph, arrays or {})
     initializers = dict(consts)
     origins = {n: (n,) for n, arr in consts.items() if arr.dtype.kind == "f" or arr.dtype in (np.int8, np.uint8)}
     inputs = _fixed_input_shapes(graph, consts, options.input_shapes)
@@ -188,9 +191,15 @@ def import_model(model: ModelLike, options: ImportOptions | None = None) -> Grap
 
 
 # ---- constants and inputs -------------------------------------------------------------------------------
-def _initial_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+def _initial_constants(graph: onnx.GraphProto, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     consts: dict[str, np.ndarray] = {}
     for init in graph.initializer:
+        given = arrays.get(init.name)
+        if given is not None:
+            if tuple(init.dims) != given.shape or helper.tensor_dtype_to_np_dtype(init.data_type) != given.dtype:
+                raise OnnxlipError(f"initializer {init.name!r}: its values do not match its dims and type")
+            consts[init.name] = given
+            continue
         try:
             consts[init.name] = numpy_helper.to_array(init)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt tensor

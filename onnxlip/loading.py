@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from . import wire
 from .errors import ModelLoadError
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
@@ -36,20 +38,54 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     return proto
 
 
-def _load_file(path: Path) -> onnx.ModelProto:
+def load_with_arrays(model: ModelLike) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(proto, arrays) for an import that needs no weights in the proto: the float initializers stored as raw
+    data come as arrays that view the file's bytes in place (onnxlip/wire.py), and the proto omits their data
+    (a few KB to parse). Files the scanner does not read (external data, ...) load as load_model does."""
+    if isinstance(model, onnx.ModelProto):
+        return load_model(model), {}
+    path = Path(model)
+    data = _read(path)
+    try:
+        skeleton, tensors = wire.strip(memoryview(data))
+    except (wire.WireError, UnicodeDecodeError):
+        return _parsed(data, path), {}
+    proto = _parsed(skeleton, path)
+    _check_versions(proto)
+    return proto, {name: wire.array(data, t) for name, t in tensors.items()}
+
+
+def _read(path: Path) -> np.ndarray:
+    """The file's bytes, in a numpy buffer (arrays may view it)."""
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
     if not path.is_file():
         raise ModelLoadError(f"{path}: not a regular file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise ModelLoadError(f"{path}: the file is empty")
     try:
-        data = path.read_bytes()
+        data = np.empty(size, np.uint8)
+        with open(path, "rb", buffering=0) as f:
+            got = f.readinto(memoryview(data))
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read the file ({exc.strerror})") from None
+    except MemoryError:
+        raise ModelLoadError(f"{path}: the file ({size} bytes) does not fit in memory") from None
+    if got != size:
+        raise ModelLoadError(f"{path}: the file changed while it was read")
+    return data
+
+
+def _load_file(path: Path) -> onnx.ModelProto:
+    return _parsed(_read(path), path)
+
+
+def _parsed(data, path: Path) -> onnx.ModelProto:
+    """ParseFromString with our errors, then the checks every loaded model gets (graph, external data)."""
     proto = onnx.ModelProto()
     try:
-        proto.ParseFromString(data)
+        proto.ParseFromString(data if isinstance(data, bytes) else memoryview(data))
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: not a valid ONNX protobuf (corrupt or truncated file?): {exc}") from None
     if not proto.HasField("graph") or not proto.graph.node:

@@ -137,7 +137,7 @@ def scores(
 ) -> ScoresResult:
     """score_i = |theta_i| d||Phi||_1/d|theta_i| = the l1 path mass through parameter entry i, for every
     parameter tensor (keys: the user's initializer names; folded tensors list their sources)."""
-    graph = analyse(model, output, input_shapes).graph
+    graph = analyse(model, output, input_shapes, keep_proto=False).graph
     em, n_outs, score_map = scores_graph(graph)
     layouts = {p.name: (p.shape, p.transposed, tuple(p.sources)) for p in graph.params()}
     feeds, outputs = ones_feeds(graph), list(graph.outputs)

@@ -5,11 +5,9 @@ with the changed initializers' values in place (ir.Param.origin says which param
 unchanged). Everything else (another layout, a changed BatchNorm, float_data or external storage, a file that
 does not parse) takes the full import, which also gives the errors.
 
-The scanner reads the protobuf wire format (https://protobuf.dev/programming-guides/encoding/) of ModelProto,
-GraphProto and TensorProto just deep enough to find each initializer's raw_data; every byte outside those
-payloads belongs to the skeleton and is compared, so two files with equal skeletons parse to equal protos up to
-raw_data. Files are read into one reused buffer: fresh memory is slow to fault in on our machines, and a
-memory map could end in SIGBUS if the file shrank while mapped."""
+The skeletons come from onnxlip/wire.py: every byte outside the initializers' raw_data is compared, so two files
+with equal skeletons parse to equal protos up to raw_data. Files are read into one reused buffer: fresh memory is
+slow to fault in on our machines, and a memory map could end in SIGBUS if the file shrank while mapped."""
 
 from __future__ import annotations
 
@@ -18,141 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from .blockwise import BLOCK, finite
 from .errors import OnnxlipError
 from .ir import Graph
+from .wire import RawTensor, WireError, array, scan
 
-# field numbers of onnx.proto3
-_MODEL_GRAPH = 7
-_GRAPH_INITIALIZER = 5
-_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW = 1, 2, 8, 9
-_TENSOR_PLAIN_FIELDS = {_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_RAW, 12}  # 12: doc_string
-_TENSOR_EXTERNAL = {3, 13, 14}  # segment, external_data, data_location
-_RAW_DTYPES = {onnx.TensorProto.FLOAT: np.dtype("<f4"), onnx.TensorProto.DOUBLE: np.dtype("<f8")}
 # a variant's factor (BatchNorm scale) keeps comparisons of float32/64 entries exact when the products stay
 # normal float64 numbers: |factor| in [2**-850, 2**850] (see _factor_ok)
 _FACTOR_RANGE = (2.0**-850, 2.0**850)
-
-
-class _Malformed(Exception):
-    """Not a file this scanner reads: the caller takes the full import."""
-
-
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _Malformed
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: memoryview, start: int, end: int):
-    """(field number, wire type, payload start, payload end, value) for each field in buf[start:end]."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, after = _varint(buf, pos, end)
-            yield number, wire, pos, after, value
-        elif wire == 2:
-            length, pos = _varint(buf, pos, end)
-            after = pos + length
-            if after > end:
-                raise _Malformed
-            yield number, wire, pos, after, None
-        elif wire in (1, 5):
-            after = pos + (8 if wire == 1 else 4)
-            if after > end:
-                raise _Malformed
-            yield number, wire, pos, after, None
-        else:  # groups: not in ONNX files
-            raise _Malformed
-        pos = after
-
-
-@dataclass(frozen=True)
-class RawTensor:
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    start: int  # of the raw_data payload in the file
-    end: int
-
-
-def scan(buf: memoryview) -> tuple[bytes, dict[str, RawTensor]]:
-    """(skeleton, {initializer name: where its raw data lies}) of a serialized ModelProto, for the float32 and
-    float64 initializers stored as raw_data; _Malformed for what this fast path does not read (no single graph,
-    external data, a raw_data length that does not match the dims)."""
-    holes: list[tuple[int, int]] = []
-    tensors: dict[str, RawTensor] = {}
-    graphs = [f for f in _fields(buf, 0, len(buf)) if f[0] == _MODEL_GRAPH]
-    if len(graphs) != 1 or graphs[0][1] != 2:
-        raise _Malformed
-    _, _, gstart, gend, _ = graphs[0]
-    for number, wire, start, end, _ in _fields(buf, gstart, gend):
-        if number != _GRAPH_INITIALIZER:
-            continue
-        if wire != 2:
-            raise _Malformed
-        found = _tensor(buf, start, end)
-        if found is None:
-            continue
-        name, tensor = found
-        if name in tensors:
-            raise _Malformed
-        tensors[name] = tensor
-        holes.append((tensor.start, tensor.end))
-    pieces, pos = [], 0
-    for start, end in sorted(holes):
-        pieces.append(buf[pos:start])
-        pos = end
-    pieces.append(buf[pos:])
-    return b"".join(pieces), tensors
-
-
-def _tensor(buf: memoryview, start: int, end: int) -> tuple[str, RawTensor] | None:
-    """(name, where its raw data lies) of a float32/float64 initializer stored as raw_data; None for others,
-    whose every byte then stays in the skeleton (any change sends the variant to the full import)."""
-    dims: list[int] = []
-    data_type = name = raw = None
-    plain = True
-    for number, wire, s, e, value in _fields(buf, start, end):
-        if number in _TENSOR_EXTERNAL:  # the values live elsewhere: equal bytes here prove nothing
-            raise _Malformed
-        if number not in _TENSOR_PLAIN_FIELDS:  # float_data, int64_data, ...: compared as skeleton bytes
-            plain = False
-        elif number == _TENSOR_DIMS:
-            if wire == 0:
-                dims.append(value)
-            else:  # packed
-                pos = s
-                while pos < e:
-                    d, pos = _varint(buf, pos, e)
-                    dims.append(d)
-        elif number == _TENSOR_DATA_TYPE and wire == 0:
-            data_type = value
-        elif number == _TENSOR_NAME and wire == 2:
-            name = bytes(buf[s:e]).decode("utf-8", errors="strict")
-        elif number == _TENSOR_RAW and wire == 2:
-            if raw is not None:
-                raise _Malformed
-            raw = (s, e)
-    dtype = _RAW_DTYPES.get(data_type)
-    if not plain or name is None or raw is None or dtype is None:
-        return None
-    if any(d >= 2**40 for d in dims):
-        raise _Malformed
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
-    if raw[1] - raw[0] != count * dtype.itemsize:
-        raise _Malformed
-    return name, RawTensor(dtype, tuple(dims), raw[0], raw[1])
 
 
 class _Buffer:
@@ -169,7 +41,7 @@ class _Buffer:
         with open(path, "rb", buffering=0) as f:
             got = f.readinto(view)
         if got != size:
-            raise _Malformed
+            raise WireError
         return view
 
 
@@ -210,7 +82,7 @@ class VariantReader:
         try:
             view = self._base_buffer.read(Path(base_path))
             self._base = (view, *scan(view))
-        except (_Malformed, OSError, UnicodeDecodeError, MemoryError):
+        except (WireError, OSError, UnicodeDecodeError, MemoryError):
             return
         self._params: dict[str, list] = {}  # initializer -> the parameters reading it unchanged
         self._blocked: set[str] = set()  # initializers some parameter uses otherwise (a changed one: full import)
@@ -230,11 +102,7 @@ class VariantReader:
         held, t = p.as_in_file(), base_tensors.get(p.origin)
         if held is None or t is None or held.shape != t.shape or held.dtype != t.dtype:
             return False
-        return bool(np.array_equal(held, self._array(self._base[0], t)))
-
-    @staticmethod
-    def _array(view: memoryview, t: RawTensor) -> np.ndarray:
-        return np.frombuffer(view, t.dtype, int(np.prod(t.shape, dtype=np.int64)), t.start).reshape(t.shape)
+        return bool(np.array_equal(held, array(self._base[0], t)))
 
     @property
     def usable(self) -> bool:
@@ -250,7 +118,7 @@ class VariantReader:
         try:
             view = self._buffer.read(Path(path))
             skeleton, tensors = scan(view)
-        except (_Malformed, OSError, UnicodeDecodeError, MemoryError):
+        except (WireError, OSError, UnicodeDecodeError, MemoryError):
             return None
         if skeleton != base_skeleton or tensors.keys() != base_tensors.keys():
             return None
@@ -261,7 +129,7 @@ class VariantReader:
                 continue
             if name in self._blocked or name not in self._params:
                 return None
-            base, new = self._array(base_view, b), self._array(view, t)
+            base, new = array(base_view, b), array(view, t)
             for p, factor in self._params[name]:  # NaN and Inf are for the engine to find (Change.value)
                 out[p.name] = Change(base, new, p.transposed, factor)
         return out

@@ -16,7 +16,8 @@ from onnxlip.api import analyse
 from onnxlip.engine import MetricEngine
 from onnxlip.errors import MismatchError, ModelLoadError, OnnxlipError
 from onnxlip.structure import align_params
-from onnxlip.variants import VariantReader, _Buffer, _same_bytes, scan
+from onnxlip.variants import VariantReader, _Buffer, _same_bytes
+from onnxlip.wire import scan
 from tests import dag_factory as F
 from tests.test_bad_input import cli
 
