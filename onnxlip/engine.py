@@ -228,12 +228,12 @@ class MetricEngine:
                 changed += int(np.count_nonzero(moved))
         return self.dominated(lo, delta, changed, upper)
 
-    def _buffer(self, kind: str, name: str) -> np.ndarray:
-        """A float32 buffer shaped like parameter `name`, reused across calls: fresh pages are slow to fault in
-        (benchmarks/README.md). The "zero" kind is all zeros and stays so."""
+    def _buffer(self, kind: str, name: str, dtype=np.float32) -> np.ndarray:
+        """A buffer (float32 unless `dtype` says otherwise) shaped like parameter `name`, reused across calls: fresh
+        pages are slow to fault in (benchmarks/README.md). The "zero" kind is all zeros and stays so."""
         key = (kind, name)
         if key not in self._buffers:
-            self._buffers[key] = (np.zeros if kind == "zero" else np.empty)(self.params[name].shape, np.float32)
+            self._buffers[key] = (np.zeros if kind == "zero" else np.empty)(self.params[name].shape, dtype)
         return self._buffers[key]
 
     def general_log10(self, va: dict[str, np.ndarray], vb: dict[str, np.ndarray]) -> tuple[float, str]:
@@ -277,14 +277,17 @@ class MetricEngine:
                     lo[n], delta[n] = (m, e), (self._buffer("zero", n), e)
                     continue
                 if not compared[n][4]:  # not only zeroed entries: formed as metric() does
-                    v = c.value(n)
+                    v = c.value(n, self._buffer("value", n, np.float64))
                     mantissas(same, (v,), e, kept)
                     mantissas(abs_difference, (self.base[n], v), e, moved)
                 elif not compared[n][5]:  # pruned, not split yet
                     split_kept(m, c.layout(c.base), c.layout(c.new), kept, moved)
                 lo[n], delta[n] = (kept, e), (moved, e)
             return self.dominated(lo, delta, sum(r[0] for r in compared.values()))
-        vb = {n: changes[n].value(n) if n in changes else a for n, a in self.base.items()}
+        vb = {
+            n: changes[n].value(n, self._buffer("value", n, np.float64)) if n in changes else a
+            for n, a in self.base.items()
+        }
         same_as_base = {n: (0, 0, True, True, True) for n in self.base if n not in changes}
         return self.metric(vb, {**{n: r[:5] for n, r in compared.items()}, **same_as_base})
 

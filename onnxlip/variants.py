@@ -59,14 +59,14 @@ class Change:
         """A raw array in the parameter's layout (a view)."""
         return raw.T if self.transposed else raw
 
-    def value(self, name: str = "") -> np.ndarray:
-        """The variant's parameter value as the full import would form it (ir.Param.value); OnnxlipError, as the
-        import's, when it holds NaN or Inf (a variant that only zeroes entries of the finite base cannot)."""
+    def value(self, name: str = "", out: np.ndarray | None = None) -> np.ndarray:
+        """The variant's parameter value as the full import would form it (ir.Param.value), a folded one in `out`
+        (float64, the parameter's shape) when given; OnnxlipError, as the import's, when it holds NaN or Inf (a
+        variant that only zeroes entries of the finite base cannot)."""
         v = self.layout(self.new)
         if self.factor is not None:
-            v = v.astype(np.float64)
             with np.errstate(over="ignore"):  # an overflow is reported below
-                v *= self.factor
+                v = np.multiply(v, self.factor, out=out, dtype=np.float64)
         if not finite(v):
             raise OnnxlipError(f"parameter(s) {name or 'of the variant'} contain NaN or Inf values")
         return v
