@@ -50,9 +50,10 @@ def compare(
                 continue
             zeroed = False
         flips += int(np.count_nonzero(np.sign(x) * np.sign(y) < 0))  # exact: no product of tiny values
-        ax, ay = np.abs(x), np.abs(y)
-        dominated = dominated and bool(np.all(ay <= ax))
-        dominating = dominating and bool(np.all(ax <= ay))
+        if dominated or dominating:  # once neither can hold, only the flips are left to count
+            ax, ay = np.abs(x), np.abs(y)
+            dominated = dominated and bool(np.all(ay <= ax))
+            dominating = dominating and bool(np.all(ax <= ay))
     return changed, flips, dominated, dominating, zeroed and dominated
 
 

@@ -116,6 +116,7 @@ class MetricEngine:
         self.params = {p.name: p for p in graph.params()}
         self._base: dict[str, np.ndarray] | None = None
         self._base_exp: dict[str, int] | None = None
+        self._base_abs_max: dict[str, float] = {}
         # parameters that multiply (weights, scales): their kept l1 mass predicts how much path mass survives
         self._multiplicative = [
             p.name for node in graph.nodes for role, p in node.params.items() if role in ("weight", "scale")
@@ -228,6 +229,14 @@ class MetricEngine:
                 changed += int(np.count_nonzero(moved))
         return self.dominated(lo, delta, changed, upper)
 
+    def _abs_max(self, name: str, v: np.ndarray) -> float:
+        """abs_max, remembered for the base's own arrays (a sweep compares many variants with them)."""
+        if self._base is None or v is not self._base.get(name):
+            return abs_max(v)
+        if name not in self._base_abs_max:
+            self._base_abs_max[name] = abs_max(v)
+        return self._base_abs_max[name]
+
     def _buffer(self, kind: str, name: str, dtype=np.float32) -> np.ndarray:
         """A buffer (float32 unless `dtype` says otherwise) shaped like parameter `name`, reused across calls: fresh
         pages are slow to fault in (benchmarks/README.md). The "zero" kind is all zeros and stays so."""
@@ -246,7 +255,7 @@ class MetricEngine:
                 pairs["hi"][n] = pairs["lo"][n] = self.base_pairs[n]
                 pairs["delta"][n] = (self._buffer("zero", n), self.base_exp[n])
                 continue
-            e = exponent_of(max(abs_max(a), abs_max(b)))
+            e = exponent_of(max(self._abs_max(n, a), self._abs_max(n, b)))
             outs = tuple(self._buffer(kind, n) for kind in ("hi", "lo", "delta"))
             if not hilo_mantissas(a, b, e, outs):
                 for out, fn in zip(outs, (abs_max_of, abs_min_of, abs_gap)):
