@@ -104,6 +104,7 @@ class Analysed:
     graph: Graph
     label: str = ""
     extra: dict = field(default_factory=dict)
+    file: np.ndarray | None = None  # the file's bytes, when the IR's weights view them (analyse keep_proto=False)
 
 
 def _jsonable(obj):
@@ -132,8 +133,8 @@ def analyse(
         return model
     options = ImportOptions(outputs=output, input_shapes=input_shapes, lipschitz=lipschitz)
     if not keep_proto:
-        proto, arrays = load_with_arrays(model)
-        return Analysed(None, import_model(proto, options, arrays), model_label(model))
+        proto, arrays, data = load_with_arrays(model)
+        return Analysed(None, import_model(proto, options, arrays), model_label(model), file=data)
     proto = load_model(model)
     return Analysed(proto, import_model(proto, options), model_label(model))
 
@@ -250,7 +251,7 @@ def bound_many(
     ref = analyse(base, output, input_shapes, keep_proto=bool(samples))
     base_sampler = Sampler(ref.proto, ref.graph, "cpu") if samples else None
     # variant files that differ from the base file only in initializer values reuse the base's import
-    reader = VariantReader(base, ref.graph) if isinstance(base, (str, os.PathLike)) and len(variants) else None
+    reader = VariantReader(base, ref.graph, ref.file) if isinstance(base, (str, os.PathLike)) and variants else None
     engine = MetricEngine(ref.graph, device)
     results = []
     for variant in variants:
@@ -296,7 +297,7 @@ def check(
     model: ModelLike, *, output: Sequence[str] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> CheckResult:
     """Is the model supported? Which ops, how many parameters, and every problem found."""
-    proto, arrays = load_with_arrays(model)
+    proto, arrays, _ = load_with_arrays(model)
     ops = Counter(n.op_type for n in proto.graph.node)
     outputs = list(output) if output else [o.name for o in proto.graph.output]
     try:

@@ -38,21 +38,24 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     return proto
 
 
-def load_with_arrays(model: ModelLike) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """(proto, arrays) for an import that needs no weights in the proto: the float initializers stored as raw
-    data come as arrays that view the file's bytes in place (onnxlip/wire.py), and the proto omits their data
-    (a few KB to parse). Files the scanner does not read (external data, ...) load as load_model does."""
+def load_with_arrays(model: ModelLike) -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray | None]:
+    """(proto, arrays, the file's bytes) for an import that needs no weights in the proto: the float initializers
+    stored as raw data come as arrays that view the file's bytes in place (onnxlip/wire.py), and the proto omits
+    their data (a few KB to parse). Files the scanner does not read (external data, ...) load as load_model does
+    (no arrays, no bytes)."""
     if isinstance(model, onnx.ModelProto):
-        return load_model(model), {}
+        return load_model(model), {}, None
     path = Path(model)
     data = _read(path)
     try:
         skeleton, tensors = wire.strip(memoryview(data))
     except (wire.WireError, UnicodeDecodeError):
-        return _parsed(data, path), {}
+        proto = _parsed(data, path)
+        _check_versions(proto)
+        return proto, {}, None
     proto = _parsed(skeleton, path)
     _check_versions(proto)
-    return proto, {name: wire.array(data, t) for name, t in tensors.items()}
+    return proto, {name: wire.array(data, t) for name, t in tensors.items()}, data
 
 
 def _read(path: Path) -> np.ndarray:

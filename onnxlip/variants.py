@@ -76,11 +76,12 @@ class VariantReader:
     """Reads variant files against a base file and its IR: `changes(path)` gives {parameter name: Change} for
     the parameters the variant changes, or None when the file needs the full import."""
 
-    def __init__(self, base_path: str | os.PathLike, graph: Graph):
-        self._base_buffer, self._buffer = _Buffer(), _Buffer()
+    def __init__(self, base_path: str | os.PathLike, graph: Graph, data: np.ndarray | None = None):
+        """`data`: the base file's bytes when already read (analyse with keep_proto=False)."""
+        self._buffer = _Buffer()
         self._base = None
         try:
-            view = self._base_buffer.read(Path(base_path))
+            view = memoryview(data) if data is not None else _Buffer().read(Path(base_path))
             self._base = (view, *scan(view))
         except (WireError, OSError, UnicodeDecodeError, MemoryError):
             return

@@ -53,7 +53,7 @@ def test_strip_equals_the_parse_without_float_raw_data(tmp_path):
 def test_imports_through_the_arrays_equal_the_full_import(tmp_path):
     for path in _files(tmp_path):
         output = ["add_result2"] if "mlp" in path.name else None
-        proto, arrays = load_with_arrays(path)
+        proto, arrays, _ = load_with_arrays(path)
         fast = import_model(proto, ImportOptions(outputs=output), arrays)
         full = import_model(onnx.load(str(path)), ImportOptions(outputs=output))
         assert [p.name for p in fast.params()] == [p.name for p in full.params()]
@@ -74,7 +74,7 @@ def test_files_the_reader_does_not_take_load_as_before(tmp_path):
         init.CopyFrom(helper.make_tensor(init.name, init.data_type, values.shape, values.ravel().tolist()))
     path = tmp_path / "floats.onnx"
     onnx.save(as_floats, str(path))
-    proto, arrays = load_with_arrays(path)
+    proto, arrays, _ = load_with_arrays(path)
     assert arrays == {} and proto == as_floats
     # external data: read (safely) by the onnx path
     folder = tmp_path / "ext"
@@ -87,7 +87,7 @@ def test_files_the_reader_does_not_take_load_as_before(tmp_path):
         all_tensors_to_one_file=True,
         size_threshold=0,
     )
-    proto, arrays = load_with_arrays(ext)
+    proto, arrays, _ = load_with_arrays(ext)
     assert arrays == {}
     assert onnxlip.path_norm(ext).log10_path_norm == onnxlip.path_norm(model).log10_path_norm
 
