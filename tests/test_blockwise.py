@@ -60,8 +60,9 @@ def test_mantissas_are_bit_identical_to_normalized_power(dtype):
     for exponent in (B.exponent_of(max(B.abs_max(a), B.abs_max(b))), 130, -140):  # the float64 path too
         for fn, args, whole in cases:
             out = np.empty(a.shape, np.float32)
-            got, e = B.mantissas(fn, args, exponent, out)
-            want, e_want = normalized_power(whole, 1.0, exponent)
+            with np.errstate(over="ignore"):  # -140 is no bound of these values: both sides overflow alike
+                got, e = B.mantissas(fn, args, exponent, out)
+                want, e_want = normalized_power(whole, 1.0, exponent)
             assert got is out and e == e_want
             np.testing.assert_array_equal(got, want)
 
