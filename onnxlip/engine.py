@@ -117,6 +117,7 @@ class MetricEngine:
         self._base: dict[str, np.ndarray] | None = None
         self._base_exp: dict[str, int] | None = None
         self._base_abs_max: dict[str, float] = {}
+        self._base_nonzero: dict[str, int] = {}
         # parameters that multiply (weights, scales): their kept l1 mass predicts how much path mass survives
         self._multiplicative = [
             p.name for node in graph.nodes for role, p in node.params.items() if role in ("weight", "scale")
@@ -198,7 +199,8 @@ class MetricEngine:
 
     def dominated(self, lo: Pairs, delta: Pairs, changed: int, upper=None) -> MetricOutcome:
         """The exact metric between the base and a variant it dominates, given the variant's |values| (`lo`) and
-        |base| - |variant| (`delta`) as pairs with the base's exponents. `upper`, when known, bounds
+        |base| - |variant| (`delta`, or a function giving them: only the difference stream reads them) as pairs
+        with the base's exponents. `upper`, when known, bounds
         metric / ||Phi(base)|| from above (e.g. the pruned entries' relative scores; a float or a function giving it,
         called only when needed): it only steers the route."""
         guess_share = 1.0 - self._kept_mass_ratio(lo)
@@ -210,24 +212,39 @@ class MetricEngine:
             if out is not None:
                 log10_m, margin, dev = out
                 return MetricOutcome(log10_m, True, 0, changed, "none needed", dev, margin, ROUTE_SUBTRACTION)
-        log10_m, dev = self._difference(lo, delta)
+        log10_m, dev = self._difference(lo, delta() if callable(delta) else delta)
         return MetricOutcome(log10_m, True, 0, changed, "none needed", dev, self.metric_margin, ROUTE_DIFFERENCE)
 
     def pruned(self, keep: dict[str, np.ndarray], upper=None) -> MetricOutcome:
         """The exact metric between the base and the base with the entries where `keep` is False set to zero
         (`keep`: boolean arrays shaped like the IR parameters they name; others are kept whole)."""
-        lo, delta, changed = {}, {}, 0
+        lo, changed = {}, 0
         for n, (m, e) in self.base_pairs.items():
             k = keep.get(n)
             if k is None:
-                lo[n], delta[n] = (m, e), (self._buffer("zero", n), e)
-            else:  # exact: each mantissa is either kept or moved to delta
-                kept, moved = self._buffer("kept", n), self._buffer("moved", n)
+                lo[n] = (m, e)
+            else:  # exact: each mantissa is either kept or (in delta) moved
+                kept = self._buffer("kept", n)
                 np.multiply(m, k, out=kept)
-                np.subtract(m, kept, out=moved)
-                lo[n], delta[n] = (kept, e), (moved, e)
-                changed += int(np.count_nonzero(moved))
+                lo[n] = (kept, e)
+                changed += self._nonzero(n) - int(np.count_nonzero(kept))
+
+        def delta() -> Pairs:
+            out = {}
+            for n, (m, e) in self.base_pairs.items():
+                if n in keep:
+                    out[n] = (np.subtract(m, lo[n][0], out=self._buffer("moved", n)), e)
+                else:
+                    out[n] = (self._buffer("zero", n), e)
+            return out
+
         return self.dominated(lo, delta, changed, upper)
+
+    def _nonzero(self, name: str) -> int:
+        """Non-zero entries of the base's mantissas of a parameter (remembered)."""
+        if name not in self._base_nonzero:
+            self._base_nonzero[name] = int(np.count_nonzero(self.base_pairs[name][0]))
+        return self._base_nonzero[name]
 
     def _abs_max(self, name: str, v: np.ndarray) -> float:
         """abs_max, remembered for the base's own arrays (a sweep compares many variants with them)."""

@@ -189,6 +189,17 @@ def _pruned_metric(m: Analysed, masks, engine: MetricEngine, path_scores, device
     return metric_result(engine.pruned(keep, None if path_scores is None else upper))
 
 
+def _zeros(tensors: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], base_zeros: Mapping[str, int]) -> int:
+    """Entries that are zero after pruning: the pruned ones and the kept ones that were zero already."""
+    count = 0
+    for n, a in tensors.items():
+        kept = int(np.count_nonzero(masks[n]))
+        count += a.size - kept
+        if base_zeros[n]:
+            count += int(np.count_nonzero((a == 0) & masks[n]))
+    return count
+
+
 def prune(
     model: ModelLike,
     sparsity: float,
@@ -245,6 +256,7 @@ def prune_sweep(
     tensors = prunable_tensors(m, include_biases)
     engine = MetricEngine(m.graph, device)
     total = sum(a.size for a in tensors.values())
+    base_zeros = {n: int(np.count_nonzero(a == 0)) for n, a in tensors.items()}
     results = []
     path_scores = None
     for criterion in criteria:
@@ -255,7 +267,7 @@ def prune_sweep(
             if out_path is not None:
                 onnx.save(apply_masks(m.proto, masks), str(out_path))
             metric = _pruned_metric(m, masks, engine, path_scores, device)
-            zeros = sum(int(np.count_nonzero((a == 0) | ~masks[n])) for n, a in tensors.items())
+            zeros = _zeros(tensors, masks, base_zeros)
             log10_bound = certified_log10_bound(metric, input_bound)
             results.append(
                 PruneResult(

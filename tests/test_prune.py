@@ -184,3 +184,21 @@ def _reference_keep(values, sparsity):
     keep = np.ones(values.size, dtype=bool)
     keep[np.argsort(values, kind="stable")[:k]] = False
     return keep
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_counts_of_an_already_sparse_model_match_the_written_file(tmp_path, scope):
+    """Zeros already in the file count as pruned, whether the criterion removes them or keeps them (ties at 0)."""
+    model = onnx.load("models/digits_cnn_pruned.onnx")
+    path = tmp_path / "sparse.onnx"
+    onnx.save(model, str(path))
+    tensors = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for criterion in ("magnitude", "path-magnitude"):
+        for sparsity in (0.1, 0.5, 0.9):
+            out = tmp_path / f"{criterion}{sparsity}{scope}.onnx"
+            r = prune(path, sparsity, criterion=criterion, scope=scope, out_path=out)
+            written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+            names = [n for n in written if n.endswith("weight")]
+            assert r.prunable_entries == sum(tensors[n].size for n in names)
+            assert r.pruned_entries == sum(int(np.count_nonzero(written[n] == 0)) for n in names)
+            assert r.sparsity == r.pruned_entries / r.prunable_entries
