@@ -331,27 +331,53 @@ def ones_feeds(graph: Graph) -> dict[str, np.ndarray]:
 
 def emit_pathnorm(graph: Graph, em: CompanionEmitter) -> list[Scaled]:
     """Emit the companion of `graph` on the all-ones input; returns the Scaled graph outputs."""
+    env = emit_companion(graph, em)
+    return [env[t] for t in graph.outputs]
+
+
+def emit_companion(graph: Graph, em: CompanionEmitter) -> dict[str, Scaled]:
+    """Emit the companion of `graph` on the all-ones input; returns every tensor's Scaled value."""
     from .ops import OPS
 
     env: dict[str, Scaled] = ones_inputs(graph, em)
     for node in graph.nodes:
         outs = OPS[node.op].companion(node, em, [env[t] for t in node.inputs], True)
         env.update(zip(node.outputs, outs))
-    return [env[t] for t in graph.outputs]
+    return env
 
 
-def emit_metric(graph: Graph, em: CompanionEmitter) -> list[Scaled | None]:
-    """Emit the hi companion stream a and the difference stream d (theory.md section 3):
-    d_out = L_{hi-lo}(a_in) + L_lo(d_in) + (|b_hi| - |b_lo|); d is None where it is identically zero."""
+def metric_inputs(graph: Graph) -> list[str]:
+    """The tensors whose hi-stream values the difference stream reads (inputs of ops with a metric rule)."""
     from .ops import OPS
 
-    a_env: dict[str, Scaled] = ones_inputs(graph, em)
+    seen: dict[str, None] = {}
+    for node in graph.nodes:
+        if OPS[node.op].metric is not None:
+            seen.update(dict.fromkeys(node.inputs))
+    return list(seen)
+
+
+def emit_metric(graph: Graph, em: CompanionEmitter, hi_fed: bool = False) -> list[Scaled | None]:
+    """Emit the hi companion stream a and the difference stream d (theory.md section 3):
+    d_out = L_{hi-lo}(a_in) + L_lo(d_in) + (|b_hi| - |b_lo|); d is None where it is identically zero.
+    hi_fed: the a values the d stream reads (metric_inputs) are graph inputs "hi::<tensor>" and "hi::<tensor>::e",
+    computed elsewhere (the a stream is not emitted)."""
+    from .ops import OPS
+
+    if hi_fed:
+        a_env = {
+            t: Scaled(em.add_input(f"hi::{t}", graph.shapes[t]), em.add_input(f"hi::{t}::e", ()))
+            for t in metric_inputs(graph)
+        }
+    else:
+        a_env = ones_inputs(graph, em)
     d_env: dict[str, Scaled | None] = {name: None for name in graph.inputs}
     for node in graph.nodes:
         rules = OPS[node.op]
-        a_in = [a_env[t] for t in node.inputs]
+        a_in = [a_env.get(t) for t in node.inputs]
         d_in = [d_env[t] for t in node.inputs]
-        a_env.update(zip(node.outputs, rules.companion(node, em, a_in, True)))
+        if not hi_fed:
+            a_env.update(zip(node.outputs, rules.companion(node, em, a_in, True)))
         if rules.metric is not None:
             d_out = rules.metric(node, em, a_in, d_in)
         elif all(d is None for d in d_in):

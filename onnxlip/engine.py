@@ -21,7 +21,16 @@ from .blockwise import (
     same,
     split_kept,
 )
-from .companion import CompanionEmitter, Scaled, emit_metric, emit_pathnorm, log10_total, ones_feeds
+from .companion import (
+    CompanionEmitter,
+    Scaled,
+    emit_companion,
+    emit_metric,
+    emit_pathnorm,
+    log10_total,
+    metric_inputs,
+    ones_feeds,
+)
 from .ir import Graph
 from .rounding import relative_error_bound
 from .runtime import make_session
@@ -42,32 +51,55 @@ Pairs = dict[str, tuple[np.ndarray, int]]
 class CompiledCompanion:
     """An emitted companion-type graph with its session; `log10(kinds)` runs it for fed parameter values."""
 
-    def __init__(self, graph: Graph, em: CompanionEmitter, outs: list[Scaled | None], device: str, level: str = "none"):
+    def __init__(
+        self,
+        graph: Graph,
+        em: CompanionEmitter,
+        outs: list[Scaled | None],
+        device: str,
+        level: str = "none",
+        extra: dict[str, Scaled] | None = None,
+    ):
+        """`extra`: further tensors to declare as outputs, read by `tensors()` (log10 does not fetch them)."""
         self.graph, self.em = graph, em
         self.empty = all(s is None for s in outs)
         self.device = "cpu" if device == "auto" else device
         if self.empty:  # no output depends on anything that differs: identically zero
             return
         em.add_outputs(t for s in outs if s is not None for t in (s.m, s.e))
+        self.names = [o.name for o in em.outputs]
+        self.extra = list(extra or {})
+        em.add_outputs(t for name in self.extra for t in (extra[name].m, extra[name].e))
+        self.extra_names = [o.name for o in em.outputs[len(self.names) :]]
         self.session, self.device = make_session(em.model(), device, em.external, level)
+
+    def _feeds(self, kinds, exponents, pairs, more) -> dict[str, np.ndarray]:
+        feeds = {}
+        if self.em.feed_specs:
+            feeds = self.em.feed_pairs(pairs) if pairs is not None else self.em.feed_values(kinds or {}, exponents)
+        if self.em.ones_fed:
+            feeds.update(ones_feeds(self.graph))
+        feeds.update(more or {})
+        return feeds
 
     def log10(
         self,
         kinds: dict[str, dict[str, np.ndarray]] | None = None,
         exponents=None,
         pairs: dict[str, Pairs] | None = None,
+        more: dict[str, np.ndarray] | None = None,
     ) -> float:
         """log10 of the sum of all outputs (-inf for zero). The fed kinds come as values (`kinds`, `exponents`:
-        see CompanionEmitter.feed_values) or as ready float32 (mantissa, exponent) `pairs`."""
+        see CompanionEmitter.feed_values) or as ready float32 (mantissa, exponent) `pairs`; `more`: other inputs."""
         if self.empty:
             return -math.inf
-        feeds = {}
-        if self.em.feed_specs:
-            feeds = self.em.feed_pairs(pairs) if pairs is not None else self.em.feed_values(kinds or {}, exponents)
-        if self.em.ones_fed:
-            feeds.update(ones_feeds(self.graph))
-        values = self.session.run(None, feeds)
+        values = self.session.run(self.names, self._feeds(kinds, exponents, pairs, more))
         return log10_total([(values[i], float(values[i + 1])) for i in range(0, len(values), 2)])
+
+    def tensors(self, pairs: dict[str, Pairs]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The `extra` tensors' (mantissa, exponent) for the fed parameter pairs."""
+        values = self.session.run(self.extra_names, self._feeds(None, None, pairs, None))
+        return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(self.extra)}
 
 
 def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[float, str]:
@@ -108,8 +140,8 @@ class MetricEngine:
     Sessions are built on first use and reused. For variants the base dominates (|v| <= |base| entrywise, as
     pruning gives): when the variant keeps little of the base's path mass, ||Phi(base)|| - ||Phi(v)|| from one
     companion run with the variant's weights (well conditioned, see MAX_CONDITION); otherwise the
-    cancellation-free difference stream, whose hi stream is the base's companion, a constant that onnxruntime
-    evaluates once while building the session. Any other pair feeds hi, lo and delta."""
+    cancellation-free difference stream, which reads the base's companion values (computed once, by the values
+    session, and fed). Any other pair feeds hi, lo and delta."""
 
     def __init__(self, graph: Graph, device: str = "auto"):
         self.graph, self.device = graph, device
@@ -130,15 +162,10 @@ class MetricEngine:
         self._dominated: CompiledCompanion | None = None
         self._general: CompiledCompanion | None = None
         self._values: CompiledCompanion | None = None
+        self._hi: dict[str, np.ndarray] | None = None
         self._buffers: dict[tuple[str, str], np.ndarray] = {}  # float32 mantissa buffers, see _buffer
 
     # ---- sessions ------------------------------------------------------------------------------------------
-    def _compile(self, kinds, fed, ones_fed) -> CompiledCompanion:
-        em = CompanionEmitter(1.0, kinds, "hi", fed=fed, ones_fed=ones_fed)
-        # a constant all-ones input means the hi stream is constant: let onnxruntime fold it once
-        return CompiledCompanion(
-            self.graph, em, emit_metric(self.graph, em), self.device, "none" if ones_fed else "fold"
-        )
 
     @property
     def base(self) -> dict[str, np.ndarray]:
@@ -161,12 +188,29 @@ class MetricEngine:
             self._base_exp = {n: e for n, (_, e) in self.base_pairs.items()}
         return self._base_exp
 
-    def log10_norm(self, pairs: Pairs) -> tuple[float, str]:
-        """log10 ||Phi||_1 of the parameters given as (mantissa, exponent) pairs, one companion run."""
+    def _values_session(self) -> CompiledCompanion:
+        """The companion with fed weights; it also yields the companion values the difference stream reads."""
         if self._values is None:
             em = CompanionEmitter(1.0, {}, "value", fed=("value",), ones_fed=False)
-            self._values = CompiledCompanion(self.graph, em, emit_pathnorm(self.graph, em), self.device)
-        return self._values.log10(pairs={"value": pairs}), self._values.device
+            env = emit_companion(self.graph, em)
+            outs = [env[t] for t in self.graph.outputs]
+            extra = {t: env[t] for t in metric_inputs(self.graph)}
+            self._values = CompiledCompanion(self.graph, em, outs, self.device, extra=extra)
+        return self._values
+
+    def log10_norm(self, pairs: Pairs) -> tuple[float, str]:
+        """log10 ||Phi||_1 of the parameters given as (mantissa, exponent) pairs, one companion run."""
+        values = self._values_session()
+        return values.log10(pairs={"value": pairs}), values.device
+
+    def _hi_feeds(self) -> dict[str, np.ndarray]:
+        """The base's companion values that the difference stream reads, as its "hi::" inputs (one run)."""
+        if self._hi is None:
+            found = self._values_session().tensors({"value": self.base_pairs})
+            self._hi = {}
+            for t, (m, e) in found.items():
+                self._hi[f"hi::{t}"], self._hi[f"hi::{t}::e"] = m, np.asarray(e, dtype=np.float32)
+        return self._hi
 
     def log10_base(self) -> float:
         if self._log10_base is None:
@@ -176,9 +220,11 @@ class MetricEngine:
     # ---- routes ----------------------------------------------------------------------------------------------
     def _difference(self, lo: Pairs, delta: Pairs) -> tuple[float, str]:
         """Difference stream between the base and a variant it dominates (exact, cancellation-free)."""
-        if self._dominated is None:
-            self._dominated = self._compile({"hi": self.base_pairs}, ("lo", "delta"), ones_fed=False)
-        return self._dominated.log10(pairs={"lo": lo, "delta": delta}), self._dominated.device
+        if self._dominated is None:  # the base stream comes from the values session: no folding at build
+            em = CompanionEmitter(1.0, {}, "hi", fed=("lo", "delta"), ones_fed=False)
+            self._dominated = CompiledCompanion(self.graph, em, emit_metric(self.graph, em, hi_fed=True), self.device)
+        more = self._hi_feeds() if not self._dominated.empty else None
+        return self._dominated.log10(pairs={"lo": lo, "delta": delta}, more=more), self._dominated.device
 
     def _subtraction(self, lo: Pairs) -> tuple[float, float, str] | None:
         log10_b, dev = self.log10_norm(lo)
@@ -280,7 +326,8 @@ class MetricEngine:
             for kind, out in zip(("hi", "lo", "delta"), outs):
                 pairs[kind][n] = (out, e)
         if self._general is None:
-            self._general = self._compile({}, ("hi", "lo", "delta"), ones_fed=True)
+            em = CompanionEmitter(1.0, {}, "hi", fed=("hi", "lo", "delta"))
+            self._general = CompiledCompanion(self.graph, em, emit_metric(self.graph, em), self.device)
         return self._general.log10(pairs=pairs), self._general.device
 
     def metric_changes(self, changes: dict[str, Change]) -> MetricOutcome:
