@@ -105,6 +105,13 @@ class Analysed:
     label: str = ""
     extra: dict = field(default_factory=dict)
     file: np.ndarray | None = None  # the file's bytes, when the IR's weights view them (analyse keep_proto=False)
+    source: ModelLike | None = None  # what was loaded, for full_proto
+
+    def full_proto(self) -> onnx.ModelProto:
+        """The model's protobuf with its weights (loaded again when the import did without it)."""
+        if self.proto is None:
+            self.proto = load_model(self.source)
+        return self.proto
 
 
 def _jsonable(obj):
@@ -134,7 +141,7 @@ def analyse(
     options = ImportOptions(outputs=output, input_shapes=input_shapes, lipschitz=lipschitz)
     if not keep_proto:
         proto, arrays, data = load_with_arrays(model)
-        return Analysed(None, import_model(proto, options, arrays), model_label(model), file=data)
+        return Analysed(None, import_model(proto, options, arrays), model_label(model), file=data, source=model)
     proto = load_model(model)
     return Analysed(proto, import_model(proto, options), model_label(model))
 

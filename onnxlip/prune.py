@@ -54,7 +54,7 @@ class PruneResult:
 def prunable_tensors(m: Analysed, include_biases: bool = False) -> dict[str, np.ndarray]:
     """The user's initializers that pruning may zero: weights of Conv/ConvTranspose/Gemm/MatMul (and their
     biases on request), as they are in the file."""
-    inits = {i.name: i for i in m.proto.graph.initializer}
+    inits = None  # the file's initializers, read only for parameters the IR does not hold as in the file
     roles = ("weight", "bias") if include_biases else ("weight",)
     out: dict[str, np.ndarray] = {}
     for node in m.graph.nodes:
@@ -62,10 +62,14 @@ def prunable_tensors(m: Analysed, include_biases: bool = False) -> dict[str, np.
             continue
         for role in roles:
             p = node.params.get(role)
-            if p is None or p.name not in inits or (role == "bias" and len(p.sources) > 1):
+            if p is None or (role == "bias" and len(p.sources) > 1):
                 continue  # a bias folded from a BatchNorm is not one initializer of the file
             arr = p.as_in_file() if p.origin == p.name else None
-            arr = numpy_helper.to_array(inits[p.name]) if arr is None else arr
+            if arr is None:
+                inits = inits if inits is not None else {i.name: i for i in m.full_proto().graph.initializer}
+                if p.name not in inits:
+                    continue
+                arr = numpy_helper.to_array(inits[p.name])
             if arr.dtype.kind == "f":
                 out[p.name] = arr
     if not out:
@@ -177,7 +181,7 @@ class _PrunedShare:
 def _pruned_metric(m: Analysed, masks, engine: MetricEngine, path_scores, device: str) -> PathMetricResult:
     keep = ir_keep_masks(m.graph, masks)
     if keep is None:  # re-import the pruned file
-        pruned = apply_masks(m.proto, masks)
+        pruned = apply_masks(m.full_proto(), masks)
         other = Analysed(pruned, import_model(pruned, ImportOptions(outputs=m.graph.outputs)), "pruned")
         return metric_between(m, other, device, engine)
 
@@ -252,7 +256,7 @@ def prune_sweep(
         and Path(out_path).resolve() == Path(model).resolve()
     ):
         raise OnnxlipError(f"refusing to overwrite the input file {model}; choose another output path")
-    m = analyse(model, output, input_shapes)
+    m = analyse(model, output, input_shapes, keep_proto=out_path is not None)  # no file to write: weights in place
     tensors = prunable_tensors(m, include_biases)
     engine = MetricEngine(m.graph, device)
     total = sum(a.size for a in tensors.values())
@@ -265,7 +269,7 @@ def prune_sweep(
             path_scores = _PrunedShare(scores, log2_factor)
         for sparsity, masks in zip(sparsities, masks_for_many(scores, sparsities, scope)):
             if out_path is not None:
-                onnx.save(apply_masks(m.proto, masks), str(out_path))
+                onnx.save(apply_masks(m.full_proto(), masks), str(out_path))
             metric = _pruned_metric(m, masks, engine, path_scores, device)
             zeros = _zeros(tensors, masks, base_zeros)
             log10_bound = certified_log10_bound(metric, input_bound)
