@@ -160,6 +160,11 @@ def test_shared_initializer_falls_back_to_the_file(tmp_path):
     r = prune(model, 0.5, criterion="magnitude", out_path=out)
     want = onnxlip.path_metric(model, out)
     assert r.exact and r.path_metric == pytest.approx(want.path_metric, rel=1e-12)
+    # from a file without an output file: the weights are imported in place, the protobuf loaded for the fallback
+    path = tmp_path / "tied.onnx"
+    onnx.save(model, str(path))
+    again = prune(path, 0.5, criterion="magnitude")
+    assert again.path_metric == r.path_metric and again.pruned_entries == r.pruned_entries
 
 
 def test_one_selection_serves_every_sparsity():
