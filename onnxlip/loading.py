@@ -55,6 +55,7 @@ def load_with_arrays(model: ModelLike) -> tuple[onnx.ModelProto, dict[str, np.nd
         return proto, {}, None
     proto = _parsed(skeleton, path)
     _check_versions(proto)
+    data.flags.writeable = False  # the IR's weights view these bytes: nothing may change them in place
     return proto, {name: wire.array(data, t) for name, t in tensors.items()}, data
 
 
