@@ -219,7 +219,10 @@ def bound(
     max(R, 1) * ||Phi(base) - Phi(variant)||_1, with the l1 path-metric computed without cancellation.
 
     The metric is exact when one model dominates the other entrywise in absolute value (pruning); otherwise
-    it is a certified upper bound. Parameters that change sign are handled by splitting at a midpoint."""
+    it is a certified upper bound. Parameters that change sign are handled by splitting at a midpoint.
+
+    Sweeps: variants that differ from the base file only in weight values (written by the same tool) are
+    compared without importing them again; use --samples 0 to skip the per-variant sampling."""
     with _guard(as_json):
         if len(models) < 2:
             raise OnnxlipError("bound needs a base model and at least one variant")
