@@ -12,7 +12,7 @@ the leading axis) are read the same way: their mantissas and NaN/Inf checks neve
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -21,11 +21,19 @@ from .companion import normalized_power
 BLOCK = 1 << 16
 
 
-def compare(
-    a: np.ndarray, b: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-) -> tuple[int, int, bool, bool, bool]:
-    """(entries that differ, entries whose sign flips (both non-zero), |b| <= |a| everywhere, |a| <= |b|
-    everywhere, every entry that differs is zero in b (b prunes a)).
+class Comparison(NamedTuple):
+    changed: int  # entries that differ
+    flips: int  # entries whose sign flips (both non-zero)
+    dominated: bool  # |b| <= |a| everywhere
+    dominating: bool  # |a| <= |b| everywhere
+    zeroed: bool  # every entry that differs is zero in b (b prunes a)
+
+
+UNCHANGED = Comparison(0, 0, True, True, True)
+
+
+def compare(a: np.ndarray, b: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Comparison:
+    """How b differs from a (Comparison).
 
     `split` = (m, kept, moved), C-contiguous and laid out as a and b: in the same pass, kept = m where a == b
     else 0 and moved = m - kept (exact), as split_kept; complete when the last flag (b prunes a) is True."""
@@ -54,7 +62,7 @@ def compare(
             ax, ay = np.abs(x), np.abs(y)
             dominated = dominated and bool(np.all(ay <= ax))
             dominating = dominating and bool(np.all(ax <= ay))
-    return changed, flips, dominated, dominating, zeroed and dominated
+    return Comparison(changed, flips, dominated, dominating, zeroed and dominated)
 
 
 def mantissas(

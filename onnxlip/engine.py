@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .blockwise import (
+    UNCHANGED,
+    Comparison,
     abs_difference,
     abs_gap,
     abs_max,
@@ -335,36 +337,36 @@ class MetricEngine:
         the base's: the same outcome, bit for bit, without forming unchanged or merely pruned parameters.
         Comparisons read the file's values: with a shared non-zero factor (variants._factor_ok) they order,
         equal and sign the same way as the formed products."""
-        compared = {}
+        compared, split_done = {}, set()
         for n, c in changes.items():
             # pruned entries are split off in the comparing pass where the layouts agree (not transposed)
             split = None if c.transposed else (self.base_pairs[n][0], self._buffer("lo", n), self._buffer("delta", n))
-            compared[n] = compare(c.base, c.new, split) + (split is not None,)
-        flips = sum(r[1] for r in compared.values())
-        if flips == 0 and all(r[2] for r in compared.values()):
+            compared[n] = compare(c.base, c.new, split)
+            if split is not None and compared[n].zeroed:
+                split_done.add(n)
+        if all(r.flips == 0 and r.dominated for r in compared.values()):
             lo, delta = {}, {}
             for n, (m, e) in self.base_pairs.items():
                 c = changes.get(n)
-                kept, moved = self._buffer("lo", n), self._buffer("delta", n)
                 if c is None:
                     lo[n], delta[n] = (m, e), (self._buffer("zero", n), e)
                     continue
-                if not compared[n][4]:  # not only zeroed entries: formed as metric() does
+                kept, moved = self._buffer("lo", n), self._buffer("delta", n)
+                if not compared[n].zeroed:  # changed otherwise than by zeroing: formed as metric() does
                     v = c.value(n, self._buffer("value", n, np.float64))
                     mantissas(same, (v,), e, kept)
                     mantissas(abs_difference, (self.base[n], v), e, moved)
-                elif not compared[n][5]:  # pruned, not split yet
+                elif n not in split_done:
                     split_kept(m, c.layout(c.base), c.layout(c.new), kept, moved)
                 lo[n], delta[n] = (kept, e), (moved, e)
-            return self.dominated(lo, delta, sum(r[0] for r in compared.values()))
+            return self.dominated(lo, delta, sum(r.changed for r in compared.values()))
         vb = {
             n: changes[n].value(n, self._buffer("value", n, np.float64)) if n in changes else a
             for n, a in self.base.items()
         }
-        same_as_base = {n: (0, 0, True, True, True) for n in self.base if n not in changes}
-        return self.metric(vb, {**{n: r[:5] for n, r in compared.items()}, **same_as_base})
+        return self.metric(vb, {n: compared.get(n, UNCHANGED) for n in self.base})
 
-    def metric(self, vb: dict[str, np.ndarray], compared: dict[str, tuple] | None = None) -> MetricOutcome:
+    def metric(self, vb: dict[str, np.ndarray], compared: dict[str, Comparison] | None = None) -> MetricOutcome:
         """The metric between the base and vb, choosing the cheapest exact or certified route (`compared`:
         blockwise.compare of each parameter, when already known)."""
         va = self.base
