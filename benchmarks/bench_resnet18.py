@@ -30,7 +30,7 @@ import onnxlip  # noqa: E402
 from benchmarks.resnet_onnx import resnet18, with_weights  # noqa: E402
 from onnxlip.api import analyse  # noqa: E402
 from onnxlip.companion import CompanionEmitter, emit_pathnorm  # noqa: E402
-from onnxlip.engine import CompiledCompanion  # noqa: E402
+from onnxlip.compiled import CompiledCompanion  # noqa: E402
 
 
 def interleaved(fns: dict, repeat: int, pause: float = 0.0) -> dict[str, float]:

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from .companion import plain_value
-from .engine import MetricEngine, MetricOutcome, pathnorm_log10_power
+from .compiled import pathnorm_log10_power
+from .engine import MetricEngine, MetricOutcome
 from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
