@@ -8,7 +8,7 @@ import numpy as np
 
 from .companion import CompanionEmitter, Scaled, emit_pathnorm, log10_total, ones_feeds
 from .ir import Graph
-from .runtime import make_session
+from .runtime import make_session, run
 
 Pairs = dict[str, tuple[np.ndarray, int]]
 
@@ -58,12 +58,12 @@ class CompiledCompanion:
         see CompanionEmitter.feed_values) or as ready float32 (mantissa, exponent) `pairs`; `more`: other inputs."""
         if self.empty:
             return -math.inf
-        values = self.session.run(self.names, self._feeds(kinds, exponents, pairs, more))
+        values = run(self.session, self.names, self._feeds(kinds, exponents, pairs, more))
         return log10_total([(values[i], float(values[i + 1])) for i in range(0, len(values), 2)])
 
     def tensors(self, pairs: dict[str, Pairs]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The `extra` tensors' (mantissa, exponent) for the fed parameter pairs."""
-        values = self.session.run(self.extra_names, self._feeds(None, None, pairs, None))
+        values = run(self.session, self.extra_names, self._feeds(None, None, pairs, None))
         return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(self.extra)}
 
 

@@ -100,10 +100,15 @@ class ImportContext:
         )
 
     def attr(self, name: str, default=None):
+        """The node's attribute `name`, or `default`; RuleError when its kind differs from the default's (a
+        number, a list, a string), as in a damaged file."""
         assert self.node is not None
         for a in self.node.attribute:
             if a.name == name:
-                return helper.get_attribute_value(a)
+                value = helper.get_attribute_value(a)
+                if default is not None and not _same_kind(value, default):
+                    raise RuleError(f"its attribute {name!r} is {_kind(value)}, not {_kind(default)}")
+                return value
         return default
 
     def add(self, op: str, inputs: list[str], outputs: list[str] | None = None, attrs=None, params=None) -> Node:
@@ -121,6 +126,27 @@ class ImportContext:
             node.name = f"{node.name}/{len(self.nodes)}"
         self.nodes.append(node)
         return node
+
+
+def _type_name(elem_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except ValueError:  # not an ONNX type at all
+        return f"#{elem_type} (unknown)"
+
+
+def _kind(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, (bytes, str)):
+        return "a string"
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return "a number"
+    return type(value).__name__
+
+
+def _same_kind(value, default) -> bool:
+    return _kind(value) == _kind(default)
 
 
 def import_model(
@@ -176,6 +202,10 @@ def import_model(
             rule(node, ctx)
         except RuleError as exc:
             issues.append(ModelIssue(where, node.op_type, str(exc)))
+        except OnnxlipError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - attributes or shapes no rule expects (a damaged file)
+            issues.append(ModelIssue(where, node.op_type, f"cannot be read ({type(exc).__name__}: {exc})"))
     for name in outputs:
         if name not in shapes and name not in inputs:
             issues.append(ModelIssue(name, "-", "requested output tensor has no inferable static shape"))
@@ -226,7 +256,7 @@ def _fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] 
             raise OnnxlipError(f"input {inp.name!r} is not a tensor (sequences and maps are not supported)")
         if ttype.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             raise OnnxlipError(
-                f"input {inp.name!r} has element type {onnx.TensorProto.DataType.Name(ttype.elem_type)}; "
+                f"input {inp.name!r} has element type {_type_name(ttype.elem_type)}; "
                 "only floating-point inputs can be analysed"
             )
         if inp.name in user_shapes:

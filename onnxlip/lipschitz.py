@@ -22,7 +22,7 @@ from .api import _jsonable, analyse
 from .companion import LOG10_2, CompanionEmitter, log10_total, ones_feeds, plain_value
 from .loading import ModelLike
 from .rounding import relative_error_bound
-from .runtime import make_session
+from .runtime import make_session, run
 
 
 @dataclass
@@ -64,7 +64,7 @@ def pathnorm_bounds(
     em.add_outputs(t for s in pieces for t in (s.m, s.e))
     em.drop_dead_nodes()  # the score nodes: only the forward and the adjoint at the inputs are read
     session, _ = make_session(em.model(), device, em.external)
-    vals = session.run(None, ones_feeds(graph))
+    vals = run(session, None, ones_feeds(graph))
     pairs = [(vals[i], float(vals[i + 1])) for i in range(0, len(vals), 2)]
     fwd, adj = pairs[: len(outs)], pairs[len(outs) :]
     # rounding margins: the forward stream, and the adjoint (same ops, transposed) bounded the same way

@@ -86,7 +86,16 @@ def _release(external: dict[str, np.ndarray] | None) -> None:
         external.clear()
 
 
+def run(session: ort.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """session.run, with onnxruntime's failures (shapes or attributes it rejects only at run time, as in an
+    inconsistent model) as OnnxlipError."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own classes (Fail, InvalidArgument, ...)
+        raise OnnxlipError(f"onnxruntime could not run the analysis graph (is the model consistent?): {exc}") from None
+
+
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Run a small helper model on the CPU."""
     sess, _ = make_session(model, "cpu")
-    return sess.run(None, feeds)
+    return run(sess, None, feeds)

@@ -10,7 +10,7 @@ import onnx
 from onnx import utils as onnx_utils
 
 from .ir import Graph
-from .runtime import make_session
+from .runtime import make_session, run
 
 
 def runnable(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
@@ -44,11 +44,11 @@ class Sampler:
         n = next(iter(xs.values())).shape[0]
         feeds = {k: v.astype(np.float64 if "double" in self.input_types[k] else np.float32) for k, v in xs.items()}
         if self.batched:
-            outs = self.session.run(list(self.graph.outputs), feeds)
+            outs = run(self.session, list(self.graph.outputs), feeds)
             return np.concatenate([np.asarray(o, np.float64).reshape(n, -1) for o in outs], axis=1)
         rows = []
         for i in range(n):
-            outs = self.session.run(list(self.graph.outputs), {k: v[i : i + 1] for k, v in feeds.items()})
+            outs = run(self.session, list(self.graph.outputs), {k: v[i : i + 1] for k, v in feeds.items()})
             rows.append(np.concatenate([np.asarray(o, np.float64).ravel() for o in outs]))
         return np.stack(rows)
 

@@ -14,7 +14,7 @@ from .api import analyse
 from .companion import LOG10_2, CompanionEmitter, Scaled, log10_total, ones_feeds
 from .ir import Graph
 from .loading import ModelLike
-from .runtime import make_session
+from .runtime import make_session, run
 
 # Session options for the one-shot scores graph. "fold" would evaluate the adjoint (which depends on the weights
 # only) while the session is built; "none" without weight prepacking builds in less than half the time and the
@@ -145,7 +145,7 @@ def scores(
     # (2x the model's parameter bytes) and our mantissas (1x) the peak memory stays within 3x params + activations
     del graph
     session, dev = make_session(em.model(), device, em.external, level=LEVEL, prepack=PREPACK)
-    values = session.run(None, feeds)
+    values = run(session, None, feeds)
     del session
     pairs = [(values[i], float(values[i + 1])) for i in range(0, len(values), 2)]
     del values

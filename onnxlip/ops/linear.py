@@ -131,12 +131,33 @@ def import_conv(node, ctx):
     strides = list(ctx.attr("strides", [1] * n))
     dilations = list(ctx.attr("dilations", [1] * n))
     pads = resolve_pads(ctx, ctx.shape(x)[2:], ctx.shape(node.output[0])[2:], kernel, strides, dilations)
+    group = int(ctx.attr("group", 1))
+    _check_conv(ctx.shape(x), weight.shape, group, strides, dilations, pads, transposed=False)
     params = {"weight": ctx.param(node.input[1])}
     bias = _optional_bias(ctx, node, 2)
     if bias is not None:
         params["bias"] = bias
-    attrs = dict(strides=strides, pads=pads, dilations=dilations, group=int(ctx.attr("group", 1)), kernel_shape=kernel)
+    attrs = dict(strides=strides, pads=pads, dilations=dilations, group=group, kernel_shape=kernel)
     ctx.add("conv", [x], attrs=attrs, params=params)
+
+
+def _check_conv(x_shape, w_shape, group: int, strides, dilations, pads, transposed: bool) -> None:
+    """The consistency onnxruntime would check at run time, as an import error that names the node."""
+    n = len(w_shape) - 2
+    if n < 1 or len(x_shape) != n + 2:
+        _fail(f"its weight has shape {tuple(w_shape)} for an input of shape {tuple(x_shape)}")
+    if group < 1:
+        _fail(f"its group is {group}; it must be at least 1")
+    if len(strides) != n or len(dilations) != n or len(pads) != 2 * n:
+        _fail("its strides, dilations or pads do not match the kernel's rank")
+    if min(strides) < 1 or min(dilations) < 1 or min(pads) < 0:
+        _fail("its strides and dilations must be positive and its pads non-negative")
+    channels_in = w_shape[0] if transposed else w_shape[1] * group
+    channels_out = w_shape[1] * group if transposed else w_shape[0]
+    if x_shape[1] != channels_in or channels_out % group or channels_in % group:
+        _fail(
+            f"its input has {x_shape[1]} channels, its weight {tuple(w_shape)} with group {group} expects {channels_in}"
+        )
 
 
 @importer("ConvTranspose")
@@ -172,6 +193,8 @@ def import_conv_transpose(node, ctx):
     ]
     if any(p < 0 for p in out_pad):
         _fail("its pads and output shape are inconsistent")
+    group = int(ctx.attr("group", 1))
+    _check_conv(ctx.shape(x), weight.shape, group, strides, dilations, pads, transposed=True)
     params = {"weight": ctx.param(node.input[1])}
     bias = _optional_bias(ctx, node, 2)
     if bias is not None:
@@ -180,7 +203,7 @@ def import_conv_transpose(node, ctx):
         strides=strides,
         pads=pads,
         dilations=dilations,
-        group=int(ctx.attr("group", 1)),
+        group=group,
         output_padding=out_pad,
         kernel_shape=kernel,
     )
