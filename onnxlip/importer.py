@@ -3,6 +3,7 @@ hand every node to its op family's import rule. All problems are collected and r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -26,6 +27,7 @@ _NONDETERMINISTIC = {
     "Bernoulli",
 }
 _FOLD_LIMIT = 64 * 2**20  # do not materialise constants above 64 MiB
+_MAX_ENTRIES = 2**31  # a static tensor above this (8 GiB of float32 for one activation) is a damaged shape
 
 
 @dataclass
@@ -379,6 +381,9 @@ def _infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         if all(d is not None for d in dims):
             shapes[vi.name] = tuple(int(d) for d in dims)
+    for name, shape in shapes.items():
+        if any(d < 0 for d in shape) or math.prod(shape) > _MAX_ENTRIES:
+            raise ShapeError(f"tensor {name!r} would have shape {shape}: not a plausible static shape (damaged file?)")
     return shapes
 
 

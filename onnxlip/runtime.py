@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -62,9 +65,10 @@ def make_session(
         try:
             # TF32 would round products to 10-bit mantissas and void the rounding margin (rounding.py)
             cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})
-            sess = ort.InferenceSession(
-                data, session_options(external, level, prepack), providers=[cuda, "CPUExecutionProvider"]
-            )
+            with contextlib.redirect_stdout(io.StringIO()):
+                sess = ort.InferenceSession(
+                    data, session_options(external, level, prepack), providers=[cuda, "CPUExecutionProvider"]
+                )
             _cuda_works = sess.get_providers()[0] == "CUDAExecutionProvider"
             if _cuda_works:
                 _release(external)
@@ -74,7 +78,11 @@ def make_session(
     if device == "cuda":
         raise OnnxlipError("--device cuda was requested, but onnxruntime's CUDA provider does not load on this machine")
     try:
-        sess = ort.InferenceSession(data, session_options(external, level, prepack), providers=["CPUExecutionProvider"])
+        # onnxruntime prints "EP Error ... retrying" to stdout when a build fails: stdout is the CLI's JSON channel
+        with contextlib.redirect_stdout(io.StringIO()):
+            sess = ort.InferenceSession(
+                data, session_options(external, level, prepack), providers=["CPUExecutionProvider"]
+            )
     except Exception as exc:  # noqa: BLE001
         raise OnnxlipError(f"onnxruntime could not build the graph: {exc}") from None
     _release(external)

@@ -118,10 +118,18 @@ def import_gather(node, ctx):
     indices = ctx.const(node.input[1])
     if indices is None:
         _fail("its indices are computed at run time; they must be constant")
-    rank = len(ctx.shape(node.input[0]))
-    ctx.add(
-        "gather", [node.input[0]], attrs={"indices": indices.astype(np.int64), "axis": int(ctx.attr("axis", 0)) % rank}
-    )
+    shape = ctx.shape(node.input[0])
+    axis = int(ctx.attr("axis", 0))
+    if not -len(shape) <= axis < len(shape):
+        _fail(f"its axis {axis} is out of range for an input of rank {len(shape)}")
+    axis %= len(shape)
+    indices = np.asarray(indices)
+    if indices.dtype.kind not in "iu":
+        _fail("its indices are not integers")
+    size = shape[axis]
+    if indices.size and (indices.min() < -size or indices.max() >= size):
+        _fail(f"its indices lie outside [-{size}, {size - 1}], the size of axis {axis}")
+    ctx.add("gather", [node.input[0]], attrs={"indices": indices.astype(np.int64) % max(size, 1), "axis": axis})
 
 
 @importer("Split")
