@@ -316,3 +316,79 @@ def test_unwritable_output_is_a_clear_error(tmp_path, command):
     target = tmp_path / "missing-folder" / "out.onnx"
     code, out, err = cli(command[0], "models/digits_cnn.onnx", *command[1:], "-o", target)
     assert code == 2 and "cannot write" in err and "Traceback" not in err and "internal error" not in err
+
+
+# ---- damaged but parsable models: the node is named, the exit code is 2 ------------------------------------------
+def _small_conv(**conv_attrs):
+    w = np.ones((4, 2, 3, 3), np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1], **conv_attrs),
+        helper.make_node("Relu", ["c"], ["y"], name="relu"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "W")],
+    )
+
+
+@pytest.mark.parametrize(
+    "attrs, reason",
+    [
+        ({"group": 2}, "channels"),  # weight (4, 2, 3, 3) with group 2 expects 4 input channels, the input has 2
+        ({"group": 0}, "group"),
+        ({"strides": [0, 1]}, ""),  # shape inference fails on the node first
+        ({"dilations": [1.5, 1.0]}, ""),  # floats where ints belong: shape inference fails on the node
+    ],
+)
+def test_inconsistent_conv_attributes_name_the_node(tmp_path, attrs, reason):
+    model = _small_conv(**attrs)
+    with pytest.raises(UnsupportedModelError) as info:
+        onnxlip.path_norm(model)
+    first = info.value.issues[0]  # the nodes after it cannot have shapes either
+    assert first.node == "conv" and reason in first.reason
+    code, out, err = cli("pathnorm", _save(model, tmp_path / "bad.onnx"))
+    assert code == 2 and "Traceback" not in err and "conv" in err
+
+
+def test_an_attribute_of_the_wrong_kind_names_the_node():
+    model = _small_conv()
+    eps = helper.make_attribute("epsilon", [1e-5, 2e-5])
+    bn = helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"], name="bn")
+    bn.attribute.append(eps)
+    model.graph.node[1].input[0] = "n"
+    model.graph.node.insert(1, bn)
+    for name, value in (("s", 1.0), ("b", 0.0), ("m", 0.0), ("v", 1.0)):
+        model.graph.initializer.append(numpy_helper.from_array(np.full(4, value, np.float32), name))
+    with pytest.raises(UnsupportedModelError, match="epsilon") as info:
+        onnxlip.path_norm(model)
+    assert [i.node for i in info.value.issues] == ["bn"]
+
+
+def test_gather_indices_out_of_range_name_the_node():
+    nodes = [
+        helper.make_node("Gather", ["x", "idx"], ["g"], name="gather", axis=1),
+        helper.make_node("MatMul", ["g", "W"], ["y"], name="mm"),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(np.array([0, 7], np.int64), "idx"),
+            numpy_helper.from_array(np.ones((2, 2), np.float32), "W"),
+        ],
+    )
+    with pytest.raises(UnsupportedModelError) as info:
+        onnxlip.scores(model)
+    assert [i.node for i in info.value.issues] == ["gather"]
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([0, -1], np.int64), "idx"))  # valid: -1
+    assert onnxlip.path_norm(model).path_norm > 0
+
+
+def test_implausible_static_shapes_are_refused():
+    model = _small_conv()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 2**40
+    with pytest.raises(ShapeError, match="plausible"):
+        onnxlip.path_norm(model)
