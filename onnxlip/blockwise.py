@@ -33,7 +33,8 @@ UNCHANGED = Comparison(0, 0, True, True, True)
 
 
 def compare(a: np.ndarray, b: np.ndarray, split: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Comparison:
-    """How b differs from a (Comparison).
+    """How b differs from a (Comparison). NaN in b counts as changed and neither dominates; the caller refuses it
+    when it forms b's values (variants.Change.value).
 
     `split` = (m, kept, moved), C-contiguous and laid out as a and b: in the same pass, kept = m where a == b
     else 0 and moved = m - kept (exact), as split_kept; complete when the last flag (b prunes a) is True."""
@@ -41,27 +42,28 @@ def compare(a: np.ndarray, b: np.ndarray, split: tuple[np.ndarray, np.ndarray, n
     fm, fk, fv = (x.reshape(-1) for x in split) if split is not None else (None, None, None)
     changed = flips = 0
     dominated = dominating = zeroed = True
-    for s in range(0, a.size, BLOCK):
-        e = s + BLOCK
-        x, y = a[s:e], b[s:e]
-        differ = x != y
-        count = int(np.count_nonzero(differ))
-        if zeroed and fm is not None:
-            np.multiply(fm[s:e], differ, out=fv[s:e])
-            np.subtract(fm[s:e], fv[s:e], out=fk[s:e])
-        if count == 0:
-            continue
-        changed += count
-        if zeroed:  # so far b only zeroes entries of a: the cheap test first (pruned variants)
-            if not np.any(np.logical_and(differ, y, out=differ)):
-                dominating = False  # some x != 0 became 0
+    with np.errstate(invalid="ignore"):  # NaN: no warnings, see above
+        for s in range(0, a.size, BLOCK):
+            e = s + BLOCK
+            x, y = a[s:e], b[s:e]
+            differ = x != y
+            count = int(np.count_nonzero(differ))
+            if zeroed and fm is not None:
+                np.multiply(fm[s:e], differ, out=fv[s:e])
+                np.subtract(fm[s:e], fv[s:e], out=fk[s:e])
+            if count == 0:
                 continue
-            zeroed = False
-        flips += int(np.count_nonzero(np.sign(x) * np.sign(y) < 0))  # exact: no product of tiny values
-        if dominated or dominating:  # once neither can hold, only the flips are left to count
-            ax, ay = np.abs(x), np.abs(y)
-            dominated = dominated and bool(np.all(ay <= ax))
-            dominating = dominating and bool(np.all(ax <= ay))
+            changed += count
+            if zeroed:  # so far b only zeroes entries of a: the cheap test first (pruned variants)
+                if not np.any(np.logical_and(differ, y, out=differ)):
+                    dominating = False  # some x != 0 became 0
+                    continue
+                zeroed = False
+            flips += int(np.count_nonzero(np.sign(x) * np.sign(y) < 0))  # exact: no product of tiny values
+            if dominated or dominating:  # once neither can hold, only the flips are left to count
+                ax, ay = np.abs(x), np.abs(y)
+                dominated = dominated and bool(np.all(ay <= ax))
+                dominating = dominating and bool(np.all(ax <= ay))
     return Comparison(changed, flips, dominated, dominating, zeroed and dominated)
 
 

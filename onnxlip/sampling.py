@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import utils as onnx_utils
 
+from .errors import OnnxlipError
 from .ir import Graph
 from .runtime import make_session, run
 
@@ -35,9 +36,13 @@ class Sampler:
     def __init__(self, proto: onnx.ModelProto, graph: Graph, device: str = "auto"):
         self.graph = graph
         self.session, self.device = make_session(runnable(proto, graph), device, level="fold")
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
-        self.batched = all(not isinstance(i.shape[0], int) for i in self.session.get_inputs() if i.shape)
+        try:
+            inputs = self.session.get_inputs()
+            self.input_names = [i.name for i in inputs]
+            self.input_types = {i.name: i.type for i in inputs}
+            self.batched = all(not isinstance(i.shape[0], int) for i in inputs if i.shape)
+        except ValueError as exc:  # e.g. a dimension name that is not UTF-8 (a damaged file)
+            raise OnnxlipError(f"cannot read the model's input description: {exc}") from None
 
     def run(self, xs: dict[str, np.ndarray]) -> np.ndarray:
         """Flattened outputs, one row per input of the batch."""
