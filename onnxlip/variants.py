@@ -103,7 +103,10 @@ class VariantReader:
         held, t = p.as_in_file(), base_tensors.get(p.origin)
         if held is None or t is None or held.shape != t.shape or held.dtype != t.dtype:
             return False
-        return bool(np.array_equal(held, array(self._base[0], t)))
+        in_file = array(self._base[0], t)
+        if held.__array_interface__ == in_file.__array_interface__:  # the very bytes (imported in place)
+            return True
+        return bool(np.array_equal(held, in_file))
 
     @property
     def usable(self) -> bool:
