@@ -24,8 +24,10 @@ class CompiledCompanion:
         device: str,
         level: str = "none",
         extra: dict[str, Scaled] | None = None,
+        spin: bool = True,
     ):
-        """`extra`: further tensors to declare as outputs, read by `tensors()` (log10 does not fetch them)."""
+        """`extra`: further tensors to declare as outputs, read by `tensors()` (log10 does not fetch them);
+        `spin`: see runtime.session_options (False for sessions run in turn with others)."""
         self.graph, self.em = graph, em
         self.empty = all(s is None for s in outs)
         self.device = "cpu" if device == "auto" else device
@@ -36,7 +38,7 @@ class CompiledCompanion:
         self.extra = list(extra or {})
         em.add_outputs(t for name in self.extra for t in (extra[name].m, extra[name].e))
         self.extra_names = [o.name for o in em.outputs[len(self.names) :]]
-        self.session, self.device = make_session(em.model(), device, em.external, level)
+        self.session, self.device = make_session(em.model(), device, em.external, level, spin=spin)
 
     def _feeds(self, kinds, exponents, pairs, more) -> dict[str, np.ndarray]:
         feeds = {}

@@ -129,7 +129,7 @@ class MetricEngine:
             env = emit_companion(self.graph, em)
             outs = [env[t] for t in self.graph.outputs]
             extra = {t: env[t] for t in metric_inputs(self.graph)}
-            self._values = CompiledCompanion(self.graph, em, outs, self.device, extra=extra)
+            self._values = CompiledCompanion(self.graph, em, outs, self.device, extra=extra, spin=False)
         return self._values
 
     def log10_norm(self, pairs: Pairs) -> tuple[float, str]:
@@ -156,7 +156,9 @@ class MetricEngine:
         """Difference stream between the base and a variant it dominates (exact, cancellation-free)."""
         if self._dominated is None:  # the base stream comes from the values session: no folding at build
             em = CompanionEmitter(1.0, {}, "hi", fed=("lo", "delta"), ones_fed=False)
-            self._dominated = CompiledCompanion(self.graph, em, emit_metric(self.graph, em, hi_fed=True), self.device)
+            self._dominated = CompiledCompanion(
+                self.graph, em, emit_metric(self.graph, em, hi_fed=True), self.device, spin=False
+            )
         more = self._hi_feeds() if not self._dominated.empty else None
         return self._dominated.log10(pairs={"lo": lo, "delta": delta}, more=more), self._dominated.device
 
@@ -261,7 +263,7 @@ class MetricEngine:
                 pairs[kind][n] = (out, e)
         if self._general is None:
             em = CompanionEmitter(1.0, {}, "hi", fed=("hi", "lo", "delta"))
-            self._general = CompiledCompanion(self.graph, em, emit_metric(self.graph, em), self.device)
+            self._general = CompiledCompanion(self.graph, em, emit_metric(self.graph, em), self.device, spin=False)
         return self._general.log10(pairs=pairs), self._general.device
 
     def metric_changes(self, changes: dict[str, Change]) -> MetricOutcome:
