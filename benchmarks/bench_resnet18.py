@@ -33,20 +33,26 @@ from onnxlip.companion import CompanionEmitter, emit_pathnorm  # noqa: E402
 from onnxlip.compiled import CompiledCompanion  # noqa: E402
 
 
-def interleaved(fns: dict, repeat: int, pause: float = 0.0) -> dict[str, float]:
+def interleaved(fns: dict, repeat: int, pause: float = 0.0, block: int = 1) -> dict[str, float]:
     """Median time of each function, the functions called in turn `repeat` times (after one warm-up round), so
-    that every ratio compares calls made within the same seconds: this machine's speed drifts by up to 2x within
-    minutes. `pause`: seconds of rest before each call (the torch reference's OpenMP threads spin on after it
-    returns and would slow the next call)."""
+    that every ratio compares calls made within the same seconds (the machine's speed drifts).
+
+    Calls must not time each other's leftovers. onnxruntime's worker threads spin for a while after a run, and
+    each session has its own: a run timed right after another session's run shares the 2 cores with those
+    spinning threads (a plain forward measured 33 ms that way and 17 ms alone). `block`: each turn calls the
+    function `block` times in a row and times all but the first, which absorbs the previous function's
+    leftovers. `pause`: seconds of rest before each turn (the torch reference's OpenMP threads spin too)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             time.sleep(pause)
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for i in range(block):
+                start = time.perf_counter()
+                fn()
+                if i or block == 1:
+                    times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -140,11 +146,11 @@ def main() -> None:
         forward, r["plain_session_create_s"] = plain_forward(base)
         comp, r["companion_session_create_s"] = companion_run(base)
         comp_all, r["companion_session_create_all_level_s"] = companion_run(base, "all")
-        # each run against forwards alternating with it alone: a third call in the round (say the scores run,
-        # with its large buffers) would slow whichever call follows it
+        # each run against forwards, in blocks of four calls after 0.3 s of rest, the first call not timed (see
+        # interleaved: the other session's spinning threads slow the next 2-3 forwards, ~70 ms, if not left to stop)
         runs = {"companion_run": comp, "companion_run_all_level": comp_all, "scores_run": scores_run(base)}
         for key, fn in runs.items():
-            t = interleaved({"forward": forward, "run": fn}, 3 * n)
+            t = interleaved({"forward": forward, "run": fn}, n, pause=0.3, block=4)
             r[f"{key}_s"], r[f"{key}_over_forward"] = t["run"], t["run"] / t["forward"]
             r["plain_forward_s"] = t["forward"]
 
