@@ -206,7 +206,7 @@ class MetricEngine:
             if k is None:
                 lo[n] = (m, e)
             else:  # exact: each mantissa is either kept or (in delta) moved
-                kept = self._buffer("kept", n)
+                kept = self._buffer("lo", n)  # the buffers every dominated route uses, one call at a time
                 np.multiply(m, k, out=kept)
                 lo[n] = (kept, e)
                 changed += self._nonzero(n) - int(np.count_nonzero(kept))
@@ -215,7 +215,7 @@ class MetricEngine:
             out = {}
             for n, (m, e) in self.base_pairs.items():
                 if n in keep:
-                    out[n] = (np.subtract(m, lo[n][0], out=self._buffer("moved", n)), e)
+                    out[n] = (np.subtract(m, lo[n][0], out=self._buffer("delta", n)), e)
                 else:
                     out[n] = (self._buffer("zero", n), e)
             return out
