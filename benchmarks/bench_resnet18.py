@@ -1,7 +1,7 @@
 """Speed of onnxlip on a ResNet-18-shaped model at 224x224, as ratios against one plain onnxruntime forward
 pass of the model and against the PyTorch reference methods (path-norm toolkit style) when torch is installed.
 
-    python benchmarks/bench_resnet18.py [--repeat 7] [--json out.json]
+    python benchmarks/bench_resnet18.py [--repeat 7] [--json out.json] [--device cpu|cuda]
 
 Measures: the companion run alone (both session levels) and the scores run alone, each interleaved with plain
 forward passes; `path_norm` and `scores` from file, interleaved with the torch references; session creation; a
@@ -56,28 +56,33 @@ def interleaved(fns: dict, repeat: int, pause: float = 0.0, block: int = 1) -> d
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def plain_forward(path: Path):
-    """(a function running one forward pass with onnxruntime's default options, session creation time)."""
+def plain_forward(path: Path, device: str = "cpu"):
+    """(a function running one forward pass with onnxruntime's default options, session creation time). On
+    CUDA the defaults include TF32 and cuDNN's exhaustive algorithm search, which onnxlip cannot use (see
+    onnxlip.runtime.CUDA_PROVIDER): the ratios are against what a user's own forward pass costs."""
+    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     start = time.perf_counter()
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), providers=providers)
+    if sess.get_providers()[0] != providers[0]:
+        raise SystemExit(f"the plain forward does not run on {device}")
     created = time.perf_counter() - start
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
     return (lambda: sess.run(None, {"input": x})), created
 
 
-def companion_run(path: Path, level: str = "none"):
+def companion_run(path: Path, level: str = "none", device: str = "cpu"):
     """(a function running the prebuilt companion session, session creation time). `level`: "none" is what
     path_norm uses (fastest from file to number); "all" adds onnxruntime's NCHWc layouts, as the plain forward
     has them, for ~40 ms more session creation."""
     graph = analyse(path).graph
     em = CompanionEmitter(1.0, {"value": {p.name: p.value for p in graph.params()}}, "value")
     start = time.perf_counter()
-    compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), "cpu", level)
+    compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), device, level)
     created = time.perf_counter() - start
     return compiled.log10, created
 
 
-def scores_run(path: Path):
+def scores_run(path: Path, device: str = "cpu"):
     """A function running the prebuilt scores session: companion forward + adjoint + weight gradients, all at
     run time (the session options scores() uses)."""
     from onnxlip.companion import ones_feeds
@@ -86,12 +91,12 @@ def scores_run(path: Path):
 
     graph = analyse(path).graph
     em, _, _ = scores_graph(graph)
-    session, _ = make_session(em.model(), "cpu", em.external, level=LEVEL, prepack=PREPACK)
+    session, _ = make_session(em.model(), device, em.external, level=LEVEL, prepack=PREPACK)
     feeds = ones_feeds(graph)
     return lambda: session.run(None, feeds)
 
 
-def torch_references():
+def torch_references(device: str = "cpu"):
     """(path-norm, scores) reference functions on an already-built torch ResNet-18, or None without torch:
     the path-norm toolkit's recipe (deep copy to float64, |weights|, BatchNorm as |affine|, max-pool as
     sum-pool, one forward of the all-ones input) and float64 autograd of that companion network."""
@@ -101,8 +106,9 @@ def torch_references():
         return None
     from benchmarks.torch_resnet import ResNet18, reference_pathnorm, reference_scores
 
-    net = ResNet18().eval()
-    return (lambda: reference_pathnorm(net)), (lambda: reference_scores(net))
+    net = ResNet18().eval().to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return (lambda: reference_pathnorm(net)), (lambda: (reference_scores(net), sync()))
 
 
 def variants(base: Path, tmp: Path) -> tuple[list[Path], list[Path]]:
@@ -124,9 +130,10 @@ def variants(base: Path, tmp: Path) -> tuple[list[Path], list[Path]]:
     return pruned, quantized
 
 
-def cli_bound(a: Path, b: Path) -> float:
+def cli_bound(a: Path, b: Path, device: str = "cpu") -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "onnxlip.cli", "bound", str(a), str(b)], check=True, capture_output=True)
+    cmd = [sys.executable, "-m", "onnxlip.cli", "bound", str(a), str(b), "--device", device]
+    subprocess.run(cmd, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -136,26 +143,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    dev = args.device
     n, few = args.repeat, max(3, args.repeat // 2)
     r: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         base = tmp / "resnet18.onnx"
         onnx.save(resnet18(), str(base))
-        forward, r["plain_session_create_s"] = plain_forward(base)
-        comp, r["companion_session_create_s"] = companion_run(base)
-        comp_all, r["companion_session_create_all_level_s"] = companion_run(base, "all")
+        forward, r["plain_session_create_s"] = plain_forward(base, dev)
+        comp, r["companion_session_create_s"] = companion_run(base, "none", dev)
+        comp_all, r["companion_session_create_all_level_s"] = companion_run(base, "all", dev)
         # each run against forwards, in blocks of four calls after 0.3 s of rest, the first call not timed (see
         # interleaved: the other session's spinning threads slow the next 2-3 forwards, ~70 ms, if not left to stop)
-        runs = {"companion_run": comp, "companion_run_all_level": comp_all, "scores_run": scores_run(base)}
+        runs = {"companion_run": comp, "companion_run_all_level": comp_all, "scores_run": scores_run(base, dev)}
         for key, fn in runs.items():
             t = interleaved({"forward": forward, "run": fn}, n, pause=0.3, block=4)
             r[f"{key}_s"], r[f"{key}_over_forward"] = t["run"], t["run"] / t["forward"]
             r["plain_forward_s"] = t["forward"]
 
-        refs = torch_references()
-        fns = {"path_norm": lambda: onnxlip.path_norm(base), "scores": lambda: onnxlip.scores(base)}
+        refs = torch_references(dev)
+        fns = {
+            "path_norm": lambda: onnxlip.path_norm(base, device=dev),
+            "scores": lambda: onnxlip.scores(base, device=dev),
+        }
         if refs is not None:
             fns.update(torch_path_norm=refs[0], torch_scores=refs[1])
         t = interleaved(fns, n, pause=0.2)
@@ -170,8 +182,8 @@ def main() -> None:
             # per variant once the graph and its sessions are built: the same variants once and twice in one call
             t = interleaved(
                 {
-                    "once": lambda v=vs: onnxlip.bound_many(base, v, samples=0),
-                    "twice": lambda v=vs: onnxlip.bound_many(base, v + v, samples=0),
+                    "once": lambda v=vs: onnxlip.bound_many(base, v, samples=0, device=dev),
+                    "twice": lambda v=vs: onnxlip.bound_many(base, v + v, samples=0, device=dev),
                     "forward": forward,
                 },
                 few,
@@ -183,11 +195,14 @@ def main() -> None:
             r[f"sweep_{name}_call_with_{len(vs)}_variants_s"] = t["once"]
 
         t = interleaved(
-            {"sweep": lambda: prune_sweep(base, [0.1, 0.2, 0.4, 0.6, 0.8]), "scores": lambda: onnxlip.scores(base)},
+            {
+                "sweep": lambda: prune_sweep(base, [0.1, 0.2, 0.4, 0.6, 0.8], device=dev),
+                "scores": lambda: onnxlip.scores(base, device=dev),
+            },
             few,
         )
         r["prune_sweep_5x2_s"], r["prune_sweep_over_scores"] = t["sweep"], t["sweep"] / t["scores"]
-        r["cli_bound_end_to_end_s"] = statistics.median(cli_bound(base, pruned[2]) for _ in range(3))
+        r["cli_bound_end_to_end_s"] = statistics.median(cli_bound(base, pruned[2], dev) for _ in range(3))
     for k, v in r.items():
         print(f"{k:42s} {'-' if v is None else f'{v:.4f}'}")
     if args.json:

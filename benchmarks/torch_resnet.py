@@ -87,11 +87,12 @@ def _companion(net: nn.Module) -> nn.Module:
 @torch.no_grad()
 def reference_pathnorm(net: nn.Module, size: int = 224) -> float:
     """||Phi||_1: one forward of the companion on the all-ones input, summed."""
-    return float(_companion(net)(torch.ones(1, 3, size, size, dtype=torch.float64)).sum())
+    device = next(net.parameters()).device
+    return float(_companion(net)(torch.ones(1, 3, size, size, dtype=torch.float64, device=device)).sum())
 
 
 def reference_scores(net: nn.Module, size: int = 224) -> dict:
     """Path-magnitude scores the reference way: float64 autograd of the companion network, |theta| * grad."""
     n = _companion(net)
-    n(torch.ones(1, 3, size, size, dtype=torch.float64)).sum().backward()
+    n(torch.ones(1, 3, size, size, dtype=torch.float64, device=next(net.parameters()).device)).sum().backward()
     return {k: (p * p.grad).detach() for k, p in n.named_parameters()}

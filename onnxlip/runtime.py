@@ -14,6 +14,10 @@ from .errors import OnnxlipError
 ort.set_default_logger_severity(4)  # a missing CUDA library is expected; we check get_providers() ourselves
 
 DEVICES = ("auto", "cpu", "cuda")
+# The rounding margin (rounding.py) assumes direct summation of non-negative products. TF32 would round them to
+# 10-bit mantissas; cuDNN's exhaustive search (onnxruntime's default) may pick FFT or Winograd convolutions,
+# whose transforms subtract. "DEFAULT" keeps cuDNN on its implicit-GEMM convolution and its fallback engines.
+CUDA_PROVIDER = ("CUDAExecutionProvider", {"use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT"})
 _cuda_works: bool | None = None  # learned on the first attempt, so a broken CUDA setup costs one try
 
 
@@ -69,11 +73,13 @@ def make_session(
     wants_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     if wants_cuda and _cuda_works is not False:
         try:
-            # TF32 would round products to 10-bit mantissas and void the rounding margin (rounding.py)
-            cuda = ("CUDAExecutionProvider", {"use_tf32": "0"})
             with contextlib.redirect_stdout(io.StringIO()):
+                if _cuda_works is None:
+                    _preload_cuda_libraries()
                 sess = ort.InferenceSession(
-                    data, session_options(external, level, prepack, spin), providers=[cuda, "CPUExecutionProvider"]
+                    data,
+                    session_options(external, level, prepack, spin),
+                    providers=[CUDA_PROVIDER, "CPUExecutionProvider"],
                 )
             _cuda_works = sess.get_providers()[0] == "CUDAExecutionProvider"
             if _cuda_works:
@@ -93,6 +99,16 @@ def make_session(
         raise OnnxlipError(f"onnxruntime could not build the graph: {exc}") from None
     _release(external)
     return sess, "cpu"
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels (`pip install onnxruntime-gpu[cuda,cudnn]`), so
+    that the CUDA provider loads without LD_LIBRARY_PATH or a prior `import torch`. Prints go to the caller's
+    redirected stdout; a missing library only means the provider will not load, which make_session detects."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is not None:
+        with contextlib.suppress(Exception):
+            preload()
 
 
 def _release(external: dict[str, np.ndarray] | None) -> None:
