@@ -56,14 +56,15 @@ def interleaved(fns: dict, repeat: int, pause: float = 0.0, block: int = 1) -> d
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def plain_forward(path: Path, device: str = "cpu"):
+def plain_forward(path: Path, device: str = "cpu", cuda_options: dict | None = None):
     """(a function running one forward pass with onnxruntime's default options, session creation time). On
-    CUDA the defaults include TF32 and cuDNN's exhaustive algorithm search, which onnxlip cannot use (see
-    onnxlip.runtime.CUDA_PROVIDER): the ratios are against what a user's own forward pass costs."""
-    providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    CUDA the defaults include TF32 and cuDNN's exhaustive algorithm search, which onnxlip's certified runs
+    cannot use (see onnxlip.runtime.CUDA_PROVIDER): the ratios are against what a user's own forward pass costs.
+    `cuda_options`: other CUDA provider options (to time the forward with onnxlip's)."""
+    providers = [("CUDAExecutionProvider", cuda_options or {})] if device == "cuda" else ["CPUExecutionProvider"]
     start = time.perf_counter()
     sess = ort.InferenceSession(str(path), providers=providers)
-    if sess.get_providers()[0] != providers[0]:
+    if sess.get_providers()[0] != ("CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"):
         raise SystemExit(f"the plain forward does not run on {device}")
     created = time.perf_counter() - start
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
@@ -91,7 +92,7 @@ def scores_run(path: Path, device: str = "cpu"):
 
     graph = analyse(path).graph
     em, _, _ = scores_graph(graph)
-    session, _ = make_session(em.model(), device, em.external, level=LEVEL, prepack=PREPACK)
+    session, _ = make_session(em.model(), device, em.external, level=LEVEL, prepack=PREPACK, certified=False)
     feeds = ones_feeds(graph)
     return lambda: session.run(None, feeds)
 
@@ -162,6 +163,14 @@ def main() -> None:
             t = interleaved({"forward": forward, "run": fn}, n, pause=0.3, block=4)
             r[f"{key}_s"], r[f"{key}_over_forward"] = t["run"], t["run"] / t["forward"]
             r["plain_forward_s"] = t["forward"]
+
+        if dev == "cuda":  # the forward under the options of onnxlip's certified runs (TF32 off, cuDNN fallback)
+            from onnxlip.runtime import CUDA_PROVIDER
+
+            same, _ = plain_forward(base, dev, CUDA_PROVIDER[1])
+            t = interleaved({"forward": forward, "same": same}, n, pause=0.3, block=4)
+            r["plain_forward_certified_options_s"] = t["same"]
+            r["companion_run_over_forward_certified_options"] = r["companion_run_s"] / t["same"]
 
         refs = torch_references(dev)
         fns = {

@@ -59,6 +59,10 @@ def test_sessions_use_the_certifiable_cuda_options():
     assert dev == "cuda" and sess.get_providers()[0] == "CUDAExecutionProvider"
     options = sess.get_provider_options()["CUDAExecutionProvider"]
     assert options["use_tf32"] == "0" and options["cudnn_conv_algo_search"] == "DEFAULT"
+    # results that certify nothing (scores, samples) may use cuDNN's heuristic engines, still without TF32
+    fast, _ = runtime.make_session(gemm_chain([np.ones((2, 2))], [np.zeros(2)]), "cuda", certified=False)
+    options = fast.get_provider_options()["CUDAExecutionProvider"]
+    assert options["use_tf32"] == "0" and options["cudnn_conv_algo_search"] == "HEURISTIC"
 
 
 @needs_cuda
