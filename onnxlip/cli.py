@@ -3,126 +3,29 @@ unsupported model, 3 internal error. With --json, stdout holds exactly one JSON 
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import api
+from .cli_common import (
+    DeviceOpt,
+    JsonOpt,
+    OutputOpt,
+    ShapeOpt,
+    _emit_json,
+    _exceeds,
+    _fmt,
+    _guard,
+    _progress,
+    _shapes,
+    app,
+    out,
+)
 from .errors import OnnxlipError
-
-app = typer.Typer(
-    help="Path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks.\n\n"
-    "Every command takes --json for CI (one JSON object on stdout). Exit codes: 0 ok, 1 a threshold you "
-    "set was exceeded, 2 unusable input or unsupported model.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-out = Console()
-err = Console(stderr=True)
-
-OutputOpt = typer.Option(
-    None,
-    "--output",
-    help="Analyse the sub-network up to this tensor (repeatable), e.g. the logits before a Softmax/ArgMax/ZipMap tail.",
-)
-ShapeOpt = typer.Option(
-    None,
-    "--input-shape",
-    help="Fix an input's shape, NAME=1x3x224x224 (repeatable); needed "
-    "when a non-batch dimension is dynamic. The batch dimension defaults to 1.",
-)
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when its provider really loads, else CPU), cpu or cuda.")
-JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
-
-
-def _shapes(specs: Optional[List[str]]) -> dict[str, list[int]] | None:
-    if not specs:
-        return None
-    shapes = {}
-    for spec in specs:
-        name, sep, dims = spec.rpartition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError:
-            raise OnnxlipError(f"--input-shape {spec!r} is not NAME=D1xD2x...") from None
-    return shapes
-
-
-def _fmt(value: float | None, log10: float) -> str:
-    """A number for humans: plain when it fits a float64, else 10^log10."""
-    if log10 == -math.inf:
-        return "0"
-    if value is None:
-        return f"10^{log10:.4f}"
-    return f"{value:.6g}"
-
-
-@contextmanager
-def _guard(as_json: bool):
-    """Turn onnxlip errors into a clear message and exit code 2 (internal errors: 3, short message)."""
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except OnnxlipError as exc:
-        _fail(as_json, str(exc), 2, getattr(exc, "issues", None), getattr(exc, "hint", None))
-    except OSError as exc:  # an output file that cannot be written (missing folder, permissions, full disk)
-        _fail(as_json, f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}", 2)
-    except KeyboardInterrupt:
-        _fail(as_json, "interrupted", 130)
-    except Exception as exc:  # noqa: BLE001 - never show a traceback to a user unless asked
-        if os.environ.get("ONNXLIP_DEBUG"):
-            raise
-        _fail(as_json, f"internal error: {type(exc).__name__}: {exc} (set ONNXLIP_DEBUG=1 for a traceback)", 3)
-
-
-def _fail(as_json: bool, message: str, code: int, issues=None, hint=None):
-    if as_json:
-        payload = {"error": message, "exit_code": code}
-        if issues:
-            payload["errors"] = [{"node": i.node, "op": i.op, "reason": i.reason} for i in issues]
-        if hint:
-            payload["hint"] = hint
-        print(json.dumps(payload))
-    else:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _exceeds(log10_value: float, threshold: float) -> bool:
-    """log10_value > log10(threshold), valid for values beyond float64 range."""
-    if threshold <= 0:
-        return threshold < 0 or log10_value > -math.inf
-    return log10_value > math.log10(threshold)
-
-
-def _emit_json(obj: dict) -> None:
-    print(json.dumps(obj))
-
-
-def _progress(total: int, label: str) -> Progress:
-    return Progress(
-        TextColumn(label),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=total <= 1 or not err.is_terminal,
-    )
 
 
 @app.command()
@@ -288,266 +191,11 @@ def _print_bounds(base, variants, results, max_bound) -> None:
         out.print(f"gate: --max-bound {max_bound:g}", highlight=False)
 
 
-@app.command("scores")
-def scores_cmd(
-    model: Path = typer.Argument(..., help="ONNX file."),
-    out_file: Optional[Path] = typer.Option(
-        None,
-        "-o",
-        "--out",
-        help="Write the scores to this .npz: one array "
-        "per parameter tensor, keyed and shaped like the model's initializers, "
-        "as fractions of the path-norm (multiply by 10**log10_path_norm).",
-    ),
-    output: Optional[List[str]] = OutputOpt,
-    input_shape: Optional[List[str]] = ShapeOpt,
-    device: str = DeviceOpt,
-    as_json: bool = JsonOpt,
-):
-    """Path-magnitude score of every weight and bias: the l1 path mass through it (|w| times the gradient of
-    the path-norm), from one forward and one adjoint run of the companion graph. Invariant under rescaling."""
-    from .scores import scores as compute_scores
-
-    with _guard(as_json):
-        result = compute_scores(model, output=output, input_shapes=_shapes(input_shape), device=device)
-        if out_file is not None:
-            _refuse_overwrite(out_file, [model])
-            arrays = {name: t.relative for name, t in result.tensors.items()}
-            np.savez(out_file, **arrays, __log10_path_norm__=np.array(result.log10_path_norm))
-        if as_json:
-            obj = result.to_json()
-            obj["file"] = None if out_file is None else str(out_file)
-            _emit_json(obj)
-            return
-        table = Table(title=f"path-magnitude scores of {model} (log10 path-norm {result.log10_path_norm:.6f})")
-        for col in ("tensor", "shape", "log10 sum", "log10 max", "folded from"):
-            table.add_column(col, overflow="fold")
-        for name, t in result.tensors.items():
-            table.add_row(
-                name,
-                "x".join(map(str, t.shape)),
-                f"{t.log10_sum:.4f}",
-                f"{t.log10_max:.4f}",
-                ", ".join(t.sources) if t.folded else "",
-            )
-        out.print(table)
-        if out_file is not None:
-            out.print(f"wrote {out_file} (scores relative to the path-norm)", highlight=False)
-
-
-@app.command("prune")
-def prune_cmd(
-    model: Path = typer.Argument(..., help="ONNX file."),
-    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of the prunable weights to zero."),
-    out_file: Optional[Path] = typer.Option(None, "-o", "--out", help="Where to write the pruned model."),
-    criterion: str = typer.Option(
-        "path-magnitude", "--criterion", help="path-magnitude (rescaling-invariant) or magnitude."
-    ),
-    scope: str = typer.Option("global", "--scope", help="global: one threshold for all layers; layer: per tensor."),
-    include_biases: bool = typer.Option(False, "--include-biases", help="Also prune the biases of those layers."),
-    sweep: Optional[str] = typer.Option(
-        None, "--sweep", help="Comma-separated sparsities: a table for both criteria instead of one pruned file."
-    ),
-    plot: Optional[Path] = typer.Option(
-        None,
-        "--plot",
-        help="With --sweep: draw bound versus sparsity (PNG; needs matplotlib, pip install 'onnxlip[plot]').",
-    ),
-    input_bound: float = typer.Option(1.0, "--input-bound", "-R", help="R of the certified bound."),
-    output: Optional[List[str]] = OutputOpt,
-    input_shape: Optional[List[str]] = ShapeOpt,
-    device: str = DeviceOpt,
-    as_json: bool = JsonOpt,
-):
-    """Zero the weights of Conv/ConvTranspose/Gemm/MatMul with the smallest scores. The pruned file keeps the
-    input's graph, names, opset and metadata (BatchNorm stays unfolded); it reports the achieved sparsity and
-    the certified bound between the original and the pruned model (exact metric)."""
-    from .prune import prune_sweep
-
-    with _guard(as_json):
-        if (sparsity is None) == (sweep is None):
-            raise OnnxlipError("give either --sparsity S (with -o FILE) or --sweep S1,S2,...")
-        if sweep is not None:
-            try:
-                levels = [float(v) for v in sweep.split(",") if v.strip()]
-            except ValueError:
-                raise OnnxlipError(f"--sweep {sweep!r} is not a comma-separated list of numbers") from None
-            results = prune_sweep(
-                model,
-                levels,
-                scope=scope,
-                include_biases=include_biases,
-                input_bound=input_bound,
-                output=output,
-                input_shapes=_shapes(input_shape),
-                device=device,
-            )
-        else:
-            if out_file is None:
-                raise OnnxlipError("--sparsity needs -o FILE for the pruned model")
-            _refuse_overwrite(out_file, [model])
-            results = prune_sweep(
-                model,
-                [sparsity],
-                criteria=[criterion],
-                scope=scope,
-                include_biases=include_biases,
-                out_path=out_file,
-                input_bound=input_bound,
-                output=output,
-                input_shapes=_shapes(input_shape),
-                device=device,
-            )
-        if plot is not None:
-            _plot_sweep(results, plot)
-        if as_json:
-            _emit_json(results[0].to_json() if sweep is None else {"results": [r.to_json() for r in results]})
-            return
-        table = Table(title=f"pruning {model}: certified bound for ||x||_inf <= {input_bound:g} ({scope} scope)")
-        for col in ("criterion", "sparsity", "bound", "path-metric", "metric"):
-            table.add_column(col, justify="right" if col != "criterion" else "left")
-        for r in results:
-            table.add_row(
-                r.criterion,
-                f"{r.sparsity:.3f}",
-                _fmt(r.bound, r.log10_bound),
-                _fmt(r.path_metric, r.log10_path_metric),
-                "exact" if r.exact else "upper bd",
-            )
-        out.print(table)
-        if out_file is not None:
-            out.print(f"wrote {out_file}", highlight=False)
-
-
-def _plot_sweep(results, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise OnnxlipError("--plot needs matplotlib: pip install 'onnxlip[plot]'") from None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for criterion in dict.fromkeys(r.criterion for r in results):
-        rows = [r for r in results if r.criterion == criterion]
-        ax.plot([r.sparsity for r in rows], [r.log10_bound for r in rows], marker="o", label=criterion)
-    ax.set_xlabel("sparsity (fraction of prunable weights zeroed)")
-    ax.set_ylabel("log10 certified bound")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-@app.command("rescale")
-def rescale_cmd(
-    model: Path = typer.Argument(..., help="ONNX file."),
-    out_file: Path = typer.Option(..., "-o", "--out", help="Where to write the rescaled model."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
-    factors: str = typer.Option(
-        "1,128,4096", "--factors", help="Comma-separated positive factors; each neuron draws one uniformly."
-    ),
-    as_json: bool = JsonOpt,
-):
-    """A functionally identical model with random positive neuron-wise rescaling at every ReLU neuron where it is
-    exact (incoming weights and bias times lambda, outgoing weights over lambda; per channel for convolutions).
-    Path-norms, bounds and path-magnitude scores do not change; weight magnitudes do."""
-    from .rescale import rescale
-
-    with _guard(as_json):
-        try:
-            values = [float(f) for f in factors.split(",") if f.strip()]
-        except ValueError:
-            raise OnnxlipError(f"--factors {factors!r} is not a comma-separated list of numbers") from None
-        _refuse_overwrite(out_file, [model])
-        _, result = rescale(model, seed=seed, factors=values, out_path=out_file)
-        if as_json:
-            _emit_json(result.to_json())
-        else:
-            out.print(
-                f"rescaled {result.rescaled_neurons} neurons in {result.rescaled_layers} layers "
-                f"({result.skipped_layers} ReLU layers skipped: residual, concat or shared); wrote {out_file}",
-                highlight=False,
-            )
-
-
-@app.command("lipschitz")
-def lipschitz_cmd(
-    model: Path = typer.Argument(..., help="ONNX file."),
-    norm: str = typer.Option("2", "--norm", help="2, 1 or inf: the norm on inputs and outputs."),
-    max_lipschitz: Optional[float] = typer.Option(
-        None, "--max-lipschitz", help="CI gate: exit 1 when the certified upper bound exceeds this value."
-    ),
-    per_layer: bool = typer.Option(
-        False,
-        "--per-layer",
-        help="Table of every linear operator's l2 norm: power-"
-        "iteration estimate and certified value; the largest ones dominate the bound.",
-    ),
-    lower_seconds: float = typer.Option(2.0, "--lower-seconds", help="Time budget of the lower-bound search."),
-    output: Optional[List[str]] = OutputOpt,
-    input_shape: Optional[List[str]] = ShapeOpt,
-    device: str = DeviceOpt,
-    as_json: bool = JsonOpt,
-):
-    """Upper and lower bounds on the Lipschitz constant of the model with respect to its input. Upper: the
-    path-norm bounds (companion graph with biases zeroed; certified) and, for l2, AutoLip with certified operator
-    norms (circular-embedding conv bounds, exact dense norms); the smaller is reported. Lower: the largest
-    ||R(x) - R(x')|| / ||x - x'|| found on input pairs, so you see how loose the upper bound is."""
-    from .lipschitz import lipschitz
-
-    with _guard(as_json):
-        with _progress(2, "operator norms") as bar:
-            task = bar.add_task("norms", total=None)
-            result = lipschitz(
-                model,
-                norm,
-                per_layer=per_layer,
-                lower_seconds=lower_seconds,
-                output=output,
-                input_shapes=_shapes(input_shape),
-                device=device,
-                progress=lambda: bar.advance(task),
-            )
-        exceeded = max_lipschitz is not None and _exceeds(result.upper.log10, max_lipschitz)
-        if as_json:
-            obj = result.to_json()
-            if max_lipschitz is not None:
-                obj["max_lipschitz"], obj["exceeded"] = max_lipschitz, exceeded
-            _emit_json(obj)
-        else:
-            table = Table(title=f"Lipschitz constant of {model} in l{norm}")
-            for col in ("bound", "norm", "value", "method", "certified"):
-                table.add_column(col, overflow="fold")
-            table.add_row(
-                "upper", result.upper.norm, _fmt(result.upper.value, result.upper.log10), result.upper.method, "yes"
-            )
-            table.add_row(
-                "lower", f"{norm}->{norm}", f"{result.lower['value']:.6g}", result.lower["method"], "yes (observed)"
-            )
-            for b in result.bounds:
-                if b is not result.upper:
-                    table.add_row("other", b.norm, _fmt(b.value, b.log10), b.method, "yes" if b.certified else "no")
-            out.print(table)
-            if result.layers:
-                top = sorted(result.layers, key=lambda x: -x.certified)[: max(1, len(result.layers) // 5)]
-                layers = Table(title="l2 operator norms (largest marked *)")
-                for col in ("node", "op", "estimate", "certified", ""):
-                    layers.add_column(col, overflow="fold")
-                for x in result.layers:
-                    est = "-" if x.estimate is None else f"{x.estimate:.6g}"
-                    layers.add_row(x.node, x.op, est, f"{x.certified:.6g}", "*" if x in top else "")
-                out.print(layers)
-        if exceeded:
-            raise typer.Exit(1)
-
-
-def _refuse_overwrite(target: Path, inputs) -> None:
-    """Never write over an input file."""
-    for src in inputs:
-        if Path(src).exists() and target.exists() and target.resolve() == Path(src).resolve():
-            raise OnnxlipError(f"refusing to overwrite the input file {src}; choose another output path")
+# the other commands register themselves on `app` when imported (after these, in this order, for --help)
+# isort: off
+from . import cli_pruning  # noqa: E402, F401
+from . import cli_lipschitz  # noqa: E402, F401
+# isort: on
 
 
 def main() -> None:  # console-script entry point

@@ -1,0 +1,128 @@
+"""What every `onnxlip` command shares: the typer app, the consoles, the common options, error handling (exit
+codes 0 ok, 1 threshold exceeded, 2 unusable input or unsupported model, 3 internal error) and progress bars."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import OnnxlipError
+
+app = typer.Typer(
+    help="Path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks.\n\n"
+    "Every command takes --json for CI (one JSON object on stdout). Exit codes: 0 ok, 1 a threshold you "
+    "set was exceeded, 2 unusable input or unsupported model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+OutputOpt = typer.Option(
+    None,
+    "--output",
+    help="Analyse the sub-network up to this tensor (repeatable), e.g. the logits before a Softmax/ArgMax/ZipMap tail.",
+)
+ShapeOpt = typer.Option(
+    None,
+    "--input-shape",
+    help="Fix an input's shape, NAME=1x3x224x224 (repeatable); needed "
+    "when a non-batch dimension is dynamic. The batch dimension defaults to 1.",
+)
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when its provider really loads, else CPU), cpu or cuda.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
+
+
+def _shapes(specs: Optional[List[str]]) -> dict[str, list[int]] | None:
+    if not specs:
+        return None
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise OnnxlipError(f"--input-shape {spec!r} is not NAME=D1xD2x...") from None
+    return shapes
+
+
+def _fmt(value: float | None, log10: float) -> str:
+    """A number for humans: plain when it fits a float64, else 10^log10."""
+    if log10 == -math.inf:
+        return "0"
+    if value is None:
+        return f"10^{log10:.4f}"
+    return f"{value:.6g}"
+
+
+@contextmanager
+def _guard(as_json: bool):
+    """Turn onnxlip errors into a clear message and exit code 2 (internal errors: 3, short message)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except OnnxlipError as exc:
+        _fail(as_json, str(exc), 2, getattr(exc, "issues", None), getattr(exc, "hint", None))
+    except OSError as exc:  # an output file that cannot be written (missing folder, permissions, full disk)
+        _fail(as_json, f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}", 2)
+    except KeyboardInterrupt:
+        _fail(as_json, "interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - never show a traceback to a user unless asked
+        if os.environ.get("ONNXLIP_DEBUG"):
+            raise
+        _fail(as_json, f"internal error: {type(exc).__name__}: {exc} (set ONNXLIP_DEBUG=1 for a traceback)", 3)
+
+
+def _fail(as_json: bool, message: str, code: int, issues=None, hint=None):
+    if as_json:
+        payload = {"error": message, "exit_code": code}
+        if issues:
+            payload["errors"] = [{"node": i.node, "op": i.op, "reason": i.reason} for i in issues]
+        if hint:
+            payload["hint"] = hint
+        print(json.dumps(payload))
+    else:
+        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _exceeds(log10_value: float, threshold: float) -> bool:
+    """log10_value > log10(threshold), valid for values beyond float64 range."""
+    if threshold <= 0:
+        return threshold < 0 or log10_value > -math.inf
+    return log10_value > math.log10(threshold)
+
+
+def _emit_json(obj: dict) -> None:
+    print(json.dumps(obj))
+
+
+def _progress(total: int, label: str) -> Progress:
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=total <= 1 or not err.is_terminal,
+    )
+
+
+def _refuse_overwrite(target: Path, inputs) -> None:
+    """Never write over an input file."""
+    for src in inputs:
+        if Path(src).exists() and target.exists() and target.resolve() == Path(src).resolve():
+            raise OnnxlipError(f"refusing to overwrite the input file {src}; choose another output path")

@@ -1,0 +1,209 @@
+"""`onnxlip scores`, `prune` and `rescale` (issue 3: path-magnitude scores, pruning, random rescaling)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from .cli_common import (
+    DeviceOpt,
+    JsonOpt,
+    OutputOpt,
+    ShapeOpt,
+    _emit_json,
+    _fmt,
+    _guard,
+    _refuse_overwrite,
+    _shapes,
+    app,
+    out,
+)
+from .errors import OnnxlipError
+
+
+@app.command("scores")
+def scores_cmd(
+    model: Path = typer.Argument(..., help="ONNX file."),
+    out_file: Optional[Path] = typer.Option(
+        None,
+        "-o",
+        "--out",
+        help="Write the scores to this .npz: one array "
+        "per parameter tensor, keyed and shaped like the model's initializers, "
+        "as fractions of the path-norm (multiply by 10**log10_path_norm).",
+    ),
+    output: Optional[List[str]] = OutputOpt,
+    input_shape: Optional[List[str]] = ShapeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Path-magnitude score of every weight and bias: the l1 path mass through it (|w| times the gradient of
+    the path-norm), from one forward and one adjoint run of the companion graph. Invariant under rescaling."""
+    from .scores import scores as compute_scores
+
+    with _guard(as_json):
+        result = compute_scores(model, output=output, input_shapes=_shapes(input_shape), device=device)
+        if out_file is not None:
+            _refuse_overwrite(out_file, [model])
+            arrays = {name: t.relative for name, t in result.tensors.items()}
+            np.savez(out_file, **arrays, __log10_path_norm__=np.array(result.log10_path_norm))
+        if as_json:
+            obj = result.to_json()
+            obj["file"] = None if out_file is None else str(out_file)
+            _emit_json(obj)
+            return
+        table = Table(title=f"path-magnitude scores of {model} (log10 path-norm {result.log10_path_norm:.6f})")
+        for col in ("tensor", "shape", "log10 sum", "log10 max", "folded from"):
+            table.add_column(col, overflow="fold")
+        for name, t in result.tensors.items():
+            table.add_row(
+                name,
+                "x".join(map(str, t.shape)),
+                f"{t.log10_sum:.4f}",
+                f"{t.log10_max:.4f}",
+                ", ".join(t.sources) if t.folded else "",
+            )
+        out.print(table)
+        if out_file is not None:
+            out.print(f"wrote {out_file} (scores relative to the path-norm)", highlight=False)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: Path = typer.Argument(..., help="ONNX file."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of the prunable weights to zero."),
+    out_file: Optional[Path] = typer.Option(None, "-o", "--out", help="Where to write the pruned model."),
+    criterion: str = typer.Option(
+        "path-magnitude", "--criterion", help="path-magnitude (rescaling-invariant) or magnitude."
+    ),
+    scope: str = typer.Option("global", "--scope", help="global: one threshold for all layers; layer: per tensor."),
+    include_biases: bool = typer.Option(False, "--include-biases", help="Also prune the biases of those layers."),
+    sweep: Optional[str] = typer.Option(
+        None, "--sweep", help="Comma-separated sparsities: a table for both criteria instead of one pruned file."
+    ),
+    plot: Optional[Path] = typer.Option(
+        None,
+        "--plot",
+        help="With --sweep: draw bound versus sparsity (PNG; needs matplotlib, pip install 'onnxlip[plot]').",
+    ),
+    input_bound: float = typer.Option(1.0, "--input-bound", "-R", help="R of the certified bound."),
+    output: Optional[List[str]] = OutputOpt,
+    input_shape: Optional[List[str]] = ShapeOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Zero the weights of Conv/ConvTranspose/Gemm/MatMul with the smallest scores. The pruned file keeps the
+    input's graph, names, opset and metadata (BatchNorm stays unfolded); it reports the achieved sparsity and
+    the certified bound between the original and the pruned model (exact metric)."""
+    from .prune import prune_sweep
+
+    with _guard(as_json):
+        if (sparsity is None) == (sweep is None):
+            raise OnnxlipError("give either --sparsity S (with -o FILE) or --sweep S1,S2,...")
+        if sweep is not None:
+            try:
+                levels = [float(v) for v in sweep.split(",") if v.strip()]
+            except ValueError:
+                raise OnnxlipError(f"--sweep {sweep!r} is not a comma-separated list of numbers") from None
+            results = prune_sweep(
+                model,
+                levels,
+                scope=scope,
+                include_biases=include_biases,
+                input_bound=input_bound,
+                output=output,
+                input_shapes=_shapes(input_shape),
+                device=device,
+            )
+        else:
+            if out_file is None:
+                raise OnnxlipError("--sparsity needs -o FILE for the pruned model")
+            _refuse_overwrite(out_file, [model])
+            results = prune_sweep(
+                model,
+                [sparsity],
+                criteria=[criterion],
+                scope=scope,
+                include_biases=include_biases,
+                out_path=out_file,
+                input_bound=input_bound,
+                output=output,
+                input_shapes=_shapes(input_shape),
+                device=device,
+            )
+        if plot is not None:
+            _plot_sweep(results, plot)
+        if as_json:
+            _emit_json(results[0].to_json() if sweep is None else {"results": [r.to_json() for r in results]})
+            return
+        table = Table(title=f"pruning {model}: certified bound for ||x||_inf <= {input_bound:g} ({scope} scope)")
+        for col in ("criterion", "sparsity", "bound", "path-metric", "metric"):
+            table.add_column(col, justify="right" if col != "criterion" else "left")
+        for r in results:
+            table.add_row(
+                r.criterion,
+                f"{r.sparsity:.3f}",
+                _fmt(r.bound, r.log10_bound),
+                _fmt(r.path_metric, r.log10_path_metric),
+                "exact" if r.exact else "upper bd",
+            )
+        out.print(table)
+        if out_file is not None:
+            out.print(f"wrote {out_file}", highlight=False)
+
+
+def _plot_sweep(results, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise OnnxlipError("--plot needs matplotlib: pip install 'onnxlip[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for criterion in dict.fromkeys(r.criterion for r in results):
+        rows = [r for r in results if r.criterion == criterion]
+        ax.plot([r.sparsity for r in rows], [r.log10_bound for r in rows], marker="o", label=criterion)
+    ax.set_xlabel("sparsity (fraction of prunable weights zeroed)")
+    ax.set_ylabel("log10 certified bound")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@app.command("rescale")
+def rescale_cmd(
+    model: Path = typer.Argument(..., help="ONNX file."),
+    out_file: Path = typer.Option(..., "-o", "--out", help="Where to write the rescaled model."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    factors: str = typer.Option(
+        "1,128,4096", "--factors", help="Comma-separated positive factors; each neuron draws one uniformly."
+    ),
+    as_json: bool = JsonOpt,
+):
+    """A functionally identical model with random positive neuron-wise rescaling at every ReLU neuron where it is
+    exact (incoming weights and bias times lambda, outgoing weights over lambda; per channel for convolutions).
+    Path-norms, bounds and path-magnitude scores do not change; weight magnitudes do."""
+    from .rescale import rescale
+
+    with _guard(as_json):
+        try:
+            values = [float(f) for f in factors.split(",") if f.strip()]
+        except ValueError:
+            raise OnnxlipError(f"--factors {factors!r} is not a comma-separated list of numbers") from None
+        _refuse_overwrite(out_file, [model])
+        _, result = rescale(model, seed=seed, factors=values, out_path=out_file)
+        if as_json:
+            _emit_json(result.to_json())
+        else:
+            out.print(
+                f"rescaled {result.rescaled_neurons} neurons in {result.rescaled_layers} layers "
+                f"({result.skipped_layers} ReLU layers skipped: residual, concat or shared); wrote {out_file}",
+                highlight=False,
+            )
