@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,27 @@ def test_device_cuda_without_cuda_is_a_clear_error():
         onnxlip.path_norm(MODELS / "digits_cnn.onnx", device="cuda")
     res = CliRunner().invoke(app, ["pathnorm", str(MODELS / "digits_cnn.onnx"), "--device", "cuda", "--json"])
     assert res.exit_code == 2 and "CUDA provider does not load" in res.output
+
+
+def test_only_results_that_certify_nothing_may_use_the_fast_cuda_engines(monkeypatch):
+    """Certified results must run under CUDA_PROVIDER (the rounding margin's assumptions); only the scores and the
+    sampled differences may ask for CUDA_PROVIDER_FAST. Runs anywhere: it records what each session asks for."""
+    calls = []
+
+    def recording(*args, certified=True, **kwargs):
+        calls.append((sys._getframe(1).f_globals["__name__"], certified))
+        return runtime.make_session(*args, certified=certified, **kwargs)
+
+    for name in ("compiled", "lipschitz", "sampling", "scores"):  # onnxlip.scores etc. are also functions' names
+        monkeypatch.setattr(sys.modules[f"onnxlip.{name}"], "make_session", recording)
+    cnn = MODELS / "digits_cnn.onnx"
+    onnxlip.path_norm(cnn)
+    onnxlip.bound(cnn, MODELS / "digits_cnn_int8.onnx", samples=8)
+    onnxlip.prune(cnn, 0.5)
+    onnxlip.lipschitz(cnn)
+    fast = {"onnxlip.scores", "onnxlip.sampling"}
+    assert {m for m, _ in calls} >= {"onnxlip.compiled", "onnxlip.lipschitz"} | fast
+    assert all(certified == (module not in fast) for module, certified in calls), calls
 
 
 def _close(log10_a: float, log10_b: float, rel: float) -> bool:
