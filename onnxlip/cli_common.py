@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -24,8 +25,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+
+
+def _width(stream) -> int | None:
+    """Rich's width: the terminal's, COLUMNS when set, else 160 when the output is a file or a CI log (rich's 80
+    would cut the bound and sweep tables' columns)."""
+    if os.environ.get("COLUMNS") or stream.isatty():
+        return None
+    return 160
+
+
+out = Console(width=_width(sys.stdout))
+err = Console(stderr=True, width=_width(sys.stderr))
 
 OutputOpt = typer.Option(
     None,
