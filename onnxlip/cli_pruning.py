@@ -17,6 +17,7 @@ from .cli_common import (
     _emit_json,
     _fmt,
     _guard,
+    _progress,
     _refuse_overwrite,
     _shapes,
     app,
@@ -109,16 +110,19 @@ def prune_cmd(
                 levels = [float(v) for v in sweep.split(",") if v.strip()]
             except ValueError:
                 raise OnnxlipError(f"--sweep {sweep!r} is not a comma-separated list of numbers") from None
-            results = prune_sweep(
-                model,
-                levels,
-                scope=scope,
-                include_biases=include_biases,
-                input_bound=input_bound,
-                output=output,
-                input_shapes=_shapes(input_shape),
-                device=device,
-            )
+            with _progress(2 * len(levels), "pruning") as bar:
+                task = bar.add_task("sweep", total=2 * len(levels))
+                results = prune_sweep(
+                    model,
+                    levels,
+                    scope=scope,
+                    include_biases=include_biases,
+                    input_bound=input_bound,
+                    output=output,
+                    input_shapes=_shapes(input_shape),
+                    device=device,
+                    progress=lambda: bar.advance(task),
+                )
         else:
             if out_file is None:
                 raise OnnxlipError("--sparsity needs -o FILE for the pruned model")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -245,8 +245,10 @@ def prune_sweep(
     output: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     device: str = "auto",
+    progress: Callable[[], None] | None = None,
 ) -> list[PruneResult]:
-    """Several sparsities and criteria: scores computed once per criterion, one metric session for all."""
+    """Several sparsities and criteria: scores computed once per criterion, one metric session for all.
+    `progress` is called after each (criterion, sparsity) result."""
     if out_path is not None and len(sparsities) * len(criteria) != 1:
         raise OnnxlipError("an output file can only be written for a single sparsity and criterion")
     if (
@@ -292,4 +294,6 @@ def prune_sweep(
                     metric.route,
                 )
             )
+            if progress is not None:
+                progress()
     return results

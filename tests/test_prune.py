@@ -207,3 +207,9 @@ def test_counts_of_an_already_sparse_model_match_the_written_file(tmp_path, scop
             assert r.prunable_entries == sum(tensors[n].size for n in names)
             assert r.pruned_entries == sum(int(np.count_nonzero(written[n] == 0)) for n in names)
             assert r.sparsity == r.pruned_entries / r.prunable_entries
+
+
+def test_sweep_reports_progress_once_per_result():
+    ticks = []
+    results = prune_sweep("models/digits_cnn.onnx", [0.2, 0.5, 0.8], progress=lambda: ticks.append(len(ticks)))
+    assert len(ticks) == len(results) == 6
