@@ -19,7 +19,7 @@ from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, load_model, load_with_arrays, model_label
-from .sampling import Sampler, observed_max_l1
+from .sampling import observed_max_l1, sampler_for
 from .structure import align_params
 from .variants import VariantReader
 
@@ -107,6 +107,7 @@ class Analysed:
     extra: dict = field(default_factory=dict)
     file: np.ndarray | None = None  # the file's bytes, when the IR's weights view them (analyse keep_proto=False)
     source: ModelLike | None = None  # what was loaded, for full_proto
+    skeleton: onnx.ModelProto | None = None  # with `file`: the file's protobuf without the weights' data
 
     def full_proto(self) -> onnx.ModelProto:
         """The model's protobuf with its weights (loaded again when the import did without it)."""
@@ -142,7 +143,10 @@ def analyse(
     options = ImportOptions(outputs=output, input_shapes=input_shapes, lipschitz=lipschitz)
     if not keep_proto:
         proto, arrays, data = load_with_arrays(model)
-        return Analysed(None, import_model(proto, options, arrays), model_label(model), file=data, source=model)
+        graph = import_model(proto, options, arrays)
+        return Analysed(
+            None, graph, model_label(model), file=data, source=model, skeleton=proto if data is not None else None
+        )
     proto = load_model(model)
     return Analysed(proto, import_model(proto, options), model_label(model))
 
@@ -256,8 +260,8 @@ def bound_many(
         raise OnnxlipError(f"the input bound must be a finite number >= 0, got {input_bound}")
     if samples < 0:
         raise OnnxlipError("--samples must be >= 0")
-    ref = analyse(base, output, input_shapes, keep_proto=bool(samples))
-    base_sampler = Sampler(ref.proto, ref.graph, "cpu") if samples else None
+    ref = analyse(base, output, input_shapes, keep_proto=False)
+    base_sampler = sampler_for(ref) if samples else None
     # variant files that differ from the base file only in initializer values reuse the base's import
     reader = VariantReader(base, ref.graph, ref.file) if isinstance(base, (str, os.PathLike)) and variants else None
     engine = MetricEngine(ref.graph, device)
@@ -265,16 +269,17 @@ def bound_many(
     for variant in variants:
         changes = reader.changes(variant) if reader and isinstance(variant, (str, os.PathLike)) else None
         if changes is not None:  # the same graph as the base: its IR serves, with the changed values
-            other = Analysed(load_model(variant) if samples else None, ref.graph, model_label(variant))
+            # the skeleton: equal to the base file's outside the weights' data (VariantReader checked it)
+            other = Analysed(None, ref.graph, model_label(variant), source=variant, skeleton=ref.skeleton)
             metric = metric_result(engine.metric_changes(changes))
         else:
-            other = analyse(variant, output, input_shapes, keep_proto=bool(samples))
+            other = analyse(variant, output, input_shapes, keep_proto=False)
             metric = metric_between(ref, other, device, engine)
         log10_bound = certified_log10_bound(metric, input_bound)
         observed, tried = None, 0
         if samples:
             observed, tried = observed_max_l1(
-                (base_sampler, Sampler(other.proto, other.graph, "cpu")), samples, input_bound, seed, sample_seconds
+                (base_sampler, sampler_for(other)), samples, input_bound, seed, sample_seconds
             )
         results.append(
             BoundResult(

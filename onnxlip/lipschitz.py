@@ -178,9 +178,9 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
     the original model in onnxruntime: (ratio, pairs tried). Any pair gives a valid lower bound."""
     import time
 
-    from .sampling import Sampler
+    from .sampling import sampler_for
 
-    sampler = Sampler(m.proto, m.graph, "cpu")
+    sampler = sampler_for(m)
     shapes = {n: s[1:] for n, s in m.graph.inputs.items()}
     sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
     dim = sum(sizes.values())

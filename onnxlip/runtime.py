@@ -58,7 +58,7 @@ def session_options(
 
 
 def make_session(
-    model: onnx.ModelProto | bytes,
+    model: onnx.ModelProto | bytes | str,
     device: str = "auto",
     external: dict[str, np.ndarray] | None = None,
     level: str = "none",
@@ -73,7 +73,7 @@ def make_session(
     and CUDA may use faster convolution engines (CUDA_PROVIDER_FAST)."""
     if device not in DEVICES:
         raise OnnxlipError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()  # str: a file onnxruntime reads
     global _cuda_works
     wants_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     if wants_cuda and _cuda_works is not False:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -30,13 +31,29 @@ def runnable(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
     return model
 
 
+def sampler_for(m, device: str = "cpu") -> Sampler:
+    """A Sampler of an analysed model (api.Analysed). onnxruntime reads the file itself when it can run the file
+    as it is: weights stored in the file (onnxlip read them in place, so no external data), the analysed outputs
+    are the file's, and an IR version onnxruntime loads. Otherwise the model is cut (runnable) and serialised:
+    for a large model that costs a protobuf copy and a serialisation (1.3 s for 150 MB)."""
+    skeleton = m.skeleton  # only set when the weights were read in place from the file
+    direct = (
+        skeleton is not None
+        and isinstance(m.source, (str, os.PathLike))
+        and [o.name for o in skeleton.graph.output] == list(m.graph.outputs)
+        and skeleton.ir_version <= 10
+    )
+    return Sampler(str(m.source) if direct else runnable(m.full_proto(), m.graph), m.graph, device)
+
+
 class Sampler:
     """Runs a model on batches of inputs; falls back to one input at a time when the batch is fixed."""
 
-    def __init__(self, proto: onnx.ModelProto, graph: Graph, device: str = "auto"):
+    def __init__(self, model: onnx.ModelProto | str, graph: Graph, device: str = "auto"):
+        """`model`: a runnable model (see runnable) or the path of a file onnxruntime can run as it is."""
         self.graph = graph
         self.session, self.device = make_session(
-            runnable(proto, graph), device, level="fold", spin=False, certified=False
+            model, device, level="fold", spin=False, certified=False
         )  # observed differences: a sanity figure, not a bound
         try:
             inputs = self.session.get_inputs()
