@@ -121,3 +121,22 @@ def test_bound_needs_two_models(pair):
 def test_help_teaches():
     code, out, err = cli("bound", "--help")
     assert code == 0 and "--input-bound" in out and "--max-bound" in out and "exact" in out
+
+
+def test_cli_turns_numpys_hugepage_advice_off(monkeypatch):
+    from onnxlip.cli import no_hugepage_advice
+
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _set_madvise_hugepage
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    before = _set_madvise_hugepage(True)
+    try:
+        assert no_hugepage_advice()
+        assert _set_madvise_hugepage(True) is False  # it was off
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")  # the user's choice stands
+        assert not no_hugepage_advice()
+        assert _set_madvise_hugepage(True) is True
+    finally:
+        _set_madvise_hugepage(before)
