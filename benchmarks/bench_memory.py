@@ -24,6 +24,7 @@ CALLS = {
     "path_norm": "onnxlip.path_norm(path)",
     "prune_sweep": "prune_sweep(path, [0.1, 0.2, 0.4, 0.6, 0.8])",
     "bound": "onnxlip.bound(path, variant, samples=0)",
+    "bound_sampled": "onnxlip.bound(path, variant)",
 }
 
 CHILD = """
@@ -57,7 +58,10 @@ def param_and_activation_bytes(path: Path) -> tuple[int, int]:
     model = onnx.load(str(path))
     params = sum(np.prod(t.dims, dtype=np.int64) * 4 for t in model.graph.initializer if t.data_type == 1)
     graph = analyse(path).graph
-    acts = sum(int(np.prod(s)) * 4 for s in graph.shapes.values())
+    # the IR's shapes also list the parameters: they are P, not activations (before session 5 they were counted
+    # in A too, which overstated the budget by P)
+    constants = {p.name for p in graph.params()} | {t.name for t in model.graph.initializer}
+    acts = sum(int(np.prod(s)) * 4 for name, s in graph.shapes.items() if name not in constants)
     return int(params), int(acts)
 
 
@@ -76,7 +80,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--calls", default="scores,path_norm,bound,prune_sweep")
+    parser.add_argument("--calls", default="scores,path_norm,bound,bound_sampled,prune_sweep")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

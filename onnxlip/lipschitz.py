@@ -178,7 +178,7 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
     the original model in onnxruntime: (ratio, pairs tried). Any pair gives a valid lower bound."""
     import time
 
-    from .sampling import sampler_for
+    from .sampling import max_batch, sampler_for
 
     sampler = sampler_for(m)
     shapes = {n: s[1:] for n, s in m.graph.inputs.items()}
@@ -197,7 +197,7 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
             start += sizes[n]
         return _ratio(sampler.run(feeds2) - sampler.run(feeds), x2 - x32, norm)
 
-    batch, tried, best, best_pair = 16, 0, 0.0, None
+    batch, tried, best, best_pair = max_batch(m.graph, 16), 0, 0.0, None
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         if best_pair is None or rng.random() < 0.3:  # explore
