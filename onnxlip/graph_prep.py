@@ -1,0 +1,274 @@
+"""Preparing an ONNX graph for the import rules (importer.py): the constants, fixed input shapes, the nodes the
+analysed outputs need, static shapes by ONNX shape inference, and constant folding of shape arithmetic."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from .errors import ModelIssue, OnnxlipError, ShapeError
+
+# nodes that are never constant-folded even when their inputs are constant
+_NONDETERMINISTIC = {
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
+_FOLD_LIMIT = 64 * 2**20  # do not materialise constants above 64 MiB
+_MAX_ENTRIES = 2**31  # a static tensor above this (8 GiB of float32 for one activation) is a damaged shape
+
+
+# ---- constants and inputs -------------------------------------------------------------------------------
+def initial_constants(graph: onnx.GraphProto, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    consts: dict[str, np.ndarray] = {}
+    for init in graph.initializer:
+        given = arrays.get(init.name)
+        if given is not None:
+            if tuple(init.dims) != given.shape or helper.tensor_dtype_to_np_dtype(init.data_type) != given.dtype:
+                raise OnnxlipError(f"initializer {init.name!r}: its values do not match its dims and type")
+            consts[init.name] = given
+            continue
+        try:
+            consts[init.name] = numpy_helper.to_array(init)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt tensor
+            raise OnnxlipError(
+                f"initializer {init.name!r} cannot be decoded (corrupt or truncated file?): {exc}"
+            ) from None
+    for sparse in graph.sparse_initializer:
+        raise OnnxlipError(f"sparse initializer {sparse.values.name!r} is not supported; densify the model first")
+    return consts
+
+
+def fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
+    user_shapes = dict(user_shapes or {})
+    real_inputs = [i for i in graph.input if i.name not in consts]
+    known = {i.name for i in real_inputs}
+    for name in user_shapes:
+        if name not in known:
+            raise ShapeError(f"--input-shape names {name!r}, but the model's inputs are {sorted(known)}")
+    out: dict[str, tuple[int, ...]] = {}
+    problems = []
+    for inp in real_inputs:
+        ttype = inp.type.tensor_type
+        if not inp.type.HasField("tensor_type"):
+            raise OnnxlipError(f"input {inp.name!r} is not a tensor (sequences and maps are not supported)")
+        if ttype.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            raise OnnxlipError(
+                f"input {inp.name!r} has element type {type_name(ttype.elem_type)}; "
+                "only floating-point inputs can be analysed"
+            )
+        if inp.name in user_shapes:
+            shape = tuple(int(d) for d in user_shapes[inp.name])
+            if ttype.HasField("shape") and len(ttype.shape.dim) != len(shape):
+                raise ShapeError(
+                    f"input {inp.name!r} has rank {len(ttype.shape.dim)}, --input-shape gives {len(shape)}"
+                )
+            if any(d <= 0 for d in shape):
+                raise ShapeError(f"--input-shape for {inp.name!r} must be positive, got {shape}")
+            out[inp.name] = shape
+            continue
+        if not ttype.HasField("shape"):
+            problems.append(f"{inp.name} (rank unknown)")
+            continue
+        dims = []
+        for axis, dim in enumerate(ttype.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                dims.append(int(dim.dim_value))
+            elif axis == 0:
+                dims.append(1)  # the batch dimension
+            else:
+                dims.append(None)
+        if None in dims:
+            shown = "x".join("?" if d is None else str(d) for d in dims)
+            problems.append(f"{inp.name} ({shown})")
+        else:
+            out[inp.name] = tuple(dims)
+    if problems:
+        example = real_inputs[0].name
+        raise ShapeError(
+            "unknown non-batch dimensions in input(s) "
+            + ", ".join(problems)
+            + f"; give them with --input-shape, e.g. --input-shape {example}=1x3x224x224"
+        )
+    if not out:
+        raise OnnxlipError("the model has no non-constant input")
+    return out
+
+
+def check_node_names(nodes: list[onnx.NodeProto]) -> list[ModelIssue]:
+    seen: set[str] = set()
+    issues = []
+    for node in nodes:
+        for out in node.output:
+            if out and out in seen:
+                issues.append(ModelIssue(node.name or out, node.op_type, f"tensor {out!r} is produced twice"))
+            seen.add(out)
+    return issues
+
+
+def needed_nodes(nodes, outputs, inputs, consts) -> list[onnx.NodeProto]:
+    """The nodes the chosen outputs depend on, in the file's order (which ONNX requires topological)."""
+    producer = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                producer[out] = i
+    available = set(inputs) | set(consts)
+    for name in outputs:
+        if name not in producer and name not in available:
+            raise OnnxlipError(f"output tensor {name!r} is not produced by any node of the model")
+    needed: set[int] = set()
+    stack = [producer[n] for n in outputs if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        for name in node_inputs(nodes[i]):
+            if name in producer:
+                if producer[name] >= i:
+                    raise OnnxlipError(f"the graph is not topologically sorted or has a cycle at tensor {name!r}")
+                stack.append(producer[name])
+            elif name not in available:
+                raise OnnxlipError(
+                    f"tensor {name!r} (input of node {nodes[i].name or nodes[i].op_type!r}) is never produced: "
+                    "the file is truncated or the graph is broken"
+                )
+    return [nodes[i] for i in sorted(needed)]
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    names = [n for n in node.input if n]
+    for attr in node.attribute:  # outer-scope names used inside subgraphs (If/Loop)
+        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            inner = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
+            names += [n for sub in g.node for n in sub.input if n and n not in inner]
+    return names
+
+
+# ---- shape inference ----------------------------------------------------------------------------------
+def infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
+    """Static shapes of every tensor, by onnx shape inference on a light copy (big weights as typed inputs)."""
+    used = {n for node in nodes for n in node_inputs(node)}
+    graph_inputs, initializers = [], []
+    for name, shape in inputs.items():
+        graph_inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
+    for name in sorted(used & set(consts)):
+        arr = consts[name]
+        if arr.size <= 4096 or arr.dtype.kind in "iub":
+            initializers.append(numpy_helper.from_array(arr, name))
+        else:
+            dtype = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            graph_inputs.append(helper.make_tensor_value_info(name, dtype, list(arr.shape)))
+    g = helper.make_graph(nodes, "shapes", graph_inputs, [], initializers)
+    light = helper.make_model(g, opset_imports=list(proto.opset_import))
+    light.ir_version = 8  # our own copy: IR 3 rules (initializers must be inputs) would defeat inference
+    try:
+        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types; all mean the same to the user
+        raise ShapeError(f"shape inference failed: {exc}") from None
+    shapes: dict[str, tuple[int, ...]] = {name: tuple(shape) for name, shape in inputs.items()}
+    for name, arr in consts.items():
+        shapes[name] = tuple(arr.shape)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if all(d is not None for d in dims):
+            shapes[vi.name] = tuple(int(d) for d in dims)
+    for name, shape in shapes.items():
+        if any(d < 0 for d in shape) or math.prod(shape) > _MAX_ENTRIES:
+            raise ShapeError(f"tensor {name!r} would have shape {shape}: not a plausible static shape (damaged file?)")
+    return shapes
+
+
+# ---- constant folding -----------------------------------------------------------------------------------
+def fold_constants(proto, nodes, consts, shapes, origins) -> list[onnx.NodeProto]:
+    """Evaluate Constant nodes, Shape/Size of statically shaped tensors and every node whose inputs are
+    all constant (the Shape/Gather/Unsqueeze/Concat chains of torch exports, DequantizeLinear of weights)."""
+    remaining = []
+    for node in nodes:
+        try:
+            values = _fold_one(proto, node, consts, shapes)
+        except OnnxlipError:
+            raise
+        except Exception:  # noqa: BLE001 - leave the node to its import rule, which will explain
+            values = None
+        if values is None:
+            remaining.append(node)
+            continue
+        # a folded float tensor derives from the original float initializers it was computed from
+        sources = tuple(sorted({s for n in node.input if n in origins for s in origins[n]}))
+        for name, value in zip(node.output, values):
+            if name:
+                consts[name] = value
+                shapes[name] = tuple(value.shape)
+                if sources and value.dtype.kind == "f":
+                    origins[name] = sources
+    return remaining
+
+
+def _fold_one(proto, node, consts, shapes):
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Constant":
+        return _constant_value(node)
+    if node.op_type in ("Shape", "Size") and node.input[0] in shapes and node.input[0] not in consts:
+        shape = shapes[node.input[0]]
+        if node.op_type == "Size":
+            return [np.array(int(np.prod(shape)), dtype=np.int64)]
+        start = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "start"), 0)
+        end = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "end"), None)
+        return [np.array(shape[start:end], dtype=np.int64)]
+    names = [n for n in node.input if n]
+    if node.op_type in _NONDETERMINISTIC or not all(n in consts for n in names):
+        return None
+    if node.attribute and any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+    ):
+        return None
+    if sum(consts[n].nbytes for n in names) > _FOLD_LIMIT:
+        return None
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [
+        helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(consts[n].dtype), list(consts[n].shape))
+        for n in names
+    ]
+    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in node.output if n]
+    g = helper.make_graph([node], "fold", inputs, outputs)
+    m = helper.make_model(g, opset_imports=list(proto.opset_import))
+    m.ir_version = 8
+    results = ReferenceEvaluator(m).run(None, {n: consts[n] for n in names})
+    return [np.asarray(r) for r in results]
+
+
+def _constant_value(node) -> list[np.ndarray]:
+    attr = node.attribute[0]
+    value = helper.get_attribute_value(attr)
+    if attr.name == "value":
+        return [numpy_helper.to_array(value)]
+    if attr.name == "value_float":
+        return [np.array(value, dtype=np.float32)]
+    if attr.name == "value_floats":
+        return [np.array(value, dtype=np.float32)]
+    if attr.name == "value_int":
+        return [np.array(value, dtype=np.int64)]
+    if attr.name == "value_ints":
+        return [np.array(value, dtype=np.int64)]
+    raise OnnxlipError(f"Constant node {node.name!r} uses unsupported attribute {attr.name!r}")
+
+
+def type_name(elem_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except ValueError:  # not an ONNX type at all
+        return f"#{elem_type} (unknown)"
