@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .companion import CompanionEmitter, Scaled, emit_pathnorm, log10_total, ones_feeds
+from .errors import OnnxlipError
 from .ir import Graph
 from .runtime import make_session, run
 
@@ -69,10 +70,37 @@ class CompiledCompanion:
         return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(self.extra)}
 
 
+SMALLEST_NORMAL = np.float32(2.0**-126)
+
+
 def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[float, str]:
-    """log10 of sum_p |Phi_p|^q, by one run of the companion graph."""
+    """log10 of sum_p |Phi_p|^q, by one run of the companion graph.
+
+    A tensor's |w|^q share one float32 scale (theory.md section 2), so for q > 1 entries below 2**-126 of their
+    tensor's largest |w|^q lose precision or become 0: paths through them are undercounted. When that happens a
+    second run with those entries raised to 2**-126 of the scale bounds the sum from above; the result stands
+    when the two agree to 1e-7 of the norm, else q is too large for this model and the error gives both."""
     # the weights are fed: onnxruntime reads our mantissas in place instead of copying them into the session
     em = CompanionEmitter(q, {}, "value", fed=("value",))
     compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), device)
-    pairs = {p.name: p.mantissas(q) for p in graph.params()}
-    return compiled.log10(pairs={"value": pairs}), compiled.device
+    params = graph.params()
+    pairs = {p.name: p.mantissas(q) for p in params}
+    lower = compiled.log10(pairs={"value": pairs})
+    if q == 1:  # below 2**-126 of the largest entry of its tensor: negligible (onnxlip/rounding.py)
+        return lower, compiled.device
+    raised, lost = {}, 0
+    for p in params:
+        m, e = pairs[p.name]
+        weak = (m < SMALLEST_NORMAL) & (p.value != 0)
+        lost += int(np.count_nonzero(weak))
+        raised[p.name] = (np.where(weak, SMALLEST_NORMAL, m), e)
+    if lost == 0:
+        return lower, compiled.device
+    upper = compiled.log10(pairs={"value": raised})
+    if (upper - lower) / q > math.log10(1 + 1e-7):
+        raise OnnxlipError(
+            f"q={q:g} is too large for this model: {lost} weight(s) fall below float32's range once raised to the "
+            f"q-th power next to the largest of their tensor, and the L^{q:g} path-norm is only known to lie "
+            f"between 10^{lower / q:.6f} and 10^{upper / q:.6f}; use a smaller q"
+        )
+    return lower, compiled.device

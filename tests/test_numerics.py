@@ -3,6 +3,7 @@ pruned weight in a deep, huge-norm network), and tiny metrics next to huge norms
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 import onnxlip
 from tests.helpers import chain_forward_backward, chain_log10_pathnorm, gemm_chain
+from tests.test_bad_input import cli
 
 
 def _deep_chain(depth: int, width: int, seed: int, low=0.5, high=3.0):
@@ -104,3 +106,19 @@ def test_rounding_margin_covers_the_float64_truth(seed):
     assert abs(r.path_metric - exact) <= r.rounding_margin * exact
     assert r.bound >= 2.0 * exact
     assert r.bound <= 2.0 * exact * (1 + 3 * r.rounding_margin)
+
+
+def test_large_q_path_norm_is_exact_or_refused():
+    """For q > 1 a tensor's |w|^q can span more than float32's range: entries below 2**-126 of the largest are
+    lost. Where the paths through them do not matter the result stands; where they do, a clear error (not the
+    silent -inf or underestimate of before)."""
+    ws = [np.array([[1.0, 0.0], [0.0, 0.5]]), np.array([[0.01], [1.0]])]
+    bs = [np.zeros(2), np.zeros(1)]
+    # the largest path, 0.5 * 1, runs through W1's weak 0.5 (0.5**200 = 2**-200 of W1's largest, 1**200)
+    with pytest.raises(onnxlip.OnnxlipError, match="too large"):
+        onnxlip.path_norm(gemm_chain(ws, bs), q=200)
+    # at q = 100 only 0.01**100 is lost, and its path (1 * 0.01) is negligible next to 0.5 * 1
+    r = onnxlip.path_norm(gemm_chain(ws, bs), q=100)
+    assert r.log10_path_norm == pytest.approx(math.log10(0.5**100 + 0.01**100) / 100, abs=1e-9)
+    code, out, _ = cli("pathnorm", "models/digits_cnn.onnx", "--q", "10000", "--json")
+    assert code == 2 and "too large" in json.loads(out)["error"]
