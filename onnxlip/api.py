@@ -318,4 +318,23 @@ def check(
     except UnsupportedModelError as exc:
         return CheckResult(False, exc.issues, [], {}, outputs, 0, dict(ops), exc.hint)
     inputs = {k: list(v) for k, v in graph.inputs.items()}
-    return CheckResult(True, [], list(graph.warnings), inputs, list(graph.outputs), graph.num_parameters, dict(ops))
+    warnings = list(graph.warnings) + wide_range_warnings(graph)
+    return CheckResult(True, [], warnings, inputs, list(graph.outputs), graph.num_parameters, dict(ops))
+
+
+def wide_range_warnings(graph) -> list[str]:
+    """Parameters whose non-zero |entries| span more than 2**126: the companion carries each tensor with one
+    float32 scale, so entries below 2**-126 of the largest lose precision or vanish, and bounds treat paths through
+    them as negligible (onnxlip/rounding.py). Real models rarely come near this; a weight that decayed to a float32
+    subnormal next to an O(1) weight does."""
+    out = []
+    for p in graph.params():
+        v = np.abs(p.value)
+        nonzero = v[v > 0]
+        if nonzero.size and float(nonzero.min()) < 2.0**-126 * float(nonzero.max()):
+            weak = int(np.count_nonzero(nonzero < 2.0**-126 * float(nonzero.max())))
+            out.append(
+                f"{p.name}: {weak} non-zero entr{'y is' if weak == 1 else 'ies are'} below 2^-126 of the tensor's "
+                "largest; path-norms and bounds treat the paths through them as negligible"
+            )
+    return out

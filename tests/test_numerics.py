@@ -122,3 +122,10 @@ def test_large_q_path_norm_is_exact_or_refused():
     assert r.log10_path_norm == pytest.approx(math.log10(0.5**100 + 0.01**100) / 100, abs=1e-9)
     code, out, _ = cli("pathnorm", "models/digits_cnn.onnx", "--q", "10000", "--json")
     assert code == 2 and "too large" in json.loads(out)["error"]
+
+
+def test_check_warns_about_weights_beyond_float32s_range_within_a_tensor():
+    ws = [np.array([[1.0, 0.0], [0.0, 1e-40]], dtype=np.float32), np.ones((2, 1))]  # 1e-40: a float32 subnormal
+    r = onnxlip.check(gemm_chain(ws, [np.zeros(2), np.zeros(1)]))
+    assert r.supported and any("W0: 1 non-zero entry is below 2^-126" in w for w in r.warnings)
+    assert not onnxlip.check("models/digits_cnn.onnx").warnings
