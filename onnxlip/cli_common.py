@@ -27,6 +27,35 @@ app = typer.Typer(
 )
 
 
+def versions() -> str:
+    """onnxlip's version and those of the libraries its numbers depend on (for CI logs and audit trails)."""
+    import numpy
+    import onnx
+    import onnxruntime
+
+    from . import __version__
+
+    return (
+        f"onnxlip {__version__} (onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, "
+        f"numpy {numpy.__version__}, Python {sys.version.split()[0]})"
+    )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(versions())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the versions and exit."
+    ),
+) -> None:
+    """Path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks."""
+
+
 def _width(stream) -> int | None:
     """Rich's width: the terminal's, COLUMNS when set, else 160 when the output is a file or a CI log (rich's 80
     would cut the bound and sweep tables' columns)."""

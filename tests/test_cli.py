@@ -140,3 +140,11 @@ def test_cli_turns_numpys_hugepage_advice_off(monkeypatch):
         assert _set_madvise_hugepage(True) is True
     finally:
         _set_madvise_hugepage(before)
+
+
+def test_version_names_the_libraries_behind_the_numbers():
+    import onnxruntime
+
+    code, out, _ = cli("--version")
+    assert code == 0
+    assert out.startswith(f"onnxlip {onnxlip.__version__} (") and f"onnxruntime {onnxruntime.__version__}" in out
