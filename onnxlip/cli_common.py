@@ -146,7 +146,10 @@ def _exceeds(log10_value: float, threshold: float) -> bool:
 
 
 def _emit_json(obj: dict) -> None:
-    print(json.dumps(obj))
+    """The one JSON object of --json, stamped with onnxlip's version (an audit trail names the tool that made it)."""
+    from . import __version__
+
+    print(json.dumps({**obj, "onnxlip_version": __version__}))
 
 
 def _progress(total: int, label: str) -> Progress:

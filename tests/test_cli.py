@@ -148,3 +148,5 @@ def test_version_names_the_libraries_behind_the_numbers():
     code, out, _ = cli("--version")
     assert code == 0
     assert out.startswith(f"onnxlip {onnxlip.__version__} (") and f"onnxruntime {onnxruntime.__version__}" in out
+    code, out, _ = cli("pathnorm", "models/digits_cnn.onnx", "--json")
+    assert code == 0 and json.loads(out)["onnxlip_version"] == onnxlip.__version__
