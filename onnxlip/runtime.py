@@ -27,8 +27,8 @@ _cuda_works: bool | None = None  # learned on the first attempt, so a broken CUD
 # Graph optimisation levels, chosen per use (measured on ResNet-18 companions, benchmarks/README.md):
 # "none" builds fastest and runs the path-norm companion as fast as the others (one-shot path-norms, fed-weight
 # sessions); "fold" (BASIC) adds constant folding, which evaluates once, while the session is built, every stream
-# that depends on constants only (the sampler's plain model uses it); ENABLE_ALL adds ~0.1-0.2 s of layout work
-# per ResNet-18 session, more than one-shot graphs gain from it.
+# that depends on constants only (no session uses it now: samplers, too, gain nothing from it); ENABLE_ALL adds
+# ~0.1-0.2 s of layout work per ResNet-18 session, more than one-shot graphs gain from it.
 LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "fold": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
