@@ -12,7 +12,7 @@ the leading axis) are read the same way: their mantissas and NaN/Inf checks neve
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -113,6 +113,41 @@ def hilo_mantissas(
             dest[s:e] = v  # rounded to float32 as normalized_power does; the values are >= 0 (+0.0, not -0.0)
             np.multiply(dest[s:e], scale, out=dest[s:e])
     return True
+
+
+def formed_rows(raw: np.ndarray, factor: np.ndarray | None) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, float64(raw[rows]) * factor[rows]) over blocks of leading-axis rows of about BLOCK entries: the
+    values of a factored parameter (variants.Change.value, bit for bit) without forming them whole. Without a
+    factor the rows come as stored."""
+    if raw.ndim == 0:
+        raw = raw.reshape(1)
+    # a factor varying along the leading axis is cut with the rows; any other broadcasts whole
+    by_row = factor is not None and factor.ndim == raw.ndim and factor.shape[0] == raw.shape[0] > 1
+    step = max(1, BLOCK // max(1, raw[0].size))
+    for start in range(0, raw.shape[0], step):
+        rows = slice(start, start + step)
+        if factor is None:
+            yield rows, raw[rows]
+        else:
+            yield rows, np.multiply(raw[rows], factor[rows] if by_row else factor, dtype=np.float64)
+
+
+def formed_abs_max(raw: np.ndarray, factor: np.ndarray | None) -> float:
+    """max |float64(raw) * factor| (abs_max of the formed value, bit for bit) without forming it: rounding is
+    monotone, so the largest product comes from the largest |raw| entry each factor entry multiplies; nan when
+    raw holds NaN or Inf (the reductions propagate them)."""
+    if factor is None:
+        low, high = extremes(raw) if raw.size else (0.0, 0.0)
+        return max(high, -low) if math.isfinite(low) and math.isfinite(high) else math.nan
+    f = np.broadcast_to(factor, np.broadcast_shapes(factor.shape, raw.shape))
+    lead = raw.ndim - factor.ndim  # axes the factor does not have, and axes where it is 1: reduced
+    axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(factor.shape) if d == 1)
+    high, low = raw.max(axis=axes, keepdims=True), raw.min(axis=axes, keepdims=True)
+    if not (np.isfinite(high).all() and np.isfinite(low).all()):
+        return math.nan
+    cells = np.maximum(high, -low).astype(np.float64)
+    f_cells = f[tuple(slice(0, 1) if i in axes else slice(None) for i in range(raw.ndim))]
+    return float(np.max(cells * np.abs(f_cells))) if cells.size else 0.0
 
 
 def abs_max(v: np.ndarray) -> float:

@@ -18,6 +18,8 @@ from .blockwise import (
     abs_min_of,
     compare,
     exponent_of,
+    formed_abs_max,
+    formed_rows,
     hilo_mantissas,
     mantissas,
     same,
@@ -30,6 +32,7 @@ from .companion import (
     metric_inputs,
 )
 from .compiled import CompiledCompanion, Pairs
+from .errors import OnnxlipError
 from .ir import Graph
 from .rounding import relative_error_bound
 from .variants import Change
@@ -261,10 +264,47 @@ class MetricEngine:
                     mantissas(fn, (a, b), e, out)
             for kind, out in zip(("hi", "lo", "delta"), outs):
                 pairs[kind][n] = (out, e)
+        return self._run_general(pairs)
+
+    def _run_general(self, pairs: dict[str, Pairs]) -> tuple[float, str]:
         if self._general is None:
             em = CompanionEmitter(1.0, {}, "hi", fed=("hi", "lo", "delta"))
             self._general = CompiledCompanion(self.graph, em, emit_metric(self.graph, em), self.device, spin=False)
         return self._general.log10(pairs=pairs), self._general.device
+
+    def _general_changes(self, changes: dict[str, Change]) -> tuple[float, str] | None:
+        """general_log10(base, variant) for a variant given by its changes, bit for bit, forming the two values
+        row block by row block from the file's arrays and the factors (no float64 copy of either model: 2x the
+        parameter bytes each, and half the memory traffic). None where general_log10 itself must serve: an
+        exponent outside hilo_mantissas' range, or a scalar parameter. OnnxlipError, as Change.value's, for NaN
+        or Inf in the variant."""
+        exponents = {}
+        for n, c in changes.items():
+            raw = c.layout(c.new)
+            if raw.ndim == 0:
+                return None
+            top = formed_abs_max(raw, c.factor)
+            if not math.isfinite(top):
+                raise OnnxlipError(f"parameter(s) {n} contain NaN or Inf values")
+            # the exponent of max(|base|, |variant|): exponent_of is monotone, and an all-zero base has none
+            e = exponent_of(top)
+            exponents[n] = max(e, self.base_exp[n]) if self._nonzero(n) else e
+            if not -100 < exponents[n] < 120:
+                return None
+        pairs: dict[str, Pairs] = {"hi": {}, "lo": {}, "delta": {}}
+        for n, (m, e) in self.base_pairs.items():
+            c = changes.get(n)
+            if c is None:  # unchanged: hi = lo = |base|, delta = 0
+                pairs["hi"][n] = pairs["lo"][n] = (m, e)
+                pairs["delta"][n] = (self._buffer("zero", n), e)
+                continue
+            outs = tuple(self._buffer(kind, n) for kind in ("hi", "lo", "delta"))
+            a_rows, b_rows = formed_rows(c.layout(c.base), c.factor), formed_rows(c.layout(c.new), c.factor)
+            for (rows, a), (_, b) in zip(a_rows, b_rows):
+                hilo_mantissas(a, b, exponents[n], tuple(o[rows] for o in outs))
+            for kind, out in zip(("hi", "lo", "delta"), outs):
+                pairs[kind][n] = (out, exponents[n])
+        return self._run_general(pairs)
 
     def metric_changes(self, changes: dict[str, Change]) -> MetricOutcome:
         """metric() for a variant given by the parameters it changes (variants.VariantReader), the others being
@@ -294,6 +334,14 @@ class MetricEngine:
                     split_kept(m, c.layout(c.base), c.layout(c.new), kept, moved)
                 lo[n], delta[n] = (kept, e), (moved, e)
             return self.dominated(lo, delta, sum(r.changed for r in compared.values()))
+        if all(r.flips == 0 for r in compared.values()):  # neither dominates: the hi/lo stream (metric())
+            out = self._general_changes(changes)
+            if out is not None:
+                changed = sum(r.changed for r in compared.values())
+                dominating = all(r.dominating for r in compared.values())
+                return MetricOutcome(
+                    out[0], dominating, 0, changed, "none needed", out[1], self.metric_margin, ROUTE_HILO
+                )
         vb = {
             n: changes[n].value(n, self._buffer("value", n, np.float64)) if n in changes else a
             for n, a in self.base.items()

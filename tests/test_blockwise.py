@@ -88,3 +88,26 @@ def test_hilo_mantissas_match_three_mantissa_passes(dtypes):
         for out, fn in zip(outs, (B.abs_max_of, B.abs_min_of, B.abs_gap)):
             want, _ = B.mantissas(fn, (a, b), exponent, np.empty(a.shape, np.float32))
             assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize(
+    "shape, factor_shape",
+    [((6, 4, 3, 3), (6, 1, 1, 1)), ((5, 7), (1, 7)), ((5, 7), (5, 1)), ((4, 3, 2, 2), (4, 3, 1, 1)), ((5, 7), (7,))],
+)
+def test_formed_rows_and_abs_max_equal_the_formed_value(shape, factor_shape):
+    """Folded weights formed block by block (engine's hi/lo route for variants) equal float64(raw) * factor bit
+    for bit, and their largest |entry| is found without forming them."""
+    from onnxlip.blockwise import formed_abs_max, formed_rows
+
+    rng = np.random.default_rng(len(shape) * 10 + len(factor_shape))
+    raw = (rng.standard_normal((3000, *shape[1:])) if shape[0] == 6 else rng.standard_normal(shape)).astype(np.float32)
+    factor = rng.uniform(-3, 3, size=factor_shape if shape[0] != 6 else (3000, 1, 1, 1))
+    formed = np.multiply(raw, factor, dtype=np.float64)
+    rebuilt = np.empty_like(formed)
+    for rows, block in formed_rows(raw, factor):
+        rebuilt[rows] = block
+    assert np.array_equal(rebuilt, formed)
+    assert formed_abs_max(raw, factor) == np.abs(formed).max()
+    assert formed_abs_max(raw, None) == np.abs(raw).max()
+    raw[1, 0] = np.nan
+    assert np.isnan(formed_abs_max(raw, factor)) and np.isnan(formed_abs_max(raw, None))
