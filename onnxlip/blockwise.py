@@ -37,9 +37,10 @@ def compare(a: np.ndarray, b: np.ndarray, split: tuple[np.ndarray, np.ndarray, n
     when it forms b's values (variants.Change.value).
 
     `split` = (m, kept, moved), C-contiguous and laid out as a and b: in the same pass, kept = m where a == b
-    else 0 and moved = m - kept (exact), as split_kept; complete when the last flag (b prunes a) is True."""
+    else 0 and moved = m - kept (exact), as split_kept; complete when the last flag (b prunes a) is True.
+    moved may be None: only kept is written (moved = m - kept is then formed if a route needs it)."""
     a, b = a.ravel(), b.ravel()
-    fm, fk, fv = (x.reshape(-1) for x in split) if split is not None else (None, None, None)
+    fm, fk, fv = (None if x is None else x.reshape(-1) for x in split) if split is not None else (None, None, None)
     changed = flips = 0
     dominated = dominating = zeroed = True
     with np.errstate(invalid="ignore"):  # NaN: no warnings, see above
@@ -49,8 +50,11 @@ def compare(a: np.ndarray, b: np.ndarray, split: tuple[np.ndarray, np.ndarray, n
             differ = x != y
             count = int(np.count_nonzero(differ))
             if zeroed and fm is not None:
-                np.multiply(fm[s:e], differ, out=fv[s:e])
-                np.subtract(fm[s:e], fv[s:e], out=fk[s:e])
+                if fv is None:  # the same bits as m - m * differ: +0.0 or m (m >= 0)
+                    np.multiply(fm[s:e], np.logical_not(differ), out=fk[s:e])
+                else:
+                    np.multiply(fm[s:e], differ, out=fv[s:e])
+                    np.subtract(fm[s:e], fv[s:e], out=fk[s:e])
             if count == 0:
                 continue
             changed += count

@@ -314,25 +314,39 @@ class MetricEngine:
         compared, split_done = {}, set()
         for n, c in changes.items():
             # pruned entries are split off in the comparing pass where the layouts agree (not transposed)
-            split = None if c.transposed else (self.base_pairs[n][0], self._buffer("lo", n), self._buffer("delta", n))
+            # (the moved mantissas, m - kept, are formed only if the difference stream needs them)
+            split = None if c.transposed else (self.base_pairs[n][0], self._buffer("lo", n), None)
             compared[n] = compare(c.base, c.new, split)
             if split is not None and compared[n].zeroed:
                 split_done.add(n)
         if all(r.flips == 0 and r.dominated for r in compared.values()):
-            lo, delta = {}, {}
+            lo, formed = {}, {}
             for n, (m, e) in self.base_pairs.items():
                 c = changes.get(n)
                 if c is None:
-                    lo[n], delta[n] = (m, e), (self._buffer("zero", n), e)
+                    lo[n] = (m, e)
                     continue
-                kept, moved = self._buffer("lo", n), self._buffer("delta", n)
+                kept = self._buffer("lo", n)
                 if not compared[n].zeroed:  # changed otherwise than by zeroing: formed as metric() does
                     v = c.value(n, self._buffer("value", n, np.float64))
                     mantissas(same, (v,), e, kept)
-                    mantissas(abs_difference, (self.base[n], v), e, moved)
+                    formed[n] = mantissas(abs_difference, (self.base[n], v), e, self._buffer("delta", n))[0]
                 elif n not in split_done:
-                    split_kept(m, c.layout(c.base), c.layout(c.new), kept, moved)
-                lo[n], delta[n] = (kept, e), (moved, e)
+                    formed[n] = self._buffer("delta", n)
+                    split_kept(m, c.layout(c.base), c.layout(c.new), kept, formed[n])
+                lo[n] = (kept, e)
+
+            def delta() -> Pairs:
+                out = {}
+                for n, (m, e) in self.base_pairs.items():
+                    if n in formed:
+                        out[n] = (formed[n], e)
+                    elif n in changes:  # exact: each entry is m or 0
+                        out[n] = (np.subtract(m, lo[n][0], out=self._buffer("delta", n)), e)
+                    else:
+                        out[n] = (self._buffer("zero", n), e)
+                return out
+
             return self.dominated(lo, delta, sum(r.changed for r in compared.values()))
         if all(r.flips == 0 for r in compared.values()):  # neither dominates: the hi/lo stream (metric())
             out = self._general_changes(changes)
