@@ -227,21 +227,12 @@ def factored_finite(base: np.ndarray, factor: np.ndarray) -> bool:
     return finite(value)
 
 
-def _blocks(base: np.ndarray, factor: np.ndarray):
-    """(rows, product block) pairs covering base * factor along the leading axis, in float64."""
-    rows = max(1, BLOCK // max(1, base.size // max(1, base.shape[0])))
-    for r in range(0, base.shape[0], rows):
-        block = base[r : r + rows].astype(np.float64)
-        block *= factor[r : r + rows] if factor.shape[0] > 1 else factor
-        yield slice(r, r + rows), block
-
-
 def factored_mantissas(base: np.ndarray, factor: np.ndarray) -> tuple[np.ndarray, int] | None:
     """normalized_power(float64(base) * factor, 1.0) without the full float64 product; None when the exponent
     leaves float32's comfortable range (the caller then forms the value and takes the general path)."""
     out = np.empty(base.shape, np.float32)
     top = 0.0
-    for rows, block in _blocks(base, factor):
+    for rows, block in formed_rows(base, factor):
         top = max(top, abs_max(block))
         with np.errstate(over="ignore"):  # beyond float32: the result is discarded below (general path)
             out[rows] = block  # float64 -> float32, rounded to nearest as np.array(v, dtype=np.float32) does
