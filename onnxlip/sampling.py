@@ -62,7 +62,9 @@ class Sampler:
             inputs = self.session.get_inputs()
             self.input_names = [i.name for i in inputs]
             self.input_types = {i.name: i.type for i in inputs}
-            self.batched = all(not isinstance(i.shape[0], int) for i in inputs if i.shape)
+            # old exporters list initializers among the inputs (onnxruntime feeds their values): not data inputs
+            data = [i for i in inputs if i.name in graph.inputs]
+            self.batched = all(not isinstance(i.shape[0], int) for i in data if i.shape)
         except ValueError as exc:  # e.g. a dimension name that is not UTF-8 (a damaged file)
             raise OnnxlipError(f"cannot read the model's input description: {exc}") from None
 

@@ -63,3 +63,15 @@ def test_bound_samples_both_files_directly(built):
     exported = onnxlip.bound(MLP, MODELS / "digits_mlp_pruned.onnx", output=["add_result2"], samples=32)
     assert built[2:] == ["proto", "proto"] and 0 < exported.observed_max_l1_diff <= exported.bound
     assert np.isfinite(exported.bound)
+
+
+def test_initializers_listed_as_inputs_do_not_stop_batching(tmp_path):
+    """Old exporters (IR < 4) list every initializer among the graph inputs."""
+    model = onnx.load(str(CNN))
+    for init in model.graph.initializer:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    path = tmp_path / "inits_as_inputs.onnx"
+    onnx.save(model, str(path))
+    assert sampler_for(analyse(path, keep_proto=False)).batched
+    r = onnxlip.bound(path, CNN_PRUNED, samples=64)
+    assert r.samples == 64 and 0 < r.observed_max_l1_diff <= r.bound
