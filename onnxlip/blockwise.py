@@ -83,19 +83,24 @@ def mantissas(
     return out, exponent
 
 
-def split_kept(m: np.ndarray, base: np.ndarray, new: np.ndarray, kept: np.ndarray, moved: np.ndarray) -> None:
-    """kept = m where new == base else 0, moved = m - kept (exact: each entry is m or 0), block by block; m, kept
-    and moved C-contiguous and shaped like base and new (which may be transposed views)."""
+def split_kept(
+    m: np.ndarray, base: np.ndarray, new: np.ndarray, kept: np.ndarray, moved: np.ndarray | None = None
+) -> None:
+    """kept = m where new == base else 0, moved = m - kept (exact: each entry is m or 0; skipped when None), block
+    by block; m, kept and moved C-contiguous and shaped like base and new (which may be transposed views)."""
     if not (base.flags.c_contiguous and new.flags.c_contiguous):  # transposed views: whole arrays, no copies
-        np.multiply(m, new == base, out=kept)
-        np.subtract(m, kept, out=moved)
+        # compared in the file's layout (contiguous), read back through the transpose
+        equal = (new.T == base.T).T if base.T.flags.c_contiguous and new.T.flags.c_contiguous else new == base
+        np.multiply(m, equal, out=kept)
+        if moved is not None:
+            np.subtract(m, kept, out=moved)
         return
-    flat = [x.reshape(-1) for x in (m, base, new, kept, moved)]
-    fm, fb, fn, fk, fv = flat
+    fm, fb, fn, fk = (x.reshape(-1) for x in (m, base, new, kept))
     for s in range(0, fm.size, BLOCK):
         e = s + BLOCK
         np.multiply(fm[s:e], fn[s:e] == fb[s:e], out=fk[s:e])
-        np.subtract(fm[s:e], fk[s:e], out=fv[s:e])
+        if moved is not None:
+            np.subtract(fm[s:e], fk[s:e], out=moved.reshape(-1)[s:e])
 
 
 def hilo_mantissas(

@@ -331,9 +331,8 @@ class MetricEngine:
                     v = c.value(n, self._buffer("value", n, np.float64))
                     mantissas(same, (v,), e, kept)
                     formed[n] = mantissas(abs_difference, (self.base[n], v), e, self._buffer("delta", n))[0]
-                elif n not in split_done:
-                    formed[n] = self._buffer("delta", n)
-                    split_kept(m, c.layout(c.base), c.layout(c.new), kept, formed[n])
+                elif n not in split_done:  # the moved mantissas are formed lazily, as for the others
+                    split_kept(m, c.layout(c.base), c.layout(c.new), kept)
                 lo[n] = (kept, e)
 
             def delta() -> Pairs:
