@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from .cli_common import (
-    DeviceOpt,
     JsonOpt,
     OutputOpt,
     ShapeOpt,
@@ -40,7 +39,12 @@ def lipschitz_cmd(
     lower_seconds: float = typer.Option(2.0, "--lower-seconds", help="Time budget of the lower-bound search."),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
-    device: str = DeviceOpt,
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        help="auto, cpu or cuda for the path-norm bounds' companion run. The operator norms are certified in "
+        "float64 numpy, and their power estimates and the lower-bound search run on the CPU.",
+    ),
     as_json: bool = JsonOpt,
 ):
     """Upper and lower bounds on the Lipschitz constant of the model with respect to its input. Upper: the
