@@ -214,16 +214,20 @@ class MetricEngine:
                 lo[n] = (kept, e)
                 changed += self._nonzero(n) - int(np.count_nonzero(kept))
 
-        def delta() -> Pairs:
-            out = {}
-            for n, (m, e) in self.base_pairs.items():
-                if n in keep:
-                    out[n] = (np.subtract(m, lo[n][0], out=self._buffer("delta", n)), e)
-                else:
-                    out[n] = (self._buffer("zero", n), e)
-            return out
+        return self.dominated(lo, lambda: self._moved(lo, keep), changed, upper)
 
-        return self.dominated(lo, delta, changed, upper)
+    def _moved(self, lo: Pairs, changed, formed: dict[str, np.ndarray] | None = None) -> Pairs:
+        """The delta pairs of a pruned variant: m - kept for the `changed` parameters (exact: each entry is m or
+        0) unless already `formed`, zeros for the others; formed only when the difference stream needs them."""
+        out = {}
+        for n, (m, e) in self.base_pairs.items():
+            if formed and n in formed:
+                out[n] = (formed[n], e)
+            elif n in changed:
+                out[n] = (np.subtract(m, lo[n][0], out=self._buffer("delta", n)), e)
+            else:
+                out[n] = (self._buffer("zero", n), e)
+        return out
 
     def _nonzero(self, name: str) -> int:
         """Non-zero entries of the base's mantissas of a parameter (remembered)."""
@@ -335,18 +339,8 @@ class MetricEngine:
                     split_kept(m, c.layout(c.base), c.layout(c.new), kept)
                 lo[n] = (kept, e)
 
-            def delta() -> Pairs:
-                out = {}
-                for n, (m, e) in self.base_pairs.items():
-                    if n in formed:
-                        out[n] = (formed[n], e)
-                    elif n in changes:  # exact: each entry is m or 0
-                        out[n] = (np.subtract(m, lo[n][0], out=self._buffer("delta", n)), e)
-                    else:
-                        out[n] = (self._buffer("zero", n), e)
-                return out
-
-            return self.dominated(lo, delta, sum(r.changed for r in compared.values()))
+            moved = lambda: self._moved(lo, changes, formed)  # noqa: E731
+            return self.dominated(lo, moved, sum(r.changed for r in compared.values()))
         if all(r.flips == 0 for r in compared.values()):  # neither dominates: the hi/lo stream (metric())
             out = self._general_changes(changes)
             if out is not None:
