@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .companion import CompanionEmitter, Scaled, ones_inputs
+from .companion import CompanionEmitter, Scaled, ones_inputs, zero_scaled
 from .ir import Graph
 
 
@@ -61,10 +61,7 @@ def emit_scores(
         b_out = [em.scaled_sum(pending[t]) if pending.get(t) else None for t in node.outputs]
         if all(b is None for b in b_out):
             continue  # nothing downstream reaches an output: every score here is 0
-        b_out = [
-            b if b is not None else Scaled(em.const(np.zeros(graph.shapes[t], np.float32), "z"), em.exponent(0))
-            for b, t in zip(b_out, node.outputs)
-        ]
+        b_out = [b if b is not None else zero_scaled(em, graph.shapes[t], "z") for b, t in zip(b_out, node.outputs)]
         rules = OPS[node.op]
         a_in = [a_env[t] for t in node.inputs]
         for t, b in zip(node.inputs, rules.adjoint(node, em, a_in, b_out)):

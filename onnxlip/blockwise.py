@@ -16,7 +16,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from .companion import normalized_power
+from .companion import ZERO_EXPONENT, normalized_power
 
 BLOCK = 1 << 16
 
@@ -242,7 +242,7 @@ def factored_mantissas(base: np.ndarray, factor: np.ndarray) -> tuple[np.ndarray
         with np.errstate(over="ignore"):  # beyond float32: the result is discarded below (general path)
             out[rows] = block  # float64 -> float32, rounded to nearest as np.array(v, dtype=np.float32) does
     if top == 0.0:
-        return np.zeros(base.shape, np.float32), 0
+        return np.zeros(base.shape, np.float32), ZERO_EXPONENT
     exponent = exponent_of(top)
     if not -100 < exponent < 120 or not math.isfinite(top):
         return None

@@ -23,6 +23,12 @@ COMPANION_OPSET = 17
 LOG10_2 = math.log10(2.0)
 # exponent floor for all-zero tensors: multiplying 0 by 2**120 is harmless and avoids log(0)
 _ZERO_MAX = 2.0**-120
+# The exponent of an all-zero tensor. Sums align their terms to the largest exponent (CompanionEmitter.align), so
+# a zero term with an ordinary exponent would scale the real terms down, below float32's range when they are
+# 2**-126 smaller, and lose them (a zero bias next to small activations gave a path-norm of 0). This one never
+# wins an alignment, its own multiplier 2**(ZERO_EXPONENT - E) is 0 (0 * 0, never 0 * inf), and sums of a few
+# stay exact in float32. Host code treats a zero mantissa as 0 whatever its exponent.
+ZERO_EXPONENT = -(2**20)
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,10 @@ def normalized_power(value: np.ndarray, q: float = 1.0, exponent: int | None = N
         if exponent is None:
             top = max(float(v.max()), -float(v.min())) if v.size else 0.0
             if top == 0.0:
-                return np.zeros(v.shape, np.float32), 0
+                return np.zeros(v.shape, np.float32), ZERO_EXPONENT
             exponent = int(np.frexp(top)[1])
+        if exponent == ZERO_EXPONENT:  # a bound from an all-zero tensor: the value is zero too
+            return np.zeros(v.shape, np.float32), ZERO_EXPONENT
         if -100 < exponent < 120:  # round to float32 first: no overflow, no harmful subnormals
             m = np.array(v, dtype=np.float32)
             np.abs(m, out=m)
@@ -56,7 +64,7 @@ def normalized_power(value: np.ndarray, q: float = 1.0, exponent: int | None = N
         log2 = q * np.log2(np.abs(v).astype(np.float64))
     top = float(log2.max()) if v.size else -math.inf
     if top == -math.inf:
-        return np.zeros(v.shape, np.float32), 0
+        return np.zeros(v.shape, np.float32), ZERO_EXPONENT
     e = int(math.ceil(top))
     return np.exp2(log2 - e).astype(np.float32), e
 
@@ -226,7 +234,10 @@ class CompanionEmitter(GraphBuilder):
         out = {}
         for name, (kind, pname, part) in self.feed_specs.items():
             m, e = pairs[kind][pname]
-            out[name] = np.asarray(m, dtype=np.float32) if part == "m" else np.array(e, dtype=np.float32)
+            if part == "m":
+                out[name] = np.asarray(m, dtype=np.float32)
+            else:
+                out[name] = np.array(ZERO_EXPONENT if is_zero(m) else e, dtype=np.float32)
         return out
 
     # ---- scale arithmetic ---------------------------------------------------------------------------
@@ -261,10 +272,12 @@ class CompanionEmitter(GraphBuilder):
 
     def renorm(self, m: str, e: str) -> Scaled:
         """Rescale m by an exact power of two so its maximum lies near 1; the exponent absorbs it."""
-        top = self.op("ReduceMax", [m], "max", keepdims=0)
-        top = self.op("Max", [top, self.f32(_ZERO_MAX)], "max")
+        found = self.op("ReduceMax", [m], "max", keepdims=0)
+        top = self.op("Max", [found, self.f32(_ZERO_MAX)], "max")
         k = self.op("Floor", [self.op("Div", [self.op("Log", [top]), self.f32(math.log(2.0))])], "k")
-        return Scaled(self.mul(m, self.pow2(self.op("Neg", [k]))), self.add_exp(e, k))
+        nonzero = self.op("Greater", [found, self.f32(0.0)], "nz")
+        e_out = self.op("Where", [nonzero, self.add_exp(e, k), self.exponent(ZERO_EXPONENT)], "e")
+        return Scaled(self.mul(m, self.pow2(self.op("Neg", [k]))), e_out)
 
     def scaled_sum(self, terms: list[Scaled], renorm: bool = True) -> Scaled:
         """Sum of several Scaled tensors (broadcasting as ONNX Add does)."""
@@ -310,8 +323,14 @@ class CompanionEmitter(GraphBuilder):
         return self.renorm(acc, top)
 
 
-def _materialize_zero(em: CompanionEmitter, shape: tuple[int, ...]) -> Scaled:
-    return Scaled(em.const(np.zeros(shape, np.float32), "zero"), em.exponent(0))
+def is_zero(m: np.ndarray) -> bool:
+    """True when the (non-negative) mantissa array is all zeros; the first entry usually settles it."""
+    return m.size == 0 or (not m.flat[0] and not m.max() > 0)
+
+
+def zero_scaled(em: CompanionEmitter, shape: tuple[int, ...], hint: str = "zero") -> Scaled:
+    """An all-zero Scaled constant (with ZERO_EXPONENT)."""
+    return Scaled(em.const(np.zeros(shape, np.float32), hint), em.exponent(ZERO_EXPONENT))
 
 
 def ones_inputs(graph: Graph, em: CompanionEmitter) -> dict[str, Scaled]:
@@ -383,7 +402,7 @@ def emit_metric(graph: Graph, em: CompanionEmitter, hi_fed: bool = False) -> lis
         elif all(d is None for d in d_in):
             d_out = [None] * len(node.outputs)
         else:
-            d_full = [d if d is not None else _materialize_zero(em, graph.shapes[t]) for d, t in zip(d_in, node.inputs)]
+            d_full = [d if d is not None else zero_scaled(em, graph.shapes[t]) for d, t in zip(d_in, node.inputs)]
             d_out = rules.companion(node, em, d_full, False)
         d_env.update(zip(node.outputs, d_out))
     return [d_env[t] for t in graph.outputs]

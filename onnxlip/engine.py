@@ -26,6 +26,7 @@ from .blockwise import (
     split_kept,
 )
 from .companion import (
+    ZERO_EXPONENT,
     CompanionEmitter,
     emit_companion,
     emit_metric,
@@ -226,7 +227,7 @@ class MetricEngine:
             elif n in changed:
                 out[n] = (np.subtract(m, lo[n][0], out=self._buffer("delta", n)), e)
             else:
-                out[n] = (self._buffer("zero", n), e)
+                out[n] = (self._buffer("zero", n), ZERO_EXPONENT)
         return out
 
     def _nonzero(self, name: str) -> int:
@@ -259,7 +260,7 @@ class MetricEngine:
             a = va[n]
             if a is b and a is self.base.get(n):  # unchanged: hi = lo = |base|, delta = 0
                 pairs["hi"][n] = pairs["lo"][n] = self.base_pairs[n]
-                pairs["delta"][n] = (self._buffer("zero", n), self.base_exp[n])
+                pairs["delta"][n] = (self._buffer("zero", n), ZERO_EXPONENT)
                 continue
             e = exponent_of(max(self._abs_max(n, a), self._abs_max(n, b)))
             outs = tuple(self._buffer(kind, n) for kind in ("hi", "lo", "delta"))
@@ -300,7 +301,7 @@ class MetricEngine:
             c = changes.get(n)
             if c is None:  # unchanged: hi = lo = |base|, delta = 0
                 pairs["hi"][n] = pairs["lo"][n] = (m, e)
-                pairs["delta"][n] = (self._buffer("zero", n), e)
+                pairs["delta"][n] = (self._buffer("zero", n), ZERO_EXPONENT)
                 continue
             outs = tuple(self._buffer(kind, n) for kind in ("hi", "lo", "delta"))
             a_rows, b_rows = formed_rows(c.layout(c.base), c.factor), formed_rows(c.layout(c.new), c.factor)

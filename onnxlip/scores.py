@@ -11,7 +11,7 @@ import numpy as np
 
 from .adjoint import emit_scores
 from .api import analyse
-from .companion import LOG10_2, CompanionEmitter, Scaled, log10_total, ones_feeds
+from .companion import LOG10_2, CompanionEmitter, Scaled, is_zero, log10_total, ones_feeds
 from .ir import Graph
 from .loading import ModelLike
 from .runtime import make_session, run
@@ -70,11 +70,13 @@ class ScoresResult:
         tensors = [self.tensors[n] for n in names]
         if not tensors:
             return {}, 0.0
-        top = max(t.shift for t in tensors)
+        # all-zero tensors are 0 at any scale (their exponent is companion.ZERO_EXPONENT): they set no shift
+        live = [t.shift for t in tensors if not is_zero(t.mantissa)]
+        top = max(live) if live else tensors[0].shift
         out = {}
         for t in tensors:
             drop = round(top - t.shift)  # an integer: shifts differ by onnxruntime's integer exponents
-            if drop == 0:
+            if drop == 0 or is_zero(t.mantissa):
                 out[t.name] = t.mantissa
                 continue
             tiny = float(np.min(t.mantissa, initial=np.inf, where=t.mantissa > 0))

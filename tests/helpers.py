@@ -45,7 +45,7 @@ def chain_log10_pathnorm(weights, biases, q: float = 1.0) -> float:
             np.abs(w.astype(np.float32).astype(np.float64)) ** q,
             np.abs(b.astype(np.float32).astype(np.float64)) ** q,
         )
-        v = v @ w32 + b32 * math.exp(-log_scale) if log_scale < 700 else v @ w32 + b32 * 0.0
+        v = v @ w32 + b32 * math.exp(-log_scale) if b32.any() and log_scale < 700 else v @ w32
         top = v.max()
         v /= top
         log_scale += math.log(top)

@@ -40,6 +40,39 @@ def test_thousand_layers_shrinking_does_not_underflow():
     assert r.log10_path_norm == pytest.approx(expected, abs=1e-6)
 
 
+def test_thousand_layers_shrinking_with_zero_biases():
+    """Zero biases carry no scale of their own (companion.ZERO_EXPONENT): with activations shrinking to 1e-900,
+    a zero bias given an ordinary exponent won every alignment and flushed the activations to 0 (log10 -inf)."""
+    ws, bs = _deep_chain(1000, 4, seed=3, low=0.01, high=0.05)
+    bs = [np.zeros_like(b) for b in bs]
+    expected = chain_log10_pathnorm(ws, bs)
+    assert expected < -400  # far below float64's range too
+    r = onnxlip.path_norm(gemm_chain(ws, bs))
+    assert r.log10_path_norm == pytest.approx(expected, abs=1e-6)
+    m = onnxlip.path_metric(gemm_chain(ws, bs), gemm_chain([w * (1 - 1e-3) for w in ws], bs))
+    assert m.exact and math.isfinite(m.log10_path_metric)
+
+
+def test_tiny_difference_survives_unchanged_layers():
+    """One pruned weight whose path mass is ~2**-130 of every later layer's activations. The unchanged layers'
+    zero deltas used to set the difference stream's scale and flush it to 0 (a metric, and bound, of 0)."""
+    rng = np.random.default_rng(7)
+    ws = [rng.uniform(0.5, 1.0, size=(4, 4)) for _ in range(8)]
+    bs = [rng.uniform(0.1, 1.0, size=4) for _ in range(8)]
+    ws[0][:, 0] = 2.0**-80  # neuron 0 of the first layer carries ~2**-80 of its layer's mass
+    bs[0][0] = 0.0
+    ws[1][0, 0] = 1.0  # the largest weight of its tensor, fed by that neuron: pruned below
+    ws[2][0, :] = 2.0**-50  # and its difference reaches the next layers ~2**-50 weaker still
+    pruned = [w.copy() for w in ws]
+    pruned[1][0, 0] = 0.0
+    acts, grads = chain_forward_backward(ws, bs)
+    expected = acts[1][0] * grads[2][0]  # |w| a_u g_v with |w| = 1
+    m = onnxlip.path_metric(gemm_chain(ws, bs), gemm_chain(pruned, bs))
+    assert m.exact
+    assert m.log10_path_metric == pytest.approx(math.log10(expected), abs=5e-7)
+    assert m.log10_path_metric < onnxlip.path_norm(gemm_chain(ws, bs)).log10_path_norm - 38  # 2**-126 ~ 1e-38
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_single_pruned_weight_in_deep_network_is_exact(seed):
     """One weight zeroed in a 60-layer network with a ~1e65 path-norm: the metric must equal the exact path

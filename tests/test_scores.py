@@ -146,3 +146,21 @@ def test_comparable_falls_back_to_float64_when_float32_would_underflow():
     result.tensors["b"] = near
     values, log2_factor = result.comparable(["a", "b"])
     assert log2_factor == -1.0 and values["b"].dtype == np.float32 and values["b"][1] == np.float32(2.0**-122)
+
+
+def test_all_zero_score_tensors_keep_the_float32_selection_arrays():
+    """A parameter tensor that is all zero (here conv1's folded weights, through a BatchNorm scale of 0) scores 0
+    with the companion's ZERO_EXPONENT: it must neither set the common scale nor push the other tensors to the
+    float64 fallback."""
+    model = onnx.load("models/digits_cnn.onnx")
+    for t in model.graph.initializer:
+        if t.name == "bn.scale":
+            t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+    result = scores(model, device="cpu")
+    assert not result.tensors["conv1.weight"].mantissa.any()
+    assert not result.tensors["conv1.weight"].relative.any()
+    values, log2_factor = result.comparable(list(result.tensors))
+    assert all(v.dtype == np.float32 for v in values.values())
+    for n, t in result.tensors.items():
+        np.testing.assert_allclose(values[n].astype(np.float64) * 2.0**log2_factor, t.relative, rtol=1e-15, atol=0)
+    assert max(float(v.max()) for v in values.values()) * 2.0**log2_factor > 1e-3  # the live tensors set the scale
