@@ -29,6 +29,9 @@ _ZERO_MAX = 2.0**-120
 # wins an alignment, its own multiplier 2**(ZERO_EXPONENT - E) is 0 (0 * 0, never 0 * inf), and sums of a few
 # stay exact in float32. Host code treats a zero mantissa as 0 whatever its exponent.
 ZERO_EXPONENT = -(2**20)
+# A renormalised sum none of whose entries is below GUARD_MIN lost at most 2**-40 of each to float32 underflow
+# (range_guard.py explains; rounding.UNDERFLOW_SLACK allows for it).
+GUARD_MIN = 2.0**-60
 
 
 @dataclass(frozen=True)
@@ -132,15 +135,23 @@ class GraphBuilder:
             taken.add(t)
             self.add_output(t)
 
-    def drop_dead_nodes(self) -> None:
-        """Remove the nodes and constants no graph output depends on."""
+    def drop_dead_nodes(self, probes: Iterable[str] = ()) -> None:
+        """Remove the nodes and constants no graph output depends on. The nodes producing `probes` (measurements
+        of other tensors) stay where everything they read stays."""
         live = {o.name for o in self.outputs}
         kept = []
         for node in reversed(self.nodes):  # emitted in topological order
             if any(t in live for t in node.output):
                 kept.append(node)
                 live.update(node.input)
-        self.nodes[:] = kept[::-1]
+        probes = set(probes)
+        kept_ids = {id(n) for n in kept}
+        for node in self.nodes:
+            if id(node) not in kept_ids and probes.intersection(node.output) and all(t in live for t in node.input):
+                kept.append(node)
+                kept_ids.add(id(node))
+        order = {id(n): i for i, n in enumerate(self.nodes)}
+        self.nodes[:] = sorted(kept, key=lambda n: order[id(n)])
         self.initializers[:] = [t for t in self.initializers if t.name in live]
         self.external = {n: a for n, a in self.external.items() if n in live}
 
@@ -181,6 +192,7 @@ class CompanionEmitter(GraphBuilder):
         default_kind: str,
         fed: tuple[str, ...] = (),
         ones_fed: bool = True,
+        guarded: bool = False,
     ):
         super().__init__()
         self.q = q
@@ -188,9 +200,13 @@ class CompanionEmitter(GraphBuilder):
         self.default_kind = default_kind
         self.fed = set(fed)
         self.ones_fed = ones_fed
+        self.guarded = guarded  # certified runs: range_guard checks that float32 underflow lost nothing
         self.feed_specs: dict[str, tuple[str, str, str]] = {}  # input name -> (kind, param name, "m"|"e")
         self._weights: dict[tuple[str, str], Scaled] = {}
         self._two = self.f32(2.0)
+        # renormalised mantissa -> (the least entry of the sum it rescales, log2 of the rescaling, the largest
+        # entry of that sum, the sum): range_guard
+        self.measured: dict[str, tuple[str, str, str, str]] = {}
 
     # ---- parameters -------------------------------------------------------------------------------
     def weight(self, param: Param, kind: str | None = None) -> Scaled:
@@ -233,7 +249,7 @@ class CompanionEmitter(GraphBuilder):
         """The feeds of the fed kinds from ready (float32 mantissa, exponent) pairs, as normalized_power gives."""
         out = {}
         for name, (kind, pname, part) in self.feed_specs.items():
-            m, e = pairs[kind][pname]
+            m, e = pairs[kind][pname][:2]  # a third entry may bound the mantissas for range_guard
             if part == "m":
                 out[name] = np.asarray(m, dtype=np.float32)
             else:
@@ -277,7 +293,11 @@ class CompanionEmitter(GraphBuilder):
         k = self.op("Floor", [self.op("Div", [self.op("Log", [top]), self.f32(math.log(2.0))])], "k")
         nonzero = self.op("Greater", [found, self.f32(0.0)], "nz")
         e_out = self.op("Where", [nonzero, self.add_exp(e, k), self.exponent(ZERO_EXPONENT)], "e")
-        return Scaled(self.mul(m, self.pow2(self.op("Neg", [k]))), e_out)
+        shift = self.op("Neg", [k])
+        out = self.mul(m, self.pow2(shift))
+        if self.guarded:
+            self.measured[out] = (self.op("ReduceMin", [m], "least", keepdims=0), shift, found, m)
+        return Scaled(out, e_out)
 
     def scaled_sum(self, terms: list[Scaled], renorm: bool = True) -> Scaled:
         """Sum of several Scaled tensors (broadcasting as ONNX Add does)."""

@@ -7,9 +7,12 @@ import math
 import numpy as np
 
 from .companion import CompanionEmitter, Scaled, emit_pathnorm, log10_total, ones_feeds
-from .errors import OnnxlipError
+from .errors import OnnxlipError, UnderflowError
 from .ir import Graph
+from .range_guard import UNDERFLOW_SLACK, GuardProgram, guard_program, log2_min_nonzero
 from .runtime import make_session, run
+
+GUARD_LOG2 = math.log2(UNDERFLOW_SLACK)  # range_guard's output must not exceed it
 
 Pairs = dict[str, tuple[np.ndarray, int]]
 
@@ -34,11 +37,21 @@ class CompiledCompanion:
         self.device = "cpu" if device == "auto" else device
         if self.empty:  # no output depends on anything that differs: identically zero
             return
+        self.extra = list(extra or {})
+        self.guard: GuardProgram | None = None
+        if em.guarded:
+            # outs follow graph.outputs (emit_pathnorm, emit_metric): the entries each output sums
+            sizes = [int(np.prod(graph.shapes[t])) for t in graph.outputs] if len(outs) == len(graph.outputs) else []
+            summed = {s.m: (sizes[i] if sizes else 2**30) for i, s in enumerate(outs) if s is not None}
+            self.guard = guard_program(em, summed, [extra[name].m for name in self.extra])
         em.add_outputs(t for s in outs if s is not None for t in (s.m, s.e))
         self.names = [o.name for o in em.outputs]
-        self.extra = list(extra or {})
         em.add_outputs(t for name in self.extra for t in (extra[name].m, extra[name].e))
         self.extra_names = [o.name for o in em.outputs[len(self.names) :]]
+        if self.guard is not None:
+            start = len(em.outputs)
+            em.add_outputs(self.guard.fetch)
+            self.guard_names = [o.name for o in em.outputs[start:]]
         self.session, self.device = make_session(em.model(), device, em.external, level, spin=spin)
 
     def _feeds(self, kinds, exponents, pairs, more) -> dict[str, np.ndarray]:
@@ -50,24 +63,69 @@ class CompiledCompanion:
         feeds.update(more or {})
         return feeds
 
+    def _run(self, names: list[str], feeds: dict[str, np.ndarray], lams: dict[str, float], check: bool = True):
+        """Run; for guarded sessions, certify the run with range_guard (`lams`: known lower bounds of log2 of the
+        fed mantissas' nonzero entries; if these and the measured bounds do not certify the run, the fed
+        mantissas' own least entries are looked up and tried).
+        UnderflowError when float32 underflow may have cost more than range_guard.UNDERFLOW_SLACK."""
+        if self.guard is None or not check:
+            return run(self.session, names, feeds)
+        values = run(self.session, names + self.guard_names, feeds)
+        certify(self.guard, values[len(names) :], feeds, lams)
+        return values[: len(names)]
+
+    def _lams(self, pairs: dict[str, Pairs] | None, more: dict | None) -> dict[str, float]:
+        """Known lam bounds of fed mantissas: a third entry of a (mantissa, exponent, lam) pair, or a
+        "<input>::lam" entry of `more`."""
+        out = {}
+        for name, (kind, pname, part) in self.em.feed_specs.items():
+            if part == "m" and pairs is not None and len(pairs[kind][pname]) > 2:
+                out[name] = float(pairs[kind][pname][2])
+        for name, value in (more or {}).items():
+            if name.endswith("::lam"):
+                out[name[: -len("::lam")]] = float(value)
+        return out
+
     def log10(
         self,
         kinds: dict[str, dict[str, np.ndarray]] | None = None,
         exponents=None,
         pairs: dict[str, Pairs] | None = None,
         more: dict[str, np.ndarray] | None = None,
+        check: bool = True,
     ) -> float:
         """log10 of the sum of all outputs (-inf for zero). The fed kinds come as values (`kinds`, `exponents`:
-        see CompanionEmitter.feed_values) or as ready float32 (mantissa, exponent) `pairs`; `more`: other inputs."""
+        see CompanionEmitter.feed_values) or as ready float32 (mantissa, exponent) `pairs`; `more`: other inputs.
+        `check=False` skips range_guard's verdict: the value may then undercount (for lower bounds only)."""
         if self.empty:
             return -math.inf
-        values = run(self.session, self.names, self._feeds(kinds, exponents, pairs, more))
+        feeds = self._feeds(kinds, exponents, pairs, {k: v for k, v in (more or {}).items() if "::lam" not in k})
+        values = self._run(self.names, feeds, self._lams(pairs, more), check)
         return log10_total([(values[i], float(values[i + 1])) for i in range(0, len(values), 2)])
 
     def tensors(self, pairs: dict[str, Pairs]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The `extra` tensors' (mantissa, exponent) for the fed parameter pairs."""
-        values = run(self.session, self.extra_names, self._feeds(None, None, pairs, None))
+        values = self._run(self.extra_names, self._feeds(None, None, pairs, None), self._lams(pairs, None))
         return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(self.extra)}
+
+
+def certify(guard: GuardProgram, fetched: list, feeds: dict[str, np.ndarray], lams: dict[str, float]) -> None:
+    """Raise UnderflowError unless range_guard bounds the underflow error of a run by UNDERFLOW_SLACK. `fetched`:
+    the run's values of guard.fetch; `lams`: known lower bounds of log2 of fed mantissas' nonzero entries (when
+    these and the measured bounds do not certify the run, the fed mantissas' own least entries are tried)."""
+    fed = {n: float(feeds[n]) for n in guard.fed if feeds[n].ndim == 0}
+    known = {n: lams.get(n, -math.inf) for n in guard.fed if n not in fed}
+    bound = guard.log2_bound(fetched, {**fed, **known})
+    if bound > GUARD_LOG2 and known:  # the fed mantissas' own least entries: the tightest lams there are
+        known = {n: log2_min_nonzero(feeds[n]) for n in known}
+        bound = guard.log2_bound(fetched, {**fed, **known})
+    if bound > GUARD_LOG2:
+        raise UnderflowError(
+            "float32 cannot hold this model's companion values: products of weights and path masses fall below "
+            "float32's range, 2**-126 of their tensors' scales (entries some 1e-20 of their tensor's largest "
+            f"meet), and the paths through them could be undercounted by up to 2**{bound:.0f} of the result, so no "
+            "certified result is given"
+        )
 
 
 SMALLEST_NORMAL = np.float32(2.0**-126)
@@ -81,22 +139,28 @@ def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[
     second run with those entries raised to 2**-126 of the scale bounds the sum from above; the result stands
     when the two agree to 1e-7 of the norm, else q is too large for this model and the error gives both."""
     # the weights are fed: onnxruntime reads our mantissas in place instead of copying them into the session
-    em = CompanionEmitter(q, {}, "value", fed=("value",))
+    em = CompanionEmitter(q, {}, "value", fed=("value",), guarded=True)
     compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), device)
     params = graph.params()
     pairs = {p.name: p.mantissas(q) for p in params}
-    lower = compiled.log10(pairs={"value": pairs})
-    if q == 1:  # below 2**-126 of the largest entry of its tensor: negligible (onnxlip/rounding.py)
-        return lower, compiled.device
+    if q == 1:  # range_guard checks what float32 underflow may have cost
+        return compiled.log10(pairs={"value": pairs}), compiled.device
     raised, lost = {}, 0
     for p in params:
         m, e = pairs[p.name]
         weak = (m < SMALLEST_NORMAL) & (p.value != 0)
         lost += int(np.count_nonzero(weak))
         raised[p.name] = (np.where(weak, SMALLEST_NORMAL, m), e)
+    try:  # an upper bound only if range_guard certifies it
+        upper = compiled.log10(pairs={"value": raised})
+    except UnderflowError:
+        raise OnnxlipError(
+            f"q={q:g} is too large for this model: its path masses raised to the q-th power span more than "
+            "float32's range, and paths through the smallest could be undercounted; use a smaller q"
+        ) from None
     if lost == 0:
-        return lower, compiled.device
-    upper = compiled.log10(pairs={"value": raised})
+        return upper, compiled.device
+    lower = compiled.log10(pairs={"value": pairs}, check=False)  # weak entries flushed: a lower bound
     if (upper - lower) / q > math.log10(1 + 1e-7):
         raise OnnxlipError(
             f"q={q:g} is too large for this model: {lost} weight(s) fall below float32's range once raised to the "

@@ -35,6 +35,7 @@ from .companion import (
 from .compiled import CompiledCompanion, Pairs
 from .errors import OnnxlipError
 from .ir import Graph
+from .range_guard import LAM_ZERO, log2_min_nonzero
 from .rounding import relative_error_bound
 from .variants import Change
 
@@ -88,6 +89,7 @@ class MetricEngine:
         self._base_exp: dict[str, int] | None = None
         self._base_abs_max: dict[str, float] = {}
         self._base_nonzero: dict[str, int] = {}
+        self._base_lam: dict[str, float] = {}
         # parameters that multiply (weights, scales): their kept l1 mass predicts how much path mass survives
         self._multiplicative = [
             p.name for node in graph.nodes for role, p in node.params.items() if role in ("weight", "scale")
@@ -129,7 +131,7 @@ class MetricEngine:
     def _values_session(self) -> CompiledCompanion:
         """The companion with fed weights; it also yields the companion values the difference stream reads."""
         if self._values is None:
-            em = CompanionEmitter(1.0, {}, "value", fed=("value",), ones_fed=False)
+            em = CompanionEmitter(1.0, {}, "value", fed=("value",), ones_fed=False, guarded=True)
             env = emit_companion(self.graph, em)
             outs = [env[t] for t in self.graph.outputs]
             extra = {t: env[t] for t in metric_inputs(self.graph)}
@@ -144,22 +146,33 @@ class MetricEngine:
     def _hi_feeds(self) -> dict[str, np.ndarray]:
         """The base's companion values that the difference stream reads, as its "hi::" inputs (one run)."""
         if self._hi is None:
-            found = self._values_session().tensors({"value": self.base_pairs})
+            found = self._values_session().tensors({"value": self._with_lams(self.base_pairs)})
             self._hi = {}
             for t, (m, e) in found.items():
                 self._hi[f"hi::{t}"], self._hi[f"hi::{t}::e"] = m, np.asarray(e, dtype=np.float32)
+                self._hi[f"hi::{t}::lam"] = np.float64(log2_min_nonzero(m))  # for range_guard
         return self._hi
+
+    def _lam(self, name: str) -> float:
+        """log2 of the least nonzero base mantissa of a parameter (remembered): a lower bound for the nonzero
+        mantissas of every variant that keeps some of its entries and zeroes the others (range_guard)."""
+        if name not in self._base_lam:
+            self._base_lam[name] = log2_min_nonzero(self.base_pairs[name][0])
+        return self._base_lam[name]
+
+    def _with_lams(self, pairs: Pairs) -> Pairs:
+        return {n: (m, e, self._lam(n)) for n, (m, e, *_) in pairs.items()}
 
     def log10_base(self) -> float:
         if self._log10_base is None:
-            self._log10_base = self.log10_norm(self.base_pairs)[0]
+            self._log10_base = self.log10_norm(self._with_lams(self.base_pairs))[0]
         return self._log10_base
 
     # ---- routes ----------------------------------------------------------------------------------------------
     def _difference(self, lo: Pairs, delta: Pairs) -> tuple[float, str]:
         """Difference stream between the base and a variant it dominates (exact, cancellation-free)."""
         if self._dominated is None:  # the base stream comes from the values session: no folding at build
-            em = CompanionEmitter(1.0, {}, "hi", fed=("lo", "delta"), ones_fed=False)
+            em = CompanionEmitter(1.0, {}, "hi", fed=("lo", "delta"), ones_fed=False, guarded=True)
             self._dominated = CompiledCompanion(
                 self.graph, em, emit_metric(self.graph, em, hi_fed=True), self.device, spin=False
             )
@@ -208,11 +221,11 @@ class MetricEngine:
         for n, (m, e) in self.base_pairs.items():
             k = keep.get(n)
             if k is None:
-                lo[n] = (m, e)
+                lo[n] = (m, e, self._lam(n))
             else:  # exact: each mantissa is either kept or (in delta) moved
                 kept = self._buffer("lo", n)  # the buffers every dominated route uses, one call at a time
                 np.multiply(m, k, out=kept)
-                lo[n] = (kept, e)
+                lo[n] = (kept, e, self._lam(n))
                 changed += self._nonzero(n) - int(np.count_nonzero(kept))
 
         return self.dominated(lo, lambda: self._moved(lo, keep), changed, upper)
@@ -224,10 +237,10 @@ class MetricEngine:
         for n, (m, e) in self.base_pairs.items():
             if formed and n in formed:
                 out[n] = (formed[n], e)
-            elif n in changed:
-                out[n] = (np.subtract(m, lo[n][0], out=self._buffer("delta", n)), e)
+            elif n in changed:  # the moved entries are base mantissas: their least is at least the base's
+                out[n] = (np.subtract(m, lo[n][0], out=self._buffer("delta", n)), e, self._lam(n))
             else:
-                out[n] = (self._buffer("zero", n), ZERO_EXPONENT)
+                out[n] = (self._buffer("zero", n), ZERO_EXPONENT, LAM_ZERO)
         return out
 
     def _nonzero(self, name: str) -> int:
@@ -259,8 +272,8 @@ class MetricEngine:
         for n, b in vb.items():
             a = va[n]
             if a is b and a is self.base.get(n):  # unchanged: hi = lo = |base|, delta = 0
-                pairs["hi"][n] = pairs["lo"][n] = self.base_pairs[n]
-                pairs["delta"][n] = (self._buffer("zero", n), ZERO_EXPONENT)
+                pairs["hi"][n] = pairs["lo"][n] = (*self.base_pairs[n], self._lam(n))
+                pairs["delta"][n] = (self._buffer("zero", n), ZERO_EXPONENT, LAM_ZERO)
                 continue
             e = exponent_of(max(self._abs_max(n, a), self._abs_max(n, b)))
             outs = tuple(self._buffer(kind, n) for kind in ("hi", "lo", "delta"))
@@ -273,7 +286,7 @@ class MetricEngine:
 
     def _run_general(self, pairs: dict[str, Pairs]) -> tuple[float, str]:
         if self._general is None:
-            em = CompanionEmitter(1.0, {}, "hi", fed=("hi", "lo", "delta"))
+            em = CompanionEmitter(1.0, {}, "hi", fed=("hi", "lo", "delta"), guarded=True)
             self._general = CompiledCompanion(self.graph, em, emit_metric(self.graph, em), self.device, spin=False)
         return self._general.log10(pairs=pairs), self._general.device
 
@@ -300,8 +313,8 @@ class MetricEngine:
         for n, (m, e) in self.base_pairs.items():
             c = changes.get(n)
             if c is None:  # unchanged: hi = lo = |base|, delta = 0
-                pairs["hi"][n] = pairs["lo"][n] = (m, e)
-                pairs["delta"][n] = (self._buffer("zero", n), ZERO_EXPONENT)
+                pairs["hi"][n] = pairs["lo"][n] = (m, e, self._lam(n))
+                pairs["delta"][n] = (self._buffer("zero", n), ZERO_EXPONENT, LAM_ZERO)
                 continue
             outs = tuple(self._buffer(kind, n) for kind in ("hi", "lo", "delta"))
             a_rows, b_rows = formed_rows(c.layout(c.base), c.factor), formed_rows(c.layout(c.new), c.factor)
@@ -329,7 +342,7 @@ class MetricEngine:
             for n, (m, e) in self.base_pairs.items():
                 c = changes.get(n)
                 if c is None:
-                    lo[n] = (m, e)
+                    lo[n] = (m, e, self._lam(n))
                     continue
                 kept = self._buffer("lo", n)
                 if not compared[n].zeroed:  # changed otherwise than by zeroing: formed as metric() does
@@ -338,7 +351,7 @@ class MetricEngine:
                     formed[n] = mantissas(abs_difference, (self.base[n], v), e, self._buffer("delta", n))[0]
                 elif n not in split_done:  # the moved mantissas are formed lazily, as for the others
                     split_kept(m, c.layout(c.base), c.layout(c.new), kept)
-                lo[n] = (kept, e)
+                lo[n] = (kept, e, self._lam(n)) if compared[n].zeroed else (kept, e)
 
             moved = lambda: self._moved(lo, changes, formed)  # noqa: E731
             return self.dominated(lo, moved, sum(r.changed for r in compared.values()))

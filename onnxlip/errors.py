@@ -44,3 +44,7 @@ class ShapeError(OnnxlipError):
 
 class MismatchError(OnnxlipError):
     """Two models that should share one architecture do not."""
+
+
+class UnderflowError(OnnxlipError):
+    """float32 cannot hold the model's companion values closely enough to certify the result (range_guard.py)."""

@@ -20,7 +20,9 @@ import numpy as np
 from .adjoint import emit_scores
 from .api import _jsonable, analyse
 from .companion import LOG10_2, CompanionEmitter, log10_total, ones_feeds, plain_value
+from .compiled import certify
 from .loading import ModelLike
+from .range_guard import guard_program
 from .rounding import relative_error_bound
 from .runtime import make_session, run
 
@@ -58,13 +60,20 @@ def pathnorm_bounds(
     for node in graph.nodes:
         for role, p in node.params.items():
             values[p.name] = np.zeros(p.shape) if role == "bias" else p  # a Param: read without forming it
-    em = CompanionEmitter(1.0, {"value": values}, "value")
+    em = CompanionEmitter(1.0, {"value": values}, "value", guarded=True)
     outs, _, b_inputs = emit_scores(graph, em, input_paths_only=True)
     pieces = [outs[i] for i in range(len(outs))] + [b_inputs[t] for t in graph.inputs if t in b_inputs]
     em.add_outputs(t for s in pieces for t in (s.m, s.e))
-    em.drop_dead_nodes()  # the score nodes: only the forward and the adjoint at the inputs are read
+    # the score nodes: only the forward and the adjoint at the inputs are read (and range_guard's measurements)
+    em.drop_dead_nodes(probes=[smallest for smallest, *_ in em.measured.values()])
+    guard = guard_program(em, {}, [s.m for s in pieces])  # every output is read entry by entry (maxima)
+    n_values = len(em.outputs)
+    em.add_outputs(guard.fetch)
     session, _ = make_session(em.model(), device, em.external)
-    vals = run(session, None, ones_feeds(graph))
+    feeds = ones_feeds(graph)
+    vals = run(session, None, feeds)
+    certify(guard, vals[n_values:], feeds, {})
+    vals = vals[:n_values]
     pairs = [(vals[i], float(vals[i + 1])) for i in range(0, len(vals), 2)]
     fwd, adj = pairs[: len(outs)], pairs[len(outs) :]
     # rounding margins: the forward stream, and the adjoint (same ops, transposed) bounded the same way

@@ -7,9 +7,11 @@ import json
 import math
 
 import numpy as np
+import onnx
 import pytest
 
 import onnxlip
+from onnxlip.errors import UnderflowError
 from tests.helpers import chain_forward_backward, chain_log10_pathnorm, gemm_chain
 from tests.test_bad_input import cli
 
@@ -73,25 +75,35 @@ def test_tiny_difference_survives_unchanged_layers():
     assert m.log10_path_metric < onnxlip.path_norm(gemm_chain(ws, bs)).log10_path_norm - 38  # 2**-126 ~ 1e-38
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (README 'How it computes'): products below 2**-126 of a scale")
-def test_products_below_float32s_range_are_not_lost():
-    """A weight 1e-25 of its tensor's largest fed by an activation 1e-25 of its tensor's largest: their product
-    in mantissa units is below float32's normal range and the pruned path mass (1e-47 of the norm) flushes to 0.
-    No check catches this yet; the day one does (an error, or the right number), this test starts to pass."""
+def test_products_below_float32s_range_are_refused(tmp_path):
+    """Weights and path masses far below their tensors' largest meet in products below float32's range, where the
+    path mass through them is lost. range_guard sees it: an error, never the undercount of before (a metric of 0,
+    a path-norm half the truth)."""
     rng = np.random.default_rng(1)
     ws = [rng.uniform(0.5, 1.0, size=(4, 4)) for _ in range(6)]
     bs = [np.zeros(4) for _ in range(6)]
-    ws[0][:, 0] = 1e-25
-    ws[1][0, 0] = 1e-25
+    ws[0][:, 0] = 1e-25  # a neuron carrying 1e-25 of its layer's path mass
+    ws[1][0, 0] = 1e-25  # read through a weight 1e-25 of its tensor's largest: products ~1e-50 of the scale
     pruned = [w.copy() for w in ws]
     pruned[1][0, 0] = 0.0
-    acts, grads = chain_forward_backward(ws, bs)
-    expected = float(np.float32(1e-25)) * acts[1][0] * grads[2][0]
-    try:
-        m = onnxlip.path_metric(gemm_chain(ws, bs), gemm_chain(pruned, bs))
-    except onnxlip.OnnxlipError:
-        return  # refused: honest
-    assert m.log10_path_metric == pytest.approx(math.log10(expected), abs=5e-7)
+    with pytest.raises(UnderflowError, match="float32's range"):  # was: log10 metric -inf, a bound of 0
+        onnxlip.path_metric(gemm_chain(ws, bs), gemm_chain(pruned, bs))
+    # two paths of mass 2**-200 each; the second runs through activations 2**-200 of their tensor's largest
+    t = 2.0**-100
+    ws = [np.array([[1.0, t]]), np.diag([1.0, t]), np.diag([t, 1.0]), np.diag([t, 1.0])]
+    model = gemm_chain(ws, [np.zeros(2)] * 4)
+    with pytest.raises(UnderflowError):  # was: log10 -60.206, half the truth (-59.905)
+        onnxlip.path_norm(model)
+    path = tmp_path / "spread.onnx"
+    onnx.save(model, str(path))
+    code, out, err = cli("pathnorm", path, "--json")
+    assert code == 2 and "float32's range" in json.loads(out)["error"] and "Traceback" not in err
+    # the same weights a little less extreme: every product stays in range, and the value is exact
+    t = 2.0**-40
+    ws = [np.array([[1.0, t]]), np.diag([1.0, t]), np.diag([t, 1.0]), np.diag([t, 1.0])]
+    assert onnxlip.path_norm(gemm_chain(ws, [np.zeros(2)] * 4)).log10_path_norm == pytest.approx(
+        math.log10(2 * t**2), abs=1e-9
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

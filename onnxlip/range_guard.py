@@ -1,0 +1,300 @@
+"""Certifying that float32 underflow changed no companion result beyond UNDERFLOW_SLACK (README "How it computes").
+
+A companion tensor is a float32 mantissa times a power of two shared by the whole tensor, so an entry far below its
+tensor's largest, or a product of two such entries, can fall below float32's normal range (2**-126) and be flushed
+or rounded coarsely: the path mass through it is then undercounted, and a bound built on it would not hold.
+
+Each multiplication (a Conv, ConvTranspose, MatMul, Gemm or Mul of mantissas, and the power-of-two multipliers that
+align a sum's terms or renormalise it) is a *site*. A group of sites ends at a renormalisation, which measures the
+least and the largest entry of the sum it rescales. Underflow costs less than 2**-126 per rounding (a flush to zero
+or a subnormal result), and an entry of the sum takes N roundings (2 per product of its dot products, a few more),
+so the group's relative error is bounded by the best of:
+- 0, when no product can underflow: with lam(t) a lower bound on log2 of every nonzero entry of t (a product adds
+  its factors' lam, a sum or a copy takes the least, a measured sum its least entry when that is not 0), every
+  site's lam is >= -126 (a product of normal floats that is >= 2**-126 is normal after rounding);
+- N * 2**-126 / (least entry): each entry against itself;
+- size * N * 2**-126 / (largest entry), for a result of which only the total counts (a companion output).
+Relative errors of entries pass through the positive linear companion unchanged, so the groups' bounds add up; a
+run is certified when their sum is <= UNDERFLOW_SLACK, which rounding.relative_error_bound adds to every margin.
+
+The bound is worked out on the host (GuardProgram.log2_bound) from a few scalars the run also returns: each
+renormalisation's least entry (one ReduceMin per renormalisation is all this adds to the graph), its largest and
+its exponent step; the exponent arithmetic in between is replayed exactly (integers). Fed mantissas (weights, base
+activations) need lam: a caller that knows a bound passes it, otherwise log2_min_nonzero computes it, and only when
+the measured bounds alone do not certify the run."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from onnx import TensorProto, numpy_helper
+
+from .companion import CompanionEmitter
+
+UNDERFLOW_SLACK = 2.0**-20  # relative error allowed for underflow, on top of the rounding margin
+LAM_ZERO = 2.0**22  # lam of an all-zero tensor: it has no nonzero entry to bound
+_LOG2_SLACK = 1e-3  # onnxruntime's float32 Log and ours differ by far less: measured log2 values are lowered by it
+_UNKNOWN_K = 2**26  # products per output entry of a product whose operands' shapes are not known here
+
+# ops whose output entries are copies, window maxima or sums of their mantissa inputs' entries: no multiplication
+_COPIES = {
+    "Reshape", "Transpose", "Slice", "Concat", "Split", "Pad", "Gather", "Identity", "Squeeze", "Unsqueeze",
+    "Flatten", "Expand", "Tile", "ReduceSum", "Resize", "Upsample", "GatherElements", "ScatterElements",
+    "ReduceMax", "ReduceMin", "MaxPool", "GlobalMaxPool", "DepthToSpace", "SpaceToDepth", "Add", "Sum", "Max",
+}  # fmt: skip
+_PRODUCTS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Mul"}
+# exponent arithmetic replayed exactly on the host (integers held in float32); anything else is fetched
+_REPLAY: dict[str, Callable] = {
+    "Add": lambda a, b: a + b,
+    "Sub": lambda a, b: a - b,
+    "Neg": lambda a: -a,
+    "Max": lambda *a: max(a),
+    "Min": lambda *a: min(a),
+    "Identity": lambda a: a,
+    "Greater": lambda a, b: float(a > b),
+    "Where": lambda c, a, b: a if c else b,
+}
+_SCALAR_OPS = set(_REPLAY) | {"Mul", "Div", "Pow", "Floor", "Log", "Sum"}
+
+
+def log2_min_nonzero(m: np.ndarray) -> float:
+    """log2 of the smallest nonzero entry of a non-negative float32 array (LAM_ZERO when all are zero)."""
+    flat = np.ascontiguousarray(m, dtype=np.float32).reshape(-1).view(np.uint32)
+    best = np.uint32(0xFFFFFFFF)
+    for s in range(0, flat.size, 1 << 16):  # bits - 1 wraps 0 to the largest: the minimum skips zeros
+        best = min(best, (flat[s : s + (1 << 16)] - np.uint32(1)).min(initial=np.uint32(0xFFFFFFFF)))
+    if best == np.uint32(0xFFFFFFFF):
+        return LAM_ZERO
+    value = np.array([best + np.uint32(1)], np.uint32).view(np.float32)[0]
+    return math.log2(float(value))
+
+
+def _log2(x: float) -> float:
+    return math.log2(x) if x > 0 else -math.inf
+
+
+class GuardProgram:
+    """Straight-line host code over float slots: constants, fetched run outputs, fed lams, then steps."""
+
+    def __init__(self) -> None:
+        self.slots: list[float] = []
+        self.fetch: list[str] = []  # graph tensors the run must also return
+        self.fetch_slots: list[int] = []
+        self.fed: dict[str, int] = {}  # fed input -> its slot: a mantissa's lam, a scalar's value
+        self.steps: list[tuple[Callable, int, tuple[int, ...]]] = []
+        self.groups: list[int] = []  # slots holding log2 of each group's bound
+
+    def const(self, value: float) -> int:
+        self.slots.append(float(value))
+        return len(self.slots) - 1
+
+    def fetched(self, name: str) -> int:
+        slot = self.const(math.nan)
+        self.fetch.append(name)
+        self.fetch_slots.append(slot)
+        return slot
+
+    def step(self, fn: Callable, *args: int) -> int:
+        slot = self.const(math.nan)
+        self.steps.append((fn, slot, args))
+        return slot
+
+    def log2_bound(self, fetched: list, fed: dict[str, float]) -> float:
+        """log2 of the underflow error bound of a run, from its fetched scalars and `fed`: each fed mantissa's
+        lam and each fed scalar's value."""
+        slots = list(self.slots)
+        for slot, value in zip(self.fetch_slots, fetched):
+            slots[slot] = float(value)
+        for name, slot in self.fed.items():
+            slots[slot] = float(fed[name])
+        for fn, out, args in self.steps:
+            slots[out] = fn(*(slots[a] for a in args))
+        total = math.fsum(2.0 ** slots[g] if slots[g] < 1000 else math.inf for g in self.groups)
+        return _log2(total)
+
+
+class _Walk:
+    """One pass over the emitted nodes, in order, writing the guard program."""
+
+    def __init__(self, em: CompanionEmitter, summed: dict[str, int]):
+        self.em, self.summed = em, summed
+        self.p = GuardProgram()
+        self.scalar: dict[str, int | None] = {}  # float scalar tensor -> its slot (None: not resolved yet)
+        self.nodes_by_output: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self.mantissa: set[str] = set()
+        self.dims: dict[str, tuple[int, ...]] = {}  # shapes of graph inputs and constants
+        self.pow_exponent: dict[str, str] = {}  # 2**d tensors: d
+        self.lam: dict[str, int] = {}
+        self.pending: dict[str, list[tuple[int, int]]] = {}  # sites since the last measurement: (lam, products)
+        self.own_site: dict[str, tuple[int, int]] = {}  # product output -> its site
+        self.consumers: dict[str, int] = {}
+        # tensors summing MatMul/Gemm products (dense layers: small outputs, where a masked minimum is cheap)
+        self.dense_sum: dict[str, bool] = {}
+        for node in em.nodes:
+            for t in node.input:
+                self.consumers[t] = self.consumers.get(t, 0) + 1
+        for vi in em.inputs:
+            if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+                continue
+            dims = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
+            if not dims:  # a fed exponent: read from the feeds
+                self.scalar[vi.name] = self.p.fed[vi.name] = self.p.const(math.nan)
+            elif vi.name.startswith("ones::"):
+                self._mantissa(vi.name, dims, self.p.const(0.0))
+            else:
+                self.p.fed[vi.name] = self.p.const(math.nan)
+                self._mantissa(vi.name, dims, self.p.fed[vi.name])
+        for init in em.initializers:
+            if init.data_type != TensorProto.FLOAT:
+                continue
+            value = em.external.get(init.name)
+            if value is None:
+                value = numpy_helper.to_array(init)
+            if len(init.dims) == 0:
+                self.scalar[init.name] = self.p.const(float(value))
+            else:
+                self._mantissa(init.name, tuple(init.dims), self.p.const(log2_min_nonzero(np.abs(value))))
+
+    def _mantissa(self, name: str, dims: tuple[int, ...], lam: int) -> None:
+        self.mantissa.add(name)
+        self.dims[name] = dims
+        self.lam[name] = lam
+        self.pending[name] = []
+
+    def value(self, name: str) -> int:
+        """The slot of a scalar tensor's value: replayed from its node when exact, else fetched from the run."""
+        slot = self.scalar.get(name)
+        if slot is not None:
+            return slot
+        op_type, ins = self.nodes_by_output.get(name, (None, ()))
+        if op_type in _REPLAY:
+            slot = self.p.step(_REPLAY[op_type], *(self.value(t) for t in ins))
+        else:
+            slot = self.p.fetched(name)
+        self.scalar[name] = slot
+        return slot
+
+    def log2_multiplier(self, scalar: str) -> int:
+        """log2 of a scalar multiplier >= 0 (its exponent for the powers of two the companion uses)."""
+        if scalar in self.pow_exponent:
+            return self.value(self.pow_exponent[scalar])
+        return self.p.step(_log2, self.value(scalar))
+
+    def products_per_entry(self, node) -> int:
+        """An upper bound on the products summed into one output entry (from a constant or fed operand's shape)."""
+        if node.op_type == "Mul":
+            return 1
+        if node.op_type in ("Conv", "ConvTranspose"):
+            w = self.dims.get(node.input[1])
+            if w is None:
+                return _UNKNOWN_K
+            return int(np.prod(w[1:]) if node.op_type == "Conv" else w[0] * np.prod(w[2:]))
+        known = [self.dims[t] for t in node.input[:2] if t in self.dims]
+        return max(max(d[-2:]) for d in known) if known else _UNKNOWN_K  # MatMul, Gemm: the inner dimension
+
+    def node(self, node) -> None:
+        ins, op_type = tuple(node.input), node.op_type
+        m_in = [t for t in ins if t in self.mantissa]
+        outs = [t for t in node.output if t]
+        if not m_in:  # exponent arithmetic, resolved when a site needs it
+            if op_type in _SCALAR_OPS:
+                for t in outs:
+                    self.scalar.setdefault(t, None)
+                    self.nodes_by_output[t] = (op_type, ins)
+                if op_type == "Pow" and ins[0] in self.scalar:
+                    base = self.scalar[ins[0]]
+                    if base is not None and self.p.slots[base] == 2.0:
+                        self.pow_exponent[outs[0]] = ins[1]
+            return
+        if op_type in ("ReduceMax", "ReduceMin") and _reduces_all(node):
+            for t in outs:  # a renormalisation's measurements: read back from the run
+                self.scalar[t] = None
+            return
+        if op_type in ("Greater", "Equal", "Cast", "Shape"):
+            return
+        self.mantissa.update(outs)
+        pending = [s for t in m_in for s in self.pending[t]]
+        if op_type in _PRODUCTS:
+            # a product read only here (an input scaled by its alignment multiplier) is superseded by this one:
+            # factors <= 1 (weights, multipliers) keep it above this product, and a zero factor (an all-zero
+            # weight) makes an underflow there harmless
+            inner = [self.own_site[t] for t in m_in if t in self.own_site and self.consumers.get(t) == 1]
+            pending = [s for s in pending if s not in inner]
+            factors = [self.lam[t] for t in m_in] + [
+                self.log2_multiplier(t) for t in ins if t in self.scalar and t not in self.mantissa
+            ]
+            lam = self.p.step(lambda *f: math.fsum(f), *factors) if len(factors) > 1 else factors[0]
+            site = (lam, self.products_per_entry(node) + sum(k for _, k in inner))
+            pending = pending + [site]
+            self.own_site.update(dict.fromkeys(outs, site))
+        elif op_type in _COPIES:
+            lams = list(dict.fromkeys(self.lam[t] for t in m_in))
+            lam = lams[0] if len(lams) == 1 else self.p.step(min, *lams)
+        else:
+            raise RuntimeError(f"range_guard: no rule for {op_type} on companion mantissas")
+        dense = op_type in ("MatMul", "Gemm") or (
+            op_type in ("Add", "Sum", "Mul") and any(self.dense_sum.get(t, False) for t in m_in)
+        )
+        for t in outs:
+            self.lam[t], self.pending[t] = lam, pending
+            self.dense_sum[t] = dense
+        measured = self.em.measured.get(outs[0])
+        if measured is not None:
+            self.measure(outs[0], *measured)
+
+    def measure(self, post: str, smallest: str, shift: str, largest: str, pre: str) -> None:
+        """post = pre * 2**shift, with `smallest` and `largest` the least and largest entries of pre: close the
+        group of sites of pre (see the module docstring)."""
+        sites = self.pending[post]
+        if self.dense_sum.get(pre):  # a dense layer's (small) output: its least nonzero entry, for lam
+            em = self.em
+            positive = em.op("Greater", [pre, em.f32(0.0)], "guard")
+            masked = em.op("Where", [positive, pre, em.f32(np.finfo(np.float32).max)], "guard")
+            smallest_nonzero = em.op("ReduceMin", [masked], "guard", keepdims=0)
+            self.scalar[smallest_nonzero] = None
+        else:
+            smallest_nonzero = smallest
+        # per entry: each product, each addition and each aligned input entry it reads, the bias and its
+        # alignment, the renormalisation
+        roundings = 2 * sum(k for _, k in sites) + len(sites) + 2
+        own = math.log2(roundings) - 126 + _LOG2_SLACK
+        whole = math.log2(roundings * self.summed[post]) - 126 + _LOG2_SLACK if post in self.summed else math.inf
+
+        def bound(least_lam: float, least: float, largest_: float) -> float:
+            if least_lam >= -126:
+                return -math.inf  # no product could underflow
+            return min(own - _log2(least), whole - _log2(largest_))
+
+        lams = [lam for lam, _ in sites]
+        least_lam = lams[0] if len(lams) == 1 else self.p.step(min, *lams)
+        small, large = self.value(smallest), self.value(largest)
+        self.p.groups.append(self.p.step(bound, least_lam, small, large))
+        # post's nonzero entries are >= its least (nonzero) entry when that is not 0 (-inf then: the max keeps lam)
+        nonzero = small if smallest_nonzero == smallest else self.value(smallest_nonzero)
+        self.lam[post] = self.p.step(
+            lambda lam, least, k: max(lam, _log2(least) + k - _LOG2_SLACK), self.lam[post], nonzero, self.value(shift)
+        )
+        self.pending[post] = []
+
+    def finish(self, outputs: list[str]) -> None:
+        for t in outputs:  # sites not followed by a measurement (none in the companion graphs): lam only
+            lams = [lam for lam, _ in self.pending.get(t, [])]
+            if lams:
+                self.p.groups.append(self.p.step(lambda *f: -math.inf if min(f) >= -126 else math.inf, *lams))
+
+
+def _reduces_all(node) -> bool:
+    keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+    return keep == 0 and len(node.input) == 1 and not any(a.name == "axes" for a in node.attribute)
+
+
+def guard_program(em: CompanionEmitter, summed: dict[str, int], read: list[str]) -> GuardProgram:
+    """The guard of the graph emitted in `em`, whose results are the mantissas in `summed` (name -> number of
+    entries; only the total of their entries is used) and in `read` (used entry by entry)."""
+    walk = _Walk(em, {m: n for m, n in summed.items() if m not in read})
+    for node in list(em.nodes):  # (the walk appends a few measuring nodes)
+        walk.node(node)
+    walk.finish(list(summed) + list(read))
+    return walk.p

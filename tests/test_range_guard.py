@@ -1,0 +1,86 @@
+"""range_guard: float32 underflow in the companion is either bounded (and the result certified) or refused, never a
+silent undercount; and models with exact zeros, tiny weights or huge spreads that float32 does hold still pass."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import onnxlip
+from onnxlip.errors import UnderflowError
+from onnxlip.lipschitz import pathnorm_bounds
+from onnxlip.range_guard import LAM_ZERO, log2_min_nonzero
+from tests.helpers import chain_log10_pathnorm, gemm_chain
+
+
+def test_log2_min_nonzero_matches_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.random(200_000, dtype=np.float32)
+    a[rng.random(a.size) < 0.5] = 0.0
+    a[12345] = np.float32(3e-42)  # a subnormal counts: it is a nonzero entry
+    assert log2_min_nonzero(a) == math.log2(float(a[a > 0].min()))
+    a[12345] = 0.0
+    assert log2_min_nonzero(a.reshape(400, 500)) == math.log2(float(a[a > 0].min()))
+    assert log2_min_nonzero(np.zeros((3, 4), np.float32)) == LAM_ZERO
+    assert log2_min_nonzero(np.zeros(0, np.float32)) == LAM_ZERO
+
+
+def _spread_chain(t: float):
+    """Two paths of mass t**2 each; the second runs through an activation t**2 of its tensor's largest."""
+    ws = [np.array([[1.0, t]]), np.diag([1.0, t]), np.diag([t, 1.0]), np.diag([t, 1.0])]
+    return ws, [np.zeros(2)] * 4
+
+
+def test_lipschitz_bounds_refuse_what_float32_cannot_hold():
+    with pytest.raises(UnderflowError):
+        pathnorm_bounds(gemm_chain(*_spread_chain(2.0**-100)))
+    bounds = pathnorm_bounds(gemm_chain(*_spread_chain(2.0**-40)))
+    exact = math.log10(2 * 2.0**-80)  # inf->1: the sum of all input paths, plus the rounding margin
+    assert exact <= bounds[0].log10 <= exact + 1e-5
+
+
+def test_dead_neurons_in_every_layer_are_no_false_alarm():
+    """Exact zeros in every activation (a neuron with zero weights and bias per layer): the measured minima are 0,
+    so only the propagated bounds certify the run, over 40 layers."""
+    rng = np.random.default_rng(3)
+    ws = [rng.uniform(0.5, 3.0, size=(6, 6)) for _ in range(40)]
+    bs = [rng.uniform(0.1, 1.0, size=6) for _ in range(40)]
+    for w, b in zip(ws, bs):
+        w[:, 2] = 0.0  # neuron 2 of each layer is dead
+        b[2] = 0.0
+    model = gemm_chain(ws, bs)
+    assert onnxlip.path_norm(model).log10_path_norm == pytest.approx(chain_log10_pathnorm(ws, bs), abs=1e-6)
+    pruned = [w.copy() for w in ws]
+    pruned[17][3, 4] = 0.0
+    m = onnxlip.path_metric(model, gemm_chain(pruned, bs))
+    assert m.exact and math.isfinite(m.log10_path_metric)
+
+
+def test_underflowing_products_that_cannot_matter_are_certified():
+    """A weight 2**-125 of its tensor's largest: its products underflow, but every sum they join is dominated by
+    normal terms, so the measured minima bound the loss and the path-norm stands, exact."""
+    rng = np.random.default_rng(4)
+    ws = [rng.uniform(0.5, 1.0, size=(5, 5)) for _ in range(6)]
+    bs = [rng.uniform(0.1, 1.0, size=5) for _ in range(6)]
+    ws[3][1, 2] = 2.0**-125
+    r = onnxlip.path_norm(gemm_chain(ws, bs))
+    assert r.log10_path_norm == pytest.approx(chain_log10_pathnorm(ws, bs), abs=1e-7)
+
+
+def test_metric_of_tiny_but_representable_path_mass_is_exact():
+    """A pruned path 1e-30 of the norm whose products all stay in float32's range: certified, and exact."""
+    rng = np.random.default_rng(5)
+    ws = [rng.uniform(0.5, 1.0, size=(4, 4)) for _ in range(6)]
+    bs = [np.zeros(4) for _ in range(6)]
+    ws[0][:, 0] = 1e-15
+    ws[1][0, 0] = 1e-15
+    pruned = [w.copy() for w in ws]
+    pruned[1][0, 0] = 0.0
+    from tests.helpers import chain_forward_backward
+
+    acts, grads = chain_forward_backward(ws, bs)
+    expected = float(np.float32(1e-15)) * acts[1][0] * grads[2][0]
+    m = onnxlip.path_metric(gemm_chain(ws, bs), gemm_chain(pruned, bs))
+    assert m.exact and m.log10_path_metric == pytest.approx(math.log10(expected), abs=5e-7)
