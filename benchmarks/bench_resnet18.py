@@ -76,7 +76,8 @@ def companion_run(path: Path, level: str = "none", device: str = "cpu"):
     path_norm uses (fastest from file to number); "all" adds onnxruntime's NCHWc layouts, as the plain forward
     has them, for ~40 ms more session creation."""
     graph = analyse(path).graph
-    em = CompanionEmitter(1.0, {"value": {p.name: p.value for p in graph.params()}}, "value")
+    # guarded as every certified run is (range_guard: one ReduceMin per renormalisation, a few scalars fetched)
+    em = CompanionEmitter(1.0, {"value": {p.name: p.value for p in graph.params()}}, "value", guarded=True)
     start = time.perf_counter()
     compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), device, level)
     created = time.perf_counter() - start
