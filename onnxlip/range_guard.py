@@ -29,7 +29,7 @@ import math
 from typing import Callable
 
 import numpy as np
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .companion import CompanionEmitter
 
@@ -130,8 +130,6 @@ class _Walk:
         self.pending: dict[str, list[tuple[int, int]]] = {}  # sites since the last measurement: (lam, products)
         self.own_site: dict[str, tuple[int, int]] = {}  # product output -> its site
         self.consumers: dict[str, int] = {}
-        # tensors summing MatMul/Gemm products (dense layers: small outputs, where a masked minimum is cheap)
-        self.dense_sum: dict[str, bool] = {}
         for node in em.nodes:
             for t in node.input:
                 self.consumers[t] = self.consumers.get(t, 0) + 1
@@ -234,12 +232,8 @@ class _Walk:
             lam = lams[0] if len(lams) == 1 else self.p.step(min, *lams)
         else:
             raise RuntimeError(f"range_guard: no rule for {op_type} on companion mantissas")
-        dense = op_type in ("MatMul", "Gemm") or (
-            op_type in ("Add", "Sum", "Mul") and any(self.dense_sum.get(t, False) for t in m_in)
-        )
         for t in outs:
             self.lam[t], self.pending[t] = lam, pending
-            self.dense_sum[t] = dense
         measured = self.em.measured.get(outs[0])
         if measured is not None:
             self.measure(outs[0], *measured)
@@ -248,14 +242,7 @@ class _Walk:
         """post = pre * 2**shift, with `smallest` and `largest` the least and largest entries of pre: close the
         group of sites of pre (see the module docstring)."""
         sites = self.pending[post]
-        if self.dense_sum.get(pre):  # a dense layer's (small) output: its least nonzero entry, for lam
-            em = self.em
-            positive = em.op("Greater", [pre, em.f32(0.0)], "guard")
-            masked = em.op("Where", [positive, pre, em.f32(np.finfo(np.float32).max)], "guard")
-            smallest_nonzero = em.op("ReduceMin", [masked], "guard", keepdims=0)
-            self.scalar[smallest_nonzero] = None
-        else:
-            smallest_nonzero = smallest
+        smallest_nonzero = self.least_nonzero(pre, smallest)
         # per entry: each product, each addition and each aligned input entry it reads, the bias and its
         # alignment, the renormalisation
         roundings = 2 * sum(k for _, k in sites) + len(sites) + 2
@@ -272,11 +259,33 @@ class _Walk:
         small, large = self.value(smallest), self.value(largest)
         self.p.groups.append(self.p.step(bound, least_lam, small, large))
         # post's nonzero entries are >= its least (nonzero) entry when that is not 0 (-inf then: the max keeps lam)
-        nonzero = small if smallest_nonzero == smallest else self.value(smallest_nonzero)
+        nonzero = self.value(smallest_nonzero)
         self.lam[post] = self.p.step(
             lambda lam, least, k: max(lam, _log2(least) + k - _LOG2_SLACK), self.lam[post], nonzero, self.value(shift)
         )
         self.pending[post] = []
+
+    def least_nonzero(self, pre: str, smallest: str) -> str:
+        """A scalar: the least nonzero entry of `pre` (whose least entry is `smallest`), for the lam of what
+        follows. Only a tensor with zeros needs the extra passes: an If runs them then (a d stream near a
+        change, channels with all-zero weights and bias), and takes `smallest` otherwise."""
+        em = self.em
+        big = em.f32(float(np.finfo(np.float32).max))
+        then_out, else_out = em.fresh("nz_then"), em.fresh("nz_else")
+        positive = helper.make_node("Greater", [pre, em.f32(0.0)], [then_out + "_pos"])
+        masked = helper.make_node("Where", [then_out + "_pos", pre, big], [then_out + "_masked"])
+        least = helper.make_node("ReduceMin", [then_out + "_masked"], [then_out], keepdims=0)
+        scalar = helper.make_tensor_value_info
+        then_branch = helper.make_graph(
+            [positive, masked, least], "masked_min", [], [scalar(then_out, TensorProto.FLOAT, [])]
+        )
+        else_branch = helper.make_graph(
+            [helper.make_node("Identity", [smallest], [else_out])], "min", [], [scalar(else_out, TensorProto.FLOAT, [])]
+        )
+        has_zero = em.op("Equal", [smallest, em.f32(0.0)], "guard")
+        out = em.op("If", [has_zero], "guard", then_branch=then_branch, else_branch=else_branch)
+        self.scalar[out] = None
+        return out
 
     def finish(self, outputs: list[str]) -> None:
         for t in outputs:  # sites not followed by a measurement (none in the companion graphs): lam only

@@ -7,12 +7,13 @@ import math
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
 from onnxlip.errors import UnderflowError
 from onnxlip.lipschitz import pathnorm_bounds
 from onnxlip.range_guard import LAM_ZERO, log2_min_nonzero
-from tests.helpers import chain_log10_pathnorm, gemm_chain
+from tests.helpers import chain_log10_pathnorm, gemm_chain, make_model
 
 
 def test_log2_min_nonzero_matches_numpy():
@@ -84,3 +85,45 @@ def test_metric_of_tiny_but_representable_path_mass_is_exact():
     expected = float(np.float32(1e-15)) * acts[1][0] * grads[2][0]
     m = onnxlip.path_metric(gemm_chain(ws, bs), gemm_chain(pruned, bs))
     assert m.exact and m.log10_path_metric == pytest.approx(math.log10(expected), abs=5e-7)
+
+
+def _conv_chain(ws, bs):
+    nodes, inits, x = [], [], "x"
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        inits += [
+            numpy_helper.from_array(w.astype(np.float32), f"W{i}"),
+            numpy_helper.from_array(b.astype(np.float32), f"b{i}"),
+        ]
+        nodes.append(helper.make_node("Conv", [x, f"W{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        x = f"r{i}"
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ws[0].shape[1], 4, 4])
+    return make_model(nodes, [inp], [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+
+
+def _conv_chain_log10(ws, bs) -> float:
+    """float64 companion of a 3x3 pad-1 conv chain on the all-ones input, renormalised per layer."""
+    a, log_scale = np.ones((ws[0].shape[1], 4, 4)), 0.0
+    for w, b in zip(ws, bs):
+        w32, b32 = (np.abs(t.astype(np.float32).astype(np.float64)) for t in (w, b))
+        padded = np.pad(a, ((0, 0), (1, 1), (1, 1)))
+        out = np.zeros((w.shape[0], 4, 4))
+        for kh in range(3):
+            for kw in range(3):
+                out += np.einsum("oc,chw->ohw", w32[:, :, kh, kw], padded[:, kh : kh + 4, kw : kw + 4])
+        a = out + (b32 * math.exp(-log_scale))[:, None, None]
+        top = a.max()
+        a, log_scale = a / top, log_scale + math.log(top)
+    return (math.log(a.sum()) + log_scale) / math.log(10)
+
+
+def test_dead_conv_channels_in_every_layer_are_no_false_alarm():
+    """Convolutions whose outputs hold exact zeros in every layer (a channel with zero weights and bias): the
+    measured least entries are 0, so each layer measures its least nonzero entry instead, over 30 layers."""
+    rng = np.random.default_rng(6)
+    ws = [rng.uniform(-1.0, 1.0, size=(4, 4, 3, 3)) * 1e-3 ** rng.random((4, 4, 3, 3)) for _ in range(30)]
+    bs = [rng.uniform(0.1, 1.0, size=4) for _ in range(30)]
+    for w, b in zip(ws, bs):
+        w[1], b[1] = 0.0, 0.0  # output channel 1 is dead in every layer
+    r = onnxlip.path_norm(_conv_chain(ws, bs))
+    assert r.log10_path_norm == pytest.approx(_conv_chain_log10(ws, bs), abs=1e-6)
