@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -39,20 +40,33 @@ class CompiledCompanion:
             return
         self.extra = list(extra or {})
         self.guard: GuardProgram | None = None
+        self._level, self._spin, self._thorough = level, spin, None
         if em.guarded:
             # outs follow graph.outputs (emit_pathnorm, emit_metric): the entries each output sums
             sizes = [int(np.prod(graph.shapes[t])) for t in graph.outputs] if len(outs) == len(graph.outputs) else []
-            summed = {s.m: (sizes[i] if sizes else 2**30) for i, s in enumerate(outs) if s is not None}
-            self.guard = guard_program(em, summed, [extra[name].m for name in self.extra])
-        em.add_outputs(t for s in outs if s is not None for t in (s.m, s.e))
-        self.names = [o.name for o in em.outputs]
-        em.add_outputs(t for name in self.extra for t in (extra[name].m, extra[name].e))
-        self.extra_names = [o.name for o in em.outputs[len(self.names) :]]
+            self._summed = {s.m: (sizes[i] if sizes else 2**30) for i, s in enumerate(outs) if s is not None}
+            self._read = [extra[name].m for name in self.extra]
+            if sum(a.nbytes for a in em.external.values()) <= _SNAPSHOT_BYTES:  # fed weights: small constants
+                self._thorough = _snapshot(em)  # for _thorough_session, if ever needed
+            self.guard = guard_program(em, self._summed, self._read)
+        self._results = [t for s in outs if s is not None for t in (s.m, s.e)]
+        self._extra_results = [t for name in self.extra for t in (extra[name].m, extra[name].e)]
+        self.names, self.extra_names = em.add_fetches(self._results), em.add_fetches(self._extra_results)
         if self.guard is not None:
-            start = len(em.outputs)
-            em.add_outputs(self.guard.fetch)
-            self.guard_names = [o.name for o in em.outputs[start:]]
+            self.guard_names = em.add_fetches(self.guard.fetch)
         self.session, self.device = make_session(em.model(), device, em.external, level, spin=spin)
+
+    def _thorough_session(self) -> bool:
+        """Switch to a session whose guard measures every sum's least nonzero entry (range_guard, thorough):
+        for models whose sums hold exact zeros layer after layer. False where no snapshot was kept."""
+        em, self._thorough = self._thorough, None
+        if em is None:
+            return False
+        self.guard = guard_program(em, self._summed, self._read, thorough=True)
+        self.names, self.extra_names = em.add_fetches(self._results), em.add_fetches(self._extra_results)
+        self.guard_names = em.add_fetches(self.guard.fetch)
+        self.session, _ = make_session(em.model(), self.device, em.external, self._level, spin=self._spin)
+        return True
 
     def _feeds(self, kinds, exponents, pairs, more) -> dict[str, np.ndarray]:
         feeds = {}
@@ -63,15 +77,23 @@ class CompiledCompanion:
         feeds.update(more or {})
         return feeds
 
-    def _run(self, names: list[str], feeds: dict[str, np.ndarray], lams: dict[str, float], check: bool = True):
+    def _run(self, extra: bool, feeds: dict[str, np.ndarray], lams: dict[str, float], check: bool = True):
         """Run; for guarded sessions, certify the run with range_guard (`lams`: known lower bounds of log2 of the
         fed mantissas' nonzero entries; if these and the measured bounds do not certify the run, the fed
         mantissas' own least entries are looked up and tried).
         UnderflowError when float32 underflow may have cost more than range_guard.UNDERFLOW_SLACK."""
+        names = self.extra_names if extra else self.names
         if self.guard is None or not check:
             return run(self.session, names, feeds)
         values = run(self.session, names + self.guard_names, feeds)
-        certify(self.guard, values[len(names) :], feeds, lams)
+        try:
+            certify(self.guard, values[len(names) :], feeds, lams)
+        except UnderflowError:
+            if not self._thorough_session():
+                raise
+            names = self.extra_names if extra else self.names
+            values = run(self.session, names + self.guard_names, feeds)
+            certify(self.guard, values[len(names) :], feeds, lams)
         return values[: len(names)]
 
     def _lams(self, pairs: dict[str, Pairs] | None, more: dict | None) -> dict[str, float]:
@@ -100,13 +122,25 @@ class CompiledCompanion:
         if self.empty:
             return -math.inf
         feeds = self._feeds(kinds, exponents, pairs, {k: v for k, v in (more or {}).items() if "::lam" not in k})
-        values = self._run(self.names, feeds, self._lams(pairs, more), check)
+        values = self._run(False, feeds, self._lams(pairs, more), check)
         return log10_total([(values[i], float(values[i + 1])) for i in range(0, len(values), 2)])
 
     def tensors(self, pairs: dict[str, Pairs]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The `extra` tensors' (mantissa, exponent) for the fed parameter pairs."""
-        values = self._run(self.extra_names, self._feeds(None, None, pairs, None), self._lams(pairs, None))
+        values = self._run(True, self._feeds(None, None, pairs, None), self._lams(pairs, None))
         return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(self.extra)}
+
+
+_SNAPSHOT_BYTES = 64 << 20  # constants a guarded session keeps for a thorough rebuild
+
+
+def _snapshot(em: CompanionEmitter) -> CompanionEmitter:
+    """A copy of an emitter's graph so far that later additions to `em` do not touch (the arrays are shared)."""
+    twin = copy.copy(em)
+    twin.nodes, twin.initializers = list(em.nodes), list(em.initializers)
+    twin.inputs, twin.outputs = list(em.inputs), list(em.outputs)
+    twin.external, twin._scalar_cache = dict(em.external), dict(em._scalar_cache)
+    return twin
 
 
 def certify(guard: GuardProgram, fetched: list, feeds: dict[str, np.ndarray], lams: dict[str, float]) -> None:

@@ -76,6 +76,12 @@ class GraphBuilder:
             taken.add(t)
             self.add_output(t)
 
+    def add_fetches(self, names: Iterable[str]) -> list[str]:
+        """Declare further outputs (see add_outputs); returns their output names, in order."""
+        start = len(self.outputs)
+        self.add_outputs(names)
+        return [o.name for o in self.outputs[start:]]
+
     def drop_dead_nodes(self, probes: Iterable[str] = ()) -> None:
         """Remove the nodes and constants no graph output depends on. The nodes producing `probes` (measurements
         of other tensors) stay where everything they read stays."""

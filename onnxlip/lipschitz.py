@@ -66,7 +66,7 @@ def pathnorm_bounds(
     em.add_outputs(t for s in pieces for t in (s.m, s.e))
     # the score nodes: only the forward and the adjoint at the inputs are read (and range_guard's measurements)
     em.drop_dead_nodes(probes=[smallest for smallest, *_ in em.measured.values()])
-    guard = guard_program(em, {}, [s.m for s in pieces])  # every output is read entry by entry (maxima)
+    guard = guard_program(em, {}, [s.m for s in pieces], thorough=True)  # read entry by entry (maxima); one run
     n_values = len(em.outputs)
     em.add_outputs(guard.fetch)
     session, _ = make_session(em.model(), device, em.external)

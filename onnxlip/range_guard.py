@@ -29,7 +29,7 @@ import math
 from typing import Callable
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from .companion import CompanionEmitter
 
@@ -118,8 +118,8 @@ class GuardProgram:
 class _Walk:
     """One pass over the emitted nodes, in order, writing the guard program."""
 
-    def __init__(self, em: CompanionEmitter, summed: dict[str, int]):
-        self.em, self.summed = em, summed
+    def __init__(self, em: CompanionEmitter, summed: dict[str, int], thorough: bool):
+        self.em, self.summed, self.thorough = em, summed, thorough
         self.p = GuardProgram()
         self.scalar: dict[str, int | None] = {}  # float scalar tensor -> its slot (None: not resolved yet)
         self.nodes_by_output: dict[str, tuple[str, tuple[str, ...]]] = {}
@@ -266,24 +266,14 @@ class _Walk:
         self.pending[post] = []
 
     def least_nonzero(self, pre: str, smallest: str) -> str:
-        """A scalar: the least nonzero entry of `pre` (whose least entry is `smallest`), for the lam of what
-        follows. Only a tensor with zeros needs the extra passes: an If runs them then (a d stream near a
-        change, channels with all-zero weights and bias), and takes `smallest` otherwise."""
+        """A scalar bounding the nonzero entries of `pre` from below: its least entry, or (thorough) its least
+        nonzero entry."""
+        if not self.thorough:
+            return smallest
         em = self.em
-        big = em.f32(float(np.finfo(np.float32).max))
-        then_out, else_out = em.fresh("nz_then"), em.fresh("nz_else")
-        positive = helper.make_node("Greater", [pre, em.f32(0.0)], [then_out + "_pos"])
-        masked = helper.make_node("Where", [then_out + "_pos", pre, big], [then_out + "_masked"])
-        least = helper.make_node("ReduceMin", [then_out + "_masked"], [then_out], keepdims=0)
-        scalar = helper.make_tensor_value_info
-        then_branch = helper.make_graph(
-            [positive, masked, least], "masked_min", [], [scalar(then_out, TensorProto.FLOAT, [])]
-        )
-        else_branch = helper.make_graph(
-            [helper.make_node("Identity", [smallest], [else_out])], "min", [], [scalar(else_out, TensorProto.FLOAT, [])]
-        )
-        has_zero = em.op("Equal", [smallest, em.f32(0.0)], "guard")
-        out = em.op("If", [has_zero], "guard", then_branch=then_branch, else_branch=else_branch)
+        positive = em.op("Greater", [pre, em.f32(0.0)], "guard")
+        masked = em.op("Where", [positive, pre, em.f32(float(np.finfo(np.float32).max))], "guard")
+        out = em.op("ReduceMin", [masked], "guard", keepdims=0)
         self.scalar[out] = None
         return out
 
@@ -299,10 +289,14 @@ def _reduces_all(node) -> bool:
     return keep == 0 and len(node.input) == 1 and not any(a.name == "axes" for a in node.attribute)
 
 
-def guard_program(em: CompanionEmitter, summed: dict[str, int], read: list[str]) -> GuardProgram:
+def guard_program(
+    em: CompanionEmitter, summed: dict[str, int], read: list[str], thorough: bool = False
+) -> GuardProgram:
     """The guard of the graph emitted in `em`, whose results are the mantissas in `summed` (name -> number of
-    entries; only the total of their entries is used) and in `read` (used entry by entry)."""
-    walk = _Walk(em, {m: n for m, n in summed.items() if m not in read})
+    entries; only the total of their entries is used) and in `read` (used entry by entry). `thorough`: every sum
+    also measures its least nonzero entry (three more passes over it): without, a sum with exact zeros bounds its
+    nonzero entries by propagation only, which a long run of such layers can drive below float32's range."""
+    walk = _Walk(em, {m: n for m, n in summed.items() if m not in read}, thorough)
     for node in list(em.nodes):  # (the walk appends a few measuring nodes)
         walk.node(node)
     walk.finish(list(summed) + list(read))
