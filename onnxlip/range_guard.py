@@ -85,6 +85,7 @@ class GuardProgram:
         self.fed: dict[str, int] = {}  # fed input -> its slot: a mantissa's lam, a scalar's value
         self.steps: list[tuple[Callable, int, tuple[int, ...]]] = []
         self.groups: list[int] = []  # slots holding log2 of each group's bound
+        self._compiled: tuple[int, Callable] | None = None
 
     def const(self, value: float) -> int:
         self.slots.append(float(value))
@@ -109,10 +110,21 @@ class GuardProgram:
             slots[slot] = float(value)
         for name, slot in self.fed.items():
             slots[slot] = float(fed[name])
-        for fn, out, args in self.steps:
-            slots[out] = fn(*(slots[a] for a in args))
+        if self._compiled is None or self._compiled[0] != len(self.steps):
+            self._compiled = (len(self.steps), self._compile())
+        self._compiled[1](slots)
         total = math.fsum(2.0 ** slots[g] if slots[g] < 1000 else math.inf for g in self.groups)
         return _log2(total)
+
+    def _compile(self) -> Callable[[list[float]], None]:
+        """The steps as one straight-line function (a few times faster than looping over them)."""
+        fns = [fn for fn, _, _ in self.steps]
+        lines = ["def program(s):"]
+        for i, (_, out, args) in enumerate(self.steps):
+            lines.append(f"    s[{out}] = f[{i}]({', '.join(f's[{a}]' for a in args)})")
+        namespace: dict = {"f": fns}
+        exec("\n".join(lines or ["def program(s): pass"]) + "\n", namespace)  # noqa: S102 (our own code)
+        return namespace["program"]
 
 
 class _Walk:
