@@ -122,8 +122,9 @@ class GuardProgram:
         lines = ["def program(s):"]
         for i, (_, out, args) in enumerate(self.steps):
             lines.append(f"    s[{out}] = f[{i}]({', '.join(f's[{a}]' for a in args)})")
+        lines.append("    return None")  # (a program of no steps)
         namespace: dict = {"f": fns}
-        exec("\n".join(lines or ["def program(s): pass"]) + "\n", namespace)  # noqa: S102 (our own code)
+        exec("\n".join(lines) + "\n", namespace)  # noqa: S102 (our own code)
         return namespace["program"]
 
 
