@@ -257,20 +257,22 @@ class _Walk:
         sites = self.pending[post]
         smallest_nonzero = self.least_nonzero(pre, smallest)
         # per entry: each product, each addition and each aligned input entry it reads, the bias and its
-        # alignment, the renormalisation
-        roundings = 2 * sum(k for _, k in sites) + len(sites) + 2
-        own = math.log2(roundings) - 126 + _LOG2_SLACK
-        whole = math.log2(roundings * self.summed[post]) - 126 + _LOG2_SLACK if post in self.summed else math.inf
+        # alignment (each losing < 2**-126 in pre's units); the renormalisation loses < 2**-126 in post's units,
+        # 2**(-126 - shift) in pre's
+        roundings = 2 * sum(k for _, k in sites) + len(sites) + 1
+        size = self.summed.get(post)
 
-        def bound(least_lam: float, least: float, largest_: float) -> float:
+        def bound(least_lam: float, least: float, largest_: float, k: float) -> float:
             if least_lam >= -126:
                 return -math.inf  # no product could underflow
-            return min(own - _log2(least), whole - _log2(largest_))
+            lost = math.log2(roundings + 2.0 ** min(-k, 1000)) - 126 + _LOG2_SLACK  # per entry, in pre's units
+            whole = lost + math.log2(size) - _log2(largest_) if size else math.inf
+            return min(lost - _log2(least), whole)
 
         lams = [lam for lam, _ in sites]
         least_lam = lams[0] if len(lams) == 1 else self.p.step(min, *lams)
         small, large = self.value(smallest), self.value(largest)
-        self.p.groups.append(self.p.step(bound, least_lam, small, large))
+        self.p.groups.append(self.p.step(bound, least_lam, small, large, self.value(shift)))
         # post's nonzero entries are >= its least (nonzero) entry when that is not 0 (-inf then: the max keeps lam)
         nonzero = self.value(smallest_nonzero)
         self.lam[post] = self.p.step(
