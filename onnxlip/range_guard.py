@@ -11,7 +11,8 @@ or a subnormal result), and an entry of the sum takes N roundings (2 per product
 so the group's relative error is bounded by the best of:
 - 0, when no product can underflow: with lam(t) a lower bound on log2 of every nonzero entry of t (a product adds
   its factors' lam, a sum or a copy takes the least, a measured sum its least entry when that is not 0), every
-  site's lam is >= -126 (a product of normal floats that is >= 2**-126 is normal after rounding);
+  site's lam is >= -125.5 (a product of normal floats above 2**-126 is normal after rounding; the half binade
+  absorbs the rounding of the sums lam was measured on);
 - N * 2**-126 / (least entry): each entry against itself;
 - size * N * 2**-126 / (largest entry), for a result of which only the total counts (a companion output).
 Relative errors of entries pass through the positive linear companion unchanged, so the groups' bounds add up; a
@@ -35,7 +36,10 @@ from .companion import CompanionEmitter
 
 UNDERFLOW_SLACK = 2.0**-20  # relative error allowed for underflow, on top of the rounding margin
 LAM_ZERO = 2.0**22  # lam of an all-zero tensor: it has no nonzero entry to bound
-_LOG2_SLACK = 1e-3  # onnxruntime's float32 Log and ours differ by far less: measured log2 values are lowered by it
+# measured values are computed ones: their log2 is lowered by this (a 3% relative error, far above float32
+# rounding and onnxruntime's Log), and a site needs lam >= _SITE_MIN, half a binade above float32's normal range
+_LOG2_SLACK = 0.05
+_SITE_MIN = -125.5
 _UNKNOWN_K = 2**26  # products per output entry of a product whose operands' shapes are not known here
 
 # ops whose output entries are copies, window maxima or sums of their mantissa inputs' entries: no multiplication
@@ -263,7 +267,7 @@ class _Walk:
         size = self.summed.get(post)
 
         def bound(least_lam: float, least: float, largest_: float, k: float) -> float:
-            if least_lam >= -126:
+            if least_lam >= _SITE_MIN:
                 return -math.inf  # no product could underflow
             lost = math.log2(roundings + 2.0 ** min(-k, 1000)) - 126 + _LOG2_SLACK  # per entry, in pre's units
             whole = lost + math.log2(size) - _log2(largest_) if size else math.inf
@@ -296,7 +300,7 @@ class _Walk:
         for t in outputs:  # sites not followed by a measurement (none in the companion graphs): lam only
             lams = [lam for lam, _ in self.pending.get(t, [])]
             if lams:
-                self.p.groups.append(self.p.step(lambda *f: -math.inf if min(f) >= -126 else math.inf, *lams))
+                self.p.groups.append(self.p.step(lambda *f: -math.inf if min(f) >= _SITE_MIN else math.inf, *lams))
 
 
 def _reduces_all(node) -> bool:
