@@ -26,9 +26,6 @@ _ZERO_MAX = 2.0**-120
 # wins an alignment, its own multiplier 2**(ZERO_EXPONENT - E) is 0 (0 * 0, never 0 * inf), and sums of a few
 # stay exact in float32. Host code treats a zero mantissa as 0 whatever its exponent.
 ZERO_EXPONENT = -(2**20)
-# A renormalised sum none of whose entries is below GUARD_MIN lost at most 2**-40 of each to float32 underflow
-# (range_guard.py explains; rounding.UNDERFLOW_SLACK allows for it).
-GUARD_MIN = 2.0**-60
 
 
 @dataclass(frozen=True)
