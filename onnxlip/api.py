@@ -324,9 +324,9 @@ def check(
 
 def wide_range_warnings(graph) -> list[str]:
     """Parameters whose non-zero |entries| span more than 2**126: the companion carries each tensor with one
-    float32 scale, so entries below 2**-126 of the largest lose precision (runs are then checked by range_guard),
-    and those below 2**-149 of it vanish before any check sees them. Real models rarely come near this; a weight
-    that decayed to a float32 subnormal next to an O(1) weight does."""
+    float32 scale, so entries below 2**-126 of the largest lose precision and those below 2**-149 of it become 0
+    (certified runs bound what that costs, from the true values, or refuse). Real models rarely come near this; a
+    weight that decayed to a float32 subnormal next to an O(1) weight does."""
     out = []
     for p in graph.params():
         v = np.abs(p.value)
@@ -335,7 +335,7 @@ def wide_range_warnings(graph) -> list[str]:
             weak = int(np.count_nonzero(nonzero < 2.0**-126 * float(nonzero.max())))
             out.append(
                 f"{p.name}: {weak} non-zero entr{'y is' if weak == 1 else 'ies are'} below 2^-126 of the tensor's "
-                "largest; float32 holds them coarsely (certified runs check what that costs), and below 2^-149 of "
-                "it not at all: the paths through those count as zero"
+                "largest; float32 holds them coarsely, and below 2^-149 of it not at all (certified runs bound what "
+                "that costs, or refuse; scores and samples count the paths through those as zero)"
             )
     return out

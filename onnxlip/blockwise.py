@@ -83,6 +83,13 @@ def mantissas(
     return out, exponent
 
 
+def fn_blocks(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...]) -> Iterator[np.ndarray]:
+    """fn(*arrays) block by block (fn elementwise, on flat blocks)."""
+    flat = [x.ravel() for x in arrays]
+    for s in range(0, flat[0].size, BLOCK):
+        yield fn(*(x[s : s + BLOCK] for x in flat))
+
+
 def split_kept(
     m: np.ndarray, base: np.ndarray, new: np.ndarray, kept: np.ndarray, moved: np.ndarray | None = None
 ) -> None:
@@ -118,9 +125,15 @@ def hilo_mantissas(
         e = s + BLOCK
         ax, ay = np.abs(fa[s:e]), np.abs(fb[s:e])
         hi, lo = np.maximum(ax, ay), np.minimum(ax, ay)
-        for dest, v in ((fh, hi), (fl, lo), (fd, np.subtract(hi, lo, out=ax))):
-            dest[s:e] = v  # rounded to float32 as normalized_power does; the values are >= 0 (+0.0, not -0.0)
-            np.multiply(dest[s:e], scale, out=dest[s:e])
+        gap = np.subtract(hi, lo, out=ax) if ax.dtype == hi.dtype else hi - lo  # (a float32 ax would round it)
+        for dest, v in ((fh, hi), (fl, lo), (fd, gap)):
+            # rounded to float32 as normalized_power does (float64 scaled first); the values are >= 0 (+0.0)
+            if v.dtype == np.float64:
+                v *= float(scale)
+                dest[s:e] = v
+            else:
+                dest[s:e] = v
+                np.multiply(dest[s:e], scale, out=dest[s:e])
     return True
 
 
@@ -235,17 +248,15 @@ def factored_finite(base: np.ndarray, factor: np.ndarray) -> bool:
 def factored_mantissas(base: np.ndarray, factor: np.ndarray) -> tuple[np.ndarray, int] | None:
     """normalized_power(float64(base) * factor, 1.0) without the full float64 product; None when the exponent
     leaves float32's comfortable range (the caller then forms the value and takes the general path)."""
-    out = np.empty(base.shape, np.float32)
-    top = 0.0
-    for rows, block in formed_rows(base, factor):
-        top = max(top, abs_max(block))
-        with np.errstate(over="ignore"):  # beyond float32: the result is discarded below (general path)
-            out[rows] = block  # float64 -> float32, rounded to nearest as np.array(v, dtype=np.float32) does
+    top = formed_abs_max(base, factor)
     if top == 0.0:
         return np.zeros(base.shape, np.float32), ZERO_EXPONENT
-    exponent = exponent_of(top)
+    exponent = exponent_of(top) if math.isfinite(top) else 0
     if not -100 < exponent < 120 or not math.isfinite(top):
         return None
-    np.abs(out, out=out)
-    out *= np.float32(2.0**-exponent)
+    out = np.empty(base.shape, np.float32)
+    for rows, block in formed_rows(base, factor):  # float64 blocks, scaled then rounded as normalized_power does
+        block = np.abs(block)  # (a view of base when there is no factor)
+        block *= 2.0**-exponent
+        out[rows] = block
     return out, exponent

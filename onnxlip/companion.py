@@ -8,6 +8,7 @@ is formed in float64 on the host, so log10 of the result is right at any depth."
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -51,8 +52,12 @@ def normalized_power(value: np.ndarray, q: float = 1.0, exponent: int | None = N
             exponent = int(np.frexp(top)[1])
         if exponent == ZERO_EXPONENT:  # a bound from an all-zero tensor: the value is zero too
             return np.zeros(v.shape, np.float32), ZERO_EXPONENT
-        if -100 < exponent < 120:  # round to float32 first: no overflow, no harmful subnormals
-            m = np.array(v, dtype=np.float32)
+        if -100 < exponent < 120:
+            if v.dtype == np.float64:
+                m = np.empty(v.shape, np.float32)
+                scaled_into(v, 2.0**-exponent, m)
+                return m, exponent
+            m = np.array(v, dtype=np.float32)  # float32 values scale exactly (one rounding where subnormal)
             np.abs(m, out=m)
             m *= np.float32(2.0**-exponent)
             return m, exponent
@@ -64,6 +69,30 @@ def normalized_power(value: np.ndarray, q: float = 1.0, exponent: int | None = N
         return np.zeros(v.shape, np.float32), ZERO_EXPONENT
     e = int(math.ceil(top))
     return np.exp2(log2 - e).astype(np.float32), e
+
+
+_BLOCK = 1 << 16
+
+
+def scaled_into(v: np.ndarray, scale: float, out: np.ndarray) -> None:
+    """out = float32(|v| * scale) for float64 v, one rounding per entry, block by block (no full-size temporary).
+    Scaling before rounding matters: a float64 value below float32's normal range (2**-126) would lose its low
+    bits if rounded first, and a scale > 1 would then carry that loss into a normal-looking mantissa."""
+    flat, dest = v.reshape(-1), out.reshape(-1)
+    tmp = np.empty(min(_BLOCK, flat.size), np.float64)
+    for s in range(0, flat.size, _BLOCK):
+        block = tmp[: min(_BLOCK, flat.size - s)]
+        np.abs(flat[s : s + _BLOCK], out=block)
+        block *= scale
+        dest[s : s + block.size] = block
+
+
+def array_lam(array: np.ndarray, exponent: int, q: float = 1.0) -> float:
+    """range_guard.true_lam of normalized_power(array, q) with this exponent, read block by block."""
+    from .range_guard import true_lam
+
+    flat = np.asarray(array).reshape(-1)
+    return true_lam((flat[s : s + _BLOCK] for s in range(0, flat.size, _BLOCK)), exponent, q)
 
 
 class CompanionEmitter(GraphBuilder):
@@ -96,6 +125,8 @@ class CompanionEmitter(GraphBuilder):
         # renormalised mantissa -> (the least entry of the sum it rescales, log2 of the rescaling, the largest
         # entry of that sum, the sum): range_guard
         self.measured: dict[str, tuple[str, str, str, str]] = {}
+        # guarded: constant mantissa -> its true lam (range_guard.true_lam), which the float32 constant may not show
+        self.const_lams: dict[str, Callable[[], float]] = {}
 
     # ---- parameters -------------------------------------------------------------------------------
     def weight(self, param: Param, kind: str | None = None) -> Scaled:
@@ -113,12 +144,18 @@ class CompanionEmitter(GraphBuilder):
                 # an array, a Param (read without forming its value) or a ready (mantissa, exponent) pair (q = 1)
                 source = self.kinds[kind][param.name]
                 if isinstance(source, tuple):
-                    m_arr, e_val = source
+                    m_arr, e_val = source[:2]
+                    lam = source[2] if len(source) > 2 else -math.inf  # a pair's lam, if it comes with one
                 elif isinstance(source, Param):
                     m_arr, e_val = source.mantissas(self.q)
+                    lam = functools.partial(source.true_lam, e_val, self.q)
                 else:
                     m_arr, e_val = normalized_power(source, self.q)
-                self._weights[key] = Scaled(self.const(m_arr, f"{kind}_{param.name}"), self.exponent(e_val))
+                    lam = functools.partial(array_lam, source, e_val, self.q)
+                name = self.const(m_arr, f"{kind}_{param.name}")
+                if self.guarded:
+                    self.const_lams[name] = lam if callable(lam) else functools.partial(float, lam)
+                self._weights[key] = Scaled(name, self.exponent(e_val))
         return self._weights[key]
 
     def feed_values(
@@ -154,8 +191,12 @@ class CompanionEmitter(GraphBuilder):
 
     def constant(self, array: np.ndarray, q: float | None = None, hint: str = "k") -> Scaled:
         """A fixed non-negative constant |array|**q (q defaults to the emitter's) as a Scaled tensor."""
-        m, e = normalized_power(array, self.q if q is None else q)
-        return Scaled(self.const(m, hint), self.exponent(e))
+        q = self.q if q is None else q
+        m, e = normalized_power(array, q)
+        name = self.const(m, hint)
+        if self.guarded:
+            self.const_lams[name] = functools.partial(array_lam, array, e, q)
+        return Scaled(name, self.exponent(e))
 
     def align(self, exponents: list[str]) -> tuple[str, list[str]]:
         """Common exponent E = max(e_i) and the multipliers 2**(e_i - E) <= 1."""

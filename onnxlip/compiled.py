@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -77,10 +78,8 @@ class CompiledCompanion:
         feeds.update(more or {})
         return feeds
 
-    def _run(self, extra: bool, feeds: dict[str, np.ndarray], lams: dict[str, float], check: bool = True):
-        """Run; for guarded sessions, certify the run with range_guard (`lams`: known lower bounds of log2 of the
-        fed mantissas' nonzero entries; if these and the measured bounds do not certify the run, the fed
-        mantissas' own least entries are looked up and tried).
+    def _run(self, extra: bool, feeds: dict[str, np.ndarray], lams: dict, check: bool = True):
+        """Run; for guarded sessions, certify the run with range_guard (`lams`: see certify).
         UnderflowError when float32 underflow may have cost more than range_guard.UNDERFLOW_SLACK."""
         names = self.extra_names if extra else self.names
         if self.guard is None or not check:
@@ -96,13 +95,14 @@ class CompiledCompanion:
             certify(self.guard, values[len(names) :], feeds, lams)
         return values[: len(names)]
 
-    def _lams(self, pairs: dict[str, Pairs] | None, more: dict | None) -> dict[str, float]:
+    def _lams(self, pairs: dict[str, Pairs] | None, more: dict | None) -> dict:
         """Known lam bounds of fed mantissas: a third entry of a (mantissa, exponent, lam) pair, or a
-        "<input>::lam" entry of `more`."""
+        "<input>::lam" entry of `more`; a lam may be a function computing it (called only if needed)."""
         out = {}
         for name, (kind, pname, part) in self.em.feed_specs.items():
             if part == "m" and pairs is not None and len(pairs[kind][pname]) > 2:
-                out[name] = float(pairs[kind][pname][2])
+                lam = pairs[kind][pname][2]
+                out[name] = lam if callable(lam) else float(lam)
         for name, value in (more or {}).items():
             if name.endswith("::lam"):
                 out[name[: -len("::lam")]] = float(value)
@@ -143,22 +143,37 @@ def _snapshot(em: CompanionEmitter) -> CompanionEmitter:
     return twin
 
 
-def certify(guard: GuardProgram, fetched: list, feeds: dict[str, np.ndarray], lams: dict[str, float]) -> None:
+_FLUSHED = -150.0  # a true mantissa at or below 2**-150 may round to 0 in float32; any above stays nonzero
+
+
+def certify(guard: GuardProgram, fetched: list, feeds: dict[str, np.ndarray], lams: dict) -> None:
     """Raise UnderflowError unless range_guard bounds the underflow error of a run by UNDERFLOW_SLACK. `fetched`:
-    the run's values of guard.fetch; `lams`: known lower bounds of log2 of fed mantissas' nonzero entries (when
-    these and the measured bounds do not certify the run, the fed mantissas' own least entries are tried)."""
+    the run's values of guard.fetch; `lams`: lower bounds of log2 of the nonzero entries of the fed mantissas'
+    true values (range_guard.true_lam), or functions computing them, called only when the bound fails without
+    them (their results are stored back into `lams`); a fed mantissa without one gets -inf. Its own least entry
+    is tried last, and only where its lam shows that forming it flushed no entry to 0."""
     fed = {n: float(feeds[n]) for n in guard.fed if feeds[n].ndim == 0}
-    known = {n: lams.get(n, -math.inf) for n in guard.fed if n not in fed}
+    mantissas = [n for n in guard.fed if n not in fed]
+    known = {n: -math.inf if callable(lams.get(n)) else lams.get(n, -math.inf) for n in mantissas}
     bound = guard.log2_bound(fetched, {**fed, **known})
-    if bound > GUARD_LOG2 and known:  # the fed mantissas' own least entries: the tightest lams there are
-        known = {n: log2_min_nonzero(feeds[n]) for n in known}
+    if bound > GUARD_LOG2 and any(callable(lams.get(n)) for n in mantissas):
+        for n in mantissas:
+            if callable(lams.get(n)):
+                lams[n] = known[n] = float(lams[n]())
+        bound = guard.log2_bound(fetched, {**fed, **known})
+    if bound > GUARD_LOG2:  # tighter: a mantissa's own least entry, where forming it flushed nothing
+        for n in mantissas:
+            if known[n] > _FLUSHED:
+                own = log2_min_nonzero(feeds[n])  # a subnormal one may have been rounded up, to at most twice
+                known[n] = max(known[n], own if own >= -126 else own - 1)
         bound = guard.log2_bound(fetched, {**fed, **known})
     if bound > GUARD_LOG2:
+        share = f"up to 2**{bound:.0f} of the result" if math.isfinite(bound) else "any amount"
         raise UnderflowError(
-            "float32 cannot hold this model's companion values: products of weights and path masses fall below "
-            "float32's range, 2**-126 of their tensors' scales (entries some 1e-20 of their tensor's largest "
-            f"meet), and the paths through them could be undercounted by up to 2**{bound:.0f} of the result, so no "
-            "certified result is given"
+            "float32 cannot hold this model's companion values: some weights, or products of weights and path "
+            "masses, fall below float32's range (2**-126 of the largest entry of their tensor; a weight 1e-38 of "
+            "its tensor's largest, or two entries 1e-20 of theirs that meet, get there), and the paths through "
+            f"them could be undercounted by {share}, so no certified result is given"
         )
 
 
@@ -178,13 +193,15 @@ def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[
     params = graph.params()
     pairs = {p.name: p.mantissas(q) for p in params}
     if q == 1:  # range_guard checks what float32 underflow may have cost
-        return compiled.log10(pairs={"value": pairs}), compiled.device
+        with_lams = {p.name: (*pairs[p.name], functools.partial(p.true_lam, pairs[p.name][1])) for p in params}
+        return compiled.log10(pairs={"value": with_lams}), compiled.device
     raised, lost = {}, 0
     for p in params:
         m, e = pairs[p.name]
         weak = (m < SMALLEST_NORMAL) & (p.value != 0)
         lost += int(np.count_nonzero(weak))
-        raised[p.name] = (np.where(weak, SMALLEST_NORMAL, m), e)
+        up = np.where(weak, SMALLEST_NORMAL, m)  # no nonzero entry is lost: its own least entry bounds it
+        raised[p.name] = (up, e, functools.partial(log2_min_nonzero, up))
     try:  # an upper bound only if range_guard certifies it
         upper = compiled.log10(pairs={"value": raised})
     except UnderflowError:

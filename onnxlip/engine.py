@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from .blockwise import (
     abs_min_of,
     compare,
     exponent_of,
+    fn_blocks,
     formed_abs_max,
     formed_rows,
     hilo_mantissas,
@@ -35,7 +37,7 @@ from .companion import (
 from .compiled import CompiledCompanion, Pairs
 from .errors import OnnxlipError
 from .ir import Graph
-from .range_guard import LAM_ZERO, log2_min_nonzero
+from .range_guard import LAM_ZERO, log2_min_nonzero, true_lam
 from .rounding import relative_error_bound
 from .variants import Change
 
@@ -89,7 +91,8 @@ class MetricEngine:
         self._base_exp: dict[str, int] | None = None
         self._base_abs_max: dict[str, float] = {}
         self._base_nonzero: dict[str, int] = {}
-        self._base_lam: dict[str, float] = {}
+        self._base_lam: dict[str, Callable[[], float]] = {}
+        self._base_lam_value: dict[str, float] = {}
         # parameters that multiply (weights, scales): their kept l1 mass predicts how much path mass survives
         self._multiplicative = [
             p.name for node in graph.nodes for role, p in node.params.items() if role in ("weight", "scale")
@@ -153,11 +156,18 @@ class MetricEngine:
                 self._hi[f"hi::{t}::lam"] = np.float64(log2_min_nonzero(m))  # for range_guard
         return self._hi
 
-    def _lam(self, name: str) -> float:
-        """log2 of the least nonzero base mantissa of a parameter (remembered): a lower bound for the nonzero
-        mantissas of every variant that keeps some of its entries and zeroes the others (range_guard)."""
+    def _lam(self, name: str) -> Callable[[], float]:
+        """A function giving log2 of the least nonzero true base mantissa of a parameter (range_guard.true_lam,
+        computed on first call and remembered): a lower bound for the nonzero mantissas of every variant that
+        keeps some of its entries and zeroes the others."""
         if name not in self._base_lam:
-            self._base_lam[name] = log2_min_nonzero(self.base_pairs[name][0])
+
+            def lam() -> float:
+                if name not in self._base_lam_value:
+                    self._base_lam_value[name] = self.params[name].true_lam(self.base_exp[name])
+                return self._base_lam_value[name]
+
+            self._base_lam[name] = lam
         return self._base_lam[name]
 
     def _with_lams(self, pairs: Pairs) -> Pairs:
@@ -236,7 +246,7 @@ class MetricEngine:
         out = {}
         for n, (m, e) in self.base_pairs.items():
             if formed and n in formed:
-                out[n] = (formed[n], e)
+                out[n] = formed[n]
             elif n in changed:  # the moved entries are base mantissas: their least is at least the base's
                 out[n] = (np.subtract(m, lo[n][0], out=self._buffer("delta", n)), e, self._lam(n))
             else:
@@ -280,8 +290,8 @@ class MetricEngine:
             if not hilo_mantissas(a, b, e, outs):
                 for out, fn in zip(outs, (abs_max_of, abs_min_of, abs_gap)):
                     mantissas(fn, (a, b), e, out)
-            for kind, out in zip(("hi", "lo", "delta"), outs):
-                pairs[kind][n] = (out, e)
+            for kind, out, fn in zip(("hi", "lo", "delta"), outs, (abs_max_of, abs_min_of, abs_gap)):
+                pairs[kind][n] = (out, e, lam_of(fn, (a, b), e))
         return self._run_general(pairs)
 
     def _run_general(self, pairs: dict[str, Pairs]) -> tuple[float, str]:
@@ -320,8 +330,8 @@ class MetricEngine:
             a_rows, b_rows = formed_rows(c.layout(c.base), c.factor), formed_rows(c.layout(c.new), c.factor)
             for (rows, a), (_, b) in zip(a_rows, b_rows):
                 hilo_mantissas(a, b, exponents[n], tuple(o[rows] for o in outs))
-            for kind, out in zip(("hi", "lo", "delta"), outs):
-                pairs[kind][n] = (out, exponents[n])
+            for kind, out, fn in zip(("hi", "lo", "delta"), outs, (abs_max_of, abs_min_of, abs_gap)):
+                pairs[kind][n] = (out, exponents[n], _rows_lam(fn, c, exponents[n]))
         return self._run_general(pairs)
 
     def metric_changes(self, changes: dict[str, Change]) -> MetricOutcome:
@@ -348,10 +358,11 @@ class MetricEngine:
                 if not compared[n].zeroed:  # changed otherwise than by zeroing: formed as metric() does
                     v = c.value(n, self._buffer("value", n, np.float64))
                     mantissas(same, (v,), e, kept)
-                    formed[n] = mantissas(abs_difference, (self.base[n], v), e, self._buffer("delta", n))[0]
+                    delta = mantissas(abs_difference, (self.base[n], v), e, self._buffer("delta", n))[0]
+                    formed[n] = (delta, e, lam_of(abs_difference, (self.base[n], v), e))
                 elif n not in split_done:  # the moved mantissas are formed lazily, as for the others
                     split_kept(m, c.layout(c.base), c.layout(c.new), kept)
-                lo[n] = (kept, e, self._lam(n)) if compared[n].zeroed else (kept, e)
+                lo[n] = (kept, e, self._lam(n) if compared[n].zeroed else lam_of(same, (v,), e))
 
             moved = lambda: self._moved(lo, changes, formed)  # noqa: E731
             return self.dominated(lo, moved, sum(r.changed for r in compared.values()))
@@ -381,11 +392,14 @@ class MetricEngine:
             dominated, dominating = dominated and below, dominating and above
         if flips == 0:
             if dominated:
-                lo = {n: mantissas(same, (b,), self.base_exp[n], self._buffer("lo", n)) for n, b in vb.items()}
-                delta = {
-                    n: mantissas(abs_difference, (va[n], b), self.base_exp[n], self._buffer("delta", n))
-                    for n, b in vb.items()
-                }
+                lo, delta = {}, {}
+                for n, b in vb.items():
+                    e = self.base_exp[n]
+                    lo[n] = (*mantissas(same, (b,), e, self._buffer("lo", n)), lam_of(same, (b,), e))
+                    delta[n] = (
+                        *mantissas(abs_difference, (va[n], b), e, self._buffer("delta", n)),
+                        lam_of(abs_difference, (va[n], b), e),
+                    )
                 return self.dominated(lo, delta, changed)
             log10_m, dev = self.general_log10(va, vb)
             return MetricOutcome(log10_m, dominating, 0, changed, "none needed", dev, self.metric_margin, ROUTE_HILO)
@@ -405,6 +419,22 @@ class MetricEngine:
             self.metric_margin,
             ROUTE_HILO,
         )
+
+
+def lam_of(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...], exponent: int) -> Callable[[], float]:
+    """A function giving range_guard.true_lam of blockwise.mantissas(fn, arrays, exponent)."""
+    return lambda: true_lam(fn_blocks(fn, arrays), exponent)
+
+
+def _rows_lam(fn: Callable[..., np.ndarray], change: Change, exponent: int) -> Callable[[], float]:
+    """lam_of for a change's base and new values formed row block by row block (engine._general_changes)."""
+
+    def lam() -> float:
+        base, new = (formed_rows(change.layout(v), change.factor) for v in (change.base, change.new))
+        rows = zip(base, new)
+        return true_lam((fn(a, b) for (_, a), (_, b) in rows), exponent)
+
+    return lam
 
 
 @dataclass

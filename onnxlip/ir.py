@@ -80,6 +80,15 @@ class Param:
             return normalized_power(self.value, q)
         return factored_mantissas(*self.factors) or normalized_power(self.value, q)
 
+    def true_lam(self, exponent: int, q: float = 1.0) -> float:
+        """range_guard.true_lam of the mantissas with this exponent: log2 of the least nonzero |value|**q * 2**-e,
+        read block by block (a factored value is not formed)."""
+        from .blockwise import formed_rows
+        from .range_guard import true_lam
+
+        rows = formed_rows(self._value, None) if self._value is not None else formed_rows(*self.factors)
+        return true_lam((block for _, block in rows), exponent, q)
+
     def all_finite(self) -> bool:
         """No NaN or Inf in `value` (checked on the factors when it is factored)."""
         from .blockwise import factored_finite, finite

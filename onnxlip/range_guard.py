@@ -20,14 +20,16 @@ run is certified when their sum is <= UNDERFLOW_SLACK, which rounding.relative_e
 
 The bound is worked out on the host (GuardProgram.log2_bound) from a few scalars the run also returns: each
 renormalisation's least entry (one ReduceMin per renormalisation is all this adds to the graph), its largest and
-its exponent step; the exponent arithmetic in between is replayed exactly (integers). Fed mantissas (weights, base
-activations) need lam: a caller that knows a bound passes it, otherwise log2_min_nonzero computes it, and only when
-the measured bounds alone do not certify the run."""
+its exponent step; the exponent arithmetic in between is replayed exactly (integers). Fed and constant mantissas
+(weights, base activations) need lam, and it must bound their true values: forming float32 mantissas flushes entries
+below 2**-149 of a tensor's largest to 0, which the mantissas' own least entry cannot show (true_lam reads the
+values). Callers pass it, or a function computing it that runs only when the measured bounds alone do not certify
+the run (compiled.certify)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 from onnx import TensorProto, numpy_helper
@@ -73,6 +75,19 @@ def log2_min_nonzero(m: np.ndarray) -> float:
         return LAM_ZERO
     value = np.array([best + np.uint32(1)], np.uint32).view(np.float32)[0]
     return math.log2(float(value))
+
+
+def true_lam(blocks: Iterable[np.ndarray], exponent: int, q: float = 1.0) -> float:
+    """lam of the true mantissas |v|**q * 2**-exponent of the values v given block by block (float32 or float64):
+    log2 of their least nonzero entry, LAM_ZERO when all are zero. The formed float32 mantissas may hold fewer
+    nonzero entries (those below 2**-149 are flushed to 0), so only this lam bounds what the model really has."""
+    least = math.inf
+    for block in blocks:
+        a = np.abs(block)
+        least = min(least, float(np.min(a, where=a > 0, initial=math.inf)))
+    if least == math.inf:
+        return LAM_ZERO
+    return q * math.log2(least) - exponent
 
 
 def _log2(x: float) -> float:
@@ -170,7 +185,9 @@ class _Walk:
             if len(init.dims) == 0:
                 self.scalar[init.name] = self.p.const(float(value))
             else:
-                self._mantissa(init.name, tuple(init.dims), self.p.const(log2_min_nonzero(np.abs(value))))
+                known = em.const_lams.get(init.name)  # a parameter's lam, which its float32 mantissas may not show
+                lam = known() if known is not None else log2_min_nonzero(np.abs(value))
+                self._mantissa(init.name, tuple(init.dims), self.p.const(lam))
 
     def _mantissa(self, name: str, dims: tuple[int, ...], lam: int) -> None:
         self.mantissa.add(name)

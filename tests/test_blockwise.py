@@ -111,3 +111,28 @@ def test_formed_rows_and_abs_max_equal_the_formed_value(shape, factor_shape):
     assert formed_abs_max(raw, None) == np.abs(raw).max()
     raw[1, 0] = np.nan
     assert np.isnan(formed_abs_max(raw, factor)) and np.isnan(formed_abs_max(raw, None))
+
+
+def test_float64_values_below_float32s_normal_range_keep_their_precision():
+    """|v| * 2**-e is rounded to float32 once: a float64 value below 2**-126 rounded first would keep only the
+    bits of a float32 subnormal (here 2**-16 relative), and the scaling 2**89 would carry that loss into a
+    normal-looking mantissa that range_guard cannot tell from an exact one."""
+    from onnxlip.companion import normalized_power
+
+    v = np.array([2.0**-90, -1.2345678901234e-40, 3.3e-39, 0.0] * 40000)
+    exact = np.abs(v) * 2.0**89  # exact in float64
+    m, e = normalized_power(v)
+    assert e == -89
+    assert np.array_equal(m, exact.astype(np.float32))
+    assert np.float32(np.float32(v[1]) * np.float32(2.0**89)) != m[1]  # the loss this avoids is real
+    out = np.empty(v.shape, np.float32)  # the block routes agree bit for bit
+    assert np.array_equal(B.mantissas(B.same, (v,), e, out)[0], m)
+    w = np.float32([2.0**-20, -1.2345678e-20] * 4)
+    factor = np.array([2.0**-70])
+    got = B.factored_mantissas(w.reshape(8, 1), factor)
+    assert got is not None and got[1] == -89
+    assert np.array_equal(got[0].ravel(), (np.abs(w.astype(np.float64)) * 2.0**-70 * 2.0**89).astype(np.float32))
+    outs = tuple(np.empty(v.shape, np.float32) for _ in range(3))
+    assert B.hilo_mantissas(v, v * 0.5, e, outs)
+    for o, fn in zip(outs, (B.abs_max_of, B.abs_min_of, B.abs_gap)):
+        assert np.array_equal(o, (fn(v, v * 0.5) * 2.0**89).astype(np.float32))

@@ -90,8 +90,9 @@ def test_both_routes_agree(family):
     engine = MetricEngine(base.graph, "cpu")
     vb = align_params(base.graph, other.graph)
     keep = {n: v != 0 for n, v in vb.items()}
-    lo = {n: (np.where(keep[n], m, np.float32(0)), e) for n, (m, e) in engine.base_pairs.items()}
-    delta = {n: (np.where(keep[n], np.float32(0), m), e) for n, (m, e) in engine.base_pairs.items()}
+    # kept and moved entries are base mantissas: the base's lam bounds them (range_guard; without one, -inf)
+    lo = {n: (np.where(keep[n], m, np.float32(0)), e, engine._lam(n)) for n, (m, e) in engine.base_pairs.items()}
+    delta = {n: (np.where(keep[n], np.float32(0), m), e, engine._lam(n)) for n, (m, e) in engine.base_pairs.items()}
     stream, _ = engine._difference(lo, delta)
     sub = engine._subtraction(lo)
     assert _rel(10**stream, want) <= REL

@@ -3,17 +3,20 @@ silent undercount; and models with exact zeros, tiny weights or huge spreads tha
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
 from onnxlip.errors import UnderflowError
 from onnxlip.lipschitz import pathnorm_bounds
-from onnxlip.range_guard import LAM_ZERO, log2_min_nonzero
+from onnxlip.range_guard import LAM_ZERO, log2_min_nonzero, true_lam
 from tests.helpers import chain_log10_pathnorm, gemm_chain, make_model
+from tests.test_bad_input import cli
 
 
 def test_log2_min_nonzero_matches_numpy():
@@ -127,3 +130,54 @@ def test_dead_conv_channels_in_every_layer_are_no_false_alarm():
         w[1], b[1] = 0.0, 0.0  # output channel 1 is dead in every layer
     r = onnxlip.path_norm(_conv_chain(ws, bs))
     assert r.log10_path_norm == pytest.approx(_conv_chain_log10(ws, bs), abs=1e-6)
+
+
+def _flushed_weight_chain():
+    """W0 = [2**100, 2**-50]: its small entry is 2**-151 of the tensor's largest, a float32 mantissa of 0 once
+    formed. The next layers lift that neuron's path to 2**70, far above the other path's 2**-20 (the truth
+    2**70 + 2**-20)."""
+    ws = [np.array([[2.0**100, 2.0**-50]]), np.diag([2.0**-60, 2.0**60]), np.array([[2.0**-60], [2.0**60]])]
+    return ws, [np.zeros(2), np.zeros(2), np.zeros(1)]
+
+
+def test_weights_below_float32s_range_of_their_own_tensor_are_refused(tmp_path):
+    """A weight 2**-151 of its tensor's largest vanishes when the float32 mantissas are formed, and its own least
+    entry no longer shows it: the bound of range_guard must come from the true values (true_lam). Before, the
+    path-norm came out 1e-6 where the truth is 1e21, certified."""
+    ws, bs = _flushed_weight_chain()
+    model = gemm_chain(ws, bs)
+    with pytest.raises(UnderflowError, match="float32's range"):
+        onnxlip.path_norm(model)
+    with pytest.raises(UnderflowError):  # the metric engine's base lams are true ones too
+        pruned = [w.copy() for w in ws]
+        pruned[2][0, 0] = 0.0
+        onnxlip.path_metric(model, gemm_chain(pruned, bs))
+    with pytest.raises(UnderflowError):  # constants of the Lipschitz graphs
+        pathnorm_bounds(model)
+    path = tmp_path / "flushed.onnx"
+    onnx.save(model, str(path))
+    code, out, err = cli("bound", path, path, "--json", "--samples", "0")
+    assert code == 2 and "float32's range" in json.loads(out)["error"] and "Traceback" not in err
+
+
+def test_weights_below_float32s_range_inside_normal_sums_are_certified():
+    """The same lost weight (2**-151 of its tensor's largest) as one term of a normal sum: what it carries is far
+    below the rounding margin, range_guard bounds it, and the path-norm is exact."""
+    rng = np.random.default_rng(8)
+    ws = [np.array([[2.0**100, 1.0, 1.0], [0.0, 2.0**-50, 1.0]])]
+    ws += [rng.uniform(0.5, 1.0, size=(3, 3)) for _ in range(2)] + [rng.uniform(0.5, 1.0, size=(3, 1))]
+    bs = [np.zeros(3)] * 3 + [np.zeros(1)]
+    assert onnxlip.path_norm(gemm_chain(ws, bs)).log10_path_norm == pytest.approx(
+        chain_log10_pathnorm(ws, bs), abs=1e-6
+    )
+
+
+def test_true_lam_reads_the_values_not_their_float32_mantissas():
+    from onnxlip.companion import normalized_power
+
+    v = np.array([2.0**100, -(2.0**-50), 0.0, 3.0])
+    m, e = normalized_power(v)
+    assert e == 101 and m[1] == 0.0  # flushed
+    assert true_lam([v[:2], v[2:]], e) == -151.0
+    assert true_lam([np.zeros(3)], e) == LAM_ZERO
+    assert true_lam([np.array([0.25, 0.0])], 0, q=2.0) == -4.0
