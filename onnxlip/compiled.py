@@ -54,7 +54,7 @@ class CompiledCompanion:
         self._extra_results = [t for name in self.extra for t in (extra[name].m, extra[name].e)]
         self.names, self.extra_names = em.add_fetches(self._results), em.add_fetches(self._extra_results)
         if self.guard is not None:
-            self.guard_names = em.add_fetches(self.guard.fetch)
+            self.guard_names = em.add_fetches(self.guard.emit_fetch(em))
         self.session, self.device = make_session(em.model(), device, em.external, level, spin=spin)
 
     def _thorough_session(self) -> bool:
@@ -65,7 +65,7 @@ class CompiledCompanion:
             return False
         self.guard = guard_program(em, self._summed, self._read, thorough=True)
         self.names, self.extra_names = em.add_fetches(self._results), em.add_fetches(self._extra_results)
-        self.guard_names = em.add_fetches(self.guard.fetch)
+        self.guard_names = em.add_fetches(self.guard.emit_fetch(em))
         self.session, _ = make_session(em.model(), self.device, em.external, self._level, spin=self._spin)
         return True
 
@@ -148,10 +148,10 @@ _FLUSHED = -150.0  # a true mantissa at or below 2**-150 may round to 0 in float
 
 def certify(guard: GuardProgram, fetched: list, feeds: dict[str, np.ndarray], lams: dict) -> None:
     """Raise UnderflowError unless range_guard bounds the underflow error of a run by UNDERFLOW_SLACK. `fetched`:
-    the run's values of guard.fetch; `lams`: lower bounds of log2 of the nonzero entries of the fed mantissas'
-    true values (range_guard.true_lam), or functions computing them, called only when the bound fails without
-    them (their results are stored back into `lams`); a fed mantissa without one gets -inf. Its own least entry
-    is tried last, and only where its lam shows that forming it flushed no entry to 0."""
+    the run's values of the outputs of guard.emit_fetch; `lams`: lower bounds of log2 of the nonzero entries of
+    the fed mantissas' true values (range_guard.true_lam), or functions computing them, called only when the bound
+    fails without them (their results are stored back into `lams`); a fed mantissa without one gets -inf. Its own
+    least entry is tried last, and only where its lam shows that forming it flushed no entry to 0."""
     fed = {n: float(feeds[n]) for n in guard.fed if feeds[n].ndim == 0}
     mantissas = [n for n in guard.fed if n not in fed]
     known = {n: -math.inf if callable(lams.get(n)) else lams.get(n, -math.inf) for n in mantissas}

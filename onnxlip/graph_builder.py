@@ -101,6 +101,7 @@ class GraphBuilder:
         self.nodes[:] = sorted(kept, key=lambda n: order[id(n)])
         self.initializers[:] = [t for t in self.initializers if t.name in live]
         self.external = {n: a for n, a in self.external.items() if n in live}
+        self._scalar_cache = {k: n for k, n in self._scalar_cache.items() if n in live}  # later ops may reuse them
 
     def model(self, name: str = "onnxlip") -> onnx.ModelProto:
         """The model; constants in `self.external` are placeholders to pass to onnxruntime in memory."""

@@ -121,9 +121,18 @@ class GuardProgram:
         self.steps.append((fn, slot, args))
         return slot
 
-    def log2_bound(self, fetched: list, fed: dict[str, float]) -> float:
-        """log2 of the underflow error bound of a run, from its fetched scalars and `fed`: each fed mantissa's
-        lam and each fed scalar's value."""
+    def emit_fetch(self, em: CompanionEmitter) -> list[str]:
+        """The graph outputs carrying `fetch`: one float32 vector of all the scalars (on a GPU, one copy back to
+        the host instead of one per scalar); none when there is nothing to fetch."""
+        if not self.fetch:
+            return []
+        parts = [em.op("Reshape", [t, em.i64([1])], "gfetch") for t in self.fetch]
+        return [parts[0] if len(parts) == 1 else em.op("Concat", parts, "gfetch", axis=0)]
+
+    def log2_bound(self, fetched, fed: dict[str, float]) -> float:
+        """log2 of the underflow error bound of a run, from its fetched scalars (the outputs of emit_fetch: empty,
+        or one vector) and `fed`: each fed mantissa's lam and each fed scalar's value."""
+        fetched = fetched[0] if len(fetched) else ()
         slots = list(self.slots)
         for slot, value in zip(self.fetch_slots, fetched):
             slots[slot] = float(value)
