@@ -255,8 +255,18 @@ def factored_mantissas(base: np.ndarray, factor: np.ndarray) -> tuple[np.ndarray
     if not -100 < exponent < 120 or not math.isfinite(top):
         return None
     out = np.empty(base.shape, np.float32)
-    for rows, block in formed_rows(base, factor):  # float64 blocks, scaled then rounded as normalized_power does
-        block = np.abs(block)  # (a view of base when there is no factor)
-        block *= 2.0**-exponent
-        out[rows] = block
+    # |float64(base) * factor| * 2**-e, rounded once as normalized_power does: the same products, since scaling
+    # by 2**-e is exact in float64 (the exponents here are far from its limits), in one reused buffer per block
+    scaled = np.abs(factor).astype(np.float64) * 2.0**-exponent
+    raw = base.reshape(1) if base.ndim == 0 else base
+    by_row = scaled.ndim == raw.ndim and scaled.shape[0] == raw.shape[0] > 1
+    step = max(1, BLOCK // max(1, raw[0].size))
+    buf = np.empty((min(step, raw.shape[0]), *raw.shape[1:]), np.float64)
+    dest = out.reshape(raw.shape)
+    for start in range(0, raw.shape[0], step):
+        rows = slice(start, start + step)
+        block = buf[: len(range(*rows.indices(raw.shape[0])))]
+        np.multiply(raw[rows], scaled[rows] if by_row else scaled, out=block)
+        np.abs(block, out=block)
+        dest[rows] = block
     return out, exponent

@@ -12,7 +12,7 @@ from .companion import CompanionEmitter, Scaled, emit_pathnorm, log10_total, one
 from .errors import OnnxlipError, UnderflowError
 from .ir import Graph
 from .range_guard import UNDERFLOW_SLACK, GuardProgram, guard_program, log2_min_nonzero
-from .runtime import make_session, run
+from .runtime import cuda_possible, make_session, run
 
 GUARD_LOG2 = math.log2(UNDERFLOW_SLACK)  # range_guard's output must not exceed it
 
@@ -54,7 +54,7 @@ class CompiledCompanion:
         self._extra_results = [t for name in self.extra for t in (extra[name].m, extra[name].e)]
         self.names, self.extra_names = em.add_fetches(self._results), em.add_fetches(self._extra_results)
         if self.guard is not None:
-            self.guard_names = em.add_fetches(self.guard.emit_fetch(em))
+            self.guard_names = em.add_fetches(self.guard.emit_fetch(em, cuda_possible(device)))
         self.session, self.device = make_session(em.model(), device, em.external, level, spin=spin)
 
     def _thorough_session(self) -> bool:
@@ -65,7 +65,7 @@ class CompiledCompanion:
             return False
         self.guard = guard_program(em, self._summed, self._read, thorough=True)
         self.names, self.extra_names = em.add_fetches(self._results), em.add_fetches(self._extra_results)
-        self.guard_names = em.add_fetches(self.guard.emit_fetch(em))
+        self.guard_names = em.add_fetches(self.guard.emit_fetch(em, self.device == "cuda"))
         self.session, _ = make_session(em.model(), self.device, em.external, self._level, spin=self._spin)
         return True
 

@@ -24,7 +24,7 @@ from .compiled import certify
 from .loading import ModelLike
 from .range_guard import guard_program
 from .rounding import relative_error_bound
-from .runtime import make_session, run
+from .runtime import cuda_possible, make_session, run
 
 
 @dataclass
@@ -68,7 +68,7 @@ def pathnorm_bounds(
     em.drop_dead_nodes(probes=[smallest for smallest, *_ in em.measured.values()])
     guard = guard_program(em, {}, [s.m for s in pieces], thorough=True)  # read entry by entry (maxima); one run
     n_values = len(em.outputs)
-    em.add_outputs(guard.emit_fetch(em))
+    em.add_outputs(guard.emit_fetch(em, cuda_possible(device)))
     session, _ = make_session(em.model(), device, em.external)
     feeds = ones_feeds(graph)
     vals = run(session, None, feeds)

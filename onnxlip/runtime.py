@@ -57,6 +57,13 @@ def session_options(
     return opts
 
 
+def cuda_possible(device: str) -> bool:
+    """Whether make_session(..., device) may put the session on CUDA (before building it)."""
+    return device == "cuda" or (
+        device == "auto" and _cuda_works is not False and "CUDAExecutionProvider" in ort.get_available_providers()
+    )
+
+
 def make_session(
     model: onnx.ModelProto | bytes | str,
     device: str = "auto",

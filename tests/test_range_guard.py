@@ -181,3 +181,25 @@ def test_true_lam_reads_the_values_not_their_float32_mantissas():
     assert true_lam([v[:2], v[2:]], e) == -151.0
     assert true_lam([np.zeros(3)], e) == LAM_ZERO
     assert true_lam([np.array([0.25, 0.0])], 0, q=2.0) == -4.0
+
+
+def test_gathered_guard_scalars_give_the_same_verdicts(monkeypatch):
+    """On CUDA the guard's scalars come back as one vector (GuardProgram.emit_fetch); the same graphs built that
+    way on the CPU give the same values and the same refusals."""
+    import importlib
+
+    rng = np.random.default_rng(9)
+    ws = [rng.uniform(0.5, 1.0, size=(5, 5)) for _ in range(6)]
+    bs = [rng.uniform(0.1, 1.0, size=5) for _ in range(6)]
+    ws[3][1, 2] = 2.0**-125  # products below float32's range, dominated: certified by the measured minima
+    model = gemm_chain(ws, bs)
+    plain = onnxlip.path_norm(model).log10_path_norm
+    plain_bounds = [b.log10 for b in pathnorm_bounds(model)]
+    for module in ("onnxlip.compiled", "onnxlip.lipschitz"):  # (onnxlip.lipschitz is also a function's name)
+        monkeypatch.setattr(importlib.import_module(module), "cuda_possible", lambda device: True)
+    assert onnxlip.path_norm(model).log10_path_norm == plain
+    assert [b.log10 for b in pathnorm_bounds(model)] == plain_bounds
+    with pytest.raises(UnderflowError):
+        onnxlip.path_norm(gemm_chain(*_flushed_weight_chain()))
+    with pytest.raises(UnderflowError):
+        pathnorm_bounds(gemm_chain(*_spread_chain(2.0**-100)))
