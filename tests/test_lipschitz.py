@@ -4,6 +4,7 @@ norm of linear maps; a network of orthogonal layers certifies 1; the CLI contrac
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -104,3 +105,22 @@ def test_cli_contract(tmp_path):
 
 def test_api_exported():
     assert onnxlip.lipschitz is lipschitz
+
+
+def test_autolip_rounds_its_composition_upwards():
+    """AutoLip multiplies certified per-layer norms; in float64 the product of 300 of them may land a few ulps below
+    the exact product. The composed bound must stay above it (exact rational arithmetic is the oracle)."""
+    from fractions import Fraction
+
+    from onnxlip.ir import Graph, Node
+    from onnxlip.lipschitz import autolip
+
+    rng = np.random.default_rng(12)
+    norms = [float(v) for v in rng.uniform(0.5, 1.5, size=300)]
+    nodes = [Node(f"n{i}", "dense", [f"t{i}"], [f"t{i + 1}"]) for i in range(len(norms))]
+    graph = Graph({"t0": (1, 4)}, nodes, [f"t{len(norms)}"], {f"t{i}": (1, 4) for i in range(len(norms) + 1)})
+    exact = math.prod((Fraction(v) for v in norms), start=Fraction(1))
+    plain = math.prod(norms)  # what a plain float64 product gives: below the exact product for this seed
+    assert Fraction(plain) < exact
+    got = autolip(graph, {f"n{i}": v for i, v in enumerate(norms)})
+    assert Fraction(got) >= exact and got <= plain * (1 + 1e-12)
