@@ -193,13 +193,25 @@ def metric_result(r: MetricOutcome) -> PathMetricResult:
 
 def certified_log10_bound(metric: PathMetricResult, input_bound: float) -> float:
     """log10 of max(R, 1) * metric / (1 - rounding margin), rounded up: the certified bound (theory.md section 3;
-    the float32 rounding margin of onnxlip/rounding.py keeps it valid)."""
+    the float32 rounding margin of onnxlip/rounding.py keeps it valid). The float64 host work after the runs (the
+    sums of the outputs, log10, the exponents times log10(2), and 10**x for the reported value) rounds a few
+    times, each by at most a few ulps of |log10| (~1e-15 relative of it): HOST_LOG10_ALLOWANCE covers them."""
     value = (
         metric.log10_path_metric
         + math.log10(max(input_bound, 1.0))
         - math.log1p(-metric.rounding_margin) / math.log(10)
     )
-    return math.nextafter(value, math.inf) if math.isfinite(value) else value
+    return log10_rounded_up(value)
+
+
+def log10_rounded_up(log10: float) -> float:
+    """A certified log10 raised past the float64 host rounding behind it (see certified_log10_bound)."""
+    if not math.isfinite(log10):
+        return log10
+    return math.nextafter(log10 + HOST_LOG10_ALLOWANCE * max(1.0, abs(log10)), math.inf)
+
+
+HOST_LOG10_ALLOWANCE = 1e-12  # relative to max(1, |log10|): a few ulps of float64 work are ~1e-15 of it
 
 
 def path_metric(

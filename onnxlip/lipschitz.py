@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .adjoint import emit_scores
-from .api import _jsonable, analyse
+from .api import _jsonable, analyse, log10_rounded_up
 from .companion import LOG10_2, CompanionEmitter, log10_total, ones_feeds, plain_value
 from .compiled import certify
 from .loading import ModelLike
@@ -82,6 +82,7 @@ def pathnorm_bounds(
     inf_inf = max((_log10_max(mm, e) for mm, e in fwd), default=-math.inf) + margin
     one_one = max((_log10_max(mm, e) for mm, e in adj), default=-math.inf) + 2 * margin
     two_two = (inf_inf + one_one) / 2 if math.isfinite(inf_inf) and math.isfinite(one_one) else -math.inf
+    inf_1, inf_inf, one_one, two_two = (log10_rounded_up(v) for v in (inf_1, inf_inf, one_one, two_two))
     return [
         Bound("inf->1", plain_value(inf_1), inf_1, "path-norm: sum of all input paths", True),
         Bound("inf->inf", plain_value(inf_inf), inf_inf, "path-norm: largest path mass reaching one output", True),
@@ -270,7 +271,7 @@ def lipschitz(
     if norm == "2":
         layers = layer_norms(m.graph, estimate=per_layer, iters=estimate_iters, progress=progress)
         value = autolip(m.graph, {k: v.certified for k, v in layers.items()})
-        log10 = math.log10(value) if value > 0 else -math.inf
+        log10 = log10_rounded_up(math.log10(value)) if value > 0 else -math.inf
         bounds.append(Bound("2->2", plain_value(log10), log10, "AutoLip, certified operator norms", True))
     own = norm + "->" + norm
     candidates = [b for b in bounds if b.norm == own] or [by_norm[own]]

@@ -72,7 +72,9 @@ def test_bound_json_single_variant(pair):
     assert keys <= set(obj)
     assert obj["exact"] is True and obj["input_bound"] == 2.0
     assert 0 < obj["rounding_margin"] < 1e-5  # float32 rounding of a 2-layer net with fan-in <= 8
-    assert obj["bound"] == pytest.approx(2 * obj["path_metric"] / (1 - obj["rounding_margin"]), rel=1e-12)
+    # (plus api.HOST_LOG10_ALLOWANCE: the float64 host work, a few 1e-12 here)
+    assert obj["bound"] == pytest.approx(2 * obj["path_metric"] / (1 - obj["rounding_margin"]), rel=1e-11)
+    assert obj["bound"] >= 2 * obj["path_metric"] / (1 - obj["rounding_margin"])
     assert 0 < obj["samples"] <= 32 and obj["observed_max_l1_diff"] <= obj["bound"]
 
 

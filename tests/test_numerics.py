@@ -195,3 +195,26 @@ def test_check_warns_about_weights_beyond_float32s_range_within_a_tensor():
     r = onnxlip.check(gemm_chain(ws, [np.zeros(2), np.zeros(1)]))
     assert r.supported and any("W0: 1 non-zero entry is below 2^-126" in w for w in r.warnings)
     assert not onnxlip.check("models/digits_cnn.onnx").warnings
+
+
+def test_certified_log10_values_cover_the_host_rounding():
+    """log10 of a companion result is formed in float64 (the sum, its log10, the exponent times log10(2)). At the
+    exponents of deep networks (here up to 2**20000) one ulp of headroom is not enough: certified log10 values
+    are raised by 1e-12 of their size (api.log10_rounded_up). Oracle: 60-digit decimal arithmetic."""
+    from decimal import Decimal, localcontext
+
+    from onnxlip.api import log10_rounded_up
+    from onnxlip.companion import log10_total
+
+    rng = np.random.default_rng(1)
+    one_ulp_short = 0
+    with localcontext() as ctx:
+        ctx.prec = 60
+        log10_2 = Decimal(2).log10()
+        for _ in range(3000):
+            m, e = rng.random(5).astype(np.float32), int(rng.integers(-20000, 20000))
+            exact = sum(Decimal(float(x)) for x in m).log10() + e * log10_2
+            got = log10_total([(m, float(e))])
+            one_ulp_short += Decimal(math.nextafter(got, math.inf)) < exact
+            assert exact <= Decimal(log10_rounded_up(got)) <= exact + (abs(exact) + 1) * Decimal(1e-11)
+    assert one_ulp_short > 0  # what a single ulp of headroom gave: below the exact value
