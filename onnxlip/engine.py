@@ -3,6 +3,7 @@ and the path-metric of one base model against many variants (theory.md section 3
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -160,14 +161,9 @@ class MetricEngine:
         """A function giving log2 of the least nonzero true base mantissa of a parameter (range_guard.true_lam,
         computed on first call and remembered): a lower bound for the nonzero mantissas of every variant that
         keeps some of its entries and zeroes the others."""
-        if name not in self._base_lam:
-
-            def lam() -> float:
-                if name not in self._base_lam_value:
-                    self._base_lam_value[name] = self.params[name].true_lam(self.base_exp[name])
-                return self._base_lam_value[name]
-
-            self._base_lam[name] = lam
+        if name not in self._base_lam:  # (no reference to self: a cycle would keep the engine's buffers alive)
+            memo, param, e = self._base_lam_value, self.params[name], self.base_exp[name]
+            self._base_lam[name] = functools.partial(_remembered_lam, memo, param, name, e)
         return self._base_lam[name]
 
     def _with_lams(self, pairs: Pairs) -> Pairs:
@@ -419,6 +415,12 @@ class MetricEngine:
             self.metric_margin,
             ROUTE_HILO,
         )
+
+
+def _remembered_lam(memo: dict[str, float], param, name: str, exponent: int) -> float:
+    if name not in memo:
+        memo[name] = param.true_lam(exponent)
+    return memo[name]
 
 
 def lam_of(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...], exponent: int) -> Callable[[], float]:

@@ -7,6 +7,7 @@ results can be reported against them. Which ops exist and what they mean is defi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,12 +83,26 @@ class Param:
 
     def true_lam(self, exponent: int, q: float = 1.0) -> float:
         """range_guard.true_lam of the mantissas with this exponent: log2 of the least nonzero |value|**q * 2**-e,
-        read block by block (a factored value is not formed)."""
-        from .blockwise import formed_rows
-        from .range_guard import true_lam
+        without forming a factored value: with a factor per leading row, the least product of a row is its least
+        |base| entry times |factor| (rounding is monotone)."""
+        from .blockwise import BLOCK, formed_rows
+        from .range_guard import lam_of_least, min_nonzero_abs
 
-        rows = formed_rows(self._value, None) if self._value is not None else formed_rows(*self.factors)
-        return true_lam((block for _, block in rows), exponent, q)
+        if self._value is not None:
+            flat = self._value.reshape(-1)
+            least = min((min_nonzero_abs(flat[s : s + BLOCK]) for s in range(0, flat.size, BLOCK)), default=math.inf)
+            return lam_of_least(least, exponent, q)
+        base, factor = self.factors
+        if base.ndim >= 1 and factor.ndim == base.ndim and factor.size == base.shape[0] and base.size:
+            flat = base.reshape(base.shape[0], -1)
+            step = max(1, BLOCK // flat.shape[1])  # row blocks: the temporaries stay in cache
+            rows = np.concatenate([min_nonzero_abs(flat[r : r + step], axis=1) for r in range(0, len(flat), step)])
+            f = np.abs(factor.reshape(-1)).astype(np.float64)
+            live = (f > 0) & np.isfinite(rows)
+            least = float(np.min(rows[live] * f[live])) if live.any() else math.inf
+            return lam_of_least(least, exponent, q)
+        least = min((min_nonzero_abs(b) for _, b in formed_rows(base, factor)), default=math.inf)
+        return lam_of_least(least, exponent, q)
 
     def all_finite(self) -> bool:
         """No NaN or Inf in `value` (checked on the factors when it is factored)."""

@@ -81,13 +81,32 @@ def true_lam(blocks: Iterable[np.ndarray], exponent: int, q: float = 1.0) -> flo
     """lam of the true mantissas |v|**q * 2**-exponent of the values v given block by block (float32 or float64):
     log2 of their least nonzero entry, LAM_ZERO when all are zero. The formed float32 mantissas may hold fewer
     nonzero entries (those below 2**-149 are flushed to 0), so only this lam bounds what the model really has."""
-    least = math.inf
-    for block in blocks:
-        a = np.abs(block)
-        least = min(least, float(np.min(a, where=a > 0, initial=math.inf)))
-    if least == math.inf:
-        return LAM_ZERO
-    return q * math.log2(least) - exponent
+    least = min((min_nonzero_abs(block) for block in blocks), default=math.inf)
+    return lam_of_least(least, exponent, q)
+
+
+def lam_of_least(least: float, exponent: int, q: float = 1.0) -> float:
+    """true_lam from the least nonzero |value| (inf when there is none)."""
+    return LAM_ZERO if least == math.inf else q * math.log2(least) - exponent
+
+
+_BITS = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+
+
+def min_nonzero_abs(v: np.ndarray, axis: int | None = None):
+    """The least nonzero |entry| of a float32 or float64 array (inf when all are zero), over all entries or, with
+    `axis`, along it. On the bits: shifting out the sign and subtracting 2 sends +-0 to the largest integer, and
+    the order of the remaining integers is that of the magnitudes (NaN does not occur: weights are checked)."""
+    v = np.ascontiguousarray(v)
+    if v.dtype not in _BITS:
+        v = v.astype(np.float64)
+    uint = _BITS[v.dtype]
+    zero = np.iinfo(uint).max - 1  # where +-0 lands
+    shifted = np.subtract(np.left_shift(v.view(uint), uint(1)), uint(2), dtype=uint)
+    k = np.asarray(shifted.min(axis=axis, initial=zero), dtype=uint)
+    bits = np.right_shift(np.add(k, uint(2), dtype=uint), uint(1), dtype=uint)
+    out = np.where(k == zero, math.inf, bits.view(v.dtype).astype(np.float64))
+    return float(out) if axis is None else out
 
 
 def _log2(x: float) -> float:

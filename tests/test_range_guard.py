@@ -203,3 +203,34 @@ def test_gathered_guard_scalars_give_the_same_verdicts(monkeypatch):
         onnxlip.path_norm(gemm_chain(*_flushed_weight_chain()))
     with pytest.raises(UnderflowError):
         pathnorm_bounds(gemm_chain(*_spread_chain(2.0**-100)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_min_nonzero_abs_matches_numpy(dtype):
+    from onnxlip.range_guard import min_nonzero_abs
+
+    rng = np.random.default_rng(2)
+    a = (rng.normal(size=(40, 300)) * 10.0 ** rng.integers(-30, 30, size=(40, 300))).astype(dtype)
+    a[rng.random(a.shape) < 0.3] = 0.0
+    a[3, 7], a[5] = -np.finfo(dtype).smallest_subnormal, -0.0  # a subnormal, and a row of -0.0
+    absolute = np.abs(a)
+    assert min_nonzero_abs(a) == absolute[absolute > 0].min()
+    rows = min_nonzero_abs(a, axis=1)
+    assert rows[5] == math.inf and all(rows[i] == absolute[i][absolute[i] > 0].min() for i in range(40) if i != 5)
+    assert min_nonzero_abs(np.zeros(7, dtype)) == math.inf
+
+
+def test_true_lam_of_folded_weights_without_forming_them():
+    from onnxlip.ir import Param
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(6, 4, 3, 3)).astype(np.float32)
+    base[2] = 0.0
+    base[4, 1, 2, 2] = np.float32(1e-40)
+    factor = rng.uniform(0.5, 2.0, size=(6, 1, 1, 1)) * 2.0 ** rng.integers(-60, 60, size=(6, 1, 1, 1))
+    factor[5] = 0.0
+    p = Param("w", None, factors=(base, factor))
+    e = p.mantissas()[1]
+    formed = base.astype(np.float64) * factor
+    assert p.true_lam(e) == math.log2(np.abs(formed[formed != 0]).min()) - e
+    assert p.factors is not None  # not formed
