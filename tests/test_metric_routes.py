@@ -132,3 +132,26 @@ def test_upper_bound_below_two_thirds_skips_the_subtraction():
     engine._subtraction = lambda lo: tried.append(1) or real(lo)
     assert engine.pruned(keep, upper=0.5).route == ROUTE_DIFFERENCE
     assert not tried  # the subtraction is not even tried
+
+
+def test_engines_are_freed_without_the_cycle_collector():
+    """An engine holds full-size buffers; a reference cycle through it (a lam function closing over the engine did)
+    keeps them alive until a garbage collection, and every later call then pays for fresh memory."""
+    import gc
+    import weakref
+
+    spec, pruned, _, _ = _case("residual", 1, 0.3)
+    base, other = analyse(spec.model), analyse(pruned)
+    vb = align_params(base.graph, other.graph)
+    quantized = {n: np.round(v * 8) / 8 for n, v in vb.items()}
+    gc.disable()
+    try:
+        engine = MetricEngine(base.graph, "cpu")
+        for keep_route in (0.0, None):  # the difference stream (base lams, hi feeds) and subtraction
+            engine.pruned({n: v != 0 for n, v in vb.items()}, upper=keep_route)
+        engine.metric(quantized)  # the hi/lo stream (lams of formed values)
+        ref = weakref.ref(engine)
+        del engine
+        assert ref() is None
+    finally:
+        gc.enable()
