@@ -124,7 +124,6 @@ class GuardProgram:
         self.steps: list[tuple[Callable, int, tuple[int, ...]]] = []
         self.groups: list[int] = []  # slots holding log2 of each group's bound
         self._gathered = False  # emit_fetch gathered the fetched scalars into one vector
-        self._compiled: tuple[int, Callable] | None = None
 
     def const(self, value: float) -> int:
         self.slots.append(float(value))
@@ -161,22 +160,10 @@ class GuardProgram:
             slots[slot] = float(value)
         for name, slot in self.fed.items():
             slots[slot] = float(fed[name])
-        if self._compiled is None or self._compiled[0] != len(self.steps):
-            self._compiled = (len(self.steps), self._compile())
-        self._compiled[1](slots)
+        for fn, out, args in self.steps:  # (~0.2 ms for ResNet-18; compiling them with exec took 8 ms)
+            slots[out] = fn(*[slots[a] for a in args])
         total = math.fsum(2.0 ** slots[g] if slots[g] < 1000 else math.inf for g in self.groups)
         return _log2(total)
-
-    def _compile(self) -> Callable[[list[float]], None]:
-        """The steps as one straight-line function (a few times faster than looping over them)."""
-        fns = [fn for fn, _, _ in self.steps]
-        lines = ["def program(s):"]
-        for i, (_, out, args) in enumerate(self.steps):
-            lines.append(f"    s[{out}] = f[{i}]({', '.join(f's[{a}]' for a in args)})")
-        lines.append("    return None")  # (a program of no steps)
-        namespace: dict = {"f": fns}
-        exec("\n".join(lines) + "\n", namespace)  # noqa: S102 (our own code)
-        return namespace["program"]
 
 
 class _Walk:
