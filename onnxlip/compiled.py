@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from .blockwise import params_mantissas
 from .companion import CompanionEmitter, Scaled, emit_pathnorm, log10_total, ones_feeds
 from .errors import OnnxlipError, UnderflowError
 from .ir import Graph
@@ -191,7 +192,7 @@ def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[
     em = CompanionEmitter(q, {}, "value", fed=("value",), guarded=True)
     compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), device)
     params = graph.params()
-    pairs = {p.name: p.mantissas(q) for p in params}
+    pairs = params_mantissas(params, q)
     if q == 1:  # range_guard checks what float32 underflow may have cost
         with_lams = {p.name: (*pairs[p.name], functools.partial(p.true_lam, pairs[p.name][1])) for p in params}
         return compiled.log10(pairs={"value": with_lams}), compiled.device

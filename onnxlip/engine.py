@@ -25,6 +25,7 @@ from .blockwise import (
     formed_rows,
     hilo_mantissas,
     mantissas,
+    params_mantissas,
     same,
     split_kept,
 )
@@ -122,7 +123,8 @@ class MetricEngine:
     def base_pairs(self) -> Pairs:
         """|base| as float32 mantissas and exponents (normalized_power, read from folded weights' factors)."""
         if self._base_pairs is None:
-            self._base_pairs = {n: p.mantissas(1.0) for n, p in self.params.items()}
+            formed = params_mantissas(self.params.values())
+            self._base_pairs = {n: formed[n] for n in self.params}  # (in parameter order)
         return self._base_pairs
 
     @property

@@ -136,3 +136,19 @@ def test_float64_values_below_float32s_normal_range_keep_their_precision():
     assert B.hilo_mantissas(v, v * 0.5, e, outs)
     for o, fn in zip(outs, (B.abs_max_of, B.abs_min_of, B.abs_gap)):
         assert np.array_equal(o, (fn(v, v * 0.5) * 2.0**89).astype(np.float32))
+
+
+def test_params_mantissas_in_threads_equal_one_by_one():
+    from onnxlip.ir import Param
+
+    rng = np.random.default_rng(8)
+    params = [Param("tiny", np.array([0.5, -2.0]))]
+    params += [Param(f"w{i}", rng.normal(size=(256, 300)) * 10.0 ** rng.integers(-5, 5)) for i in range(5)]
+    base = rng.normal(size=(32, 16, 3, 3)).astype(np.float32)
+    params.append(Param("folded", None, factors=(base, rng.uniform(0.1, 3.0, size=(32, 1, 1, 1)))))
+    for q in (1.0, 2.0):
+        threaded = B.params_mantissas(params, q)
+        assert list(threaded) != [p.name for p in params]  # formed largest first, in threads (> 4 blocks)
+        for p in params:
+            m, e = p.mantissas(q)
+            assert threaded[p.name][1] == e and np.array_equal(threaded[p.name][0].view(np.uint32), m.view(np.uint32))
