@@ -18,9 +18,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from .companion import ZERO_EXPONENT, normalized_power
-
-BLOCK = 1 << 16
+from .companion import BLOCK, ZERO_EXPONENT, normalized_power
 
 
 class Comparison(NamedTuple):
@@ -275,9 +273,9 @@ def factored_mantissas(base: np.ndarray, factor: np.ndarray) -> tuple[np.ndarray
     top = formed_abs_max(base, factor)
     if top == 0.0:
         return np.zeros(base.shape, np.float32), ZERO_EXPONENT
-    exponent = exponent_of(top) if math.isfinite(top) else 0
-    if not -100 < exponent < 120 or not math.isfinite(top):
+    if not math.isfinite(top) or not -100 < exponent_of(top) < 120:
         return None
+    exponent = exponent_of(top)
     out = np.empty(base.shape, np.float32)
     # |float64(base) * factor| * 2**-e, rounded once as normalized_power does: the same products, since scaling
     # by 2**-e is exact in float64 (the exponents here are far from its limits), in one reused buffer per block

@@ -71,7 +71,7 @@ def normalized_power(value: np.ndarray, q: float = 1.0, exponent: int | None = N
     return np.exp2(log2 - e).astype(np.float32), e
 
 
-_BLOCK = 1 << 16
+BLOCK = 1 << 16  # entries per block of the block-by-block passes (their temporaries stay in cache)
 
 
 def scaled_into(v: np.ndarray, scale: float, out: np.ndarray) -> None:
@@ -79,10 +79,10 @@ def scaled_into(v: np.ndarray, scale: float, out: np.ndarray) -> None:
     Scaling before rounding matters: a float64 value below float32's normal range (2**-126) would lose its low
     bits if rounded first, and a scale > 1 would then carry that loss into a normal-looking mantissa."""
     flat, dest = v.reshape(-1), out.reshape(-1)
-    tmp = np.empty(min(_BLOCK, flat.size), np.float64)
-    for s in range(0, flat.size, _BLOCK):
-        block = tmp[: min(_BLOCK, flat.size - s)]
-        np.abs(flat[s : s + _BLOCK], out=block)
+    tmp = np.empty(min(BLOCK, flat.size), np.float64)
+    for s in range(0, flat.size, BLOCK):
+        block = tmp[: min(BLOCK, flat.size - s)]
+        np.abs(flat[s : s + BLOCK], out=block)
         block *= scale
         dest[s : s + block.size] = block
 
@@ -92,7 +92,7 @@ def array_lam(array: np.ndarray, exponent: int, q: float = 1.0) -> float:
     from .range_guard import true_lam
 
     flat = np.asarray(array).reshape(-1)
-    return true_lam((flat[s : s + _BLOCK] for s in range(0, flat.size, _BLOCK)), exponent, q)
+    return true_lam((flat[s : s + BLOCK] for s in range(0, flat.size, BLOCK)), exponent, q)
 
 
 class CompanionEmitter(GraphBuilder):
