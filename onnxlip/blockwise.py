@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, NamedTuple
 
@@ -80,7 +81,8 @@ def in_threads(fn: Callable, jobs: dict, sizes: dict[str, int]) -> dict:
     here: a thread hand-off costs more than they do."""
     global _POOL
     keys = sorted(jobs, key=lambda k: -sizes[k])
-    if len(keys) < 2 or sum(sizes.values()) < 4 * BLOCK:
+    nested = threading.current_thread().name.startswith("onnxlip")  # a job waiting on its own pool would hang
+    if len(keys) < 2 or sum(sizes.values()) < 4 * BLOCK or nested:
         return {k: fn(jobs[k]) for k in keys}
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="onnxlip")

@@ -152,3 +152,18 @@ def test_params_mantissas_in_threads_equal_one_by_one():
         for p in params:
             m, e = p.mantissas(q)
             assert threaded[p.name][1] == e and np.array_equal(threaded[p.name][0].view(np.uint32), m.view(np.uint32))
+
+
+def test_in_threads_nested_in_its_own_pool_runs_inline():
+    """A job that itself calls in_threads (say, a metric engine built inside one) must not wait on the pool it
+    occupies: with 2 workers busy that would hang."""
+    sizes = {k: 10 * B.BLOCK for k in "abcd"}
+    inner = lambda k: B.in_threads(lambda j: j * 2, {i: i for i in range(3)}, {i: 10 * B.BLOCK for i in range(3)})  # noqa: E731
+    import threading
+
+    out = {}
+    runner = threading.Thread(target=lambda: out.update(B.in_threads(inner, {k: k for k in sizes}, sizes)), daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "in_threads hung on its own pool"
+    assert out == {k: {0: 0, 1: 2, 2: 4} for k in sizes}
