@@ -86,12 +86,11 @@ class Param:
         without forming a factored value: with a factor per leading row, the least product of a row is its least
         |base| entry times |factor| (rounding is monotone)."""
         from .blockwise import BLOCK, formed_rows
+        from .companion import array_lam
         from .range_guard import lam_of_least, min_nonzero_abs
 
         if self._value is not None:
-            flat = self._value.reshape(-1)
-            least = min((min_nonzero_abs(flat[s : s + BLOCK]) for s in range(0, flat.size, BLOCK)), default=math.inf)
-            return lam_of_least(least, exponent, q)
+            return array_lam(self._value, exponent, q)
         base, factor = self.factors
         if base.ndim >= 1 and factor.ndim == base.ndim and factor.size == base.shape[0] and base.size:
             flat = base.reshape(base.shape[0], -1)
