@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import OnnxlipError
+from .loading import same_file
 
 app = typer.Typer(
     help="Path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks.\n\n"
@@ -167,5 +168,5 @@ def _progress(total: int, label: str) -> Progress:
 def _refuse_overwrite(target: Path, inputs) -> None:
     """Never write over an input file."""
     for src in inputs:
-        if Path(src).exists() and target.exists() and target.resolve() == Path(src).resolve():
+        if same_file(target, src):
             raise OnnxlipError(f"refusing to overwrite the input file {src}; choose another output path")

@@ -105,7 +105,11 @@ def prune_cmd(
     with _guard(as_json):
         if (sparsity is None) == (sweep is None):
             raise OnnxlipError("give either --sparsity S (with -o FILE) or --sweep S1,S2,...")
+        if plot is not None:
+            _refuse_overwrite(plot, [model])
         if sweep is not None:
+            if out_file is not None:
+                raise OnnxlipError("-o writes the model of one --sparsity; a --sweep writes none (--plot draws it)")
             try:
                 levels = [float(v) for v in sweep.split(",") if v.strip()]
             except ValueError:

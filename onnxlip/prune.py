@@ -20,7 +20,7 @@ from .engine import MetricEngine
 from .errors import OnnxlipError
 from .importer import ImportOptions, import_model
 from .ir import Graph, Param
-from .loading import ModelLike
+from .loading import ModelLike, same_file
 from .scores import scores as compute_scores
 from .selection import keep_largest
 
@@ -251,12 +251,7 @@ def prune_sweep(
     `progress` is called after each (criterion, sparsity) result."""
     if out_path is not None and len(sparsities) * len(criteria) != 1:
         raise OnnxlipError("an output file can only be written for a single sparsity and criterion")
-    if (
-        out_path is not None
-        and not isinstance(model, onnx.ModelProto)
-        and Path(out_path).exists()
-        and Path(out_path).resolve() == Path(model).resolve()
-    ):
+    if out_path is not None and not isinstance(model, onnx.ModelProto) and same_file(out_path, model):
         raise OnnxlipError(f"refusing to overwrite the input file {model}; choose another output path")
     m = analyse(model, output, input_shapes, keep_proto=out_path is not None)  # no file to write: weights in place
     tensors = prunable_tensors(m, include_biases)

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 
 from .api import _jsonable
 from .errors import OnnxlipError
-from .loading import ModelLike, load_model
+from .loading import ModelLike, load_model, same_file
 
 # channel-wise positively homogeneous ops a rescaled activation may pass through on its way to the next layer
 _PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
@@ -213,11 +213,7 @@ def rescale(
         init.CopyFrom(numpy_helper.from_array(g.values[name], name))
     result = RescaleResult(neurons, layers, skipped, None if out_path is None else str(out_path))
     if out_path is not None:
-        if (
-            not isinstance(model, onnx.ModelProto)
-            and Path(out_path).exists()
-            and Path(out_path).resolve() == Path(model).resolve()
-        ):
+        if not isinstance(model, onnx.ModelProto) and same_file(out_path, model):
             raise OnnxlipError(f"refusing to overwrite the input file {model}; choose another output path")
         onnx.save(proto, str(out_path))
     return proto, result

@@ -6,8 +6,8 @@ unchanged). Everything else (another layout, a changed BatchNorm, float_data or 
 does not parse) takes the full import, which also gives the errors.
 
 The skeletons come from onnxlip/wire.py: every byte outside the initializers' raw_data is compared, so two files
-with equal skeletons parse to equal protos up to raw_data. Files are read into one reused buffer: fresh memory is
-slow to fault in on our machines, and a memory map could end in SIGBUS if the file shrank while mapped."""
+with equal skeletons parse to equal protos up to raw_data. Files are memory-mapped read-only (loading.map_file):
+no copy into fresh memory, which is slow to fault in on our machines."""
 
 from __future__ import annotations
 
@@ -18,31 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from .blockwise import BLOCK, finite
-from .errors import OnnxlipError
+from .errors import ModelLoadError, OnnxlipError
 from .ir import Graph
+from .loading import map_file
 from .wire import RawTensor, WireError, array, scan
 
 # a variant's factor (BatchNorm scale) keeps comparisons of float32/64 entries exact when the products stay
 # normal float64 numbers: |factor| in [2**-850, 2**850] (see _factor_ok)
 _FACTOR_RANGE = (2.0**-850, 2.0**850)
-
-
-class _Buffer:
-    """A file read into reused memory."""
-
-    def __init__(self) -> None:
-        self.data = np.empty(0, np.uint8)
-
-    def read(self, path: Path) -> memoryview:
-        size = os.path.getsize(path)
-        if self.data.size < size:
-            self.data = np.empty(size, np.uint8)
-        view = memoryview(self.data)[:size]
-        with open(path, "rb", buffering=0) as f:
-            got = f.readinto(view)
-        if got != size:
-            raise WireError
-        return view
 
 
 @dataclass
@@ -78,12 +61,11 @@ class VariantReader:
 
     def __init__(self, base_path: str | os.PathLike, graph: Graph, data: np.ndarray | None = None):
         """`data`: the base file's bytes when already read (analyse with keep_proto=False)."""
-        self._buffer = _Buffer()
         self._base = None
         try:
-            view = memoryview(data) if data is not None else _Buffer().read(Path(base_path))
+            view = memoryview(data if data is not None else map_file(Path(base_path)))
             self._base = (view, *scan(view))
-        except (WireError, OSError, UnicodeDecodeError, MemoryError):
+        except (WireError, OSError, UnicodeDecodeError, MemoryError, ModelLoadError):
             return
         self._params: dict[str, list] = {}  # initializer -> the parameters reading it unchanged
         self._blocked: set[str] = set()  # initializers some parameter uses otherwise (a changed one: full import)
@@ -114,15 +96,14 @@ class VariantReader:
 
     def changes(self, path: str | os.PathLike) -> dict[str, Change] | None:
         """The variant's changed parameters; None when it differs from the base in more than initializer values
-        this reader can take over (the caller then imports it in full). The arrays view a buffer that the next
-        call overwrites."""
+        this reader can take over (the caller then imports it in full). The arrays view the file's mapped bytes."""
         if self._base is None:
             return None
         base_view, base_skeleton, base_tensors = self._base
         try:
-            view = self._buffer.read(Path(path))
+            view = memoryview(map_file(Path(path)))
             skeleton, tensors = scan(view)
-        except (WireError, OSError, UnicodeDecodeError, MemoryError):
+        except (WireError, OSError, UnicodeDecodeError, MemoryError, ModelLoadError):
             return None
         if skeleton != base_skeleton or tensors.keys() != base_tensors.keys():
             return None

@@ -392,3 +392,56 @@ def test_implausible_static_shapes_are_refused():
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 2**40
     with pytest.raises(ShapeError, match="plausible"):
         onnxlip.path_norm(model)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["prune", "--sparsity", "0.3", "-o"],
+        ["rescale", "--seed", "1", "-o"],
+        ["scores", "-o"],
+        ["prune", "--sweep", "0.3", "--plot"],
+    ],
+)
+def test_outputs_never_replace_an_input_through_a_hard_link(tmp_path, command):
+    src = tmp_path / "model.onnx"
+    src.write_bytes(open("models/digits_cnn.onnx", "rb").read())
+    os.link(src, tmp_path / "alias.onnx")  # another name for the same file: resolve() cannot tell them apart
+    before = src.read_bytes()
+    name, *options = command
+    code, _, err = cli(name, src, *options, tmp_path / "alias.onnx")
+    assert code == 2 and "overwrite" in err
+    assert src.read_bytes() == before
+    with pytest.raises(OnnxlipError, match="overwrite"):
+        if name == "prune" and "--sparsity" in options:
+            onnxlip.prune(src, 0.3, out_path=tmp_path / "alias.onnx")
+        elif name == "rescale":
+            onnxlip.rescale(src, seed=1, out_path=tmp_path / "alias.onnx")
+        else:
+            raise OnnxlipError("overwrite: no Python API writes for this command")
+    assert src.read_bytes() == before
+
+
+def test_mapped_file_reads_like_a_plain_read(tmp_path, monkeypatch):
+    """Model bytes are memory-mapped read-only; where mapping fails they are read, with the same results."""
+    import mmap
+
+    from onnxlip import loading
+
+    path = "models/digits_cnn.onnx"
+    proto, arrays, data = loading.load_with_arrays(path)
+    assert isinstance(data.base.obj, mmap.mmap) and not data.flags.writeable
+    assert arrays and all(not a.flags.writeable for a in arrays.values())
+    with pytest.raises(ValueError):
+        next(iter(arrays.values()))[...] = 0  # nothing can write through to the file
+    mapped = onnxlip.path_norm(path, device="cpu").log10_path_norm
+
+    def refuse(*args, **kwargs):
+        raise OSError("mapping refused")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    _, arrays_read, data_read = loading.load_with_arrays(path)
+    assert data_read.base is None and not data_read.flags.writeable
+    assert arrays_read.keys() == arrays.keys()
+    assert all(np.array_equal(arrays[n], arrays_read[n]) for n in arrays)
+    assert onnxlip.path_norm(path, device="cpu").log10_path_norm == mapped

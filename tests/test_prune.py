@@ -103,6 +103,8 @@ def test_cli_single_and_refusals(tmp_path):
     assert code == 0 and json.loads(out)["output"] == str(tmp_path / "p.onnx")
     code, out, err = cli("prune", "models/digits_cnn.onnx", "--sparsity", "0.3", "-o", "models/digits_cnn.onnx")
     assert code == 2 and "overwrite" in err
+    code, out, err = cli("prune", "models/digits_cnn.onnx", "--sweep", "0.3", "-o", tmp_path / "q.onnx")
+    assert code == 2 and "--sweep writes none" in err and not (tmp_path / "q.onnx").exists()
     code, out, err = cli("prune", "models/digits_cnn.onnx", "--sparsity", "1.5", "-o", tmp_path / "q.onnx")
     assert code == 2 and "between 0 and 1" in err
     code, out, err = cli(

@@ -15,8 +15,9 @@ import onnxlip
 from onnxlip.api import analyse
 from onnxlip.engine import MetricEngine
 from onnxlip.errors import MismatchError, ModelLoadError, OnnxlipError
+from onnxlip.loading import map_file
 from onnxlip.structure import align_params
-from onnxlip.variants import VariantReader, _Buffer, _same_bytes
+from onnxlip.variants import VariantReader, _same_bytes
 from onnxlip.wire import scan
 from tests import dag_factory as F
 from tests.test_bad_input import cli
@@ -124,7 +125,7 @@ def test_bound_many_reuses_one_buffer_for_many_variants(tmp_path):
 
 def test_scan_finds_every_raw_initializer():
     for path in sorted(MODELS.glob("*.onnx")):
-        view = _Buffer().read(path)
+        view = memoryview(map_file(path))
         skeleton, tensors = scan(view)
         model = onnx.load(str(path))
         raw = {i.name: i for i in model.graph.initializer if i.raw_data and i.data_type == TensorProto.FLOAT}
