@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from .dequantize import fold_dequantize
 from .errors import ModelIssue, OnnxlipError, ShapeError
 
 # nodes that are never constant-folded even when their inputs are constant
@@ -237,6 +238,10 @@ def _fold_one(proto, node, consts, shapes):
         return None
     if sum(consts[n].nbytes for n in names) > _FOLD_LIMIT:
         return None
+    if node.op_type == "DequantizeLinear":  # onnxruntime's arithmetic, at every opset (onnxlip/dequantize.py)
+        folded = fold_dequantize(node, consts)
+        if folded is not None:
+            return folded
     from onnx.reference import ReferenceEvaluator
 
     inputs = [

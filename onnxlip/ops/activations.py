@@ -174,6 +174,11 @@ reject(
     "ArrayFeatureExtractor",
     "LabelEncoder",
 )
+reject(
+    "dequantizes a run-time tensor (a quantized activation, which is not piecewise linear); weight-only "
+    "quantization, a DequantizeLinear of constant weights, is supported",
+    "DequantizeLinear",
+)
 reject("is a recurrent layer with sigmoid/tanh gates: not piecewise linear", "LSTM", "GRU", "RNN")
 reject(
     "rounds values (quantized activations are not piecewise linear); keep activations in float",
