@@ -75,6 +75,7 @@ class BoundResult:
     variant: str = ""
     rounding_margin: float = 0.0
     route: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
@@ -310,6 +311,7 @@ def bound_many(
                 other.label,
                 metric.rounding_margin,
                 metric.route,
+                list(dict.fromkeys(ref.graph.warnings + other.graph.warnings)),
             )
         )
         if progress is not None:

@@ -190,6 +190,8 @@ def _print_bounds(base, variants, results, max_bound) -> None:
         out.print("sign flips: " + next(r.sign_flip_handling for r in results if r.sign_flips), highlight=False)
     if max_bound is not None:
         out.print(f"gate: --max-bound {max_bound:g}", highlight=False)
+    for note in dict.fromkeys(n for r in results for n in r.notes):
+        out.print(f"note: {note}", highlight=False)
 
 
 # the other commands register themselves on `app` when imported (after these, in this order, for --help)

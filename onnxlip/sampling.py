@@ -71,7 +71,7 @@ class Sampler:
     def run(self, xs: dict[str, np.ndarray]) -> np.ndarray:
         """Flattened outputs, one row per input of the batch."""
         n = next(iter(xs.values())).shape[0]
-        feeds = {k: v.astype(np.float64 if "double" in self.input_types[k] else np.float32) for k, v in xs.items()}
+        feeds = {k: v.astype(_INPUT_TYPES.get(self.input_types[k], np.float32)) for k, v in xs.items()}
         if self.batched:
             outs = run(self.session, list(self.graph.outputs), feeds)
             return np.concatenate([np.asarray(o, np.float64).reshape(n, -1) for o in outs], axis=1)
@@ -80,6 +80,9 @@ class Sampler:
             outs = run(self.session, list(self.graph.outputs), {k: v[i : i + 1] for k, v in feeds.items()})
             rows.append(np.concatenate([np.asarray(o, np.float64).ravel() for o in outs]))
         return np.stack(rows)
+
+
+_INPUT_TYPES = {"tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
 def random_box_inputs(graph: Graph, n: int, radius: float, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -19,6 +19,20 @@ def _attrs_equal(a, b) -> bool:
     return a == b
 
 
+def _without_no_ops(graph: Graph) -> tuple[list, dict[str, str]]:
+    """The graph's nodes without those that change neither values nor shape (Identity, Dropout, a Cast between
+    float types, a Reshape to the same shape: one export writes them where another does not), and the map from
+    their outputs to the tensors they pass on."""
+    alias: dict[str, str] = {}
+    kept = []
+    for n in graph.nodes:
+        if n.op == "reshape" and not n.params and graph.shapes[n.inputs[0]] == graph.shapes[n.outputs[0]]:
+            alias[n.outputs[0]] = alias.get(n.inputs[0], n.inputs[0])
+        else:
+            kept.append(n)
+    return kept, alias
+
+
 def align_params(base: Graph, other: Graph, labels: tuple[str, str] = ("a", "b")) -> dict[str, np.ndarray]:
     """other's parameter values keyed by base's parameter names; MismatchError naming the first difference."""
     la, lb = labels
@@ -29,17 +43,17 @@ def align_params(base: Graph, other: Graph, labels: tuple[str, str] = ("a", "b")
     out_b = [other.shapes[t] for t in other.outputs]
     if out_a != out_b:
         raise MismatchError(f"the models have different output shapes: {la} {out_a} vs {lb} {out_b}")
-    if len(base.nodes) != len(other.nodes):
-        raise MismatchError(
-            f"the models have different numbers of ops after import: {len(base.nodes)} vs {len(other.nodes)}"
-        )
+    nodes_a, alias_a = _without_no_ops(base)
+    nodes_b, alias_b = _without_no_ops(other)
+    if len(nodes_a) != len(nodes_b):
+        raise MismatchError(f"the models have different numbers of ops after import: {len(nodes_a)} vs {len(nodes_b)}")
     tensor_map = dict(zip(base.inputs, other.inputs))
     values: dict[str, np.ndarray] = {}
-    for i, (na, nb) in enumerate(zip(base.nodes, other.nodes)):
+    for i, (na, nb) in enumerate(zip(nodes_a, nodes_b)):
         where = f"op #{i} ({la}: {na.name!r} {na.onnx_op}, {lb}: {nb.name!r} {nb.onnx_op})"
         if na.op != nb.op:
             raise MismatchError(f"the models differ at {where}: {na.op} vs {nb.op}")
-        if [tensor_map.get(t) for t in na.inputs] != list(nb.inputs):
+        if [tensor_map.get(alias_a.get(t, t)) for t in na.inputs] != [alias_b.get(t, t) for t in nb.inputs]:
             raise MismatchError(f"the models differ at {where}: its inputs come from different ops")
         for key in sorted(set(na.attrs) | set(nb.attrs)):
             if not _attrs_equal(na.attrs.get(key), nb.attrs.get(key)):
@@ -59,6 +73,6 @@ def align_params(base: Graph, other: Graph, labels: tuple[str, str] = ("a", "b")
                     f"the models differ at {where}: output shape {base.shapes[ta]} vs {other.shapes[tb]}"
                 )
             tensor_map[ta] = tb
-    if [tensor_map.get(t) for t in base.outputs] != list(other.outputs):
+    if [tensor_map.get(alias_a.get(t, t)) for t in base.outputs] != [alias_b.get(t, t) for t in other.outputs]:
         raise MismatchError("the models' outputs come from different ops")
     return values
