@@ -28,6 +28,7 @@ the run (compiled.certify)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterable
 
@@ -276,7 +277,7 @@ class _Walk:
             factors = [self.lam[t] for t in m_in] + [
                 self.log2_multiplier(t) for t in ins if t in self.scalar and t not in self.mantissa
             ]
-            lam = self.p.step(lambda *f: math.fsum(f), *factors) if len(factors) > 1 else factors[0]
+            lam = self.p.step(functools.partial(_product_lam, len(m_in)), *factors) if len(factors) > 1 else factors[0]
             site = (lam, self.products_per_entry(node) + sum(k for _, k in inner))
             pending = pending + [site]
             self.own_site.update(dict.fromkeys(outs, site))
@@ -337,6 +338,17 @@ class _Walk:
             lams = [lam for lam, _ in self.pending.get(t, [])]
             if lams:
                 self.p.groups.append(self.p.step(lambda *f: -math.inf if min(f) >= _SITE_MIN else math.inf, *lams))
+
+
+def _product_lam(mantissas: int, *factors: float) -> float:
+    """lam of a product from its factors' (the first `mantissas` are mantissa lams, the rest log2 of scalar
+    multipliers): their sum, or LAM_ZERO when a factor is all zeros, so that the product is exactly 0 whatever the
+    other factors (a lam of -inf there means only "unknown"). A mantissa is all zeros when its lam is LAM_ZERO or
+    derives from it (above LAM_ZERO / 2: no nonzero mantissa entry, at most about 1, has such a log2); a multiplier
+    when it is 0 (log2 -inf)."""
+    if any(f >= LAM_ZERO / 2 for f in factors[:mantissas]) or any(f == -math.inf for f in factors[mantissas:]):
+        return LAM_ZERO
+    return math.fsum(factors)
 
 
 def _reduces_all(node) -> bool:

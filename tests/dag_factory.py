@@ -464,7 +464,7 @@ def activations(rng) -> Spec:
 
 
 def layout(rng) -> Spec:
-    """Pad (zero), Reshape, Transpose, Squeeze / Unsqueeze, Slice, Resize nearest, Div."""
+    """Pad (zero, reflect or edge), Reshape, Transpose, Squeeze / Unsqueeze, Slice, Resize nearest, Div."""
     b = Builder(rng, "layout")
     x = b.input(2, 3, 3)
     h = b.op("Pad", [x, b.ints([0, 0, 1, 0, 0, 0, 0, 1])], mode="constant")
@@ -474,6 +474,10 @@ def layout(rng) -> Spec:
     h = b.op("Transpose", [h], perm=[0, 1, 3, 2])
     if _coin(rng):
         h = b.op("Pad", [h, b.ints([0, 0, 0, 1, 0, 0, 1, 0])])
+    # a copying pad (every entry a copy of an input entry): before a conv, as in image-to-image networks
+    mode = str(rng.choice(["reflect", "edge"]))
+    h = b.op("Pad", [h, b.ints([0, 0, 1, 1, 0, 0, 1, 0])], mode=mode)
+    h = b.relu(b.conv(h, 2, (2, 2)))
     divisor = rng.uniform(1.5, 3.0)
     h = b.op("Div", [h, b.const(divisor if _coin(rng) else [divisor], learned=False)])  # 0-d or (1,)-shaped
     s = b.shape(h)

@@ -504,3 +504,34 @@ def test_bug_metric_with_scalar_constant_after_relu(op):
     other = F.perturb(spec, "prune", rng)
     m = onnxlip.path_metric(spec.model, other)
     assert _rel(m.path_metric, O.path_metric(spec.model, other)) <= REL
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge", "wrap"])
+@pytest.mark.parametrize("pads", [[0, 0, 1, 2, 0, 0, 2, 1], [0, 1, 0, 3, 0, 0, 1, 0], [0, 0, -1, 2, 0, 0, 1, -1]])
+def test_copying_pads_are_onnxruntimes(mode, pads):
+    """Pad in reflect, edge and wrap mode (opset 19) becomes a select whose index map is onnxruntime's Pad of an
+    index tensor, crops (negative pads) included."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxlip.importer import import_model
+    from tests.helpers import make_model
+
+    shape = [1, 2, 4, 5]
+    node = helper.make_node("Pad", ["x", "pads"], ["y"], mode=mode)
+    model = make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(pads, np.int64), "pads")],
+        opset=19,
+    )
+    iota = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = sess.run(None, {"x": iota})[0]
+    if min(pads) < 0:  # onnxruntime crops; onnxlip refuses, with the reason
+        with pytest.raises(onnxlip.errors.UnsupportedModelError, match="negative pads"):
+            import_model(model)
+        return
+    (select,) = import_model(model).nodes
+    assert select.op == "select"
+    np.testing.assert_array_equal(select.attrs["index"], expected.astype(np.int64))

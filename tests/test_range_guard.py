@@ -234,3 +234,28 @@ def test_true_lam_of_folded_weights_without_forming_them():
     formed = base.astype(np.float64) * factor
     assert p.true_lam(e) == math.log2(np.abs(formed[formed != 0]).min()) - e
     assert p.factors is not None  # not formed
+
+
+def test_products_with_an_all_zero_factor_are_exact_zeros():
+    """A product with an all-zero factor (a mantissa whose lam is LAM_ZERO or derives from it, or a multiplier of
+    0) is exactly 0, whatever the other factor's lam, even an unknown one (-inf)."""
+    from onnxlip.range_guard import _product_lam
+
+    assert _product_lam(2, LAM_ZERO, -math.inf) == LAM_ZERO
+    assert _product_lam(1, LAM_ZERO - 1.7, -3.0) == LAM_ZERO  # a zero tensor aligned by 2**-1.7 is still zero
+    assert _product_lam(1, -math.inf, -math.inf) == LAM_ZERO  # an unknown mantissa times a zero multiplier
+    assert _product_lam(2, -3.0, -math.inf) == -math.inf  # an unknown mantissa: unknown product
+    assert _product_lam(2, -3.0, -4.5, -1.0) == -8.5
+
+
+def test_zeroed_weight_behind_a_copying_pad_is_certified():
+    """Regression: the difference stream of one zeroed weight, where an all-zero delta meets an alignment
+    multiplier of 0 behind a reflect Pad, was refused as a possible underflow of any amount (exit 2)."""
+    from tests import dag_factory as F
+    from tests import oracle
+    from tests.test_scores import _zeroed
+
+    spec = F.build("layout", 1)
+    zeroed = _zeroed(spec.model, "w45", 0)
+    m = onnxlip.path_metric(spec.model, zeroed)
+    assert m.exact and m.path_metric == pytest.approx(oracle.path_metric(spec.model, zeroed), rel=1e-6)

@@ -1,7 +1,8 @@
 """Layout ops: every output entry is a copy of one input entry (or zero for Pad), so they are identity
 neurons with weight-1 edges and their companion is the same op on the mantissa (exponent unchanged).
-Reshape-like ops become `reshape`; Resize/Upsample (nearest), Tile, Expand, DepthToSpace and SpaceToDepth
-become `select`, a flat gather whose index map is read off the real op applied to an index tensor."""
+Reshape-like ops become `reshape`; Resize/Upsample (nearest), Tile, Expand, DepthToSpace, SpaceToDepth and Pad in
+reflect/edge/wrap mode become `select`, a flat gather whose index map is read off the real op applied to an index
+tensor."""
 
 from __future__ import annotations
 
@@ -144,8 +145,17 @@ def import_split(node, ctx):
 def import_pad(node, ctx):
     mode = ctx.attr("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode in ("reflect", "edge", "wrap"):  # every output entry copies an input entry: a select
+        for name in node.input[1:]:
+            if name and not ctx.is_const(name):
+                _fail(f"its input {name!r} is computed at run time; it must be constant")
+        pads = ctx.attr("pads") if ctx.opset < 11 else ctx.const(node.input[1])
+        if pads is not None and np.any(np.asarray(pads) < 0):
+            _fail(f"negative pads (crops) in {mode!r} mode are not supported; crop with a Slice")
+        ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx)})
+        return
     if mode != "constant":
-        _fail(f"Pad mode {mode!r} is not supported (only zero padding)")
+        _fail(f"Pad mode {mode!r} is not supported (only constant zero, reflect, edge and wrap)")
     rank = len(ctx.shape(node.input[0]))
     if ctx.opset < 11:
         pads, value = list(ctx.attr("pads")), float(ctx.attr("value", 0.0))
