@@ -29,7 +29,7 @@ from .cli_common import (
 from .errors import OnnxlipError
 
 
-@app.command()
+@app.command(short_help="Is the model supported? Its ops, inputs, parameters and every problem (exit 2 if not).")
 def check(
     model: Path = typer.Argument(..., help="ONNX file."),
     output: Optional[List[str]] = OutputOpt,
@@ -66,7 +66,7 @@ def _print_check(model, result: api.CheckResult) -> None:
         out.print(f"[yellow]warning:[/] {w}")
 
 
-@app.command()
+@app.command(short_help="L^q path-norm ||Phi(theta)||_q of the model (value and log10).")
 def pathnorm(
     model: Path = typer.Argument(..., help="ONNX file."),
     q: float = typer.Option(1.0, "--q", help="Exponent of the L^q path-norm (q > 0)."),
@@ -94,7 +94,9 @@ def pathnorm(
         out.print(table)
 
 
-@app.command()
+@app.command(
+    short_help="Certified bound on how far variants can drift from a base model, for every input in a box (CI gate)."
+)
 def bound(
     models: List[Path] = typer.Argument(
         ...,

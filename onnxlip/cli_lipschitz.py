@@ -23,7 +23,10 @@ from .cli_common import (
 )
 
 
-@app.command("lipschitz")
+@app.command(
+    "lipschitz",
+    short_help="Certified upper and observed lower bounds on the Lipschitz constant with respect to the input.",
+)
 def lipschitz_cmd(
     model: Path = typer.Argument(..., help="ONNX file."),
     norm: str = typer.Option("2", "--norm", help="2, 1 or inf: the norm on inputs and outputs."),

@@ -26,7 +26,7 @@ from .cli_common import (
 from .errors import OnnxlipError
 
 
-@app.command("scores")
+@app.command("scores", short_help="Path-magnitude score of every weight and bias (rescaling-invariant), as an .npz.")
 def scores_cmd(
     model: Path = typer.Argument(..., help="ONNX file."),
     out_file: Optional[Path] = typer.Option(
@@ -73,7 +73,9 @@ def scores_cmd(
             out.print(f"wrote {out_file} (scores relative to the path-norm)", highlight=False)
 
 
-@app.command("prune")
+@app.command(
+    "prune", short_help="Prune by path-magnitude or magnitude; writes the pruned model and its certified bound."
+)
 def prune_cmd(
     model: Path = typer.Argument(..., help="ONNX file."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of the prunable weights to zero."),
@@ -185,7 +187,10 @@ def _plot_sweep(results, path: Path) -> None:
     plt.close(fig)
 
 
-@app.command("rescale")
+@app.command(
+    "rescale",
+    short_help="A functionally identical model with random neuron-wise rescaling (the attack on magnitude pruning).",
+)
 def rescale_cmd(
     model: Path = typer.Argument(..., help="ONNX file."),
     out_file: Path = typer.Option(..., "-o", "--out", help="Where to write the rescaled model."),
