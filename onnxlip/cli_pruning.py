@@ -162,6 +162,8 @@ def prune_cmd(
                 "exact" if r.exact else "upper bd",
             )
         out.print(table)
+        for note in results[0].notes:
+            out.print(f"note: {note}", highlight=False)
         if out_file is not None:
             out.print(f"wrote {out_file}", highlight=False)
 

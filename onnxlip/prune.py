@@ -5,7 +5,7 @@ dominates it entrywise)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -46,17 +46,20 @@ class PruneResult:
     rounding_margin: float
     output: str | None
     route: str = ""  # how the metric was computed (PathMetricResult.route)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
 
 
-def prunable_tensors(m: Analysed, include_biases: bool = False) -> dict[str, np.ndarray]:
+def prunable_tensors(m: Analysed, include_biases: bool = False, skipped: list[str] | None = None):
     """The user's initializers that pruning may zero: weights of Conv/ConvTranspose/Gemm/MatMul (and their
-    biases on request), as they are in the file."""
+    biases on request), as they are in the file ({name: array}). Weights that are no float initializer (computed
+    by a DequantizeLinear from quantized ones, or by a Constant node) stay; `skipped` collects their names."""
     inits = None  # the file's initializers, read only for parameters the IR does not hold as in the file
     roles = ("weight", "bias") if include_biases else ("weight",)
     out: dict[str, np.ndarray] = {}
+    left: list[str] = []
     for node in m.graph.nodes:
         if node.op not in _PRUNABLE_OPS:
             continue
@@ -68,12 +71,20 @@ def prunable_tensors(m: Analysed, include_biases: bool = False) -> dict[str, np.
             if arr is None:
                 inits = inits if inits is not None else {i.name: i for i in m.full_proto().graph.initializer}
                 if p.name not in inits:
+                    left.append(p.name)
                     continue
                 arr = numpy_helper.to_array(inits[p.name])
             if arr.dtype.kind == "f":
                 out[p.name] = arr
+            else:
+                left.append(p.name)
+    if skipped is not None:
+        skipped.extend(left)
     if not out:
-        raise OnnxlipError("the model has no prunable weights (Conv, ConvTranspose, Gemm or MatMul initializers)")
+        why = f" ({', '.join(left[:6])} are computed, e.g. dequantized, not stored as floats)" if left else ""
+        raise OnnxlipError(
+            f"the model has no prunable weights (Conv, ConvTranspose, Gemm or MatMul float initializers){why}"
+        )
     return out
 
 
@@ -254,7 +265,16 @@ def prune_sweep(
     if out_path is not None and not isinstance(model, onnx.ModelProto) and same_file(out_path, model):
         raise OnnxlipError(f"refusing to overwrite the input file {model}; choose another output path")
     m = analyse(model, output, input_shapes, keep_proto=out_path is not None)  # no file to write: weights in place
-    tensors = prunable_tensors(m, include_biases)
+    skipped: list[str] = []
+    tensors = prunable_tensors(m, include_biases, skipped)
+    notes = (
+        [
+            f"{len(skipped)} weight tensor(s) are not float initializers of the file (e.g. dequantized from integers) "
+            f"and are not pruned: {', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''}"
+        ]
+        if skipped
+        else []
+    )
     engine = MetricEngine(m.graph, device)
     total = sum(a.size for a in tensors.values())
     base_zeros = {n: int(np.count_nonzero(a == 0)) for n, a in tensors.items()}
@@ -287,6 +307,7 @@ def prune_sweep(
                     metric.rounding_margin,
                     None if out_path is None else str(out_path),
                     metric.route,
+                    list(notes),
                 )
             )
             if progress is not None:

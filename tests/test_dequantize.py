@@ -102,11 +102,13 @@ def _float_cnn(seed: int = 0) -> tuple[dict[str, np.ndarray], list]:
     return w, rng
 
 
-def _cnn(weights: dict[str, np.ndarray], quantized: bool, act_quant: bool = False) -> onnx.ModelProto:
+def _cnn(
+    weights: dict[str, np.ndarray], quantized: bool, act_quant: bool = False, float_fc: bool = False
+) -> onnx.ModelProto:
     """x (1, 2, 4, 4) -> Conv 3x3 stride 2 pad 1 -> Relu -> Flatten -> Gemm; with `quantized`, the conv weight is
     int8 per output channel (axis 0) and the fc weight uint8 per tensor with a zero point, each behind a
     DequantizeLinear, as weight-only quantizers write them; `act_quant` also quantizes the conv's output, as static
-    quantization does."""
+    quantization does; `float_fc` keeps the fc weight in float."""
     nodes, inits = [], []
     conv_w, fc_w = "conv.weight", "fc.weight"
     if quantized:
@@ -123,6 +125,8 @@ def _cnn(weights: dict[str, np.ndarray], quantized: bool, act_quant: bool = Fals
                 "DequantizeLinear", ["conv.weight_q", "conv.weight_scale", "conv.weight_zp"], ["conv_w"], axis=0
             )
         )
+        conv_w = "conv_w"
+    if quantized and not float_fc:
         f = weights["fc.weight"]
         fstep = np.float32((f.max() - f.min()) / 255)
         fzero = np.uint8(np.round(-f.min() / fstep))
@@ -133,9 +137,12 @@ def _cnn(weights: dict[str, np.ndarray], quantized: bool, act_quant: bool = Fals
             numpy_helper.from_array(np.array(fzero, np.uint8), "fc.weight_zp"),
         ]
         nodes.append(helper.make_node("DequantizeLinear", ["fc.weight_q", "fc.weight_scale", "fc.weight_zp"], ["fc_w"]))
-        conv_w, fc_w = "conv_w", "fc_w"
-    else:
-        inits += [numpy_helper.from_array(weights[n], n) for n in ("conv.weight", "fc.weight")]
+        fc_w = "fc_w"
+    inits += [
+        numpy_helper.from_array(weights[n], n)
+        for n, used in (("conv.weight", conv_w), ("fc.weight", fc_w))
+        if n == used
+    ]
     inits += [numpy_helper.from_array(weights[n], n) for n in ("conv.bias", "fc.bias")]
     nodes.append(helper.make_node("Conv", ["x", conv_w, "conv.bias"], ["c"], strides=[2, 2], pads=[1, 1, 1, 1]))
     if act_quant:
@@ -213,3 +220,17 @@ def test_quantized_activations_are_rejected_with_the_nodes_named(tmp_path):
     assert any("quantized activation" in e["reason"] for e in errors)
     code, _, err = cli("bound", tmp_path / "static.onnx", tmp_path / "static.onnx")
     assert code == 2 and "act_dequant" in err and "Traceback" not in err
+
+
+def test_pruning_leaves_quantized_weights_and_says_so(tmp_path):
+    weights, _ = _float_cnn()
+    onnx.save(_cnn(weights, quantized=True), str(tmp_path / "q.onnx"))
+    code, _, err = cli("prune", tmp_path / "q.onnx", "--sparsity", "0.5", "-o", tmp_path / "p.onnx")
+    assert code == 2 and "no prunable weights" in err and "conv_w" in err and "fc_w" in err
+    onnx.save(_cnn(weights, quantized=True, float_fc=True), str(tmp_path / "half.onnx"))
+    r = onnxlip.prune(tmp_path / "half.onnx", 0.5, out_path=tmp_path / "p.onnx", device="cpu")
+    assert r.prunable_entries == weights["fc.weight"].size and "conv_w" in r.notes[0]
+    pruned = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "p.onnx")).graph.initializer}
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "half.onnx")).graph.initializer}
+    assert np.array_equal(pruned["conv.weight_q"], original["conv.weight_q"])  # the quantized weights stay
+    assert np.count_nonzero(pruned["fc.weight"] == 0) == r.pruned_entries
