@@ -119,7 +119,9 @@ def observed_max_l1(
     while done < n:
         k = min(batch, n - done)
         xs = random_box_inputs(samplers[0].graph, k, radius, rng)
-        diff = np.abs(samplers[0].run(xs) - samplers[1].run(xs)).sum(axis=1)
+        # the models' inputs pair by position (structure.align_params checked their shapes), not by name
+        renamed = dict(zip(samplers[1].graph.inputs, xs.values()))
+        diff = np.abs(samplers[0].run(xs) - samplers[1].run(renamed)).sum(axis=1)
         worst = max(worst, float(diff.max()))
         done += k
         elapsed = time.perf_counter() - start

@@ -195,6 +195,24 @@ def test_mismatched_pair_cli(tmp_path):
     assert code == 2 and "differ" in json.loads(out)["error"]
 
 
+def test_pairs_with_other_tensor_names(tmp_path):
+    """Two exports of one network with other input and output names pair by position, sampling included."""
+    a = _mlp(4)
+    b = onnx.ModelProto()
+    b.CopyFrom(a)
+    renames = {b.graph.input[0].name: "input.1", b.graph.output[0].name: "logits"}
+    for vi in list(b.graph.input) + list(b.graph.output):
+        vi.name = renames.get(vi.name, vi.name)
+    for node in b.graph.node:
+        node.input[:] = [renames.get(t, t) for t in node.input]
+        node.output[:] = [renames.get(t, t) for t in node.output]
+    for init in b.graph.initializer:  # and a changed weight
+        if init.name == b.graph.node[0].input[1]:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(0.5), init.name))
+    r = onnxlip.bound(_save(a, tmp_path / "a.onnx"), _save(b, tmp_path / "b.onnx"), samples=32)
+    assert r.samples == 32 and 0 < r.observed_max_l1_diff <= r.bound
+
+
 def _external_model(tmp_path, location):
     m = _mlp()
     tensor = m.graph.initializer[0]
