@@ -345,6 +345,30 @@ class MixNet(nn.Module):
         return self.fc(t)
 
 
+class UNet(nn.Module):
+    """An image-to-image network: reflection and replication padding (Pad in reflect / edge mode), conv + BatchNorm
+    + ReLU, MaxPool down, ConvTranspose and nearest Upsample up, skip connections by torch.cat."""
+
+    input_shape = (2, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.down = nn.MaxPool2d(2)
+        self.mid = nn.Sequential(nn.ReplicationPad2d((1, 0, 1, 0)), nn.Conv2d(4, 6, 2), nn.ReLU())
+        self.up_t = nn.ConvTranspose2d(6, 3, 2, stride=2)
+        self.up_n = nn.Upsample(scale_factor=2, mode="nearest")
+        self.relu_up = nn.ReLU()
+        self.dec = nn.Sequential(nn.ReflectionPad2d((2, 1, 1, 2)), nn.Conv2d(4 + 3 + 6, 4, (4, 4)), nn.ReLU())
+        self.head = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        e = self.enc(x)  # (N, 4, 8, 8)
+        m = self.mid(self.down(e))  # (N, 6, 4, 4)
+        u = torch.cat([e, self.relu_up(self.up_t(m)), self.up_n(m)], dim=1)  # (N, 13, 8, 8)
+        return self.head(self.dec(u))
+
+
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """The conv with the BatchNorm folded in (W' = a W, b' = a b + c), in float64."""
     fused = copy.deepcopy(conv).double()
@@ -384,6 +408,7 @@ ARCHITECTURES = {
     "transpose": TransposeNet,
     "mix": MixNet,
     "mix_view": lambda: MixNet(dynamic_view=True),
+    "unet": UNet,
     "conv_bias_bn": ConvBiasBN,
 }
 
