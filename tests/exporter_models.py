@@ -369,6 +369,30 @@ class UNet(nn.Module):
         return self.head(self.dec(u))
 
 
+class DenseNet(nn.Module):
+    """Pre-activation dense blocks: BatchNorm -> ReLU -> conv on the concatenation of all earlier features (a
+    BatchNorm after a Concat cannot be folded into a linear op: a diagonal affine layer), and an average-pooling
+    transition."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self, growth: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(4 + i * growth), nn.ReLU(), nn.Conv2d(4 + i * growth, growth, 3, padding=1))
+            for i in range(3)
+        )
+        self.transition = nn.Sequential(nn.BatchNorm2d(13), nn.ReLU(), nn.Conv2d(13, 6, 1), nn.AvgPool2d(2))
+        self.head = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, dim=1)))
+        return self.head(torch.flatten(self.transition(torch.cat(features, dim=1)), 1))
+
+
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """The conv with the BatchNorm folded in (W' = a W, b' = a b + c), in float64."""
     fused = copy.deepcopy(conv).double()
@@ -409,6 +433,7 @@ ARCHITECTURES = {
     "mix": MixNet,
     "mix_view": lambda: MixNet(dynamic_view=True),
     "unet": UNet,
+    "densenet": DenseNet,
     "conv_bias_bn": ConvBiasBN,
 }
 

@@ -108,7 +108,7 @@ def batchnorm_affine(gamma, beta, mean, var, eps):
 # ============================================================================================================
 # 1. torch.onnx exporters
 # ============================================================================================================
-TORCH_ARCHS = ("resnet", "convzoo", "conv1d", "transpose", "mix", "unet")
+TORCH_ARCHS = ("resnet", "convzoo", "conv1d", "transpose", "mix", "unet", "densenet")
 # ops each export must contain, so that each test exercises what it claims to
 EXPECTED_OPS = {
     "resnet": {"Conv", "MaxPool", "Add", "Relu", "Gemm"},
@@ -117,6 +117,7 @@ EXPECTED_OPS = {
     "transpose": {"ConvTranspose", "Relu"},
     "mix": {"Max", "Min", "Concat", "Resize", "Transpose", "MatMul"},
     "unet": {"Pad", "ConvTranspose", "Concat", "Resize", "MaxPool"},
+    "densenet": {"Concat", "BatchNormalization", "AveragePool", "Gemm"},
 }
 
 
@@ -166,7 +167,7 @@ def test_torch_resnet(torch_export, exporter, batch, q):
 @pytest.mark.parametrize("q", QS)
 @pytest.mark.parametrize("batch", ["fixed", "dynamic"])
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-@pytest.mark.parametrize("arch", ["convzoo", "conv1d", "transpose", "mix", "unet"])
+@pytest.mark.parametrize("arch", ["convzoo", "conv1d", "transpose", "mix", "unet", "densenet"])
 def test_torch_layers(torch_export, arch, exporter, batch, q):
     path, refs = torch_export(arch, exporter, batch)
     assert onnxlip.path_norm(path, q).path_norm == pytest.approx(refs[q], rel=REL)
