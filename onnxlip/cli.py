@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import api
@@ -26,7 +27,7 @@ from .cli_common import (
     app,
     out,
 )
-from .errors import OnnxlipError
+from .errors import OnnxlipError, grouped_issues
 
 
 @app.command(short_help="Is the model supported? Its ops, inputs, parameters and every problem (exit 2 if not).")
@@ -58,8 +59,8 @@ def _print_check(model, result: api.CheckResult) -> None:
     out.print(table)
     if result.supported:
         out.print(f"inputs: {result.inputs}   outputs: {result.outputs}   parameters: {result.num_parameters:,}")
-    for issue in result.errors:
-        out.print(f"[red]x[/] node [bold]{issue.node}[/] ({issue.op}): {issue.reason}", highlight=False)
+    for line in grouped_issues(result.errors):
+        out.print(f"[red]x[/] {escape(line)}", highlight=False)
     if result.hint:
         out.print(result.hint, highlight=False)
     for w in result.warnings:

@@ -21,6 +21,22 @@ class ModelIssue:
         return f"node {self.node!r} ({self.op}): {self.reason}"
 
 
+def grouped_issues(issues: list[ModelIssue], spell: int = 3) -> list[str]:
+    """One line per issue, except that more than `spell` nodes with one op and one reason (a transformer's hundred
+    Softmax or Gelu nodes) share one line naming the first few: every problem is reported, readably."""
+    groups: dict[tuple[str, str], list[ModelIssue]] = {}
+    for issue in issues:
+        groups.setdefault((issue.op, issue.reason), []).append(issue)
+    lines = []
+    for (op, reason), group in groups.items():
+        if len(group) <= spell:
+            lines += [str(issue) for issue in group]
+        else:
+            names = ", ".join(repr(i.node) for i in group[:spell])
+            lines.append(f"{len(group)} {op} nodes ({names}, ... {group[-1].node!r}): {reason}")
+    return lines
+
+
 class UnsupportedModelError(OnnxlipError):
     """The model has nodes onnxlip cannot treat. Carries every problem found, not just the first."""
 
@@ -28,7 +44,7 @@ class UnsupportedModelError(OnnxlipError):
         self.issues = list(issues)
         self.hint = hint
         lines = [f"the model has {len(self.issues)} unsupported node(s):"]
-        lines += [f"  - {issue}" for issue in self.issues]
+        lines += [f"  - {line}" for line in grouped_issues(self.issues)]
         if hint:
             lines.append(hint)
         super().__init__("\n".join(lines))

@@ -200,7 +200,7 @@ def import_model(
         if name not in shapes and name not in inputs:
             issues.append(ModelIssue(name, "-", "requested output tensor has no inferable static shape"))
     if issues:
-        raise UnsupportedModelError(issues, _output_hint(nodes, issues, shapes, outputs, consts))
+        raise UnsupportedModelError(issues, _output_hint(nodes, issues, shapes, inputs, consts))
     ir = Graph(inputs=inputs, nodes=ctx.nodes, outputs=outputs, shapes=dict(shapes))
     for name, shape in inputs.items():
         ir.shapes[name] = shape
@@ -244,9 +244,9 @@ def _unsupported_reason(node: onnx.NodeProto) -> str:
     return f"{node.op_type} is not supported by onnxlip (not a known piecewise-linear op)"
 
 
-def _output_hint(nodes, issues, shapes, outputs, consts) -> str | None:
+def _output_hint(nodes, issues, shapes, inputs, consts) -> str | None:
     """Suggest --output TENSOR: run-time inputs of the unsupported nodes that do not themselves depend on an
-    unsupported node."""
+    unsupported node and are computed (a model input leaves nothing to analyse)."""
     bad = {i.node for i in issues}
     name_of = {id(n): n.name or (n.output[0] if n.output else "?") for n in nodes}
     tainted: set[str] = set()
@@ -258,7 +258,7 @@ def _output_hint(nodes, issues, shapes, outputs, consts) -> str | None:
         if name_of[id(n)] not in bad:
             continue
         for t in n.input:
-            if t and t not in tainted and t not in consts and t in shapes and t not in candidates:
+            if t and t not in tainted and t not in consts and t in shapes and t not in inputs and t not in candidates:
                 candidates.append(t)
     if not candidates:
         return None

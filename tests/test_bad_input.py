@@ -463,3 +463,29 @@ def test_mapped_file_reads_like_a_plain_read(tmp_path, monkeypatch):
     assert arrays_read.keys() == arrays.keys()
     assert all(np.array_equal(arrays[n], arrays_read[n]) for n in arrays)
     assert onnxlip.path_norm(path, device="cpu").log10_path_norm == mapped
+
+
+def test_many_unsupported_nodes_are_all_reported_readably(tmp_path):
+    """A transformer-like count of unsupported nodes: JSON lists every one, people get one line per op and reason;
+    no --output hint names the model's input (there would be nothing left to analyse)."""
+    nodes, x = [], "x"
+    for i in range(120):
+        op = "Sigmoid" if i % 3 else "Tanh"
+        nodes.append(helper.make_node(op, [x], [f"s{i}"], name=f"act{i}"))
+        x = f"s{i}"
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4])],
+        [],
+    )
+    path = _save(model, tmp_path / "m.onnx")
+    code, out, _ = cli("check", path, "--json")
+    result = json.loads(out)
+    assert code == 2 and len(result["errors"]) == 120 and result["hint"] is None
+    code, out, _ = cli("check", path)
+    lines = [ln for ln in out.splitlines() if ln.startswith("x ")]
+    assert code == 2 and len(lines) == 2
+    assert lines[0].startswith("x 40 Tanh nodes ('act0', 'act3', 'act6', ... 'act117')")
+    code, _, err = cli("pathnorm", path)
+    assert code == 2 and "80 Sigmoid nodes" in err and "--output" not in err and len(err.splitlines()) < 6
