@@ -219,6 +219,8 @@ def rescale_cmd(
         else:
             out.print(
                 f"rescaled {result.rescaled_neurons} neurons in {result.rescaled_layers} layers "
-                f"({result.skipped_layers} ReLU layers skipped: residual, concat or shared); wrote {out_file}",
+                f"({result.skipped_layers} ReLU layers skipped, where it would not be exact or would change weights "
+                "that are not the layers' own float initializers: residual adds, concats, shared or quantized "
+                f"weights); wrote {out_file}",
                 highlight=False,
             )
