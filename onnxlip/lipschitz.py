@@ -54,7 +54,7 @@ def pathnorm_bounds(
     device: str = "auto",
 ) -> list[Bound]:
     """The four path-norm Lipschitz bounds of the model (certified upper bounds)."""
-    m = analyse(model, output, input_shapes)
+    m = analyse(model, output, input_shapes, keep_proto=False)
     graph = m.graph
     values = {}
     for node in graph.nodes:
@@ -258,7 +258,7 @@ def lipschitz(
     norm = str(norm)
     if norm not in ("2", "1", "inf"):
         raise OnnxlipError(f"--norm must be 2, 1 or inf, got {norm!r}")
-    m = analyse(model, output, input_shapes, lipschitz=True)
+    m = analyse(model, output, input_shapes, lipschitz=True, keep_proto=False)
     relu_network = not any(n.op in _NON_RELU_OPS for n in m.graph.nodes)
     if not relu_network and norm != "2":
         raise OnnxlipError(
