@@ -371,7 +371,7 @@ def global_pools(rng) -> Spec:
 
 
 def residual(rng) -> Spec:
-    """Residual Add and Sub (dense and convolutional skips)."""
+    """Residual Add and Sub (dense and convolutional skips), Mean of branches."""
     b = Builder(rng, "residual")
     if _coin(rng):
         x = b.input(3)
@@ -387,6 +387,7 @@ def residual(rng) -> Spec:
     h = b.conv(h, 2, (3,), pads=[1, 1])
     h = b.op("Add", [x, h]) if _coin(rng) else b.op("Sub", [h, x])
     h = b.relu(h)
+    h = b.op("Mean", [h, b.relu(b.conv(h, 2, (1,))), x])  # an ensemble-style average of branches
     return b.spec(b.gemm(b.flatten(h), 2))
 
 

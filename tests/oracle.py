@@ -50,6 +50,7 @@ LINEAR_OPS = {
     "Mul",
     "Div",
     "Sum",
+    "Mean",
     "BatchNormalization",
     "AveragePool",
     "GlobalAveragePool",

@@ -1,4 +1,4 @@
-"""Ops that combine tensors: Add/Sub/Sum of run-time tensors (identity neurons with fixed weights +-1) and
+"""Ops that combine tensors: Add/Sub/Sum/Mean of run-time tensors (identity neurons with fixed weights +-1) and
 Concat. Their companions are sums and concatenations of scaled tensors with aligned exponents."""
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ def _add_companion(node, em, xs, with_constants):
 define("add", _add_companion, rounding_steps=lambda node, shapes: 2 * len(node.inputs) + 1)
 
 
-@importer("Sum")
+@importer("Sum", "Mean")
 def import_sum(node, ctx):
     inputs = [t for t in node.input if t]
     if any(ctx.is_const(t) for t in inputs):
         from ..importer import RuleError
 
-        raise RuleError("Sum with a constant operand is not supported; use Add")
-    ctx.add("add", inputs, attrs={"coefs": [1.0] * len(inputs)})
+        raise RuleError(f"{node.op_type} with a constant operand is not supported; use Add")
+    coef = 1.0 if node.op_type == "Sum" else 1.0 / len(inputs)  # Mean: the sum times 1/n (fixed edge weights)
+    ctx.add("add", inputs, attrs={"coefs": [coef] * len(inputs)})
 
 
 def _concat_companion(node, em, xs, with_constants):
