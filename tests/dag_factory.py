@@ -371,12 +371,12 @@ def global_pools(rng) -> Spec:
 
 
 def residual(rng) -> Spec:
-    """Residual Add and Sub (dense and convolutional skips), Mean of branches."""
+    """Residual Add and Sub (dense and convolutional skips), Neg, Mean of branches."""
     b = Builder(rng, "residual")
     if _coin(rng):
         x = b.input(3)
         h0 = b.relu(b.gemm(x, 3))
-        h = b.relu(b.gemm(h0, 3))
+        h = b.relu(b.op("Neg", [b.gemm(h0, 3)]))  # ReLU(-z): a sign flip in front of the activation
         h = b.gemm(h, 3)
         h = b.op("Add", [h, h0]) if _coin(rng) else b.op("Sub", [h0, h])
         h = b.relu(h)

@@ -51,6 +51,7 @@ LINEAR_OPS = {
     "Div",
     "Sum",
     "Mean",
+    "Neg",
     "BatchNormalization",
     "AveragePool",
     "GlobalAveragePool",

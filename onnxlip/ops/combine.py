@@ -1,4 +1,4 @@
-"""Ops that combine tensors: Add/Sub/Sum/Mean of run-time tensors (identity neurons with fixed weights +-1) and
+"""Ops that combine tensors: Add/Sub/Sum/Mean/Neg of run-time tensors (identity neurons with fixed weights +-1) and
 Concat. Their companions are sums and concatenations of scaled tensors with aligned exponents."""
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ def import_sum(node, ctx):
         raise RuleError(f"{node.op_type} with a constant operand is not supported; use Add")
     coef = 1.0 if node.op_type == "Sum" else 1.0 / len(inputs)  # Mean: the sum times 1/n (fixed edge weights)
     ctx.add("add", inputs, attrs={"coefs": [coef] * len(inputs)})
+
+
+@importer("Neg")
+def import_neg(node, ctx):
+    ctx.add("add", [node.input[0]], attrs={"coefs": [-1.0]})  # an identity neuron with edge weight -1
 
 
 def _concat_companion(node, em, xs, with_constants):
