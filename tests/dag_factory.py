@@ -449,7 +449,7 @@ def batchnorm_bias(rng) -> Spec:
 
 
 def activations(rng) -> Spec:
-    """LeakyRelu, Clip(0, 6), elementwise Max / Min of two branches."""
+    """LeakyRelu, PRelu, Clip(0, 6), elementwise Max / Min of two branches."""
     b = Builder(rng, "activations")
     x = b.input(3)
     h = b.gemm(x, 4)
@@ -458,6 +458,8 @@ def activations(rng) -> Spec:
     h2 = b.op("Mul", [h2, b.const(rng.uniform(1.0, 4.0, size=4))])  # let the upper knee of Clip be reached
     h = b.op("Max" if _coin(rng) else "Min", [h1, h2])
     h = b.gemm(h, 3)
+    # PRelu with fixed per-channel slopes (onnxlip pairs models only when their slopes agree: not perturbed)
+    h = b.op("PRelu", [h, b.const(rng.uniform(0.0, 1.0, size=3), learned=False)])
     h = b.op("Clip", [h, b.const(0.0, learned=False), b.const(6.0, learned=False)])
     if _coin(rng):
         h = b.op("Max", [h, b.op("Relu", [b.gemm(x, 3)])])

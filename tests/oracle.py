@@ -325,6 +325,9 @@ def expand(model) -> Dag:
             _expand_linear(dag, node, tensors, consts)
         elif op == "Relu":
             _expand_elementwise_relu(dag, node, tensors, lo=0.0, hi=None, alpha=0.0)
+        elif op == "PRelu":
+            slope = np.broadcast_to(consts[node.input[1]].astype(np.float64), tensors[node.input[0]].shape)
+            _expand_elementwise_relu(dag, node, tensors, lo=0.0, hi=None, alpha=slope.reshape(-1))
         elif op == "LeakyRelu":
             _expand_elementwise_relu(dag, node, tensors, lo=0.0, hi=None, alpha=float(_attr(node, "alpha", 0.01)))
         elif op == "Clip":
@@ -393,11 +396,13 @@ def _expand_elementwise_relu(dag: Dag, node, tensors, lo, hi, alpha) -> None:
                 out[j] = dag.new(IDENT, 0.0, [n, r2], [1.0, -1.0])
             else:
                 out[j] = dag.new(IDENT, 0.0, [n], [1.0])
-        elif alpha == 0.0:
-            out[j] = dag.new(RELU, 0.0, [n], [1.0])
-        else:  # (1 - alpha) ReLU(x) + alpha x
-            r = dag.new(RELU, 0.0, [n], [1.0])
-            out[j] = dag.new(IDENT, 0.0, [r, n], [1.0 - alpha, alpha])
+        else:
+            a = float(alpha[j]) if np.ndim(alpha) else alpha  # (PRelu: one slope per entry)
+            if a == 0.0:
+                out[j] = dag.new(RELU, 0.0, [n], [1.0])
+            else:  # (1 - a) ReLU(x) + a x
+                r = dag.new(RELU, 0.0, [n], [1.0])
+                out[j] = dag.new(IDENT, 0.0, [r, n], [1.0 - a, a])
     tensors[node.output[0]] = out.reshape(x.shape)
 
 

@@ -489,3 +489,34 @@ def test_many_unsupported_nodes_are_all_reported_readably(tmp_path):
     assert lines[0].startswith("x 40 Tanh nodes ('act0', 'act3', 'act6', ... 'act117')")
     code, _, err = cli("pathnorm", path)
     assert code == 2 and "80 Sigmoid nodes" in err and "--output" not in err and len(err.splitlines()) < 6
+
+
+def test_prelu_pairs_need_equal_slopes(tmp_path):
+    """PRelu slopes are read as fixed edge weights: models whose slopes differ are refused with the reason, slopes
+    outside [0, 1] are refused, equal slopes pair."""
+
+    def model(slope):
+        rng = np.random.default_rng(0)
+        nodes = [
+            helper.make_node("Gemm", ["x", "W1"], ["h"], transB=1),
+            helper.make_node("PRelu", ["h", "slope"], ["p"]),
+            helper.make_node("Gemm", ["p", "W2"], ["y"], transB=1),
+        ]
+        inits = [
+            numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "W1"),
+            numpy_helper.from_array(np.asarray(slope, np.float32), "slope"),
+            numpy_helper.from_array(rng.normal(size=(2, 3)).astype(np.float32), "W2"),
+        ]
+        return make_model(
+            nodes,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+            inits,
+        )
+
+    a = _save(model([0.1, 0.2, 0.3]), tmp_path / "a.onnx")
+    assert onnxlip.bound(a, a, samples=8).bound == 0
+    with pytest.raises(MismatchError, match="slope"):
+        onnxlip.bound(a, _save(model([0.1, 0.25, 0.3]), tmp_path / "b.onnx"), samples=0)
+    code, out, _ = cli("check", _save(model([0.1, 1.5, 0.3]), tmp_path / "c.onnx"), "--json")
+    assert code == 2 and "outside [0, 1]" in json.loads(out)["errors"][0]["reason"]

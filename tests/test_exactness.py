@@ -160,7 +160,7 @@ def test_factory_covers_required_ops():
         "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Div", "Mul", "BatchNormalization", "AveragePool",
         "GlobalAveragePool", "MaxPool", "GlobalMaxPool", "Concat", "Split", "Gather", "Pad", "Reshape", "Flatten",
         "Transpose", "Squeeze", "Unsqueeze", "Slice", "Resize", "Relu", "LeakyRelu", "Clip", "Max", "Min",
-        "ReduceMean", "ReduceSum",
+        "ReduceMean", "ReduceSum", "PRelu", "Neg", "Mean",
     }  # fmt: skip
     assert required <= ops, required - ops
 

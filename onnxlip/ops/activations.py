@@ -1,7 +1,8 @@
 """Piecewise-linear activations written as ReLU-DAG fragments (theory.md section 1):
 Relu; LeakyRelu = (1-alpha)*ReLU(x) + alpha*x; Clip(lo, hi) = lo + ReLU(x - lo) - ReLU(x - hi) (with the
 missing side dropped); Max/Min against a constant are Clips. Each becomes the op `relu_combo`:
-y = k * x + const in the companion, with k and const fixed by the fragment."""
+y = k * x + const in the companion, with k and const fixed by the fragment. PRelu with per-channel slopes is
+the op `prelu`, the same fragment with one alpha per entry."""
 
 from __future__ import annotations
 
@@ -64,6 +65,42 @@ def import_leaky_relu(node, ctx):
     if not 0.0 <= alpha <= 1.0:
         _fail(f"LeakyRelu with alpha={alpha} is not a nonnegative combination of ReLU and identity (needs 0<=alpha<=1)")
     _combo(ctx, node.input[0], [1.0 - alpha], [0.0], skip=alpha, kind="leaky_relu")
+
+
+@importer("PRelu")
+def import_prelu(node, ctx):
+    """PRelu(x) = (1 - a) ReLU(x) + a x per entry, with the slopes a read as fixed edge weights (like LeakyRelu's
+    alpha): models whose slopes differ are not paired (structure.align_params compares them)."""
+    slope = ctx.const(node.input[1])
+    if slope is None:
+        _fail("its slope is computed at run time; it must be a constant")
+    slope = np.asarray(slope, dtype=np.float64)
+    if not np.all((slope >= 0.0) & (slope <= 1.0)):
+        _fail("PRelu slopes outside [0, 1] are not a nonnegative combination of ReLU and identity")
+    shape = tuple(ctx.shape(node.input[0]))
+    if tuple(np.broadcast_shapes(shape, slope.shape)) != shape:
+        _fail("its slope broadcasts the input to a larger shape")
+    if np.all(slope == slope.flat[0]):  # one slope: a LeakyRelu
+        alpha = float(slope.flat[0])
+        _combo(ctx, node.input[0], [1.0 - alpha], [0.0], skip=alpha, kind="leaky_relu")
+        return
+    ctx.add("prelu", [node.input[0]], attrs={"slope": slope.reshape((1,) * (len(shape) - slope.ndim) + slope.shape)})
+
+
+def _prelu_gain(node, q: float) -> np.ndarray:
+    a = node.attrs["slope"]
+    return (1.0 - a) ** q + a**q  # per entry: the ReLU edge and the identity edge; 1 for q = 1
+
+
+def _prelu_companion(node, em, xs, with_constants):
+    gain = _prelu_gain(node, em.q)
+    if np.all(gain == 1.0):
+        return [xs[0]]
+    g = em.constant(gain, q=1.0, hint="prelu")
+    return [em.renorm(em.op("Mul", [xs[0].m, g.m], "prelu"), em.add_exp(xs[0].e, g.e))]
+
+
+define("prelu", _prelu_companion, rounding_steps=lambda node, shapes: 2)  # the rounded gain, the product
 
 
 def _clip(ctx, x, lo, hi):
@@ -163,7 +200,6 @@ reject(
     "Hardmax",
 )
 reject("is piecewise linear, but not supported in the path-metric (accepted by `lipschitz` only)", "Abs", "HardSigmoid")
-reject("has a learned slope; export it as LeakyRelu or Relu (PRelu is not supported)", "PRelu")
 reject(
     "outputs indices or labels, not values; analyse the logits before it with --output",
     "ArgMax",
@@ -206,6 +242,7 @@ def _max_adjoint(node, em, a, b):
 
 
 define_adjoint("relu_combo", _combo_adjoint)
+define_adjoint("prelu", lambda node, em, a, b: _prelu_companion(node, em, b, False))  # a diagonal map
 define_adjoint("max", _max_adjoint)
 
 
@@ -220,4 +257,5 @@ def _max_lipschitz(node, shapes, l_in, norm):
 
 
 define_lipschitz("relu_combo", _combo_lipschitz)
+define_lipschitz("prelu", _combo_lipschitz)  # slopes in [0, 1]
 define_lipschitz("max", _max_lipschitz)
