@@ -122,6 +122,9 @@ def _companion_module(module: nn.Module, q: float) -> nn.Module | None:
     if isinstance(module, nn.LeakyReLU):  # (1 - a) ReLU(x) + a x
         a = module.negative_slope
         return _Scale((1 - a) ** q + a**q)
+    if isinstance(module, nn.PReLU):  # (1 - a) ReLU(x) + a x per channel
+        a = module.weight.detach().double()
+        return _ChannelAffine((1 - a) ** q + a**q, torch.zeros_like(a))
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
         return _PoolCompanion(module, q)
     if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
@@ -175,6 +178,8 @@ def randomize(model: nn.Module, seed: int, gain: float = 1.5) -> nn.Module:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * gain / math.sqrt(fan_in))
                 if m.bias is not None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)
+            elif isinstance(m, nn.PReLU):  # learned slopes, one per channel, in [0, 1]
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen))
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 n = m.num_features
                 m.weight.copy_(torch.randn(n, generator=gen) * 1.5)  # some negative gammas
@@ -347,7 +352,8 @@ class MixNet(nn.Module):
 
 class UNet(nn.Module):
     """An image-to-image network: reflection and replication padding (Pad in reflect / edge mode), conv + BatchNorm
-    + ReLU, MaxPool down, ConvTranspose and nearest Upsample up, skip connections by torch.cat."""
+    + ReLU, MaxPool down, ConvTranspose (with a per-channel PReLU) and nearest Upsample up, skip connections by
+    torch.cat."""
 
     input_shape = (2, 8, 8)
 
@@ -358,7 +364,7 @@ class UNet(nn.Module):
         self.mid = nn.Sequential(nn.ReplicationPad2d((1, 0, 1, 0)), nn.Conv2d(4, 6, 2), nn.ReLU())
         self.up_t = nn.ConvTranspose2d(6, 3, 2, stride=2)
         self.up_n = nn.Upsample(scale_factor=2, mode="nearest")
-        self.relu_up = nn.ReLU()
+        self.relu_up = nn.PReLU(3)
         self.dec = nn.Sequential(nn.ReflectionPad2d((2, 1, 1, 2)), nn.Conv2d(4 + 3 + 6, 4, (4, 4)), nn.ReLU())
         self.head = nn.Conv2d(4, 1, 1)
 

@@ -116,7 +116,7 @@ EXPECTED_OPS = {
     "conv1d": {"Conv", "MaxPool"},
     "transpose": {"ConvTranspose", "Relu"},
     "mix": {"Max", "Min", "Concat", "Resize", "Transpose", "MatMul"},
-    "unet": {"Pad", "ConvTranspose", "Concat", "Resize", "MaxPool"},
+    "unet": {"Pad", "ConvTranspose", "Concat", "Resize", "MaxPool", "PRelu"},
     "densenet": {"Concat", "BatchNormalization", "AveragePool", "Gemm"},
 }
 
