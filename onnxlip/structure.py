@@ -9,6 +9,13 @@ from .ir import Graph
 
 
 def _attrs_equal(a, b) -> bool:
+    if isinstance(a, dict) or isinstance(b, dict):  # e.g. interpolate's {axis: coefficient matrix}
+        return (
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(_attrs_equal(a[k], b[k]) for k in a)
+        )
     if isinstance(a, (np.ndarray, list, tuple)) or isinstance(b, (np.ndarray, list, tuple)):
         try:
             return np.array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object)) or np.array_equal(

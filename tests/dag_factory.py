@@ -467,7 +467,8 @@ def activations(rng) -> Spec:
 
 
 def layout(rng) -> Spec:
-    """Pad (zero, reflect or edge), Reshape, Transpose, Squeeze / Unsqueeze, Slice, Resize nearest, Div."""
+    """Pad (zero, reflect or edge), Reshape, Transpose, Squeeze / Unsqueeze, Slice, Resize (nearest, linear or
+    cubic), Div."""
     b = Builder(rng, "layout")
     x = b.input(2, 3, 3)
     h = b.op("Pad", [x, b.ints([0, 0, 1, 0, 0, 0, 0, 1])], mode="constant")
@@ -481,6 +482,11 @@ def layout(rng) -> Spec:
     mode = str(rng.choice(["reflect", "edge"]))
     h = b.op("Pad", [h, b.ints([0, 0, 1, 1, 0, 0, 1, 0])], mode=mode)
     h = b.relu(b.conv(h, 2, (2, 2)))
+    # a linear or cubic Resize: fixed coefficients, negative ones for cubic (onnxlip/ops/interpolate.py)
+    interp = str(rng.choice(["linear", "cubic"]))
+    transform = str(rng.choice(["half_pixel", "align_corners", "asymmetric"]))
+    scales = b.const([1.0, 1.0, 1.5, 2.0], learned=False)
+    h = b.op("Resize", [h, "", scales], mode=interp, coordinate_transformation_mode=transform)
     divisor = rng.uniform(1.5, 3.0)
     h = b.op("Div", [h, b.const(divisor if _coin(rng) else [divisor], learned=False)])  # 0-d or (1,)-shaped
     s = b.shape(h)

@@ -399,6 +399,27 @@ class DenseNet(nn.Module):
         return self.head(torch.flatten(self.transition(torch.cat(features, dim=1)), 1))
 
 
+class Interpolating(nn.Module):
+    """F.interpolate in bilinear mode (align_corners both ways, by scale factor and by size) and in bicubic mode:
+    Resize in linear / cubic mode. (The torch companion reuses the same interpolation, which is the companion for
+    q = 1 only, where the bilinear coefficients, all >= 0, stay as they are.)"""
+
+    input_shape = (2, 6, 5)
+
+    def __init__(self, mode: str = "bilinear", align_corners: bool = False, by_size: bool = False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 3)
+        self.relu_a, self.relu_b = nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(2 * 10 * 8, 3)
+        self.mode, self.align_corners, self.by_size = mode, align_corners, by_size
+
+    def forward(self, x):
+        h = self.relu_a(self.a(x))
+        size = dict(size=(12, 10)) if self.by_size else dict(scale_factor=2)
+        h = F.interpolate(h, mode=self.mode, align_corners=self.align_corners, **size)
+        return self.fc(torch.flatten(self.relu_b(self.b(h)), 1))
+
+
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """The conv with the BatchNorm folded in (W' = a W, b' = a b + c), in float64."""
     fused = copy.deepcopy(conv).double()

@@ -174,6 +174,32 @@ def test_torch_layers(torch_export, arch, exporter, batch, q):
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("align_corners,by_size", [(False, False), (True, False), (False, True), (True, True)])
+def test_torch_bilinear_interpolation(tmp_path, exporter, align_corners, by_size):
+    """Resize in linear mode from F.interpolate: the path-norm equals the torch float64 companion (q = 1, where the
+    companion of a bilinear map is itself); bicubic (negative coefficients) loads and bounds its outputs."""
+    pytest.importorskip("torch")
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    import torch
+
+    from tests import exporter_models as em
+
+    model = em.randomize(em.Interpolating("bilinear", align_corners, by_size), 3)
+    em.export(model, tmp_path / "m.onnx", dynamo=exporter == "dynamo", dynamic_batch=False)
+    assert "Resize" in {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert onnxlip.path_norm(tmp_path / "m.onnx").path_norm == pytest.approx(
+        em.reference_pathnorm(model, model.input_shape, 1.0), rel=REL
+    )
+    cubic = em.randomize(em.Interpolating("bicubic", align_corners, by_size), 3)
+    em.export(cubic, tmp_path / "c.onnx", dynamo=exporter == "dynamo", dynamic_batch=False)
+    norm = onnxlip.path_norm(tmp_path / "c.onnx").path_norm
+    x = torch.rand((1, *cubic.input_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert float(cubic(x).abs().sum()) <= norm  # theory.md section 6 with theta' = 0, ||x||_inf <= 1
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("arch", TORCH_ARCHS)
 def test_torch_exports_contain_the_layers_under_test(torch_export, arch, exporter):
     path, _ = torch_export(arch, exporter, "fixed")

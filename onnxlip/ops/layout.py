@@ -184,8 +184,13 @@ def import_select(node, ctx):
     if node.op_type in ("Resize", "Upsample"):
         mode = ctx.attr("mode", b"nearest")
         mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode in ("linear", "bilinear", "cubic"):  # a fixed linear map: onnxlip/ops/interpolate.py
+            from .interpolate import import_interpolation
+
+            import_interpolation(node, ctx, mode)
+            return
         if mode != "nearest":
-            _fail(f"{node.op_type} in {mode!r} mode is not supported (only 'nearest', which copies entries)")
+            _fail(f"{node.op_type} in {mode!r} mode is not supported (nearest, linear and cubic are)")
     for name in node.input[1:]:
         if name and not ctx.is_const(name):
             _fail(f"its input {name!r} is computed at run time; it must be constant")

@@ -1,0 +1,178 @@
+"""Resize/Upsample in linear (bilinear, trilinear) or cubic mode: a fixed linear map, separable over the resized
+axes, so each output entry is a fixed combination of input entries (identity neurons with fixed edge weights,
+theory.md section 1). The IR op `interpolate` holds one coefficient matrix per resized axis, read off the real
+op (the ONNX reference evaluator applied to one-hot inputs, axis by axis) and checked against the whole op on a
+random input. Companion: the same map with |coefficient|**q, as MatMuls with constant matrices; adjoint: their
+transposes; l2 Lipschitz constant: the product of sqrt(||A||_1 ||A||_inf) over the axes (certified)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .registry import define, define_adjoint, define_lipschitz
+
+
+def _fail(msg: str):
+    from ..importer import RuleError
+
+    raise RuleError(msg)
+
+
+def _run(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray]) -> np.ndarray:
+    """The real op (ONNX reference evaluator, float64) on x, with the given constant inputs."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    probe = onnx.NodeProto()
+    probe.CopyFrom(node)
+    probe.input[0] = "x"
+    names = [n for n in probe.input[1:] if n]
+    inits = [numpy_helper.from_array(consts[n], n) for n in names]
+    xi = helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, list(x.shape))
+    yi = helper.make_tensor_value_info(probe.output[0], onnx.TensorProto.DOUBLE, None)
+    model = helper.make_model(helper.make_graph([probe], "probe", [xi], [yi], inits))
+    model.opset_import[0].version = opset
+    model.ir_version = 8
+    (out,) = ReferenceEvaluator(model).run(None, {"x": x})
+    return np.asarray(out, dtype=np.float64)
+
+
+def import_interpolation(node, ctx, mode: str) -> None:
+    """The `interpolate` IR op for a Resize/Upsample in linear or cubic mode."""
+    for name in ("axes",):
+        if ctx.attr(name) is not None:
+            _fail(f"{node.op_type} with the {name!r} attribute is not supported")
+    policy = ctx.attr("keep_aspect_ratio_policy", b"stretch")
+    if (policy.decode() if isinstance(policy, bytes) else policy) != "stretch":
+        _fail("keep_aspect_ratio_policy other than 'stretch' is not supported")
+    transform = ctx.attr("coordinate_transformation_mode", b"half_pixel")
+    if (transform.decode() if isinstance(transform, bytes) else transform) == "tf_crop_and_resize":
+        _fail("tf_crop_and_resize fills outside values with a constant (fixed neurons); not supported")
+    for name in node.input[1:]:
+        if name and not ctx.is_const(name):
+            _fail(f"its input {name!r} is computed at run time; it must be constant")
+    shape, out_shape = tuple(ctx.shape(node.input[0])), tuple(ctx.shape(node.output[0]))
+    consts = {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
+    # which input holds per-axis scales or sizes (Upsample-7 keeps scales in an attribute)
+    scales_name = node.input[2] if node.op_type == "Resize" and len(node.input) > 2 and node.input[2] else None
+    sizes_name = node.input[3] if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] else None
+    if node.op_type == "Upsample" and len(node.input) > 1:
+        scales_name = node.input[1]
+    if scales_name is not None and consts[scales_name].size == 0:
+        scales_name = None
+    scales = consts[scales_name].astype(np.float64) if scales_name else None
+    if scales is None and sizes_name is None:
+        scales = np.asarray(ctx.attr("scales") or [], dtype=np.float64)  # Upsample-7
+        if scales.size != len(shape):
+            _fail("could not read its scales")
+    axes = [k for k in range(len(shape)) if shape[k] != out_shape[k] or (scales is not None and scales[k] != 1.0)]
+    if 0 in axes or not axes:
+        _fail("it resizes the batch axis (or nothing)")
+    if any(k < len(shape) - 2 for k in axes):
+        _fail("only the last two (spatial) axes may be resized")
+    mats = {}
+    for k in axes:  # the map along axis k: one-hot inputs along the batch, every other axis of size 1
+        probe_shape = [1] * len(shape)
+        probe_shape[0], probe_shape[k] = shape[k], shape[k]
+        basis = np.zeros(probe_shape)
+        for i in range(shape[k]):
+            basis[(i,) + (0,) * (k - 1) + (i,) + (0,) * (len(shape) - k - 1)] = 1.0
+        probe_consts = dict(consts)
+        if scales is not None:
+            one_axis = np.ones(len(shape))
+            one_axis[k] = scales[k]
+            if scales_name:
+                probe_consts[scales_name] = one_axis.astype(consts[scales_name].dtype)
+        if sizes_name:
+            sizes = list(probe_shape)
+            sizes[k] = out_shape[k]
+            probe_consts[sizes_name] = np.asarray(sizes, dtype=np.int64)
+        if scales_name is None and sizes_name is None:  # Upsample-7: the scales attribute
+            _fail("Upsample with scales in an attribute is only supported in nearest mode")
+        out = _run(node, ctx.opset, basis, probe_consts)
+        if out.shape[k] != out_shape[k]:
+            _fail("could not derive its coefficients")
+        mats[k] = out.reshape(shape[k], out_shape[k]).T  # (out, in)
+    _check_separable(node, ctx, shape, consts, mats)
+    ctx.add("interpolate", [node.input[0]], attrs={"mats": mats, "mode": mode, "rank": len(shape)})
+
+
+def _check_separable(node, ctx, shape, consts, mats) -> None:
+    """The whole op on a random input (one batch entry and channel) equals the product of the axis maps."""
+    small = list(shape)
+    small[0] = 1
+    if len(small) > 2 and 1 not in mats:
+        small[1] = 1
+    x = np.random.default_rng(0).uniform(-1.0, 1.0, size=small)
+    want = _run(node, ctx.opset, x, _with_batch(consts, small, shape))
+    got = apply_maps(x, mats)
+    if want.shape != got.shape or not np.allclose(want, got, rtol=1e-9, atol=1e-12):
+        _fail("its interpolation is not separable over the resized axes as expected")
+
+
+def _with_batch(consts, small, shape) -> dict[str, np.ndarray]:
+    """Sizes inputs adjusted to a smaller batch/channel count (scales need nothing)."""
+    out = {}
+    for n, v in consts.items():
+        if v.dtype.kind in "iu" and v.size == len(shape):
+            v = v.copy()
+            v[0], v[1:2] = small[0], small[1:2] if len(shape) > 1 else v[1:2]
+        out[n] = v
+    return out
+
+
+def apply_maps(x: np.ndarray, mats: dict[int, np.ndarray]) -> np.ndarray:
+    """x with each axis k mapped by mats[k] (out, in): the separable interpolation, in float64."""
+    for k, a in mats.items():
+        x = np.moveaxis(np.tensordot(a, x, axes=([1], [k])), 0, k)
+    return x
+
+
+def _along(em, m: str, a: np.ndarray, k: int, rank: int, hint: str) -> tuple[str, str]:
+    """Mantissa m mapped along axis k by the non-negative matrix a (out, in): (mantissa, exponent of a)."""
+    c = em.constant(a if k == rank - 2 else a.T, q=1.0, hint=hint)
+    args = [c.m, m] if k == rank - 2 else [m, c.m]  # (out, in) @ (..., in, W) or (..., H, in) @ (in, out)
+    return em.op("MatMul", args, hint), c.e
+
+
+def _interpolate_companion(node, em, xs, with_constants):
+    x, rank = xs[0], node.attrs["rank"]
+    m, e = x.m, x.e
+    for k, a in node.attrs["mats"].items():
+        m, ek = _along(em, m, np.abs(a) ** em.q, k, rank, "interp")
+        e = em.add_exp(e, ek)
+    return [em.renorm(m, e)]
+
+
+def _interpolate_adjoint(node, em, a, b):
+    y, rank = b[0], node.attrs["rank"]
+    m, e = y.m, y.e
+    for k, mat in reversed(list(node.attrs["mats"].items())):
+        m, ek = _along(em, m, (np.abs(mat) ** em.q).T, k, rank, "uninterp")
+        e = em.add_exp(e, ek)
+    return [em.renorm(m, e)]
+
+
+def _rounding_steps(node, shapes) -> int:
+    # per axis: the rounded coefficients, then each output entry's products and additions; the renorm is exact
+    return sum(1 + 2 * int(np.count_nonzero(a, axis=1).max()) for a in node.attrs["mats"].values())
+
+
+def _interpolate_lipschitz(node, shapes, l_in, norm):
+    from ..lipschitz import rounded_up
+
+    bound = 1.0
+    for a in node.attrs["mats"].values():  # ||A||_2 <= sqrt(||A||_1 ||A||_inf)
+        col = max(math.fsum(abs(v) for v in a[:, j]) for j in range(a.shape[1]))
+        row = max(math.fsum(abs(v) for v in a[i, :]) for i in range(a.shape[0]))
+        bound *= math.sqrt(col * row)
+    # roundings: per axis two sums, a product, a square root and the running product; then the product with l_in
+    return [rounded_up(bound * l_in[0], 5 * len(node.attrs["mats"]) + 1)]
+
+
+define("interpolate", _interpolate_companion, rounding_steps=_rounding_steps)
+define_adjoint("interpolate", _interpolate_adjoint)
+define_lipschitz("interpolate", _interpolate_lipschitz)
