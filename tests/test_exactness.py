@@ -535,3 +535,40 @@ def test_copying_pads_are_onnxruntimes(mode, pads):
     (select,) = import_model(model).nodes
     assert select.op == "select"
     np.testing.assert_array_equal(select.attrs["index"], expected.astype(np.int64))
+
+
+@pytest.mark.parametrize("opset", [7, 8, 9, 13])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_upsample_and_resize_maps_are_onnxruntimes(opset, mode):
+    """Upsample (scales as an attribute in opsets 7-8, an input in 9) and Resize (13), nearest or linear: the
+    IR's copy map or coefficient matrices reproduce onnxruntime's output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxlip.importer import import_model
+    from onnxlip.ops.interpolate import apply_maps
+    from tests.helpers import make_model
+
+    shape, scales = [1, 2, 4, 3], [1.0, 1.0, 2.0, 3.0]
+    inits = [numpy_helper.from_array(np.asarray(scales, np.float32), "s")]
+    if opset < 9:
+        node, inits = helper.make_node("Upsample", ["x"], ["y"], mode=mode, scales=scales), []
+    elif opset == 9:
+        node = helper.make_node("Upsample", ["x", "s"], ["y"], mode=mode)
+    else:
+        node = helper.make_node("Resize", ["x", "", "s"], ["y"], mode=mode)
+    model = make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+        opset=opset,
+    )
+    x = np.random.default_rng(opset).uniform(-1, 1, shape).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    (ir,) = import_model(model).nodes
+    if mode == "nearest":
+        assert ir.op == "select"
+        np.testing.assert_array_equal(x.reshape(-1)[ir.attrs["index"]], want)
+    else:
+        assert ir.op == "interpolate"
+        np.testing.assert_allclose(apply_maps(x.astype(np.float64), ir.attrs["mats"]), want, rtol=1e-6, atol=1e-7)

@@ -20,17 +20,25 @@ def _fail(msg: str):
     raise RuleError(msg)
 
 
-def _run(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray]) -> np.ndarray:
-    """The real op (ONNX reference evaluator, float64) on x, with the given constant inputs."""
+def _run(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray], scales_attr=None) -> np.ndarray:
+    """The real op (ONNX reference evaluator, float64) on x, with the given constant inputs (and, for Upsample-7,
+    the given scales attribute)."""
     import onnx
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
+    from .layout import upsample9
+
     probe = onnx.NodeProto()
     probe.CopyFrom(node)
     probe.input[0] = "x"
+    if scales_attr is not None:
+        for a in probe.attribute:
+            if a.name == "scales":
+                a.CopyFrom(helper.make_attribute("scales", [float(v) for v in scales_attr]))
     names = [n for n in probe.input[1:] if n]
     inits = [numpy_helper.from_array(consts[n], n) for n in names]
+    probe, opset = upsample9(probe, opset, inits)
     xi = helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, list(x.shape))
     yi = helper.make_tensor_value_info(probe.output[0], onnx.TensorProto.DOUBLE, None)
     model = helper.make_model(helper.make_graph([probe], "probe", [xi], [yi], inits))
@@ -64,8 +72,9 @@ def import_interpolation(node, ctx, mode: str) -> None:
     if scales_name is not None and consts[scales_name].size == 0:
         scales_name = None
     scales = consts[scales_name].astype(np.float64) if scales_name else None
-    if scales is None and sizes_name is None:
-        scales = np.asarray(ctx.attr("scales") or [], dtype=np.float64)  # Upsample-7
+    in_attr = scales is None and sizes_name is None  # Upsample-7: the scales are an attribute
+    if in_attr:
+        scales = np.asarray(ctx.attr("scales") or [], dtype=np.float64)
         if scales.size != len(shape):
             _fail("could not read its scales")
     axes = [k for k in range(len(shape)) if shape[k] != out_shape[k] or (scales is not None and scales[k] != 1.0)]
@@ -90,9 +99,7 @@ def import_interpolation(node, ctx, mode: str) -> None:
             sizes = list(probe_shape)
             sizes[k] = out_shape[k]
             probe_consts[sizes_name] = np.asarray(sizes, dtype=np.int64)
-        if scales_name is None and sizes_name is None:  # Upsample-7: the scales attribute
-            _fail("Upsample with scales in an attribute is only supported in nearest mode")
-        out = _run(node, ctx.opset, basis, probe_consts)
+        out = _run(node, ctx.opset, basis, probe_consts, one_axis if in_attr else None)
         if out.shape[k] != out_shape[k]:
             _fail("could not derive its coefficients")
         mats[k] = out.reshape(shape[k], out_shape[k]).T  # (out, in)
@@ -107,7 +114,7 @@ def _check_separable(node, ctx, shape, consts, mats) -> None:
     if len(small) > 2 and 1 not in mats:
         small[1] = 1
     x = np.random.default_rng(0).uniform(-1.0, 1.0, size=small)
-    want = _run(node, ctx.opset, x, _with_batch(consts, small, shape))
+    want = _run(node, ctx.opset, x, _with_batch(consts, small, shape))  # (an Upsample-7 keeps its attribute)
     got = apply_maps(x, mats)
     if want.shape != got.shape or not np.allclose(want, got, rtol=1e-9, atol=1e-12):
         _fail("its interpolation is not separable over the resized axes as expected")

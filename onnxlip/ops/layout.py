@@ -206,16 +206,42 @@ def _index_map(node, ctx) -> np.ndarray:
     shape = ctx.shape(node.input[0])
     iota = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
     consts = [numpy_helper.from_array(ctx.const(n), n) for n in node.input[1:] if n]
+    node, opset = upsample9(node, ctx.opset, consts)
     x = helper.make_tensor_value_info(node.input[0], onnx.TensorProto.DOUBLE, list(shape))
     y = helper.make_tensor_value_info(node.output[0], onnx.TensorProto.DOUBLE, None)
     g = helper.make_graph([node], "index", [x], [y], consts)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", ctx.opset)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     (out,) = ReferenceEvaluator(model).run(None, {node.input[0]: iota})
     index = np.asarray(out)
     if index.shape != tuple(ctx.shape(node.output[0])) or not np.all(index == np.round(index)):
         _fail("could not derive its index map")
     return index.astype(np.int64)
+
+
+def upsample9(node, opset: int, consts: list):
+    """An Upsample as a node the ONNX reference evaluator runs: with its scales in an attribute (opsets 7-8), the
+    same op of opset 9, which takes them as an input (appended to `consts`); in linear mode, which the evaluator's
+    Upsample lacks, the equal Resize (asymmetric coordinates, opset 11). Other nodes pass unchanged."""
+    from onnx import helper, numpy_helper
+
+    if node.op_type != "Upsample":
+        return node, opset
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    scales = attrs.pop("scales", None)
+    inputs = list(node.input)
+    if scales is not None:
+        inputs = [node.input[0], f"{node.output[0]}::scales"]
+        consts.append(numpy_helper.from_array(np.asarray(scales, dtype=np.float32), inputs[1]))
+        opset = max(opset, 9)
+    mode = attrs.get("mode", b"nearest")
+    if (mode.decode() if isinstance(mode, bytes) else mode) in ("linear", "bilinear"):
+        resize = helper.make_node(
+            "Resize", [inputs[0], "", inputs[1]], list(node.output), mode="linear",
+            coordinate_transformation_mode="asymmetric",
+        )  # fmt: skip
+        return resize, max(opset, 11)
+    return helper.make_node("Upsample", inputs, list(node.output), **attrs), opset
 
 
 # ---- adjoint rules: the transpose of a copy map scatters back (theory.md section 4) -------------------------
