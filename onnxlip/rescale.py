@@ -21,6 +21,8 @@ from .loading import ModelLike, load_model, same_file
 # channel-wise positively homogeneous ops a rescaled activation may pass through on its way to the next layer
 _PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
 _DEFAULT_FACTORS = (1.0, 128.0, 4096.0)
+# activations f with f(lam * z) = lam * f(z) for lam > 0 (per channel: a PRelu's slope is one per channel)
+_HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu"}
 
 
 @dataclass
@@ -186,7 +188,8 @@ def _mul(g: _Graph, name: str, factors: np.ndarray, axis: int) -> None:
 def rescale(
     model: ModelLike, *, seed: int = 0, factors: Sequence[float] = _DEFAULT_FACTORS, out_path: str | Path | None = None
 ) -> tuple[onnx.ModelProto, RescaleResult]:
-    """A functionally identical model with random positive rescaling of every ReLU neuron where it is exact.
+    """A functionally identical model with random positive rescaling of every ReLU (LeakyReLU, PReLU) neuron where
+    it is exact.
     Each neuron's factor is drawn uniformly from `factors`. Returns the model and a summary."""
     factors = np.asarray([float(f) for f in factors], dtype=np.float64)
     if factors.size == 0 or not np.all(np.isfinite(factors)) or np.any(factors <= 0):
@@ -197,7 +200,7 @@ def rescale(
     rng = np.random.default_rng(seed)
     neurons = layers = skipped = 0
     for node in list(proto.graph.node):
-        if node.op_type != "Relu":
+        if node.op_type not in _HOMOGENEOUS:
             continue
         inc = _incoming(g, node.input[0])
         out = _outgoing(g, node.output[0], inc[0]) if inc is not None else None

@@ -82,3 +82,41 @@ def test_cli(tmp_path):
     assert code == 2 and "overwrite" in err
     code, out, err = cli("rescale", "models/digits_cnn.onnx", "-o", tmp_path / "s.onnx", "--factors", "1,-2")
     assert code == 2 and "positive" in err
+
+
+@pytest.mark.parametrize("activation", ["LeakyRelu", "PRelu"])
+def test_leaky_and_parametric_relu_neurons_are_rescaled(tmp_path, activation):
+    """LeakyRelu and PRelu are positively homogeneous too: their neurons are rescaled, the function and the
+    path-norm stay."""
+    from onnx import TensorProto, helper
+
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(5)
+    nodes, inits = [helper.make_node("Gemm", ["x", "W1", "b1"], ["z"], transB=1)], []
+    if activation == "PRelu":
+        nodes.append(helper.make_node("PRelu", ["z", "slope"], ["h"]))
+        inits.append(numpy_helper.from_array(rng.uniform(0, 1, 6).astype(np.float32), "slope"))
+    else:
+        nodes.append(helper.make_node("LeakyRelu", ["z"], ["h"], alpha=0.2))
+    nodes.append(helper.make_node("Gemm", ["h", "W2", "b2"], ["y"], transB=1))
+    inits += [
+        numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(size=(3, 6)).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.normal(size=3).astype(np.float32), "b2"),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    rescaled, result = rescale(tmp_path / "m.onnx", seed=2, factors=(0.5, 8.0, 64.0))
+    assert result.rescaled_layers == 1 and result.rescaled_neurons > 0
+    x = np.random.default_rng(0).uniform(-2, 2, (16, 4)).astype(np.float32)
+    a, b = _outputs(str(tmp_path / "m.onnx"), x)[0], _outputs(rescaled, x)[0]
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    pa, pb = onnxlip.path_norm(tmp_path / "m.onnx"), onnxlip.path_norm(rescaled)
+    assert pb.log10_path_norm == pytest.approx(pa.log10_path_norm, abs=1e-6)
