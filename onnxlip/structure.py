@@ -28,12 +28,13 @@ def _attrs_equal(a, b) -> bool:
 
 def _without_no_ops(graph: Graph) -> tuple[list, dict[str, str]]:
     """The graph's nodes without those that change neither values nor shape (Identity, Dropout, a Cast between
-    float types, a Reshape to the same shape: one export writes them where another does not), and the map from
-    their outputs to the tensors they pass on."""
+    float types, a Reshape to the same shape, a Concat of one tensor: one export writes them where another does
+    not), and the map from their outputs to the tensors they pass on."""
     alias: dict[str, str] = {}
     kept = []
     for n in graph.nodes:
-        if n.op == "reshape" and not n.params and graph.shapes[n.inputs[0]] == graph.shapes[n.outputs[0]]:
+        same_shape = graph.shapes[n.inputs[0]] == graph.shapes[n.outputs[0]]
+        if n.op in ("reshape", "concat") and len(n.inputs) == 1 and not n.params and same_shape:
             alias[n.outputs[0]] = alias.get(n.inputs[0], n.inputs[0])
         else:
             kept.append(n)

@@ -199,6 +199,17 @@ def test_torch_bilinear_interpolation(tmp_path, exporter, align_corners, by_size
         assert float(cubic(x).abs().sum()) <= norm  # theory.md section 6 with theta' = 0, ||x||_inf <= 1
 
 
+@pytest.mark.parametrize("arch", ["resnet", "convzoo", "unet", "densenet"])
+def test_the_two_exporters_outputs_pair(torch_export, arch):
+    """The TorchScript and the dynamo export of one module differ in graph details (a one-input Concat, BatchNorm
+    folded by the exporter in float32 or left to onnxlip): `bound` pairs them, and its bound is at the level of
+    float32 rounding of the path-norm."""
+    a, _ = torch_export(arch, "torchscript", "fixed")
+    b, _ = torch_export(arch, "dynamo", "fixed")
+    r = onnxlip.bound(a, b, samples=32)
+    assert r.bound <= 1e-5 * onnxlip.path_norm(a).path_norm and r.observed_max_l1_diff <= max(r.bound, 1e-4)
+
+
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("arch", TORCH_ARCHS)
 def test_torch_exports_contain_the_layers_under_test(torch_export, arch, exporter):
