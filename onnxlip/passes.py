@@ -14,6 +14,7 @@ _FOLD_INTO = ("conv", "conv_transpose", "dense", "affine")
 
 
 def run_passes(graph: Graph, lipschitz: bool = False) -> Graph:
+    graph = fold_zero_pads(graph)
     graph = fold_affine(graph)
     if lipschitz:
         graph = find_max_min(graph)
@@ -87,6 +88,30 @@ def unique_param_names(graph: Graph) -> Graph:
             params[role] = p if count == 0 else replace(p, name=f"{p.name}#{count}")
         nodes.append(replace(node, params=params))
     return replace(graph, nodes=nodes)
+
+
+def fold_zero_pads(graph: Graph) -> Graph:
+    """A zero Pad of the spatial axes read only by a Conv becomes the Conv's own padding: the same map, and the
+    form one exporter writes where another writes the Pad (torch's dynamo exporter folds F.pad into the Conv)."""
+    consumers = graph.consumers()
+    dropped, merged = set(), {}
+    for node in graph.nodes:
+        if node.op != "pad" or node.attrs.get("mode", "constant") != "constant" or node.output in graph.outputs:
+            continue
+        users = consumers.get(node.output, [])
+        if len(users) != 1 or users[0].op != "conv" or users[0].inputs[0] != node.output or id(users[0]) in merged:
+            continue
+        conv, pads = users[0], node.attrs["pads"]
+        rank = len(pads) // 2
+        if any(pads[i] or pads[rank + i] for i in (0, 1)):  # batch or channel padding: not a conv's
+            continue
+        n, old = rank - 2, conv.attrs["pads"]
+        new = [old[i] + pads[2 + i] for i in range(n)] + [old[n + i] + pads[rank + 2 + i] for i in range(n)]
+        merged[id(conv)] = replace(conv, inputs=[node.inputs[0], *conv.inputs[1:]], attrs={**conv.attrs, "pads": new})
+        dropped.add(id(node))
+    if not dropped:
+        return graph
+    return replace(graph, nodes=[merged.get(id(n), n) for n in graph.nodes if id(n) not in dropped])
 
 
 def fold_affine(graph: Graph) -> Graph:
