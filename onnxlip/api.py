@@ -32,6 +32,7 @@ class PathNormResult:
     device: str
     num_parameters: int
     outputs: list[str]
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
@@ -167,7 +168,15 @@ def path_norm(
     graph = analyse(model, output, input_shapes, keep_proto=False).graph
     log10_sum, dev = pathnorm_log10_power(graph, float(q), device)
     log10_norm = log10_sum / q
-    return PathNormResult(float(q), plain_value(log10_norm), log10_norm, dev, graph.num_parameters, list(graph.outputs))
+    return PathNormResult(
+        float(q),
+        plain_value(log10_norm),
+        log10_norm,
+        dev,
+        graph.num_parameters,
+        list(graph.outputs),
+        list(graph.warnings),
+    )
 
 
 def metric_between(base: Analysed, other: Analysed, device: str = "auto", engine: MetricEngine | None = None):

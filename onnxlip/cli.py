@@ -93,6 +93,8 @@ def pathnorm(
             r.device,
         )
         out.print(table)
+        for note in r.notes:
+            out.print(f"note: {note}", highlight=False)
 
 
 @app.command(

@@ -206,6 +206,7 @@ def import_model(
         ir.shapes[name] = shape
     ir.source_sizes = {n: int(consts[n].size) for n in ctx.used_initializers if n in consts}
     ir.warnings.extend(precision_notes(graph, nodes, inputs))
+    ir.warnings.extend(batch_notes(graph, inputs, options.input_shapes or {}))
     ir = run_passes(ir, lipschitz=options.lipschitz)
     _check_finite(ir)
     return ir
@@ -213,6 +214,22 @@ def import_model(
 
 # ---- messages and checks ----------------------------------------------------------------------------------
 _HALF = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def batch_notes(graph: onnx.GraphProto, inputs, user_shapes) -> list[str]:
+    """A note for each input exported with a fixed batch above 1: the network then maps that many samples at once,
+    and its path-norms and bounds count all of them (the l1 norm of the outputs over the batch)."""
+    notes = []
+    for i in graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if i.name not in inputs or i.name in user_shapes or not dims or dims[0].dim_value <= 1:
+            continue
+        one = "x".join(["1"] + [str(d) for d in inputs[i.name][1:]])
+        notes.append(
+            f"input {i.name!r} has a fixed batch of {dims[0].dim_value}: path-norms and bounds are those of the "
+            f"network on {dims[0].dim_value} samples at once; --input-shape {i.name}={one} analyses one sample"
+        )
+    return notes
 
 
 def precision_notes(graph: onnx.GraphProto, nodes, inputs) -> list[str]:

@@ -520,3 +520,29 @@ def test_prelu_pairs_need_equal_slopes(tmp_path):
         onnxlip.bound(a, _save(model([0.1, 0.25, 0.3]), tmp_path / "b.onnx"), samples=0)
     code, out, _ = cli("check", _save(model([0.1, 1.5, 0.3]), tmp_path / "c.onnx"), "--json")
     assert code == 2 and "outside [0, 1]" in json.loads(out)["errors"][0]["reason"]
+
+
+def test_a_fixed_batch_above_one_is_noted(tmp_path):
+    """A model exported with a fixed batch of 3 maps 3 samples at once: its path-norm counts all of them, which the
+    results say, with the --input-shape that analyses one sample."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2, 4)).astype(np.float32)
+
+    def model(batch):
+        nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["y"])]
+        return make_model(
+            nodes,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2])],
+            [numpy_helper.from_array(w, "W")],
+        )
+
+    one, three = _save(model(1), tmp_path / "one.onnx"), _save(model(3), tmp_path / "three.onnx")
+    r = onnxlip.path_norm(three)
+    assert r.path_norm == pytest.approx(3 * onnxlip.path_norm(one).path_norm, rel=1e-6)
+    assert len(r.notes) == 1 and "fixed batch of 3" in r.notes[0] and "--input-shape x=1x4" in r.notes[0]
+    assert not onnxlip.path_norm(one).notes
+    single = onnxlip.path_norm(three, input_shapes={"x": [1, 4]})
+    assert single.path_norm == pytest.approx(onnxlip.path_norm(one).path_norm, rel=1e-12) and not single.notes
+    code, out, _ = cli("pathnorm", three, "--json")
+    assert code == 0 and "fixed batch" in json.loads(out)["notes"][0]
