@@ -69,6 +69,8 @@ def scores_cmd(
                 ", ".join(t.sources) if t.folded else "",
             )
         out.print(table)
+        for note in result.notes:
+            out.print(f"note: {note}", highlight=False)
         if out_file is not None:
             out.print(f"wrote {out_file} (scores relative to the path-norm)", highlight=False)
 

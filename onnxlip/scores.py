@@ -56,6 +56,7 @@ class ScoresResult:
     outputs: list[str]
     device: str
     tensors: dict[str, TensorScores] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # the import's (reduced precision, a fixed batch above 1)
 
     def absolute(self, name: str) -> np.ndarray:
         """Scores in absolute units (inf where they do not fit a float64)."""
@@ -90,6 +91,7 @@ class ScoresResult:
             "log10_path_norm": self.log10_path_norm,
             "output": list(self.outputs),
             "device": self.device,
+            "notes": list(self.notes),
             "tensors": {
                 n: {
                     "shape": list(t.shape),
@@ -142,7 +144,7 @@ def scores(
     graph = analyse(model, output, input_shapes, keep_proto=False).graph
     em, n_outs, score_map = scores_graph(graph)
     layouts = {p.name: (p.shape, p.transposed, tuple(p.sources)) for p in graph.params()}
-    feeds, outputs = ones_feeds(graph), list(graph.outputs)
+    feeds, outputs, notes = ones_feeds(graph), list(graph.outputs), list(graph.warnings)
     # from here on only the session's copies of the constants are needed: without the float64 IR parameters
     # (2x the model's parameter bytes) and our mantissas (1x) the peak memory stays within 3x params + activations
     del graph
@@ -153,7 +155,7 @@ def scores(
     pairs = [(values[i], float(values[i + 1])) for i in range(0, len(values), 2)]
     del values
     log10_norm = log10_total(pairs[:n_outs])
-    result = ScoresResult(log10_norm, outputs, dev)
+    result = ScoresResult(log10_norm, outputs, dev, notes=notes)
     log2_norm = log10_norm / LOG10_2
     for name, (mant, exp) in zip(score_map, pairs[n_outs:]):
         total, top = float(mant.sum(dtype=np.float64)), float(mant.max()) if mant.size else 0.0

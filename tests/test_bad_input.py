@@ -546,3 +546,5 @@ def test_a_fixed_batch_above_one_is_noted(tmp_path):
     assert single.path_norm == pytest.approx(onnxlip.path_norm(one).path_norm, rel=1e-12) and not single.notes
     code, out, _ = cli("pathnorm", three, "--json")
     assert code == 0 and "fixed batch" in json.loads(out)["notes"][0]
+    code, out, _ = cli("scores", three, "--json")
+    assert code == 0 and "fixed batch" in json.loads(out)["notes"][0]
