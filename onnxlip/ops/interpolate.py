@@ -50,18 +50,17 @@ def _run(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray], scales_
 
 def import_interpolation(node, ctx, mode: str) -> None:
     """The `interpolate` IR op for a Resize/Upsample in linear or cubic mode."""
-    for name in ("axes",):
-        if ctx.attr(name) is not None:
-            _fail(f"{node.op_type} with the {name!r} attribute is not supported")
+    from .layout import require_constant_inputs
+
+    if ctx.attr("axes") is not None:
+        _fail(f"{node.op_type} with the 'axes' attribute is not supported")
     policy = ctx.attr("keep_aspect_ratio_policy", b"stretch")
     if (policy.decode() if isinstance(policy, bytes) else policy) != "stretch":
         _fail("keep_aspect_ratio_policy other than 'stretch' is not supported")
     transform = ctx.attr("coordinate_transformation_mode", b"half_pixel")
     if (transform.decode() if isinstance(transform, bytes) else transform) == "tf_crop_and_resize":
         _fail("tf_crop_and_resize fills outside values with a constant (fixed neurons); not supported")
-    for name in node.input[1:]:
-        if name and not ctx.is_const(name):
-            _fail(f"its input {name!r} is computed at run time; it must be constant")
+    require_constant_inputs(node, ctx)
     shape, out_shape = tuple(ctx.shape(node.input[0])), tuple(ctx.shape(node.output[0]))
     consts = {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
     # which input holds per-axis scales or sizes (Upsample-7 keeps scales in an attribute)
@@ -126,7 +125,7 @@ def _with_batch(consts, small, shape) -> dict[str, np.ndarray]:
     for n, v in consts.items():
         if v.dtype.kind in "iu" and v.size == len(shape):
             v = v.copy()
-            v[0], v[1:2] = small[0], small[1:2] if len(shape) > 1 else v[1:2]
+            v[:2] = small[:2]
         out[n] = v
     return out
 

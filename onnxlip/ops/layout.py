@@ -146,9 +146,7 @@ def import_pad(node, ctx):
     mode = ctx.attr("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode in ("reflect", "edge", "wrap"):  # every output entry copies an input entry: a select
-        for name in node.input[1:]:
-            if name and not ctx.is_const(name):
-                _fail(f"its input {name!r} is computed at run time; it must be constant")
+        require_constant_inputs(node, ctx)
         pads = ctx.attr("pads") if ctx.opset < 11 else ctx.const(node.input[1])
         if pads is not None and np.any(np.asarray(pads) < 0):
             _fail(f"negative pads (crops) in {mode!r} mode are not supported; crop with a Slice")
@@ -191,10 +189,15 @@ def import_select(node, ctx):
             return
         if mode != "nearest":
             _fail(f"{node.op_type} in {mode!r} mode is not supported (nearest, linear and cubic are)")
+    require_constant_inputs(node, ctx)
+    ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx)})
+
+
+def require_constant_inputs(node, ctx) -> None:
+    """Every input but the data (pads, scales, sizes, ...) must be a constant of the model."""
     for name in node.input[1:]:
         if name and not ctx.is_const(name):
             _fail(f"its input {name!r} is computed at run time; it must be constant")
-    ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx)})
 
 
 def _index_map(node, ctx) -> np.ndarray:
