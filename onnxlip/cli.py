@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import api
 from .cli_common import (
@@ -49,8 +49,8 @@ def check(
 
 
 def _print_check(model, result: api.CheckResult) -> None:
-    status = "[green]supported[/]" if result.supported else "[red]not supported[/]"
-    out.print(f"{model}: {status}")
+    status = ("supported", "green") if result.supported else ("not supported", "red")
+    out.print(Text.assemble(f"{model}: ", status))
     table = Table(title="ops in the file")
     table.add_column("op")
     table.add_column("count", justify="right")
@@ -60,11 +60,11 @@ def _print_check(model, result: api.CheckResult) -> None:
     if result.supported:
         out.print(f"inputs: {result.inputs}   outputs: {result.outputs}   parameters: {result.num_parameters:,}")
     for line in grouped_issues(result.errors):
-        out.print(f"[red]x[/] {escape(line)}", highlight=False)
+        out.print(Text.assemble(("x", "red"), f" {line}"), highlight=False)
     if result.hint:
         out.print(result.hint, highlight=False)
     for w in result.warnings:
-        out.print(f"[yellow]warning:[/] {w}")
+        out.print(Text.assemble(("warning:", "yellow"), f" {w}"), highlight=False)
 
 
 @app.command(short_help="L^q path-norm ||Phi(theta)||_q of the model (value and log10).")
@@ -180,7 +180,7 @@ def _print_bounds(base, variants, results, max_bound) -> None:
         observed = "-" if r.observed_max_l1_diff is None else f"{r.observed_max_l1_diff:.4g} ({r.samples})"
         table.add_row(
             Path(v).name,
-            f"[red]{bound_txt}[/]" if over else bound_txt,
+            Text(bound_txt, style="red") if over else bound_txt,
             _fmt(r.path_metric, r.log10_path_metric),
             "exact" if r.exact else "upper bd",
             f"{r.changed_parameters:,}",

@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from .errors import OnnxlipError
 from .loading import same_file
@@ -65,8 +66,10 @@ def _width(stream) -> int | None:
     return 160
 
 
-out = Console(width=_width(sys.stdout))
-err = Console(stderr=True, width=_width(sys.stderr))
+# markup off: model paths, tensor and node names and messages are printed as they are (rich would read "[x]" in a
+# name as a style tag, drop it, or fail on "[/x]"); styles are given as rich Text
+out = Console(width=_width(sys.stdout), markup=False)
+err = Console(stderr=True, width=_width(sys.stderr), markup=False)
 
 OutputOpt = typer.Option(
     None,
@@ -135,7 +138,7 @@ def _fail(as_json: bool, message: str, code: int, issues=None, hint=None):
             payload["hint"] = hint
         print(json.dumps(payload))
     else:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -93,7 +93,7 @@ def prune_cmd(
     plot: Optional[Path] = typer.Option(
         None,
         "--plot",
-        help="With --sweep: draw bound versus sparsity (PNG; needs matplotlib, pip install 'onnxlip[plot]').",
+        help="With --sweep: draw bound versus sparsity (PNG; needs matplotlib, pip install 'onnxlip\\[plot]').",
     ),
     input_bound: float = typer.Option(1.0, "--input-bound", "-R", help="R of the certified bound."),
     output: Optional[List[str]] = OutputOpt,

@@ -152,3 +152,42 @@ def test_version_names_the_libraries_behind_the_numbers():
     assert out.startswith(f"onnxlip {onnxlip.__version__} (") and f"onnxruntime {onnxruntime.__version__}" in out
     code, out, _ = cli("pathnorm", "models/digits_cnn.onnx", "--json")
     assert code == 0 and json.loads(out)["onnxlip_version"] == onnxlip.__version__
+
+
+def test_names_that_look_like_markup_are_printed_as_they_are(tmp_path):
+    """Paths, node and tensor names are user data: rich must not read "[red]" or "[/x]" in them as style tags
+    (it dropped them, and a closing tag with no opening one crashed the error printer with exit 1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((3, 4), np.float32), "W[/b]")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W[/b]"], ["h[red]"], name="mm[/red]"),
+        helper.make_node("Sigmoid", ["h[red]"], ["y"], name="sig[/bold]"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    folder = tmp_path / "run[bold]"
+    folder.mkdir()
+    path = folder / "m[red].onnx"
+    onnx.save(model, str(path))
+    code, out, err = cli("check", path)
+    assert code == 2 and "Traceback" not in err
+    assert str(path) in out and "sig[/bold]" in out and "--output h[red]" in out
+    code, out, err = cli("pathnorm", path)
+    assert code == 2 and "Traceback" not in err and "sig[/bold]" in err and "h[red]" in err
+    code, out, err = cli("pathnorm", path, "--output", "h[red]")
+    assert code == 0 and "m[red].onnx" in out and "h[red]" in out
+    code, out, err = cli("pathnorm", tmp_path / "missing[/x].onnx")
+    assert code == 2 and "missing[/x].onnx" in err and "Traceback" not in err
+
+
+def test_help_shows_bracketed_extras():
+    code, out, err = cli("prune", "--help")
+    assert code == 0 and "onnxlip[plot]" in out
