@@ -572,3 +572,58 @@ def test_upsample_and_resize_maps_are_onnxruntimes(opset, mode):
     else:
         assert ir.op == "interpolate"
         np.testing.assert_allclose(apply_maps(x.astype(np.float64), ir.attrs["mats"]), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+@pytest.mark.parametrize("by", ["scales", "sizes"])
+@pytest.mark.parametrize("axes", [[2, 3], [-1], [3, 2]])
+def test_resize_with_axes_is_onnxruntimes(mode, by, axes):
+    """Resize-18's `axes` attribute (scales or sizes for the named axes only, in their order): the IR's map
+    reproduces onnxruntime's output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxlip.importer import import_model
+    from onnxlip.ops.interpolate import apply_maps
+    from tests.helpers import make_model
+
+    shape = [1, 2, 4, 3]
+    factor = {2: 2.0, 3: 3.0, -1: 3.0}
+    if by == "scales":
+        inputs, value = ["x", "", "s"], np.asarray([factor[a] for a in axes], np.float32)
+    else:
+        inputs, value = ["x", "", "", "s"], np.asarray([int(shape[a] * factor[a]) for a in axes], np.int64)
+    node = helper.make_node("Resize", inputs, ["y"], mode=mode, axes=axes)
+    model = make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, "s")],
+        opset=18,
+    )
+    x = np.random.default_rng(len(axes)).uniform(-1, 1, shape).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    (ir,) = import_model(model).nodes
+    if mode == "nearest":
+        assert ir.op == "select"
+        np.testing.assert_array_equal(x.reshape(-1)[ir.attrs["index"]], want)
+    else:
+        assert ir.op == "interpolate"
+        np.testing.assert_allclose(apply_maps(x.astype(np.float64), ir.attrs["mats"]), want, rtol=1e-6, atol=1e-6)
+
+
+def test_resize_axes_that_do_not_fit_are_refused():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import make_model
+
+    for axes, value in (([2, 2], [2.0, 2.0]), ([5], [2.0]), ([2, 3], [2.0])):
+        node = helper.make_node("Resize", ["x", "", "s"], ["y"], mode="linear", axes=axes)
+        model = make_model(
+            [node],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(np.asarray(value, np.float32), "s")],
+            opset=18,
+        )
+        with pytest.raises(onnxlip.errors.OnnxlipError):
+            onnxlip.path_norm(model)

@@ -52,8 +52,6 @@ def import_interpolation(node, ctx, mode: str) -> None:
     """The `interpolate` IR op for a Resize/Upsample in linear or cubic mode."""
     from .layout import require_constant_inputs
 
-    if ctx.attr("axes") is not None:
-        _fail(f"{node.op_type} with the 'axes' attribute is not supported")
     policy = ctx.attr("keep_aspect_ratio_policy", b"stretch")
     if (policy.decode() if isinstance(policy, bytes) else policy) != "stretch":
         _fail("keep_aspect_ratio_policy other than 'stretch' is not supported")
@@ -63,6 +61,8 @@ def import_interpolation(node, ctx, mode: str) -> None:
     require_constant_inputs(node, ctx)
     shape, out_shape = tuple(ctx.shape(node.input[0])), tuple(ctx.shape(node.output[0]))
     consts = {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
+    if ctx.attr("axes") is not None:
+        node, consts = without_axes(node, consts, shape, list(ctx.attr("axes")))
     # which input holds per-axis scales or sizes (Upsample-7 keeps scales in an attribute)
     scales_name = node.input[2] if node.op_type == "Resize" and len(node.input) > 2 and node.input[2] else None
     sizes_name = node.input[3] if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] else None
@@ -104,6 +104,32 @@ def import_interpolation(node, ctx, mode: str) -> None:
         mats[k] = out.reshape(shape[k], out_shape[k]).T  # (out, in)
     _check_separable(node, ctx, shape, consts, mats)
     ctx.add("interpolate", [node.input[0]], attrs={"mats": mats, "mode": mode, "rank": len(shape)})
+
+
+def without_axes(node, consts: dict[str, np.ndarray], shape: tuple[int, ...], axes: list[int]):
+    """The same Resize (opset 18+) without its `axes` attribute: scales and sizes given for every axis, 1 and the
+    input's extent on the axes it does not name (the operator's definition), so the probes below need no case."""
+    import onnx
+
+    rank = len(shape)
+    if any(not -rank <= a < rank for a in axes) or len({a % rank for a in axes}) != len(axes):
+        _fail(f"its axes {axes} are out of range or repeated for a rank-{rank} input")
+    axes = [a % rank for a in axes]
+    full = onnx.NodeProto()
+    full.CopyFrom(node)
+    del full.attribute[:]
+    full.attribute.extend(a for a in node.attribute if a.name != "axes")
+    consts = dict(consts)
+    for i, fill in ((2, np.ones(rank)), (3, np.asarray(shape, dtype=np.float64))):  # scales, sizes
+        name = node.input[i] if len(node.input) > i else ""
+        if not name or consts[name].size == 0:
+            continue
+        if consts[name].size != len(axes):
+            _fail(f"its {'scales' if i == 2 else 'sizes'} do not match its axes {axes}")
+        values = fill.copy()
+        values[axes] = consts[name].reshape(-1)
+        consts[name] = values.astype(consts[name].dtype)
+    return full, consts
 
 
 def _check_separable(node, ctx, shape, consts, mats) -> None:

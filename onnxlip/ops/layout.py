@@ -190,7 +190,13 @@ def import_select(node, ctx):
         if mode != "nearest":
             _fail(f"{node.op_type} in {mode!r} mode is not supported (nearest, linear and cubic are)")
     require_constant_inputs(node, ctx)
-    ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx)})
+    consts = None
+    if node.op_type == "Resize" and ctx.attr("axes") is not None:  # (the reference evaluator fails on axes < 0)
+        from .interpolate import without_axes
+
+        consts = {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
+        node, consts = without_axes(node, consts, tuple(ctx.shape(node.input[0])), list(ctx.attr("axes")))
+    ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx, consts)})
 
 
 def require_constant_inputs(node, ctx) -> None:
@@ -200,15 +206,17 @@ def require_constant_inputs(node, ctx) -> None:
             _fail(f"its input {name!r} is computed at run time; it must be constant")
 
 
-def _index_map(node, ctx) -> np.ndarray:
-    """Apply the real op to a tensor holding each entry's flat index: the output says where it copies from."""
+def _index_map(node, ctx, consts: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Apply the real op (with its constant inputs, or `consts` in their place) to a tensor holding each entry's
+    flat index: the output says where it copies from."""
     import onnx
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
     shape = ctx.shape(node.input[0])
     iota = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
-    consts = [numpy_helper.from_array(ctx.const(n), n) for n in node.input[1:] if n]
+    consts = consts if consts is not None else {n: ctx.const(n) for n in node.input[1:] if n}
+    consts = [numpy_helper.from_array(np.asarray(consts[n]), n) for n in node.input[1:] if n]
     node, opset = upsample9(node, ctx.opset, consts)
     x = helper.make_tensor_value_info(node.input[0], onnx.TensorProto.DOUBLE, list(shape))
     y = helper.make_tensor_value_info(node.output[0], onnx.TensorProto.DOUBLE, None)
