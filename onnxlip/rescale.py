@@ -61,9 +61,14 @@ class _Graph:
         return name in self.values and self.use_count.get(name, 0) == 1 and self.values[name].dtype.kind == "f"
 
 
-def _attr(node, name, default=None):
+def _attr(node, name: str, default: int):
+    """An integer attribute of a node; OnnxlipError naming the node when the file gives it another kind."""
     for a in node.attribute:
         if a.name == name:
+            if a.type != onnx.AttributeProto.INT:
+                kind = onnx.AttributeProto.AttributeType.Name(a.type).lower()
+                where = f"node {node.name or node.op_type!r} ({node.op_type})"
+                raise OnnxlipError(f"{where}: its attribute {name!r} is {kind}, not an integer")
             return helper.get_attribute_value(a)
     return default
 

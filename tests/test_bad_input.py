@@ -548,3 +548,17 @@ def test_a_fixed_batch_above_one_is_noted(tmp_path):
     assert code == 0 and "fixed batch" in json.loads(out)["notes"][0]
     code, out, _ = cli("scores", three, "--json")
     assert code == 0 and "fixed batch" in json.loads(out)["notes"][0]
+
+
+@pytest.mark.parametrize("attr", ["transA", "transB"])
+@pytest.mark.parametrize("value", ["yes", 1.5])
+def test_rescale_names_an_attribute_of_the_wrong_kind(tmp_path, attr, value):
+    """rescale reads the file's own graph (not the IR): a damaged attribute it reads is an input error naming the
+    node (exit 2), not an internal error."""
+    model = gemm_chain([np.ones((3, 4)), np.ones((4, 2))], [np.zeros(4), np.zeros(2)])
+    node = model.graph.node[0]
+    node.attribute.append(helper.make_attribute(attr, value))
+    with pytest.raises(OnnxlipError, match=f"{node.name or node.op_type}.*{attr}"):
+        onnxlip.rescale(model)
+    code, out, err = cli("rescale", _save(model, tmp_path / "bad.onnx"), "-o", tmp_path / "r.onnx")
+    assert code == 2 and "Traceback" not in err and attr in err
