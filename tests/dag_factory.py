@@ -467,8 +467,8 @@ def activations(rng) -> Spec:
 
 
 def layout(rng) -> Spec:
-    """Pad (zero, reflect or edge), Reshape, Transpose, Squeeze / Unsqueeze, Slice, Resize (nearest, linear or
-    cubic), Div."""
+    """Pad (zero, reflect or edge), Reshape, Transpose, Squeeze / Unsqueeze, Slice (negative steps too), Resize
+    (nearest, linear or cubic), Div."""
     b = Builder(rng, "layout")
     x = b.input(2, 3, 3)
     h = b.op("Pad", [x, b.ints([0, 0, 1, 0, 0, 0, 0, 1])], mode="constant")
@@ -476,6 +476,8 @@ def layout(rng) -> Spec:
     h = b.op("Resize", [h, "", b.const([1.0, 1.0, 2.0, 1.0], learned=False)], mode="nearest")
     h = b.op("Slice", [h, b.ints([0, 1]), b.ints([1, 100]), b.ints([1, 2]), b.ints([1, 2])])
     h = b.op("Transpose", [h], perm=[0, 1, 3, 2])
+    # negative steps, as torch exports flip: reversed to the front (ends below -dim), and every second entry
+    h = b.op("Slice", [h, b.ints([-1, -1]), b.ints([-(2**63) + 1, -(2**63)]), b.ints([3, 2]), b.ints([-1, -2])])
     if _coin(rng):
         h = b.op("Pad", [h, b.ints([0, 0, 0, 1, 0, 0, 1, 0])])
     # a copying pad (every entry a copy of an input entry): before a conv, as in image-to-image networks

@@ -627,3 +627,41 @@ def test_resize_axes_that_do_not_fit_are_refused():
         )
         with pytest.raises(onnxlip.errors.OnnxlipError):
             onnxlip.path_norm(model)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+@pytest.mark.parametrize(
+    "transform", ["half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel", "half_pixel_symmetric"]
+)
+@pytest.mark.parametrize(
+    "scales", [[1.0, 1.0, 1.5, 2.0], [1.0, 1.0, 1.7, 2.5], [1.0, 1.0, 0.6, 1.0], [1.0, 1.0, 0.5, 0.75]]
+)
+def test_resize_maps_are_onnxruntimes_in_every_coordinate_mode(mode, transform, scales):
+    """Non-integer output lengths: the ONNX reference evaluator computes align_corners and pytorch_half_pixel
+    with the unrounded length n * scale, onnxruntime (and torch) with floor(n * scale); the maps must be
+    onnxruntime's (3 -> 4 with align_corners gave coefficients off by up to 0.47)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxlip.importer import import_model
+    from onnxlip.ops.interpolate import apply_maps
+    from tests.helpers import make_model
+
+    shape = [1, 2, 3, 4]
+    extra = {"nearest_mode": "floor"} if mode == "nearest" else {}
+    node = helper.make_node(
+        "Resize", ["x", "", "s"], ["y"], mode=mode, coordinate_transformation_mode=transform, **extra
+    )
+    model = make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(scales, np.float32), "s")],
+        opset=19,
+    )
+    x = np.random.default_rng(7).uniform(-1, 1, shape).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    (ir,) = import_model(model).nodes
+    if mode == "nearest":
+        np.testing.assert_array_equal(x.reshape(-1)[ir.attrs["index"]], want)
+    else:
+        np.testing.assert_allclose(apply_maps(x.astype(np.float64), ir.attrs["mats"]), want, rtol=1e-5, atol=1e-6)

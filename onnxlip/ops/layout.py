@@ -208,26 +208,77 @@ def require_constant_inputs(node, ctx) -> None:
 
 def _index_map(node, ctx, consts: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Apply the real op (with its constant inputs, or `consts` in their place) to a tensor holding each entry's
-    flat index: the output says where it copies from."""
-    import onnx
-    from onnx import helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
+    flat index: the output says where it copies from. onnxruntime runs it on int32 indices where it can: the
+    ONNX reference evaluator disagrees with onnxruntime (and torch) on some Resize coordinate modes (align_corners
+    and pytorch_half_pixel at non-integer output lengths); otherwise the reference evaluator, in float64."""
     shape = ctx.shape(node.input[0])
-    iota = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape)
-    consts = consts if consts is not None else {n: ctx.const(n) for n in node.input[1:] if n}
-    consts = [numpy_helper.from_array(np.asarray(consts[n]), n) for n in node.input[1:] if n]
-    node, opset = upsample9(node, ctx.opset, consts)
-    x = helper.make_tensor_value_info(node.input[0], onnx.TensorProto.DOUBLE, list(shape))
-    y = helper.make_tensor_value_info(node.output[0], onnx.TensorProto.DOUBLE, None)
-    g = helper.make_graph([node], "index", [x], [y], consts)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    (out,) = ReferenceEvaluator(model).run(None, {node.input[0]: iota})
-    index = np.asarray(out)
+    consts = consts if consts is not None else {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
+    size = int(np.prod(shape))
+    index = None
+    if size < 2**31:
+        index = run_onnxruntime(node, ctx.opset, np.arange(size, dtype=np.int32).reshape(shape), consts)
+    if index is None:
+        index = run_reference(node, ctx.opset, np.arange(size, dtype=np.float64).reshape(shape), consts)
     if index.shape != tuple(ctx.shape(node.output[0])) or not np.all(index == np.round(index)):
         _fail("could not derive its index map")
     return index.astype(np.int64)
+
+
+def _one_node_model(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray], ir_version: int):
+    from onnx import helper, numpy_helper
+
+    elem = helper.np_dtype_to_tensor_dtype(x.dtype)
+    inits = [numpy_helper.from_array(np.asarray(consts[n]), n) for n in node.input[1:] if n]
+    xi = helper.make_tensor_value_info(node.input[0], elem, list(x.shape))
+    yi = helper.make_tensor_value_info(node.output[0], elem, None)
+    model = helper.make_model(helper.make_graph([node], "probe", [xi], [yi], inits))
+    model.opset_import[0].version = opset
+    model.ir_version = ir_version
+    return model
+
+
+def run_reference(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray]) -> np.ndarray:
+    """The op on x (its other inputs the constants `consts`), by the ONNX reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    probe = _probe_node(node)
+    inits = []
+    probe, opset = upsample9(probe, opset, inits)
+    consts = {**consts, **{t.name: _array(t) for t in inits}}
+    (out,) = ReferenceEvaluator(_one_node_model(probe, opset, x, consts, 8)).run(None, {probe.input[0]: x})
+    return np.asarray(out)
+
+
+def run_onnxruntime(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The op on x by onnxruntime's CPU kernels, or None where onnxruntime has no kernel for it (or for x's type)."""
+    import onnxruntime as ort
+
+    from ..runtime import session_options
+
+    try:
+        model = _one_node_model(_probe_node(node), opset, x, consts, 8 if opset >= 9 else 3)
+        sess = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        return np.asarray(sess.run(None, {model.graph.input[0].name: x})[0])
+    except Exception:  # noqa: BLE001 - no kernel: the caller falls back to the reference evaluator
+        return None
+
+
+def _probe_node(node):
+    """A copy of node reading its data from "onnxlip::x" and writing "onnxlip::y" (the constants keep their
+    names)."""
+    import onnx
+
+    probe = onnx.NodeProto()
+    probe.CopyFrom(node)
+    probe.input[0], probe.output[0] = "onnxlip::x", "onnxlip::y"
+    del probe.output[1:]
+    return probe
+
+
+def _array(tensor) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(tensor)
 
 
 def upsample9(node, opset: int, consts: list):
@@ -295,8 +346,10 @@ def _copy_map(node, em) -> np.ndarray:
     for start, end, axis, step in zip(
         node.attrs["starts"], node.attrs["ends"], node.attrs["axes"], node.attrs["steps"]
     ):
-        slices[axis] = slice(*slice(start, end, step).indices(shape[axis]))
-    return iota[tuple(slices)]
+        # the entries Slice reads along the axis, as an index list: slice.indices gives stop = -1 for a
+        # reversal to the front (torch's flip), which as a slice again would read from the back
+        slices[axis] = np.arange(*slice(start, end, step).indices(shape[axis]))
+    return iota[np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for n, s in zip(shape, slices)])]
 
 
 def _scatter_adjoint(node, em, a, b):
