@@ -114,6 +114,13 @@ class _GlobalAvgCompanion(nn.Module):
         return x.sum(dim=tuple(range(2, x.dim())), keepdim=True) * (1.0 / count) ** self.q
 
 
+class _GlobalSumCompanion(nn.Module):
+    """The companion of a global max pool: every entry of the window is a path (max -> sum)."""
+
+    def forward(self, x):
+        return x.sum(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
 def _companion_module(module: nn.Module, q: float) -> nn.Module | None:
     if isinstance(module, nn.ReLU):
         return nn.Identity()
@@ -131,6 +138,9 @@ def _companion_module(module: nn.Module, q: float) -> nn.Module | None:
         size = module.output_size
         assert size in (1, (1, 1), (1,)), "only global average pooling is modelled"
         return _GlobalAvgCompanion(q)
+    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)):
+        assert module.output_size in (1, (1, 1), (1,)), "only global max pooling is modelled"
+        return _GlobalSumCompanion()
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         a = module.weight.detach() / torch.sqrt(module.running_var + module.eps)
         c = module.bias.detach() - a * module.running_mean
@@ -452,6 +462,33 @@ class ConvBiasBN(nn.Module):
         return nn.Sequential(fold_conv_bn(self.conv, self.bn), nn.ReLU(), copy.deepcopy(self.head)).eval()
 
 
+class Shuffle(nn.Module):
+    """Layers the two exporters write differently: a channel split (torch.chunk: two Slices or one Split), a channel
+    shuffle (view, transpose, view), a circular-padding conv (Slices and Concats, or a wrapping Pad), torch.roll
+    (Slices whose end is INT64_MAX or the extent), torch.flip (a Slice with step -1) and nn.AdaptiveMaxPool2d(1)
+    (a MaxPool over the whole map, or a ReduceMax)."""
+
+    input_shape = (4, 6, 6)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.circular = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(4 * 36 + 4, 3)
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat([a, self.relu(self.conv(b))], 1)  # (N, 4, 6, 6)
+        n = y.shape[0]
+        y = y.view(n, 2, 2, 6, 6).transpose(1, 2).reshape(n, 4, 6, 6)
+        y = self.relu2(self.circular(y))
+        y = torch.roll(y, shifts=(1, -2), dims=(2, 3)).flip(-1)
+        return self.fc(torch.cat([y.flatten(1), torch.flatten(self.pool(y), 1)], 1))
+
+
 ARCHITECTURES = {
     "resnet": MiniResNet,
     "convzoo": ConvZoo,
@@ -462,6 +499,7 @@ ARCHITECTURES = {
     "unet": UNet,
     "densenet": DenseNet,
     "conv_bias_bn": ConvBiasBN,
+    "shuffle": Shuffle,
 }
 
 

@@ -108,7 +108,7 @@ def batchnorm_affine(gamma, beta, mean, var, eps):
 # ============================================================================================================
 # 1. torch.onnx exporters
 # ============================================================================================================
-TORCH_ARCHS = ("resnet", "convzoo", "conv1d", "transpose", "mix", "unet", "densenet")
+TORCH_ARCHS = ("resnet", "convzoo", "conv1d", "transpose", "mix", "unet", "densenet", "shuffle")
 # ops each export must contain, so that each test exercises what it claims to
 EXPECTED_OPS = {
     "resnet": {"Conv", "MaxPool", "Add", "Relu", "Gemm"},
@@ -118,6 +118,7 @@ EXPECTED_OPS = {
     "mix": {"Max", "Min", "Concat", "Resize", "Transpose", "MatMul"},
     "unet": {"Pad", "ConvTranspose", "Concat", "Resize", "MaxPool", "PRelu"},
     "densenet": {"Concat", "BatchNormalization", "AveragePool", "Gemm"},
+    "shuffle": {"Slice", "Concat", "Transpose"},
 }
 
 
@@ -167,7 +168,7 @@ def test_torch_resnet(torch_export, exporter, batch, q):
 @pytest.mark.parametrize("q", QS)
 @pytest.mark.parametrize("batch", ["fixed", "dynamic"])
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-@pytest.mark.parametrize("arch", ["convzoo", "conv1d", "transpose", "mix", "unet", "densenet"])
+@pytest.mark.parametrize("arch", ["convzoo", "conv1d", "transpose", "mix", "unet", "densenet", "shuffle"])
 def test_torch_layers(torch_export, arch, exporter, batch, q):
     path, refs = torch_export(arch, exporter, batch)
     assert onnxlip.path_norm(path, q).path_norm == pytest.approx(refs[q], rel=REL)
@@ -199,10 +200,11 @@ def test_torch_bilinear_interpolation(tmp_path, exporter, align_corners, by_size
         assert float(cubic(x).abs().sum()) <= norm  # theory.md section 6 with theta' = 0, ||x||_inf <= 1
 
 
-@pytest.mark.parametrize("arch", ["resnet", "convzoo", "mix", "unet", "densenet"])
+@pytest.mark.parametrize("arch", ["resnet", "convzoo", "mix", "unet", "densenet", "shuffle"])
 def test_the_two_exporters_outputs_pair(torch_export, arch):
     """The TorchScript and the dynamo export of one module differ in graph details (a one-input Concat, F.pad as a
-    Pad or inside the Conv, BatchNorm folded by the exporter in float32 or left to onnxlip): `bound` pairs them,
+    Pad or inside the Conv, BatchNorm folded by the exporter in float32 or left to onnxlip, Slices or a Split, a
+    circular pad as Slices and Concats or a wrapping Pad, a global MaxPool or a ReduceMax): `bound` pairs them,
     and its bound is at the level of float32 rounding of the path-norm."""
     a, _ = torch_export(arch, "torchscript", "fixed")
     b, _ = torch_export(arch, "dynamo", "fixed")

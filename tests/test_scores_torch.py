@@ -14,7 +14,7 @@ import onnxlip  # noqa: E402
 from tests import exporter_models as E  # noqa: E402
 
 
-@pytest.mark.parametrize("arch", ["resnet", "convzoo", "conv1d", "transpose", "mix", "unet", "densenet"])
+@pytest.mark.parametrize("arch", ["resnet", "convzoo", "conv1d", "transpose", "mix", "unet", "densenet", "shuffle"])
 def test_scores_equal_torch_autograd_of_the_companion(tmp_path, arch):
     model = E.build(arch, seed=1)
     path = tmp_path / f"{arch}.onnx"
