@@ -15,11 +15,11 @@ import onnx
 from .companion import plain_value
 from .compiled import pathnorm_log10_power
 from .engine import MetricEngine, MetricOutcome
-from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
+from .errors import ModelIssue, OnnxlipError, RuntimeFailure, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, load_model, load_with_arrays, model_label
-from .sampling import observed_max_l1, sampler_for
+from .sampling import Sampler, observed_max_l1, sampler_for
 from .structure import align_params
 from .variants import VariantReader
 
@@ -283,7 +283,7 @@ def bound_many(
     if samples < 0:
         raise OnnxlipError("--samples must be >= 0")
     ref = analyse(base, output, input_shapes, keep_proto=False)
-    base_sampler = sampler_for(ref) if samples else None
+    samplers = _Samplers(ref, samples)
     # variant files that differ from the base file only in initializer values reuse the base's import
     reader = VariantReader(base, ref.graph, ref.file) if isinstance(base, (str, os.PathLike)) and variants else None
     engine = MetricEngine(ref.graph, device)
@@ -298,11 +298,7 @@ def bound_many(
             other = analyse(variant, output, input_shapes, keep_proto=False)
             metric = metric_between(ref, other, device, engine)
         log10_bound = certified_log10_bound(metric, input_bound)
-        observed, tried = None, 0
-        if samples:
-            observed, tried = observed_max_l1(
-                (base_sampler, sampler_for(other)), samples, input_bound, seed, sample_seconds
-            )
+        observed, tried, sampling_notes = samplers.observe(other, input_bound, seed, sample_seconds)
         results.append(
             BoundResult(
                 metric.path_metric,
@@ -320,12 +316,44 @@ def bound_many(
                 other.label,
                 metric.rounding_margin,
                 metric.route,
-                list(dict.fromkeys(ref.graph.warnings + other.graph.warnings)),
+                list(dict.fromkeys(ref.graph.warnings + other.graph.warnings + sampling_notes)),
             )
         )
         if progress is not None:
             progress()
     return results
+
+
+class _Samplers:
+    """The observed differences of bound_many: the base's sampler built once. Where onnxruntime cannot run the
+    models themselves (e.g. a dilated Conv with auto_pad SAME_UPPER, which it has no kernel for), the bound is
+    still given, without samples, and a note says why: it does not depend on them."""
+
+    def __init__(self, ref: Analysed, samples: int):
+        self.ref, self.samples = ref, samples
+        self.base: Sampler | None = None
+        self.failure: str | None = None  # the base's sampler could not be built: no variant can be sampled
+
+    def observe(self, other: Analysed, radius: float, seed: int, seconds: float) -> tuple[float | None, int, list]:
+        if not self.samples:
+            return None, 0, []
+        if self.failure is not None:
+            return None, 0, [_no_samples(self.failure)]
+        try:
+            if self.base is None:
+                self.base = sampler_for(self.ref)
+            observed, tried = observed_max_l1((self.base, sampler_for(other)), self.samples, radius, seed, seconds)
+            return observed, tried, []
+        except RuntimeFailure as exc:
+            if self.base is None:
+                self.failure = str(exc)
+            return None, 0, [_no_samples(str(exc))]
+
+
+def _no_samples(why: str) -> str:
+    return (
+        f"no sampled differences (the certified bound does not need them): running the models themselves failed: {why}"
+    )
 
 
 # ---- check ---------------------------------------------------------------------------------------------

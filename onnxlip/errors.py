@@ -62,5 +62,10 @@ class MismatchError(OnnxlipError):
     """Two models that should share one architecture do not."""
 
 
+class RuntimeFailure(OnnxlipError):
+    """onnxruntime refused to build or run a graph (an op or attribute combination it has no kernel for, or a model
+    whose shapes it rejects only at run time)."""
+
+
 class UnderflowError(OnnxlipError):
     """float32 cannot hold the model's companion values closely enough to certify the result (range_guard.py)."""

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import OnnxlipError
+from .errors import OnnxlipError, RuntimeFailure
 
 ort.set_default_logger_severity(4)  # a missing CUDA library is expected; we check get_providers() ourselves
 
@@ -111,7 +111,7 @@ def make_session(
                 data, session_options(external, level, prepack, spin), providers=["CPUExecutionProvider"]
             )
     except Exception as exc:  # noqa: BLE001
-        raise OnnxlipError(f"onnxruntime could not build the graph: {exc}") from None
+        raise RuntimeFailure(f"onnxruntime could not build the graph: {exc}") from None
     _release(external)
     return sess, "cpu"
 
@@ -137,7 +137,9 @@ def run(session: ort.InferenceSession, names: list[str] | None, feeds: dict[str,
     try:
         return session.run(names, feeds)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own classes (Fail, InvalidArgument, ...)
-        raise OnnxlipError(f"onnxruntime could not run the analysis graph (is the model consistent?): {exc}") from None
+        raise RuntimeFailure(
+            f"onnxruntime could not run the analysis graph (is the model consistent?): {exc}"
+        ) from None
 
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

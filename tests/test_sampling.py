@@ -75,3 +75,36 @@ def test_initializers_listed_as_inputs_do_not_stop_batching(tmp_path):
     assert sampler_for(analyse(path, keep_proto=False)).batched
     r = onnxlip.bound(path, CNN_PRUNED, samples=64)
     assert r.samples == 64 and 0 < r.observed_max_l1_diff <= r.bound
+
+
+def test_a_model_onnxruntime_cannot_run_still_gets_its_bound(tmp_path):
+    """onnxruntime has no kernel for a dilated Conv with auto_pad SAME_UPPER (torch's padding='same' with a
+    dilation, as TorchScript exports it): the certified bound comes from onnxlip's own graphs, so it is given, with
+    no samples and a note saying why (before: exit 2 for the whole call)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2, 2, 3, 3)).astype(np.float32)
+    g = rng.normal(size=(2 * 5 * 5, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], auto_pad="SAME_UPPER", dilations=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "G"], ["y"]),
+    ]
+    paths = []
+    for name, weight in (("a", w), ("b", np.where(np.abs(w) < 0.5, 0, w).astype(np.float32))):
+        model = make_model(
+            nodes,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(g, "G")],
+        )
+        paths.append(tmp_path / f"{name}.onnx")
+        onnx.save(model, str(paths[-1]))
+    r = onnxlip.bound(paths[0], paths[1], samples=16)
+    assert r.exact and r.bound > 0 and r.observed_max_l1_diff is None and r.samples == 0
+    assert any("no sampled differences" in n and "Dilation" in n for n in r.notes)
+    assert r.path_metric == onnxlip.bound(paths[0], paths[1], samples=0).path_metric
