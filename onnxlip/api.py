@@ -299,6 +299,8 @@ def bound_many(
             metric = metric_between(ref, other, device, engine)
         log10_bound = certified_log10_bound(metric, input_bound)
         observed, tried, sampling_notes = samplers.observe(other, input_bound, seed, sample_seconds)
+        if observed is not None and observed > 0 and math.log10(observed) > log10_bound:
+            sampling_notes.append(_rounding_note(engine, ref.graph, observed, log10_bound, metric, input_bound))
         results.append(
             BoundResult(
                 metric.path_metric,
@@ -348,6 +350,38 @@ class _Samplers:
             if self.base is None:
                 self.failure = str(exc)
             return None, 0, [_no_samples(str(exc))]
+
+
+def _rounding_note(engine, graph, observed: float, log10_bound: float, metric, radius: float) -> str:
+    """Why an observed difference can exceed the certified bound: the bound is about exact arithmetic, the samples
+    run in float32. The a priori rounding of one forward pass (direct summation, as rounding.py assumes for the
+    companion) is at most margin * ||Phi||_1 * max(||x||_inf, 1) in l1, and ||Phi(b)|| <= ||Phi(a)|| + metric."""
+    from .rounding import relative_error_bound
+
+    log10_a = engine.log10_base()
+    log10_sum = _log10_sum(_log10_sum(log10_a, log10_a), metric.log10_path_metric)
+    margin = relative_error_bound(graph)
+    log10_z = math.log10(margin) + log10_sum + math.log10(max(radius, 1.0)) if margin > 0 else -math.inf
+    z = f"{10**log10_z:.3g}" if log10_z < 300 else f"10^{log10_z:.2f}"
+    text = (
+        f"the largest observed difference ({observed:.4g}) exceeds the certified bound "
+        f"({_plain(log10_bound)}): the bound is about the models in exact arithmetic, while the samples ran in "
+        f"float32, whose rounding in the two forward passes is at most about {z} here (an a priori estimate)"
+    )
+    if math.log10(observed) > _log10_sum(log10_bound, log10_z):
+        text += "; that does not explain the excess: please report it"
+    return text
+
+
+def _log10_sum(x: float, y: float) -> float:
+    if x == -math.inf or y == -math.inf:
+        return max(x, y)
+    top = max(x, y)
+    return top + math.log10(10 ** (x - top) + 10 ** (y - top))
+
+
+def _plain(log10: float) -> str:
+    return f"{10**log10:.4g}" if log10 < 300 else f"10^{log10:.2f}"
 
 
 def _no_samples(why: str) -> str:

@@ -152,8 +152,10 @@ def _exceeds(log10_value: float, threshold: float) -> bool:
 def _emit_json(obj: dict) -> None:
     """The one JSON object of --json, stamped with onnxlip's version (an audit trail names the tool that made it)."""
     from . import __version__
+    from .api import _jsonable
 
-    print(json.dumps({**obj, "onnxlip_version": __version__}))
+    # strict JSON: a non-finite number anywhere (e.g. log10 of a zero path-norm) as "inf"/"-inf", NaN as null
+    print(json.dumps(_jsonable({**obj, "onnxlip_version": __version__}), allow_nan=False))
 
 
 def _progress(total: int, label: str) -> Progress:

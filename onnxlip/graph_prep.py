@@ -103,13 +103,18 @@ def fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] |
     return out
 
 
-def check_node_names(nodes: list[onnx.NodeProto]) -> list[ModelIssue]:
+def check_node_names(nodes: list[onnx.NodeProto], defined: Sequence[str] = ()) -> list[ModelIssue]:
+    """A tensor is defined once: by one node, or as an initializer or graph input (`defined`)."""
+    given = set(defined)
     seen: set[str] = set()
     issues = []
     for node in nodes:
         for out in node.output:
             if out and out in seen:
                 issues.append(ModelIssue(node.name or out, node.op_type, f"tensor {out!r} is produced twice"))
+            elif out and out in given:
+                why = f"its output {out!r} is also an initializer or input of the graph (defined twice)"
+                issues.append(ModelIssue(node.name or out, node.op_type, why))
             seen.add(out)
     return issues
 

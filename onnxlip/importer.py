@@ -153,7 +153,7 @@ def import_model(
     origins = {n: (n,) for n, arr in consts.items() if arr.dtype.kind == "f" or arr.dtype in (np.int8, np.uint8)}
     inputs = fixed_input_shapes(graph, consts, options.input_shapes)
     nodes = list(graph.node)
-    issues = check_node_names(nodes)
+    issues = check_node_names(nodes, [*consts, *(i.name for i in graph.input)])
     outputs = list(options.outputs) if options.outputs else [o.name for o in graph.output]
     nodes = needed_nodes(nodes, outputs, inputs, consts)
     for name in outputs:

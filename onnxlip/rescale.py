@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 
 from .api import _jsonable
 from .errors import OnnxlipError
+from .graph_prep import initial_constants
 from .loading import ModelLike, load_model, same_file
 
 # channel-wise positively homogeneous ops a rescaled activation may pass through on its way to the next layer
@@ -40,7 +41,8 @@ class _Graph:
     def __init__(self, proto: onnx.ModelProto):
         self.proto = proto
         self.inits = {i.name: i for i in proto.graph.initializer}
-        self.values = {n: numpy_helper.to_array(i).copy() for n, i in self.inits.items()}
+        # decoded as every import decodes them: a corrupt or truncated tensor is an OnnxlipError naming it
+        self.values = {n: np.array(v) for n, v in initial_constants(proto.graph, {}).items()}
         self.producer = {o: n for n in proto.graph.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in proto.graph.node:
@@ -167,7 +169,7 @@ def _outgoing(g: _Graph, r: str, channels: int):
         if node.op_type == "Gemm" and int(_attr(node, "transA", 0)):
             return None
         rows = g.values[w].shape[1 if trans else 0]
-        if rows % channels:
+        if not channels or rows % channels:  # (no channels: an empty layer has no neuron to rescale)
             return None
         per_channel = rows // channels  # flattened (C, H, W) features: channel c owns a block of H*W rows
         if per_channel != 1 and spatial != "flatten":
@@ -205,7 +207,7 @@ def rescale(
     rng = np.random.default_rng(seed)
     neurons = layers = skipped = 0
     for node in list(proto.graph.node):
-        if node.op_type not in _HOMOGENEOUS:
+        if node.op_type not in _HOMOGENEOUS or not node.input or not node.output:
             continue
         inc = _incoming(g, node.input[0])
         out = _outgoing(g, node.output[0], inc[0]) if inc is not None else None

@@ -72,8 +72,10 @@ class ScoresResult:
         if not tensors:
             return {}, 0.0
         # all-zero tensors are 0 at any scale (their exponent is companion.ZERO_EXPONENT): they set no shift
-        live = [t.shift for t in tensors if not is_zero(t.mantissa)]
-        top = max(live) if live else tensors[0].shift
+        live = [t.shift for t in tensors if not is_zero(t.mantissa) and math.isfinite(t.shift)]
+        if not live:  # every score is 0 (e.g. a zero path-norm, where the shifts are not finite)
+            return {t.name: np.zeros(t.mantissa.shape, np.float32) for t in tensors}, 0.0
+        top = max(live)
         out = {}
         for t in tensors:
             drop = round(top - t.shift)  # an integer: shifts differ by onnxruntime's integer exponents

@@ -562,3 +562,53 @@ def test_rescale_names_an_attribute_of_the_wrong_kind(tmp_path, attr, value):
         onnxlip.rescale(model)
     code, out, err = cli("rescale", _save(model, tmp_path / "bad.onnx"), "-o", tmp_path / "r.onnx")
     assert code == 2 and "Traceback" not in err and attr in err
+
+
+def _damaged_raw(model: onnx.ModelProto, name: str, cut: int) -> onnx.ModelProto:
+    init = next(i for i in model.graph.initializer if i.name == name)
+    init.raw_data = init.raw_data[:cut]
+    return model
+
+
+@pytest.mark.parametrize("command", ["rescale", "prune", "pathnorm"])
+def test_an_initializer_of_the_wrong_size_is_an_input_error_everywhere(tmp_path, command):
+    """Found by fuzzing: rescale decoded initializers itself, and a short raw_data was an internal error."""
+    model = _damaged_raw(_mlp(), "W0", 7 * 4)
+    path = _save(model, tmp_path / "bad.onnx")
+    extra = {"rescale": ["-o", tmp_path / "r.onnx"], "prune": ["--sparsity", "0.5", "-o", tmp_path / "p.onnx"]}
+    code, out, err = cli(command, path, *extra.get(command, []))
+    assert code == 2 and "Traceback" not in err and "W0" in err
+
+
+def test_a_tensor_defined_twice_names_the_node():
+    """An initializer that is also a node's output (not valid ONNX): the node is named, not a KeyError."""
+    model = _mlp()
+    produced = model.graph.node[0].output[0]
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), produced))
+    with pytest.raises(UnsupportedModelError, match="defined twice") as info:
+        onnxlip.path_norm(model)
+    assert info.value.issues[0].node == (model.graph.node[0].name or produced)
+
+
+def test_a_stride_beyond_the_input_is_one_window():
+    """strides of 2**40 on a 5-wide input (one window, as a stride of the extent): the Lipschitz rule's frequency
+    grid was sized by the stride (8 TiB, an internal error); path-norms and bounds are those of stride 5."""
+    models = [_small_conv(strides=[s, 1]) for s in (2**40, 7)]
+    assert onnxlip.path_norm(models[0]).path_norm == onnxlip.path_norm(models[1]).path_norm
+    assert onnxlip.lipschitz(models[0], lower_seconds=0.1).upper.value > 0
+
+
+def test_an_all_zero_model_prunes_and_scores_as_strict_json(tmp_path):
+    """A zero path-norm: scores are all 0 (their shifts are not finite), prune must not fail on them, and every
+    --json object is strict JSON (no -Infinity)."""
+    rng = np.random.default_rng(0)
+    model = gemm_chain([np.zeros((3, 4)), rng.normal(size=(4, 2))], [np.zeros(4), np.zeros(2)])
+    path = _save(model, tmp_path / "zero.onnx")
+    for args in (
+        ["scores", path, "-o", tmp_path / "s.npz"],
+        ["prune", path, "--sparsity", "0.5", "-o", tmp_path / "p.onnx"],
+    ):
+        code, out, err = cli(*args, "--json")
+        assert code == 0, err
+        obj = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+        assert obj.get("log10_path_norm", obj.get("log10_bound")) == "-inf"

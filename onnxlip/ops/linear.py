@@ -133,6 +133,10 @@ def import_conv(node, ctx):
     pads = resolve_pads(ctx, ctx.shape(x)[2:], ctx.shape(node.output[0])[2:], kernel, strides, dilations)
     group = int(ctx.attr("group", 1))
     _check_conv(ctx.shape(x), weight.shape, group, strides, dilations, pads, transposed=False)
+    # a stride beyond the padded extent leaves one window, as the extent itself does (a damaged or odd file's
+    # 2**40 would size the Lipschitz rule's frequency grid)
+    spatial = ctx.shape(x)[2:]
+    strides = [int(min(s, max(1, spatial[i] + pads[i] + pads[n + i]))) for i, s in enumerate(strides)]
     params = {"weight": ctx.param(node.input[1])}
     bias = _optional_bias(ctx, node, 2)
     if bias is not None:
