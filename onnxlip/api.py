@@ -282,6 +282,8 @@ def bound_many(
         raise OnnxlipError(f"the input bound must be a finite number >= 0, got {input_bound}")
     if samples < 0:
         raise OnnxlipError("--samples must be >= 0")
+    if not (math.isfinite(sample_seconds) and sample_seconds >= 0):  # inf with a huge --samples would never end
+        raise OnnxlipError(f"--sample-seconds must be a finite number >= 0, got {sample_seconds}")
     ref = analyse(base, output, input_shapes, keep_proto=False)
     samplers = _Samplers(ref, samples)
     # variant files that differ from the base file only in initializer values reuse the base's import

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,6 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxlip
 from onnxlip.errors import MismatchError, ModelLoadError, OnnxlipError, ShapeError, UnsupportedModelError
 from tests.helpers import gemm_chain, make_model
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def _mlp(width=4, seed=0):
@@ -612,3 +615,14 @@ def test_an_all_zero_model_prunes_and_scores_as_strict_json(tmp_path):
         assert code == 0, err
         obj = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
         assert obj.get("log10_path_norm", obj.get("log10_bound")) == "-inf"
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_time_budgets_must_be_finite(value):
+    """--sample-seconds inf with a huge --samples never ended (found by fuzzing)."""
+    code, out, err = cli(
+        "bound", MODELS / "digits_cnn.onnx", MODELS / "digits_cnn_pruned.onnx", "--sample-seconds", value
+    )
+    assert code == 2 and "--sample-seconds" in err
+    code, out, err = cli("lipschitz", MODELS / "digits_cnn.onnx", "--lower-seconds", value)
+    assert code == 2 and "--lower-seconds" in err
