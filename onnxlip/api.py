@@ -118,6 +118,12 @@ class Analysed:
         return self.proto
 
 
+# q outside this range reports nothing useful: for a tiny q the q-th root overflows even log10 (q = 1e-308 gave
+# log10 = inf), and a huge one overflowed the exponent arithmetic (1e308: an internal error); a large q inside
+# the range is refused by range_guard where the model's |w|**q spans more than float32's range
+Q_RANGE = (1e-3, 1e6)
+
+
 def _jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None if math.isnan(obj) else ("-inf" if obj < 0 else "inf")
@@ -163,8 +169,8 @@ def path_norm(
     device: str = "auto",
 ) -> PathNormResult:
     """L^q path-norm ||Phi(theta)||_q^q... reported as ||Phi||_q (the q-th root), value and log10."""
-    if not (isinstance(q, (int, float)) and math.isfinite(q) and q > 0):
-        raise OnnxlipError(f"q must be a positive finite number, got {q!r}")
+    if not (isinstance(q, (int, float)) and math.isfinite(q) and Q_RANGE[0] <= q <= Q_RANGE[1]):
+        raise OnnxlipError(f"q must be a number from {Q_RANGE[0]:g} to {Q_RANGE[1]:g}, got {q!r}")
     graph = analyse(model, output, input_shapes, keep_proto=False).graph
     log10_sum, dev = pathnorm_log10_power(graph, float(q), device)
     log10_norm = log10_sum / q
@@ -284,6 +290,7 @@ def bound_many(
         raise OnnxlipError("--samples must be >= 0")
     if not (math.isfinite(sample_seconds) and sample_seconds >= 0):  # inf with a huge --samples would never end
         raise OnnxlipError(f"--sample-seconds must be a finite number >= 0, got {sample_seconds}")
+    check_seed(seed)
     ref = analyse(base, output, input_shapes, keep_proto=False)
     samplers = _Samplers(ref, samples)
     # variant files that differ from the base file only in initializer values reuse the base's import
@@ -328,6 +335,11 @@ def bound_many(
     return results
 
 
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise OnnxlipError(f"the seed must be an integer >= 0, got {seed!r}")
+
+
 class _Samplers:
     """The observed differences of bound_many: the base's sampler built once. Where onnxruntime cannot run the
     models themselves (e.g. a dilated Conv with auto_pad SAME_UPPER, which it has no kernel for), the bound is
@@ -341,12 +353,16 @@ class _Samplers:
     def observe(self, other: Analysed, radius: float, seed: int, seconds: float) -> tuple[float | None, int, list]:
         if not self.samples:
             return None, 0, []
+        if radius > float(np.finfo(np.float32).max):
+            return None, 0, [_no_samples(f"inputs of size {radius:g} do not fit the models' float32 inputs")]
         if self.failure is not None:
             return None, 0, [_no_samples(self.failure)]
         try:
             if self.base is None:
                 self.base = sampler_for(self.ref)
             observed, tried = observed_max_l1((self.base, sampler_for(other)), self.samples, radius, seed, seconds)
+            if not math.isfinite(observed):  # Inf or NaN outputs: the forward passes overflowed float32
+                return None, tried, [_no_samples("their float32 outputs overflow (Inf or NaN) on the sampled inputs")]
             return observed, tried, []
         except RuntimeFailure as exc:
             if self.base is None:
@@ -368,7 +384,8 @@ def _rounding_note(engine, graph, observed: float, log10_bound: float, metric, r
     text = (
         f"the largest observed difference ({observed:.4g}) exceeds the certified bound "
         f"({_plain(log10_bound)}): the bound is about the models in exact arithmetic, while the samples ran in "
-        f"float32, whose rounding in the two forward passes is at most about {z} here (an a priori estimate)"
+        f"floating point, whose rounding in the two forward passes is at most about {z} here (an a priori estimate "
+        "for float32)"
     )
     if math.log10(observed) > _log10_sum(log10_bound, log10_z):
         text += "; that does not explain the excess: please report it"

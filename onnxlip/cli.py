@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -24,6 +25,7 @@ from .cli_common import (
     _guard,
     _progress,
     _shapes,
+    _threshold,
     app,
     out,
 )
@@ -133,6 +135,7 @@ def bound(
     Sweeps: variants that differ from the base file only in weight values (written by the same tool) are
     compared without importing them again; use --samples 0 to skip the per-variant sampling."""
     with _guard(as_json):
+        _threshold("--max-bound", max_bound)
         if len(models) < 2:
             raise OnnxlipError("bound needs a base model and at least one variant")
         base, variants = models[0], models[1:]
@@ -228,6 +231,8 @@ def no_hugepage_advice() -> bool:
 
 def main() -> None:  # console-script entry point
     no_hugepage_advice()
+    if not os.environ.get("ONNXLIP_DEBUG"):  # library warnings (numpy, onnx) are not the user's messages
+        warnings.simplefilter("ignore")
     try:
         app()
     except SystemExit as exc:

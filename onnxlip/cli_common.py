@@ -101,6 +101,13 @@ def _shapes(specs: Optional[List[str]]) -> dict[str, list[int]] | None:
     return shapes
 
 
+def _threshold(option: str, value: float | None) -> float | None:
+    """A CI gate's threshold: a number (NaN would never trip the gate)."""
+    if value is not None and math.isnan(value):
+        raise OnnxlipError(f"{option} must be a number, got nan")
+    return value
+
+
 def _fmt(value: float | None, log10: float) -> str:
     """A number for humans: plain when it fits a float64, else 10^log10."""
     if log10 == -math.inf:
@@ -121,6 +128,8 @@ def _guard(as_json: bool):
         _fail(as_json, str(exc), 2, getattr(exc, "issues", None), getattr(exc, "hint", None))
     except OSError as exc:  # an output file that cannot be written (missing folder, permissions, full disk)
         _fail(as_json, f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}", 2)
+    except MemoryError as exc:
+        _fail(as_json, f"not enough memory for this model's tensors ({exc}); try a smaller --input-shape", 2)
     except KeyboardInterrupt:
         _fail(as_json, "interrupted", 130)
     except Exception as exc:  # noqa: BLE001 - never show a traceback to a user unless asked
@@ -136,7 +145,7 @@ def _fail(as_json: bool, message: str, code: int, issues=None, hint=None):
             payload["errors"] = [{"node": i.node, "op": i.op, "reason": i.reason} for i in issues]
         if hint:
             payload["hint"] = hint
-        print(json.dumps(payload))
+        _emit_json(payload)
     else:
         err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
     raise typer.Exit(code)

@@ -18,6 +18,7 @@ from .cli_common import (
     _guard,
     _progress,
     _shapes,
+    _threshold,
     app,
     out,
 )
@@ -57,6 +58,7 @@ def lipschitz_cmd(
     from .lipschitz import lipschitz
 
     with _guard(as_json):
+        _threshold("--max-lipschitz", max_lipschitz)
         with _progress(2, "operator norms") as bar:
             task = bar.add_task("norms", total=None)
             result = lipschitz(

@@ -51,7 +51,8 @@ def scores_cmd(
         if out_file is not None:
             _refuse_overwrite(out_file, [model])
             arrays = {name: t.relative for name, t in result.tensors.items()}
-            np.savez(out_file, **arrays, __log10_path_norm__=np.array(result.log10_path_norm))
+            with open(out_file, "wb") as f:  # exactly the named file (np.savez(path) would add ".npz")
+                np.savez(f, **arrays, __log10_path_norm__=np.array(result.log10_path_norm))
         if as_json:
             obj = result.to_json()
             obj["file"] = None if out_file is None else str(out_file)

@@ -13,7 +13,7 @@ from .companion import CompanionEmitter, Scaled, emit_pathnorm, log10_total, one
 from .errors import OnnxlipError, UnderflowError
 from .ir import Graph
 from .range_guard import UNDERFLOW_SLACK, GuardProgram, guard_program, log2_min_nonzero
-from .runtime import cuda_possible, make_session, run
+from .runtime import PRIORITY_ORDER_ABOVE, cuda_possible, make_session, run
 
 GUARD_LOG2 = math.log2(UNDERFLOW_SLACK)  # range_guard's output must not exceed it
 
@@ -56,7 +56,7 @@ class CompiledCompanion:
         self.names, self.extra_names = em.add_fetches(self._results), em.add_fetches(self._extra_results)
         if self.guard is not None:
             self.guard_names = em.add_fetches(self.guard.emit_fetch(em, cuda_possible(device)))
-        self.session, self.device = make_session(em.model(), device, em.external, level, spin=spin)
+        self.session, self.device = self._session(em, device)
 
     def _thorough_session(self) -> bool:
         """Switch to a session whose guard measures every sum's least nonzero entry (range_guard, thorough):
@@ -67,8 +67,13 @@ class CompiledCompanion:
         self.guard = guard_program(em, self._summed, self._read, thorough=True)
         self.names, self.extra_names = em.add_fetches(self._results), em.add_fetches(self._extra_results)
         self.guard_names = em.add_fetches(self.guard.emit_fetch(em, self.device == "cuda"))
-        self.session, _ = make_session(em.model(), self.device, em.external, self._level, spin=self._spin)
+        self.session, _ = self._session(em, self.device)
         return True
+
+    def _session(self, em: CompanionEmitter, device: str):
+        model = em.model()
+        priority = em.guarded and len(model.graph.node) > PRIORITY_ORDER_ABOVE  # (runtime.PRIORITY_ORDER_ABOVE)
+        return make_session(model, device, em.external, self._level, spin=self._spin, priority=priority)
 
     def _feeds(self, kinds, exponents, pairs, more) -> dict[str, np.ndarray]:
         feeds = {}

@@ -24,6 +24,7 @@ from .blockwise import (
     formed_abs_max,
     formed_rows,
     hilo_mantissas,
+    in_threads,
     mantissas,
     params_mantissas,
     same,
@@ -47,6 +48,7 @@ SIGN_SPLIT = "split at the midpoint with flipped entries zeroed: M(a, mid) + M(m
 ROUTE_DIFFERENCE = "difference stream"
 ROUTE_SUBTRACTION = "subtraction"
 ROUTE_HILO = "hi/lo difference stream"
+ROUTE_UNCHANGED = "no parameter changed"
 # A dominated pair's metric d = ||Phi(a)|| - ||Phi(b)|| may be formed by subtracting two float32 companion runs
 # when that is well conditioned: (||Phi(a)|| + ||Phi(b)||) / d <= 2, so the float32 errors of both runs weigh at
 # most twice their own size against d. The trap of theory.md section 3 (d << ||Phi||) never takes this route,
@@ -171,6 +173,13 @@ class MetricEngine:
     def _with_lams(self, pairs: Pairs) -> Pairs:
         return {n: (m, e, self._lam(n)) for n, (m, e, *_) in pairs.items()}
 
+    def _device(self) -> str:
+        """The device of the engine's sessions (the requested one before any is built)."""
+        for compiled in (self._values, self._dominated, self._general):
+            if compiled is not None:
+                return compiled.device
+        return "cpu" if self.device == "auto" else self.device
+
     def log10_base(self) -> float:
         if self._log10_base is None:
             self._log10_base = self.log10_norm(self._with_lams(self.base_pairs))[0]
@@ -210,6 +219,8 @@ class MetricEngine:
         with the base's exponents. `upper`, when known, bounds
         metric / ||Phi(base)|| from above (e.g. the pruned entries' relative scores; a float or a function giving it,
         called only when needed): it only steers the route."""
+        if changed == 0:  # no entry differs: the metric is 0, no graph needs to run (nor be built)
+            return MetricOutcome(-math.inf, True, 0, 0, "none needed", self._device(), 0.0, ROUTE_UNCHANGED)
         guess_share = 1.0 - self._kept_mass_ratio(lo)
         worth_trying = guess_share * MAX_CONDITION >= 2.0 - guess_share
         if worth_trying and upper is not None:
@@ -226,15 +237,19 @@ class MetricEngine:
         """The exact metric between the base and the base with the entries where `keep` is False set to zero
         (`keep`: boolean arrays shaped like the IR parameters they name; others are kept whole)."""
         lo, changed = {}, 0
+        # the buffers every dominated route uses, one call at a time; one tensor per thread (in_threads)
+        kept = {n: self._buffer("lo", n) for n in keep if n in self.base_pairs}
+        for n in kept:
+            self._nonzero(n)  # remembered here, not in the threads
+
+        def split(n: str) -> int:  # exact: each mantissa is either kept or (in delta) moved
+            np.multiply(self.base_pairs[n][0], keep[n], out=kept[n])
+            return self._nonzero(n) - int(np.count_nonzero(kept[n]))
+
+        removed = in_threads(split, {n: n for n in kept}, {n: kept[n].size for n in kept})
         for n, (m, e) in self.base_pairs.items():
-            k = keep.get(n)
-            if k is None:
-                lo[n] = (m, e, self._lam(n))
-            else:  # exact: each mantissa is either kept or (in delta) moved
-                kept = self._buffer("lo", n)  # the buffers every dominated route uses, one call at a time
-                np.multiply(m, k, out=kept)
-                lo[n] = (kept, e, self._lam(n))
-                changed += self._nonzero(n) - int(np.count_nonzero(kept))
+            lo[n] = (kept[n], e, self._lam(n)) if n in kept else (m, e, self._lam(n))
+            changed += removed.get(n, 0)
 
         return self.dominated(lo, lambda: self._moved(lo, keep), changed, upper)
 
@@ -318,17 +333,22 @@ class MetricEngine:
             if not -100 < exponents[n] < 120:
                 return None
         pairs: dict[str, Pairs] = {"hi": {}, "lo": {}, "delta": {}}
+        outs = {n: tuple(self._buffer(kind, n) for kind in ("hi", "lo", "delta")) for n in changes}
+
+        def form(n: str) -> None:  # one tensor per thread (blockwise.in_threads), into its own buffers
+            c = changes[n]
+            a_rows, b_rows = formed_rows(c.layout(c.base), c.factor), formed_rows(c.layout(c.new), c.factor)
+            for (rows, a), (_, b) in zip(a_rows, b_rows):
+                hilo_mantissas(a, b, exponents[n], tuple(o[rows] for o in outs[n]))
+
+        in_threads(form, {n: n for n in changes}, _sizes(changes))
         for n, (m, e) in self.base_pairs.items():
             c = changes.get(n)
             if c is None:  # unchanged: hi = lo = |base|, delta = 0
                 pairs["hi"][n] = pairs["lo"][n] = (m, e, self._lam(n))
                 pairs["delta"][n] = (self._buffer("zero", n), ZERO_EXPONENT, LAM_ZERO)
                 continue
-            outs = tuple(self._buffer(kind, n) for kind in ("hi", "lo", "delta"))
-            a_rows, b_rows = formed_rows(c.layout(c.base), c.factor), formed_rows(c.layout(c.new), c.factor)
-            for (rows, a), (_, b) in zip(a_rows, b_rows):
-                hilo_mantissas(a, b, exponents[n], tuple(o[rows] for o in outs))
-            for kind, out, fn in zip(("hi", "lo", "delta"), outs, (abs_max_of, abs_min_of, abs_gap)):
+            for kind, out, fn in zip(("hi", "lo", "delta"), outs[n], (abs_max_of, abs_min_of, abs_gap)):
                 pairs[kind][n] = (out, exponents[n], _rows_lam(fn, c, exponents[n]))
         return self._run_general(pairs)
 
@@ -337,14 +357,17 @@ class MetricEngine:
         the base's: the same outcome, bit for bit, without forming unchanged or merely pruned parameters.
         Comparisons read the file's values: with a shared non-zero factor (variants._factor_ok) they order,
         equal and sign the same way as the formed products."""
-        compared, split_done = {}, set()
-        for n, c in changes.items():
-            # pruned entries are split off in the comparing pass where the layouts agree (not transposed)
-            # (the moved mantissas, m - kept, are formed only if the difference stream needs them)
-            split = None if c.transposed else (self.base_pairs[n][0], self._buffer("lo", n), None)
-            compared[n] = compare(c.base, c.new, split)
-            if split is not None and compared[n].zeroed:
-                split_done.add(n)
+        # pruned entries are split off in the comparing pass where the layouts agree (not transposed)
+        # (the moved mantissas, m - kept, are formed only if the difference stream needs them); one tensor per
+        # thread (blockwise.in_threads), each writing its own buffer, made here
+        splits = {
+            n: None if c.transposed else (self.base_pairs[n][0], self._buffer("lo", n), None)
+            for n, c in changes.items()
+        }
+        compared = in_threads(
+            lambda n: compare(changes[n].base, changes[n].new, splits[n]), {n: n for n in changes}, _sizes(changes)
+        )
+        split_done = {n for n, split in splits.items() if split is not None and compared[n].zeroed}
         if all(r.flips == 0 and r.dominated for r in compared.values()):
             lo, formed = {}, {}
             for n, (m, e) in self.base_pairs.items():
@@ -417,6 +440,10 @@ class MetricEngine:
             self.metric_margin,
             ROUTE_HILO,
         )
+
+
+def _sizes(changes: dict[str, Change]) -> dict[str, int]:
+    return {n: c.new.size for n, c in changes.items()}
 
 
 def _remembered_lam(memo: dict[str, float], param, name: str, exponent: int) -> float:

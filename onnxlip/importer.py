@@ -155,6 +155,8 @@ def import_model(
     nodes = list(graph.node)
     issues = check_node_names(nodes, [*consts, *(i.name for i in graph.input)])
     outputs = list(options.outputs) if options.outputs else [o.name for o in graph.output]
+    if not outputs:
+        raise OnnxlipError("the model declares no outputs: name the tensor to analyse with --output")
     nodes = needed_nodes(nodes, outputs, inputs, consts)
     for name in outputs:
         if name in consts:

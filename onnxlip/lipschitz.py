@@ -260,6 +260,9 @@ def lipschitz(
         raise OnnxlipError(f"--norm must be 2, 1 or inf, got {norm!r}")
     if not (math.isfinite(lower_seconds) and lower_seconds >= 0):
         raise OnnxlipError(f"--lower-seconds must be a finite number >= 0, got {lower_seconds}")
+    from .api import check_seed
+
+    check_seed(seed)
     m = analyse(model, output, input_shapes, lipschitz=True, keep_proto=False)
     relu_network = not any(n.op in _NON_RELU_OPS for n in m.graph.nodes)
     if not relu_network and norm != "2":

@@ -134,9 +134,15 @@ def _load_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
     and ranges past the end of the file."""
     tensors = [t for t in external_data_helper._get_all_tensors(proto) if external_data_helper.uses_external_data(t)]
     for tensor in tensors:
-        info = external_data_helper.ExternalDataInfo(tensor)
+        try:
+            info = external_data_helper.ExternalDataInfo(tensor)  # parses offset and length as integers
+        except ValueError as exc:
+            why = f"{path}: initializer {tensor.name!r} has unreadable external data fields: {exc}"
+            raise ModelLoadError(why) from None
         location = info.location or ""
         where = f"{path}: initializer {tensor.name!r} has external data at {location!r}"
+        if "\0" in location:
+            raise ModelLoadError(f"{where}: the path holds a NUL byte")
         if not location or os.path.isabs(location) or Path(location).drive:
             raise ModelLoadError(f"{where}: only relative paths inside the model's folder are allowed")
         target = (base / location).resolve()

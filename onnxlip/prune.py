@@ -5,6 +5,7 @@ dominates it entrywise)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -260,6 +261,10 @@ def prune_sweep(
 ) -> list[PruneResult]:
     """Several sparsities and criteria: scores computed once per criterion, one metric session for all.
     `progress` is called after each (criterion, sparsity) result."""
+    if not sparsities:
+        raise OnnxlipError("give at least one sparsity")
+    if not (math.isfinite(input_bound) and input_bound >= 0):
+        raise OnnxlipError(f"the input bound must be a finite number >= 0, got {input_bound}")
     if out_path is not None and len(sparsities) * len(criteria) != 1:
         raise OnnxlipError("an output file can only be written for a single sparsity and criterion")
     if out_path is not None and not isinstance(model, onnx.ModelProto) and same_file(out_path, model):

@@ -145,7 +145,9 @@ class GuardProgram:
         """The graph outputs carrying `fetch`: the scalars themselves, or with `gather` one float32 vector of them
         all, for a GPU: one copy back to the host instead of ~90 (a ResNet-18 companion run on an H200 took
         9.6 ms instead of 10.9). On the CPU the 2 ms more of session build would cost more than it saves."""
-        self._gathered = gather and bool(self.fetch)
+        # many outputs make onnxruntime's session build superlinear (a 3000-layer chain's 9000 scalars: 22 s, 1.3 s
+        # gathered): deep graphs gather on the CPU too
+        self._gathered = (gather or len(self.fetch) > GATHER_ABOVE) and bool(self.fetch)
         if not self._gathered:
             return list(self.fetch)
         parts = [em.op("Reshape", [t, em.i64([1])], "gfetch") for t in self.fetch]
@@ -165,6 +167,9 @@ class GuardProgram:
             slots[out] = fn(*[slots[a] for a in args])
         total = math.fsum(2.0 ** slots[g] if slots[g] < 1000 else math.inf for g in self.groups)
         return _log2(total)
+
+
+GATHER_ABOVE = 512  # fetched scalars
 
 
 class _Walk:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .api import _jsonable
+from .api import _jsonable, check_seed
 from .errors import OnnxlipError
 from .graph_prep import initial_constants
 from .loading import ModelLike, load_model, same_file
@@ -61,6 +61,24 @@ class _Graph:
 
     def private_init(self, name: str) -> bool:
         return name in self.values and self.use_count.get(name, 0) == 1 and self.values[name].dtype.kind == "f"
+
+
+def _census(v: np.ndarray) -> int:
+    """Nonzero entries of a float array."""
+    return int(np.count_nonzero(v))
+
+
+def _check_representable(name: str, v: np.ndarray, before: int) -> None:
+    """The rescaled tensor holds what exact arithmetic gives, up to rounding: no entry overflowed to Inf, and none
+    underflowed to zero (the model would no longer be functionally identical, and its sparsity would change).
+    Subnormal results are rounding (an absolute error below 2**-149; sklearn's MLPs hold weights of 1e-37)."""
+    if not np.all(np.isfinite(v)):
+        raise OnnxlipError(f"rescaling makes entries of {name!r} overflow {v.dtype}; choose factors closer to 1")
+    if _census(v) != before:
+        raise OnnxlipError(
+            f"rescaling makes entries of {name!r} underflow {v.dtype} (the model would not compute the same "
+            "function); choose factors closer to 1"
+        )
 
 
 def _attr(node, name: str, default: int):
@@ -203,7 +221,9 @@ def rescale(
         raise OnnxlipError("rescaling factors must be positive finite numbers")
     proto = onnx.ModelProto()
     proto.CopyFrom(load_model(model))
+    check_seed(seed)
     g = _Graph(proto)
+    before = {n: _census(v) for n, v in g.values.items() if v.dtype.kind == "f"}
     rng = np.random.default_rng(seed)
     neurons = layers = skipped = 0
     for node in list(proto.graph.node):
@@ -215,10 +235,13 @@ def rescale(
             skipped += 1
             continue
         lam = rng.choice(factors, size=inc[0])
-        inc[1](lam)
-        out(lam)
+        with np.errstate(over="ignore", under="ignore"):  # checked below
+            inc[1](lam)
+            out(lam)
         neurons += int(np.count_nonzero(lam != 1.0))
         layers += 1
+    for name, census in before.items():
+        _check_representable(name, g.values[name], census)
     for name, init in g.inits.items():
         init.CopyFrom(numpy_helper.from_array(g.values[name], name))
     result = RescaleResult(neurons, layers, skipped, None if out_path is None else str(out_path))

@@ -626,3 +626,63 @@ def test_time_budgets_must_be_finite(value):
     assert code == 2 and "--sample-seconds" in err
     code, out, err = cli("lipschitz", MODELS / "digits_cnn.onnx", "--lower-seconds", value)
     assert code == 2 and "--lower-seconds" in err
+
+
+@pytest.mark.parametrize("key, value", [("offset", "-8"), ("offset", "abc"), ("length", "x"), ("location", "w.bin\0x")])
+def test_unreadable_external_data_fields(tmp_path, key, value):
+    """Found by fuzzing: a negative or non-numeric offset, or a NUL in the location, was an internal error."""
+    (tmp_path / "w.bin").write_bytes(b"\x00" * 64)
+    path = _external_model(tmp_path, "w.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    entries = model.graph.initializer[0].external_data
+    entry = next((e for e in entries if e.key == key), None) or entries.add()
+    entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    with pytest.raises(ModelLoadError):
+        onnxlip.path_norm(path)
+    code, out, err = cli("check", path, "--json")
+    assert code == 2 and json.loads(out)["exit_code"] == 2 and "onnxlip_version" in json.loads(out)
+
+
+def test_a_model_without_outputs_is_refused():
+    model = _mlp()
+    del model.graph.output[:]
+    with pytest.raises(OnnxlipError, match="no outputs"):
+        onnxlip.path_norm(model)
+    assert onnxlip.path_norm(model, output=[model.graph.node[-1].output[0]]).path_norm > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pathnorm", "{m}", "--q", "1e308"], "q must be"),
+        (["pathnorm", "{m}", "--q", "1e-308"], "q must be"),
+        (["bound", "{m}", "{p}", "--seed", "-1"], "seed"),
+        (["bound", "{m}", "{p}", "--max-bound", "nan"], "--max-bound"),
+        (["lipschitz", "{m}", "--max-lipschitz", "nan", "--lower-seconds", "0.1"], "--max-lipschitz"),
+        (["prune", "{m}", "--sparsity", "0.5", "-R", "nan", "-o", "{o}"], "input bound"),
+        (["prune", "{m}", "--sweep="], "at least one sparsity"),
+        (["rescale", "{m}", "-o", "{o}", "--seed", "-5"], "seed"),
+        (["rescale", "{m}", "-o", "{o}", "--factors", "1e300"], "overflow"),
+        (["rescale", "{m}", "-o", "{o}", "--factors", "1e-45"], "underflow"),
+    ],
+)
+def test_option_values_without_meaning_are_refused(tmp_path, args, message):
+    """Found by fuzzing: these were internal errors, silently meaningless results (a NaN gate never trips), or a
+    model written with Inf weights."""
+    names = {"m": MODELS / "digits_cnn.onnx", "p": MODELS / "digits_cnn_pruned.onnx", "o": tmp_path / "out.onnx"}
+    code, out, err = cli(*[a.format(**names) for a in args], "--json")
+    assert code == 2 and message in json.loads(out)["error"]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_scores_writes_exactly_the_named_file(tmp_path):
+    """np.savez(path) appends ".npz": `scores m.npz -o m` wrote m.npz over the input (found by fuzzing)."""
+    model = tmp_path / "m.npz"
+    model.write_bytes((MODELS / "digits_cnn.onnx").read_bytes())
+    code, out, err = cli("scores", model, "-o", tmp_path / "m", "--json")
+    assert code == 0 and json.loads(out)["file"] == str(tmp_path / "m")
+    assert model.read_bytes() == (MODELS / "digits_cnn.onnx").read_bytes()
+    assert set(np.load(tmp_path / "m")) >= {"__log10_path_norm__"}
+    code, out, err = cli("scores", model, "-o", model)
+    assert code == 2 and "overwrite" in err

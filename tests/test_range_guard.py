@@ -154,10 +154,14 @@ def test_weights_below_float32s_range_of_their_own_tensor_are_refused(tmp_path):
         onnxlip.path_metric(model, gemm_chain(pruned, bs))
     with pytest.raises(UnderflowError):  # constants of the Lipschitz graphs
         pathnorm_bounds(model)
-    path = tmp_path / "flushed.onnx"
+    path, other = tmp_path / "flushed.onnx", tmp_path / "pruned.onnx"
     onnx.save(model, str(path))
-    code, out, err = cli("bound", path, path, "--json", "--samples", "0")
+    onnx.save(gemm_chain(pruned, bs), str(other))
+    code, out, err = cli("bound", path, other, "--json", "--samples", "0")
     assert code == 2 and "float32's range" in json.loads(out)["error"] and "Traceback" not in err
+    # a model against itself: no parameter differs, the metric is exactly 0 without any float32 run
+    code, out, err = cli("bound", path, path, "--json", "--samples", "0")
+    assert code == 0 and json.loads(out)["path_metric"] == 0.0 and json.loads(out)["route"] == "no parameter changed"
 
 
 def test_weights_below_float32s_range_inside_normal_sums_are_certified():

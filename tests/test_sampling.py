@@ -4,6 +4,7 @@ numbers."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -127,3 +128,22 @@ def test_an_observed_difference_above_the_bound_is_explained(tmp_path):
     assert r.changed_parameters == 1 and r.exact
     assert bool(explained) == (r.observed_max_l1_diff > r.bound)
     assert not any("please report" in n for n in explained)
+
+
+def test_outputs_that_overflow_float32_give_no_observed_figure():
+    """A valid model whose float32 outputs overflow (Gemm alpha 3e38): the observed difference was reported as
+    "inf" beside a finite certified bound; now there is none, and a note says why."""
+    from onnx import helper
+
+    from tests.helpers import gemm_chain
+
+    rng = np.random.default_rng(0)
+    ws, bs = [rng.normal(size=(4, 5)), rng.normal(size=(5, 3))], [rng.normal(size=5), rng.normal(size=3)]
+    models = []
+    for scale in (1.0, 0.5):
+        m = gemm_chain([ws[0] * scale, ws[1]], bs)
+        m.graph.node[-1].attribute.append(helper.make_attribute("alpha", 3e38))
+        models.append(m)
+    r = onnxlip.bound(models[0], models[1], samples=8)
+    assert math.isfinite(r.log10_bound) and r.observed_max_l1_diff is None
+    assert any("overflow" in n for n in r.notes)
