@@ -15,11 +15,11 @@ import onnx
 from .companion import plain_value
 from .compiled import pathnorm_log10_power
 from .engine import MetricEngine, MetricOutcome
-from .errors import ModelIssue, OnnxlipError, RuntimeFailure, UnsupportedModelError
+from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, load_model, load_with_arrays, model_label
-from .sampling import Sampler, observed_max_l1, sampler_for
+from .sampling import BoundSamplers, rounding_note
 from .structure import align_params
 from .variants import VariantReader
 
@@ -292,7 +292,7 @@ def bound_many(
         raise OnnxlipError(f"--sample-seconds must be a finite number >= 0, got {sample_seconds}")
     check_seed(seed)
     ref = analyse(base, output, input_shapes, keep_proto=False)
-    samplers = _Samplers(ref, samples)
+    samplers = BoundSamplers(ref, samples)
     # variant files that differ from the base file only in initializer values reuse the base's import
     reader = VariantReader(base, ref.graph, ref.file) if isinstance(base, (str, os.PathLike)) and variants else None
     engine = MetricEngine(ref.graph, device)
@@ -309,7 +309,7 @@ def bound_many(
         log10_bound = certified_log10_bound(metric, input_bound)
         observed, tried, sampling_notes = samplers.observe(other, input_bound, seed, sample_seconds)
         if observed is not None and observed > 0 and math.log10(observed) > log10_bound:
-            sampling_notes.append(_rounding_note(engine, ref.graph, observed, log10_bound, metric, input_bound))
+            sampling_notes.append(rounding_note(engine, ref.graph, observed, log10_bound, metric, input_bound))
         results.append(
             BoundResult(
                 metric.path_metric,
@@ -338,75 +338,6 @@ def bound_many(
 def check_seed(seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise OnnxlipError(f"the seed must be an integer >= 0, got {seed!r}")
-
-
-class _Samplers:
-    """The observed differences of bound_many: the base's sampler built once. Where onnxruntime cannot run the
-    models themselves (e.g. a dilated Conv with auto_pad SAME_UPPER, which it has no kernel for), the bound is
-    still given, without samples, and a note says why: it does not depend on them."""
-
-    def __init__(self, ref: Analysed, samples: int):
-        self.ref, self.samples = ref, samples
-        self.base: Sampler | None = None
-        self.failure: str | None = None  # the base's sampler could not be built: no variant can be sampled
-
-    def observe(self, other: Analysed, radius: float, seed: int, seconds: float) -> tuple[float | None, int, list]:
-        if not self.samples:
-            return None, 0, []
-        if radius > float(np.finfo(np.float32).max):
-            return None, 0, [_no_samples(f"inputs of size {radius:g} do not fit the models' float32 inputs")]
-        if self.failure is not None:
-            return None, 0, [_no_samples(self.failure)]
-        try:
-            if self.base is None:
-                self.base = sampler_for(self.ref)
-            observed, tried = observed_max_l1((self.base, sampler_for(other)), self.samples, radius, seed, seconds)
-            if not math.isfinite(observed):  # Inf or NaN outputs: the forward passes overflowed float32
-                return None, tried, [_no_samples("their float32 outputs overflow (Inf or NaN) on the sampled inputs")]
-            return observed, tried, []
-        except RuntimeFailure as exc:
-            if self.base is None:
-                self.failure = str(exc)
-            return None, 0, [_no_samples(str(exc))]
-
-
-def _rounding_note(engine, graph, observed: float, log10_bound: float, metric, radius: float) -> str:
-    """Why an observed difference can exceed the certified bound: the bound is about exact arithmetic, the samples
-    run in float32. The a priori rounding of one forward pass (direct summation, as rounding.py assumes for the
-    companion) is at most margin * ||Phi||_1 * max(||x||_inf, 1) in l1, and ||Phi(b)|| <= ||Phi(a)|| + metric."""
-    from .rounding import relative_error_bound
-
-    log10_a = engine.log10_base()
-    log10_sum = _log10_sum(_log10_sum(log10_a, log10_a), metric.log10_path_metric)
-    margin = relative_error_bound(graph)
-    log10_z = math.log10(margin) + log10_sum + math.log10(max(radius, 1.0)) if margin > 0 else -math.inf
-    z = f"{10**log10_z:.3g}" if log10_z < 300 else f"10^{log10_z:.2f}"
-    text = (
-        f"the largest observed difference ({observed:.4g}) exceeds the certified bound "
-        f"({_plain(log10_bound)}): the bound is about the models in exact arithmetic, while the samples ran in "
-        f"floating point, whose rounding in the two forward passes is at most about {z} here (an a priori estimate "
-        "for float32)"
-    )
-    if math.log10(observed) > _log10_sum(log10_bound, log10_z):
-        text += "; that does not explain the excess: please report it"
-    return text
-
-
-def _log10_sum(x: float, y: float) -> float:
-    if x == -math.inf or y == -math.inf:
-        return max(x, y)
-    top = max(x, y)
-    return top + math.log10(10 ** (x - top) + 10 ** (y - top))
-
-
-def _plain(log10: float) -> str:
-    return f"{10**log10:.4g}" if log10 < 300 else f"10^{log10:.2f}"
-
-
-def _no_samples(why: str) -> str:
-    return (
-        f"no sampled differences (the certified bound does not need them): running the models themselves failed: {why}"
-    )
 
 
 # ---- check ---------------------------------------------------------------------------------------------
