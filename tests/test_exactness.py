@@ -537,16 +537,38 @@ def test_copying_pads_are_onnxruntimes(mode, pads):
     np.testing.assert_array_equal(select.attrs["index"], expected.astype(np.int64))
 
 
+def _assert_map_is_onnxruntimes(node, shape, inits, opset: int, seed: int, rtol: float, atol: float) -> None:
+    """The IR of a one-node Resize/Upsample model reproduces onnxruntime's output: a copy map (select) for nearest,
+    separable coefficient matrices (interpolate) otherwise."""
+    from onnx import TensorProto, helper
+
+    from onnxlip.importer import import_model
+    from onnxlip.ops.interpolate import apply_maps
+    from tests.helpers import make_model
+
+    model = make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+        opset=opset,
+    )
+    x = np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    (ir,) = import_model(model).nodes
+    if ir.op == "select":
+        np.testing.assert_array_equal(x.reshape(-1)[ir.attrs["index"]], want)
+    else:
+        assert ir.op == "interpolate"
+        np.testing.assert_allclose(apply_maps(x.astype(np.float64), ir.attrs["mats"]), want, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("opset", [7, 8, 9, 13])
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
 def test_upsample_and_resize_maps_are_onnxruntimes(opset, mode):
     """Upsample (scales as an attribute in opsets 7-8, an input in 9) and Resize (13), nearest or linear: the
     IR's copy map or coefficient matrices reproduce onnxruntime's output."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from onnxlip.importer import import_model
-    from onnxlip.ops.interpolate import apply_maps
-    from tests.helpers import make_model
+    from onnx import helper, numpy_helper
 
     shape, scales = [1, 2, 4, 3], [1.0, 1.0, 2.0, 3.0]
     inits = [numpy_helper.from_array(np.asarray(scales, np.float32), "s")]
@@ -556,22 +578,7 @@ def test_upsample_and_resize_maps_are_onnxruntimes(opset, mode):
         node = helper.make_node("Upsample", ["x", "s"], ["y"], mode=mode)
     else:
         node = helper.make_node("Resize", ["x", "", "s"], ["y"], mode=mode)
-    model = make_model(
-        [node],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-        opset=opset,
-    )
-    x = np.random.default_rng(opset).uniform(-1, 1, shape).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    (ir,) = import_model(model).nodes
-    if mode == "nearest":
-        assert ir.op == "select"
-        np.testing.assert_array_equal(x.reshape(-1)[ir.attrs["index"]], want)
-    else:
-        assert ir.op == "interpolate"
-        np.testing.assert_allclose(apply_maps(x.astype(np.float64), ir.attrs["mats"]), want, rtol=1e-6, atol=1e-7)
+    _assert_map_is_onnxruntimes(node, shape, inits, opset, opset, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
@@ -580,11 +587,7 @@ def test_upsample_and_resize_maps_are_onnxruntimes(opset, mode):
 def test_resize_with_axes_is_onnxruntimes(mode, by, axes):
     """Resize-18's `axes` attribute (scales or sizes for the named axes only, in their order): the IR's map
     reproduces onnxruntime's output."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from onnxlip.importer import import_model
-    from onnxlip.ops.interpolate import apply_maps
-    from tests.helpers import make_model
+    from onnx import helper, numpy_helper
 
     shape = [1, 2, 4, 3]
     factor = {2: 2.0, 3: 3.0, -1: 3.0}
@@ -593,22 +596,8 @@ def test_resize_with_axes_is_onnxruntimes(mode, by, axes):
     else:
         inputs, value = ["x", "", "", "s"], np.asarray([int(shape[a] * factor[a]) for a in axes], np.int64)
     node = helper.make_node("Resize", inputs, ["y"], mode=mode, axes=axes)
-    model = make_model(
-        [node],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(value, "s")],
-        opset=18,
-    )
-    x = np.random.default_rng(len(axes)).uniform(-1, 1, shape).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    (ir,) = import_model(model).nodes
-    if mode == "nearest":
-        assert ir.op == "select"
-        np.testing.assert_array_equal(x.reshape(-1)[ir.attrs["index"]], want)
-    else:
-        assert ir.op == "interpolate"
-        np.testing.assert_allclose(apply_maps(x.astype(np.float64), ir.attrs["mats"]), want, rtol=1e-6, atol=1e-6)
+    inits = [numpy_helper.from_array(value, "s")]
+    _assert_map_is_onnxruntimes(node, shape, inits, 18, len(axes), rtol=1e-6, atol=1e-6)
 
 
 def test_resize_axes_that_do_not_fit_are_refused():
@@ -640,28 +629,12 @@ def test_resize_maps_are_onnxruntimes_in_every_coordinate_mode(mode, transform, 
     """Non-integer output lengths: the ONNX reference evaluator computes align_corners and pytorch_half_pixel
     with the unrounded length n * scale, onnxruntime (and torch) with floor(n * scale); the maps must be
     onnxruntime's (3 -> 4 with align_corners gave coefficients off by up to 0.47)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from onnxlip.importer import import_model
-    from onnxlip.ops.interpolate import apply_maps
-    from tests.helpers import make_model
+    from onnx import helper, numpy_helper
 
     shape = [1, 2, 3, 4]
     extra = {"nearest_mode": "floor"} if mode == "nearest" else {}
     node = helper.make_node(
         "Resize", ["x", "", "s"], ["y"], mode=mode, coordinate_transformation_mode=transform, **extra
     )
-    model = make_model(
-        [node],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.asarray(scales, np.float32), "s")],
-        opset=19,
-    )
-    x = np.random.default_rng(7).uniform(-1, 1, shape).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    (ir,) = import_model(model).nodes
-    if mode == "nearest":
-        np.testing.assert_array_equal(x.reshape(-1)[ir.attrs["index"]], want)
-    else:
-        np.testing.assert_allclose(apply_maps(x.astype(np.float64), ir.attrs["mats"]), want, rtol=1e-5, atol=1e-6)
+    inits = [numpy_helper.from_array(np.asarray(scales, np.float32), "s")]
+    _assert_map_is_onnxruntimes(node, shape, inits, 19, 7, rtol=1e-5, atol=1e-6)
