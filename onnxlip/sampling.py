@@ -167,10 +167,11 @@ def rounding_note(engine, graph, observed: float, log10_bound: float, metric, ra
     """Why an observed difference can exceed the certified bound: the bound is about exact arithmetic, the samples
     run in float32. The a priori rounding of one forward pass (direct summation, as rounding.py assumes for the
     companion) is at most margin * ||Phi||_1 * max(||x||_inf, 1) in l1, and ||Phi(b)|| <= ||Phi(a)|| + metric."""
+    from .engine import _log10_add
     from .rounding import relative_error_bound
 
     log10_a = engine.log10_base()
-    log10_sum = _log10_sum(_log10_sum(log10_a, log10_a), metric.log10_path_metric)
+    log10_sum = _log10_add(_log10_add(log10_a, log10_a), metric.log10_path_metric)
     margin = relative_error_bound(graph)
     log10_z = math.log10(margin) + log10_sum + math.log10(max(radius, 1.0)) if margin > 0 else -math.inf
     z = f"{10**log10_z:.3g}" if log10_z < 300 else f"10^{log10_z:.2f}"
@@ -180,16 +181,9 @@ def rounding_note(engine, graph, observed: float, log10_bound: float, metric, ra
         f"floating point, whose rounding in the two forward passes is at most about {z} here (an a priori estimate "
         "for float32)"
     )
-    if math.log10(observed) > _log10_sum(log10_bound, log10_z):
+    if math.log10(observed) > _log10_add(log10_bound, log10_z):
         text += "; that does not explain the excess: please report it"
     return text
-
-
-def _log10_sum(x: float, y: float) -> float:
-    if x == -math.inf or y == -math.inf:
-        return max(x, y)
-    top = max(x, y)
-    return top + math.log10(10 ** (x - top) + 10 ** (y - top))
 
 
 def _plain(log10: float) -> str:

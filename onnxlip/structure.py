@@ -6,6 +6,7 @@ import numpy as np
 
 from .errors import MismatchError
 from .ir import Graph, Node
+from .ops.layout import sliced
 
 
 def _attrs_equal(a, b) -> bool:
@@ -54,10 +55,7 @@ def _copy_outputs(n: Node, maps: list[np.ndarray]) -> list[np.ndarray] | None:
     if n.op == "select":
         return [m.reshape(-1)[a["index"]]]
     if n.op == "slice":
-        index = [slice(None)] * m.ndim
-        for start, end, axis, step in zip(a["starts"], a["ends"], a["axes"], a["steps"]):
-            index[axis] = np.arange(*slice(start, end, step).indices(m.shape[axis]))
-        return [m[np.ix_(*[np.arange(d) if isinstance(i, slice) else i for d, i in zip(m.shape, index)])]]
+        return [sliced(m, a)]
     if n.op == "pad" and a.get("mode", "constant") == "constant" and min(a["pads"]) >= 0:
         half = len(a["pads"]) // 2
         return [np.pad(m, list(zip(a["pads"][:half], a["pads"][half:])), constant_values=-1)]

@@ -342,14 +342,17 @@ def _copy_map(node, em) -> np.ndarray:
         return node.attrs["index"]
     if node.op == "gather":
         return np.take(iota, node.attrs["indices"], axis=node.attrs["axis"])
-    slices = [slice(None)] * len(shape)
-    for start, end, axis, step in zip(
-        node.attrs["starts"], node.attrs["ends"], node.attrs["axes"], node.attrs["steps"]
-    ):
-        # the entries Slice reads along the axis, as an index list: slice.indices gives stop = -1 for a
-        # reversal to the front (torch's flip), which as a slice again would read from the back
-        slices[axis] = np.arange(*slice(start, end, step).indices(shape[axis]))
-    return iota[np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for n, s in zip(shape, slices)])]
+    return sliced(iota, node.attrs)
+
+
+def sliced(m: np.ndarray, attrs: dict) -> np.ndarray:
+    """m[...] as the IR's slice (attrs starts, ends, axes, steps) reads it, negative steps included."""
+    index = [np.arange(n) for n in m.shape]
+    for start, end, axis, step in zip(attrs["starts"], attrs["ends"], attrs["axes"], attrs["steps"]):
+        # an index list, not a slice: slice.indices gives stop = -1 for a reversal to the front (torch's flip),
+        # which as a slice again would read from the back
+        index[axis] = np.arange(*slice(start, end, step).indices(m.shape[axis]))
+    return m[np.ix_(*index)]
 
 
 def _scatter_adjoint(node, em, a, b):
