@@ -129,7 +129,8 @@ def _guard(as_json: bool):
     except OSError as exc:  # an output file that cannot be written (missing folder, permissions, full disk)
         _fail(as_json, f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}", 2)
     except MemoryError as exc:
-        _fail(as_json, f"not enough memory for this model's tensors ({exc}); try a smaller --input-shape", 2)
+        detail = f" ({exc})" if str(exc) else ""
+        _fail(as_json, f"not enough memory for this model's tensors{detail}; try a smaller --input-shape", 2)
     except KeyboardInterrupt:
         _fail(as_json, "interrupted", 130)
     except Exception as exc:  # noqa: BLE001 - never show a traceback to a user unless asked

@@ -191,3 +191,17 @@ def test_names_that_look_like_markup_are_printed_as_they_are(tmp_path):
 def test_help_shows_bracketed_extras():
     code, out, err = cli("prune", "--help")
     assert code == 0 and "onnxlip[plot]" in out
+
+
+def test_running_out_of_memory_is_an_input_error(capsys):
+    """A model whose declared tensors do not fit in memory (found by fuzzing: 1x2x8000x8000 was an internal
+    error): exit 2 with a hint, as JSON with --json."""
+    import typer
+
+    from onnxlip.cli_common import _guard
+
+    with pytest.raises(typer.Exit) as info:
+        with _guard(True):
+            raise MemoryError("Unable to allocate 8.00 TiB")
+    obj = json.loads(capsys.readouterr().out)
+    assert info.value.exit_code == 2 and obj["exit_code"] == 2 and "--input-shape" in obj["error"]
