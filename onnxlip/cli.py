@@ -233,10 +233,30 @@ def main() -> None:  # console-script entry point
     no_hugepage_advice()
     if not os.environ.get("ONNXLIP_DEBUG"):  # library warnings (numpy, onnx) are not the user's messages
         warnings.simplefilter("ignore")
+    if "--json" in sys.argv[1:]:
+        sys.exit(_json_main())
     try:
         app()
     except SystemExit as exc:
         sys.exit(exc.code)
+
+
+def _json_main() -> int:
+    """With --json, usage errors too (an unknown option, a value of the wrong type, a missing argument) are one
+    JSON object on stdout, with exit code 2: the CI contract holds before a command starts."""
+    import json
+
+    from . import __version__
+
+    try:
+        code = app(standalone_mode=False)  # typer.Exit(n) returns n here
+    except typer.TyperException as exc:  # the parser's errors (click's UsageError and its kind)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(json.dumps({"error": message, "exit_code": 2, "onnxlip_version": __version__}))
+        return 2
+    except typer.Abort:
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -205,3 +205,19 @@ def test_running_out_of_memory_is_an_input_error(capsys):
             raise MemoryError("Unable to allocate 8.00 TiB")
     obj = json.loads(capsys.readouterr().out)
     assert info.value.exit_code == 2 and obj["exit_code"] == 2 and "--input-shape" in obj["error"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pathnorm", "models/digits_cnn.onnx", "--q", "abc"], "--q"),
+        (["prune", "models/digits_cnn.onnx", "--sparsity", "0.5", "--bogus"], "--bogus"),
+        (["rescale", "models/digits_cnn.onnx"], "--out"),
+    ],
+)
+def test_usage_errors_are_json_with_json(args, message):
+    """The parser's errors (before any command runs) were a usage box on stderr and nothing on stdout."""
+    code, obj = _json(args)
+    assert code == 2 and obj["exit_code"] == 2 and message in obj["error"] and "onnxlip_version" in obj
+    code, out, err = cli(*args)  # without --json: typer's usage message, as before
+    assert code == 2 and out == "" and message in err
