@@ -72,7 +72,7 @@ def _print_check(model, result: api.CheckResult) -> None:
 @app.command(short_help="L^q path-norm ||Phi(theta)||_q of the model (value and log10).")
 def pathnorm(
     model: Path = typer.Argument(..., help="ONNX file."),
-    q: float = typer.Option(1.0, "--q", help="Exponent of the L^q path-norm (q > 0)."),
+    q: float = typer.Option(1.0, "--q", help="Exponent of the L^q path-norm, from 0.001 to 1e6."),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
     device: str = DeviceOpt,
