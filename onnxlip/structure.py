@@ -102,14 +102,15 @@ def _canonical_nodes(graph: Graph) -> tuple[list, dict[str, str]]:
     for n in graph.nodes:
         n = _as_global_reduce(n, graph)
         small = all(int(np.prod(graph.shapes[t])) <= _MAX_COPY_MAP for t in [*n.inputs, *n.outputs])
-        if n.op in _COPY_OPS and not n.params and small:
+        # (one source for all inputs, checked before any index map is formed: a Concat of two computed tensors
+        # is no copy)
+        if n.op in _COPY_OPS and not n.params and small and len({copies.get(t, (t,))[0] for t in n.inputs}) == 1:
             sources = [source(t) for t in n.inputs]
-            if len({src for src, _ in sources}) == 1:
-                outs = _copy_outputs(n, [m for _, m in sources])
-                if outs is not None:
-                    for t, m in zip(n.outputs, outs):
-                        copies[t] = (sources[0][0], m)
-                    continue
+            outs = _copy_outputs(n, [m for _, m in sources])
+            if outs is not None:
+                for t, m in zip(n.outputs, outs):
+                    copies[t] = (sources[0][0], m)
+                continue
         for t in n.inputs:
             materialize(t)
         kept.append(n)
