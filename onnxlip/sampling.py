@@ -170,24 +170,27 @@ def rounding_note(engine, graph, observed: float, log10_bound: float, metric, ra
     from .engine import _log10_add
     from .rounding import relative_error_bound
 
-    log10_a = engine.log10_base()
-    log10_sum = _log10_add(_log10_add(log10_a, log10_a), metric.log10_path_metric)
-    margin = relative_error_bound(graph)
-    log10_z = math.log10(margin) + log10_sum + math.log10(max(radius, 1.0)) if margin > 0 else -math.inf
-    z = f"{10**log10_z:.3g}" if log10_z < 300 else f"10^{log10_z:.2f}"
     text = (
         f"the largest observed difference ({observed:.4g}) exceeds the certified bound "
         f"({_plain(log10_bound)}): the bound is about the models in exact arithmetic, while the samples ran in "
-        f"floating point, whose rounding in the two forward passes is at most about {z} here (an a priori estimate "
-        "for float32)"
+        "floating point"
     )
+    try:
+        log10_a = engine.log10_base()  # (one companion run; it may itself be refused by range_guard)
+    except OnnxlipError:
+        return text
+    log10_sum = _log10_add(_log10_add(log10_a, log10_a), metric.log10_path_metric)
+    margin = relative_error_bound(graph)
+    log10_z = math.log10(margin) + log10_sum + math.log10(max(radius, 1.0)) if margin > 0 else -math.inf
+    text += f", whose rounding in the two forward passes is at most about {_plain(log10_z)} here (an a priori "
+    text += "estimate for float32)"
     if math.log10(observed) > _log10_add(log10_bound, log10_z):
         text += "; that does not explain the excess: please report it"
     return text
 
 
 def _plain(log10: float) -> str:
-    return f"{10**log10:.4g}" if log10 < 300 else f"10^{log10:.2f}"
+    return f"{10**log10:.3g}" if log10 < 300 else f"10^{log10:.2f}"
 
 
 def _no_samples(why: str) -> str:
