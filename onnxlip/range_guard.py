@@ -319,11 +319,13 @@ class _Walk:
         least_lam = lams[0] if len(lams) == 1 else self.p.step(min, *lams)
         small, large = self.value(smallest), self.value(largest)
         self.p.groups.append(self.p.step(bound, least_lam, small, large, self.value(shift)))
-        # post's nonzero entries are >= its least (nonzero) entry when that is not 0 (-inf then: the max keeps lam)
+        # post's nonzero entries are >= its least (nonzero) entry when that is not 0 (-inf then: the max keeps lam).
+        # A sum measured all zero (largest 0) is exactly zero in a certified run: its group's bound is finite only
+        # when no product in it could underflow (with a zero least and largest entry, both per-entry bounds are
+        # infinite), so it is LAM_ZERO, and products with it are 0 whatever their multipliers (a zero exponent's
+        # alignment multiplier, 2**-1048576, made such products look like underflow: a false refusal)
         nonzero = self.value(smallest_nonzero)
-        self.lam[post] = self.p.step(
-            lambda lam, least, k: max(lam, _log2(least) + k - _LOG2_SLACK), self.lam[post], nonzero, self.value(shift)
-        )
+        self.lam[post] = self.p.step(_measured_lam, self.lam[post], nonzero, self.value(shift), large)
         self.pending[post] = []
 
     def least_nonzero(self, pre: str, smallest: str) -> str:
@@ -343,6 +345,13 @@ class _Walk:
             lams = [lam for lam, _ in self.pending.get(t, [])]
             if lams:
                 self.p.groups.append(self.p.step(lambda *f: -math.inf if min(f) >= _SITE_MIN else math.inf, *lams))
+
+
+def _measured_lam(lam: float, least: float, k: float, largest: float) -> float:
+    """lam of a renormalised sum from its propagated lam and its measured least (nonzero) and largest entries."""
+    if largest == 0:
+        return LAM_ZERO
+    return max(lam, _log2(least) + k - _LOG2_SLACK)
 
 
 def _product_lam(mantissas: int, *factors: float) -> float:

@@ -263,3 +263,23 @@ def test_zeroed_weight_behind_a_copying_pad_is_certified():
     zeroed = _zeroed(spec.model, "w45", 0)
     m = onnxlip.path_metric(spec.model, zeroed)
     assert m.exact and m.path_metric == pytest.approx(oracle.path_metric(spec.model, zeroed), rel=1e-6)
+
+
+def test_an_all_zero_sum_is_exactly_zero_downstream():
+    """Found by invariant fuzzing: pruning entries whose paths carry no mass (a kernel corner that meets only
+    padding) makes the difference stream's first sum all zero, and its exponent the zero exponent; the next layer's
+    alignment multiplier 2**(that - E) then looked like an underflowing product, and path_metric, bound and prune
+    refused with "any amount", though the oracle's metric is exactly 0. A sum measured all zero in a certified run
+    is exactly zero (its own group could not be certified otherwise)."""
+    from tests import dag_factory as F
+    from tests import oracle as O
+
+    spec = F.build("conv2d", 16)
+    w2, w8 = (F.params_of(spec.model, [n])[n] for n in ("w2", "w8"))
+    v2, v8 = w2.copy(), w8.copy()
+    v2[0, 0, 0, 0] = v8[0, 1, 0, 1] = 0.0
+    variant = F._replace_inits(spec.model, {"w2": v2, "w8": v8})
+    assert O.path_metric(O.expand(spec.model), O.expand(variant)) == 0.0
+    r = onnxlip.path_metric(spec.model, variant)
+    assert r.path_metric == 0.0 and r.exact and r.changed_parameters == 2
+    assert onnxlip.prune(spec.model, 0.3).sparsity > 0
