@@ -173,7 +173,12 @@ def autolip(graph, norms: Mapping[str, float]) -> float:
         outs = OPS[node.op].lipschitz(node, graph.shapes, [lip[t] for t in node.inputs], norms.get(node.name))
         # a rule takes a few roundings, and one more per input it combines
         lip.update(zip(node.outputs, (rounded_up(v, 8 + 2 * len(node.inputs)) for v in outs)))
-    return rounded_up(math.sqrt(math.fsum(lip[t] ** 2 for t in graph.outputs)), 2 + len(graph.outputs))
+    # the l2 norm of the outputs' constants, scaled by the largest: squares of constants above 1e154 overflowed
+    top = max((lip[t] for t in graph.outputs), default=0.0)
+    if not (0.0 < top < math.inf):
+        return top
+    total = math.sqrt(math.fsum((lip[t] / top) ** 2 for t in graph.outputs)) * top
+    return rounded_up(total, 4 + 2 * len(graph.outputs))
 
 
 def rounded_up(value: float, roundings: int) -> float:

@@ -124,3 +124,15 @@ def test_autolip_rounds_its_composition_upwards():
     assert Fraction(plain) < exact
     got = autolip(graph, {f"n{i}": v for i, v in enumerate(norms)})
     assert Fraction(got) >= exact and got <= plain * (1 + 1e-12)
+
+
+def test_l2_bound_of_a_network_whose_constant_squared_overflows():
+    """Found by invariant fuzzing: AutoLip's product over 200 layers (about 1e174) fits a float64 but its square
+    does not; the l2 combination of the outputs raised OverflowError."""
+    from tests.helpers import gemm_chain
+
+    rng = np.random.default_rng(0)
+    model = gemm_chain([rng.normal(scale=5.0, size=(2, 2)) for _ in range(200)], [np.zeros(2)] * 200)
+    r = onnxlip.lipschitz(model, "2", lower_seconds=0.2)
+    assert r.upper.certified and 150 < r.upper.log10 < 200
+    assert r.lower["value"] <= 10**r.upper.log10
