@@ -244,15 +244,11 @@ def main() -> None:  # console-script entry point
 def _json_main() -> int:
     """With --json, usage errors too (an unknown option, a value of the wrong type, a missing argument) are one
     JSON object on stdout, with exit code 2: the CI contract holds before a command starts."""
-    import json
-
-    from . import __version__
-
     try:
         code = app(standalone_mode=False)  # typer.Exit(n) returns n here
     except typer.TyperException as exc:  # the parser's errors (click's UsageError and its kind)
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        print(json.dumps({"error": message, "exit_code": 2, "onnxlip_version": __version__}))
+        _emit_json({"error": message, "exit_code": 2})
         return 2
     except typer.Abort:
         return 130

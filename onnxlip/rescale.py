@@ -63,18 +63,13 @@ class _Graph:
         return name in self.values and self.use_count.get(name, 0) == 1 and self.values[name].dtype.kind == "f"
 
 
-def _census(v: np.ndarray) -> int:
-    """Nonzero entries of a float array."""
-    return int(np.count_nonzero(v))
-
-
-def _check_representable(name: str, v: np.ndarray, before: int) -> None:
+def _check_representable(name: str, v: np.ndarray, nonzero: int) -> None:
     """The rescaled tensor holds what exact arithmetic gives, up to rounding: no entry overflowed to Inf, and none
     underflowed to zero (the model would no longer be functionally identical, and its sparsity would change).
     Subnormal results are rounding (an absolute error below 2**-149; sklearn's MLPs hold weights of 1e-37)."""
     if not np.all(np.isfinite(v)):
         raise OnnxlipError(f"rescaling makes entries of {name!r} overflow {v.dtype}; choose factors closer to 1")
-    if _census(v) != before:
+    if np.count_nonzero(v) != nonzero:
         raise OnnxlipError(
             f"rescaling makes entries of {name!r} underflow {v.dtype} (the model would not compute the same "
             "function); choose factors closer to 1"
@@ -223,7 +218,7 @@ def rescale(
     proto.CopyFrom(load_model(model))
     check_seed(seed)
     g = _Graph(proto)
-    before = {n: _census(v) for n, v in g.values.items() if v.dtype.kind == "f"}
+    nonzero = {n: int(np.count_nonzero(v)) for n, v in g.values.items() if v.dtype.kind == "f"}
     rng = np.random.default_rng(seed)
     neurons = layers = skipped = 0
     for node in list(proto.graph.node):
@@ -240,8 +235,8 @@ def rescale(
             out(lam)
         neurons += int(np.count_nonzero(lam != 1.0))
         layers += 1
-    for name, census in before.items():
-        _check_representable(name, g.values[name], census)
+    for name, count in nonzero.items():
+        _check_representable(name, g.values[name], count)
     for name, init in g.inits.items():
         init.CopyFrom(numpy_helper.from_array(g.values[name], name))
     result = RescaleResult(neurons, layers, skipped, None if out_path is None else str(out_path))

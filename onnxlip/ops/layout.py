@@ -251,15 +251,13 @@ def run_reference(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray]
 
 def run_onnxruntime(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray]) -> np.ndarray | None:
     """The op on x by onnxruntime's CPU kernels, or None where onnxruntime has no kernel for it (or for x's type)."""
-    import onnxruntime as ort
+    from ..errors import OnnxlipError
+    from ..runtime import run_model
 
-    from ..runtime import session_options
-
+    model = _one_node_model(_probe_node(node), opset, x, consts, 8 if opset >= 9 else 3)
     try:
-        model = _one_node_model(_probe_node(node), opset, x, consts, 8 if opset >= 9 else 3)
-        sess = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-        return np.asarray(sess.run(None, {model.graph.input[0].name: x})[0])
-    except Exception:  # noqa: BLE001 - no kernel: the caller falls back to the reference evaluator
+        return np.asarray(run_model(model, {model.graph.input[0].name: x})[0])
+    except OnnxlipError:  # no kernel (runtime.RuntimeFailure): the caller falls back to the reference evaluator
         return None
 
 
