@@ -54,6 +54,7 @@ class PathMetricResult:
     # how it was computed: "difference stream" (theory.md section 3), "subtraction" (well conditioned, see
     # onnxlip/engine.py) or "hi/lo difference stream" (an upper bound, for pairs neither dominates)
     route: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
@@ -172,7 +173,7 @@ def path_norm(
     if not (isinstance(q, (int, float)) and math.isfinite(q) and Q_RANGE[0] <= q <= Q_RANGE[1]):
         raise OnnxlipError(f"q must be a number from {Q_RANGE[0]:g} to {Q_RANGE[1]:g}, got {q!r}")
     graph = analyse(model, output, input_shapes, keep_proto=False).graph
-    log10_sum, dev = pathnorm_log10_power(graph, float(q), device)
+    log10_sum, dev, notes = pathnorm_log10_power(graph, float(q), device)
     log10_norm = log10_sum / q
     return PathNormResult(
         float(q),
@@ -181,7 +182,7 @@ def path_norm(
         dev,
         graph.num_parameters,
         list(graph.outputs),
-        list(graph.warnings),
+        list(graph.warnings) + notes,
     )
 
 
@@ -204,6 +205,7 @@ def metric_result(r: MetricOutcome) -> PathMetricResult:
         r.device,
         r.rounding_margin,
         r.route,
+        list(r.notes),
     )
 
 
@@ -327,7 +329,7 @@ def bound_many(
                 other.label,
                 metric.rounding_margin,
                 metric.route,
-                list(dict.fromkeys(ref.graph.warnings + other.graph.warnings + sampling_notes)),
+                list(dict.fromkeys(ref.graph.warnings + other.graph.warnings + metric.notes + sampling_notes)),
             )
         )
         if progress is not None:

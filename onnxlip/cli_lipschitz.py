@@ -100,5 +100,7 @@ def lipschitz_cmd(
                     est = "-" if x.estimate is None else f"{x.estimate:.6g}"
                     layers.add_row(x.node, x.op, est, f"{x.certified:.6g}", "*" if x in top else "")
                 out.print(layers)
+            for note in result.notes:
+                out.print(f"note: {note}", highlight=False)
         if exceeded:
             raise typer.Exit(1)

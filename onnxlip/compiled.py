@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,6 +37,8 @@ class CompiledCompanion:
         """`extra`: further tensors to declare as outputs, read by `tensors()` (log10 does not fetch them);
         `spin`: see runtime.session_options (False for sessions run in turn with others)."""
         self.graph, self.em = graph, em
+        self.raised: Raised | None = None  # the last call's raised run, if any (see _raised_run)
+        self.unraised: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self.empty = all(s is None for s in outs)
         self.device = "cpu" if device == "auto" else device
         if self.empty:  # no output depends on anything that differs: identically zero
@@ -121,20 +124,122 @@ class CompiledCompanion:
         pairs: dict[str, Pairs] | None = None,
         more: dict[str, np.ndarray] | None = None,
         check: bool = True,
+        raise_to: str | None = None,
     ) -> float:
         """log10 of the sum of all outputs (-inf for zero). The fed kinds come as values (`kinds`, `exponents`:
         see CompanionEmitter.feed_values) or as ready float32 (mantissa, exponent) `pairs`; `more`: other inputs.
-        `check=False` skips range_guard's verdict: the value may then undercount (for lower bounds only)."""
+        `check=False` skips range_guard's verdict: the value may then undercount (for lower bounds only).
+        `raise_to`: where range_guard refuses the run, tiny fed entries may be raised (_raised_run; `raised`
+        then tells how): "value" where the result must agree with the unraised run's to 1e-7, "bound" where any
+        certified upper bound serves."""
+        self.raised = None
         if self.empty:
             return -math.inf
         feeds = self._feeds(kinds, exponents, pairs, {k: v for k, v in (more or {}).items() if "::lam" not in k})
-        values = self._run(False, feeds, self._lams(pairs, more), check)
-        return log10_total([(values[i], float(values[i + 1])) for i in range(0, len(values), 2)])
+        lams = self._lams(pairs, more)
+        try:
+            return _total(self._run(False, feeds, lams, check))
+        except UnderflowError as refused:
+            if raise_to is None:
+                raise
+            values, floor = self._raised_run(False, feeds, lams, refused)
+            self.raised = Raised(floor, _total(values), _total(self._run(False, feeds, lams, check=False)))
+            if raise_to == "value" and not self.raised.tight:  # a larger floor only raises more
+                up, plain = self.raised.log10, self.raised.log10_unraised
+                raise UnderflowError(
+                    f"{refused}. With every entry below 2**{floor} of its tensor's largest raised to it, the result "
+                    f"is certified but 10**{up - plain:.3g} times the unraised run's (10**{up:.6g} against "
+                    f"10**{plain:.6g}, not certified): the tiny entries carry real path mass"
+                ) from None
+            return self.raised.log10
 
-    def tensors(self, pairs: dict[str, Pairs]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The `extra` tensors' (mantissa, exponent) for the fed parameter pairs."""
-        values = self._run(True, self._feeds(None, None, pairs, None), self._lams(pairs, None))
+    def _raised_run(self, extra: bool, feeds: dict[str, np.ndarray], lams: dict, refused: UnderflowError):
+        """The run's values, and the floor used, with every fed mantissa's nonzero entries raised to at least
+        2**floor (RAISE_FLOORS in turn, until range_guard certifies the run). The outputs are positive polynomials
+        of the fed entries, so each raised value bounds the true one from above. `refused` is raised where no
+        floor is certified, or where a fed mantissa may have lost entries to 0 when it was formed (those cannot
+        be raised)."""
+        mantissas = [n for n in self.guard.fed if feeds[n].ndim > 0]
+        for n in mantissas:
+            lam = lams.get(n, -math.inf)
+            if (float(lam()) if callable(lam) else float(lam)) <= _FLUSHED:
+                raise refused
+        for floor in RAISE_FLOORS:
+            up_feeds, up_lams = dict(feeds), dict(lams)
+            for n in mantissas:
+                m = feeds[n]
+                up_feeds[n] = np.where(m > 0, np.maximum(m, np.float32(2.0**floor)), np.float32(0.0))
+                up_lams[n] = log2_min_nonzero(up_feeds[n])
+            try:
+                return self._run(extra, up_feeds, up_lams), floor
+            except UnderflowError:
+                continue
+        raise refused
+
+    def tensors(self, pairs: dict[str, Pairs], raise_to: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The `extra` tensors' (mantissa, exponent) for the fed parameter pairs. `raise_to="bound"`: where
+        range_guard refuses the run, certified upper bounds of them from a raised run (_raised_run); `raised`
+        then gives its floor and `unraised` the run's own values, which underflow may have lowered."""
+        self.raised, self.unraised = None, None
+        feeds, lams = self._feeds(None, None, pairs, None), self._lams(pairs, None)
+        try:
+            values = self._run(True, feeds, lams)
+        except UnderflowError as refused:
+            if raise_to is None:
+                raise
+            values, floor = self._raised_run(True, feeds, lams, refused)
+            self.raised = Raised(floor, math.nan, math.nan)
+            self.unraised = self._named(self._run(True, feeds, lams, check=False))
+        return self._named(values)
+
+    def _named(self, values: list) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(self.extra)}
+
+
+def _total(values: list) -> float:
+    return log10_total([(values[i], float(values[i + 1])) for i in range(0, len(values), 2)])
+
+
+# log2 floors, relative to a tensor's scale, to which tiny entries are raised when range_guard refuses a run whose
+# value may be an upper bound (CompiledCompanion._raised_run, lipschitz.pathnorm_bounds), tried in turn
+RAISE_FLOORS = (-100, -60, -30)
+RAISE_TOLERANCE_LOG10 = math.log10(1 + 1e-7)
+
+
+@dataclass
+class Raised:
+    """A run with tiny entries raised to 2**floor (CompiledCompanion._raised_run): its log10 value, a certified
+    upper bound, and the unraised run's, which float32 underflow may have lowered."""
+
+    floor: int
+    log10: float
+    log10_unraised: float
+
+    @property
+    def tight(self) -> bool:
+        """The raised value exceeds the unraised one by less than 1e-7 relative."""
+        return self.log10 - self.log10_unraised <= RAISE_TOLERANCE_LOG10
+
+
+def raised_note(what: str, raised: Raised) -> str:
+    """The note for a result computed with tiny entries raised."""
+    text = (
+        f"{what} was computed with every nonzero entry below 2**{raised.floor} of its tensor's largest raised to "
+        "that value: float32 cannot hold the paths through such entries closely enough to certify them (sklearn's "
+        "MLPs keep weights of 1e-40 on dead neurons). Raising entries only raises path masses, so the value is a "
+        "certified upper bound"
+    )
+    if raised.tight:
+        return text + ", and it agrees with the unraised run's to 1e-7 relative"
+    unraised = (
+        f"gives 10**{raised.log10_unraised:.6g} against 10**{raised.log10:.6g}"
+        if math.isfinite(raised.log10_unraised)
+        else "finds no path mass at all"
+    )
+    return (
+        text + ", but a loose one: the unraised run, which float32 underflow may have lowered (not certified), "
+        f"{unraised}: the raising adds most of this value"
+    )
 
 
 _SNAPSHOT_BYTES = 64 << 20  # constants a guarded session keeps for a thorough rebuild
@@ -186,13 +291,15 @@ def certify(guard: GuardProgram, fetched: list, feeds: dict[str, np.ndarray], la
 SMALLEST_NORMAL = np.float32(2.0**-126)
 
 
-def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[float, str]:
+def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[float, str, list[str]]:
     """log10 of sum_p |Phi_p|^q, by one run of the companion graph.
 
     A tensor's |w|^q share one float32 scale (theory.md section 2), so for q > 1 entries below 2**-126 of their
     tensor's largest |w|^q lose precision or become 0: paths through them are undercounted. When that happens a
     second run with those entries raised to 2**-126 of the scale bounds the sum from above; the result stands
-    when the two agree to 1e-7 of the norm, else q is too large for this model and the error gives both."""
+    when the two agree to 1e-7 of the norm, else q is too large for this model and the error gives both. For q = 1
+    the same holds for tiny entries that range_guard refuses (CompiledCompanion._raised_run). Returns log10, the
+    device and notes."""
     # the weights are fed: onnxruntime reads our mantissas in place instead of copying them into the session
     em = CompanionEmitter(q, {}, "value", fed=("value",), guarded=True)
     compiled = CompiledCompanion(graph, em, emit_pathnorm(graph, em), device)
@@ -200,7 +307,9 @@ def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[
     pairs = params_mantissas(params, q)
     if q == 1:  # range_guard checks what float32 underflow may have cost
         with_lams = {p.name: (*pairs[p.name], functools.partial(p.true_lam, pairs[p.name][1])) for p in params}
-        return compiled.log10(pairs={"value": with_lams}), compiled.device
+        log10 = compiled.log10(pairs={"value": with_lams}, raise_to="value")
+        notes = [] if compiled.raised is None else [raised_note("the path-norm", compiled.raised)]
+        return log10, compiled.device, notes
     raised, lost = {}, 0
     for p in params:
         m, e = pairs[p.name]
@@ -216,7 +325,7 @@ def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[
             "float32's range, and paths through the smallest could be undercounted; use a smaller q"
         ) from None
     if lost == 0:
-        return upper, compiled.device
+        return upper, compiled.device, []
     lower = compiled.log10(pairs={"value": pairs}, check=False)  # weak entries flushed: a lower bound
     if (upper - lower) / q > math.log10(1 + 1e-7):
         raise OnnxlipError(
@@ -224,4 +333,4 @@ def pathnorm_log10_power(graph: Graph, q: float, device: str = "auto") -> tuple[
             f"q-th power next to the largest of their tensor, and the L^{q:g} path-norm is only known to lie "
             f"between 10^{lower / q:.6f} and 10^{upper / q:.6f}; use a smaller q"
         )
-    return lower, compiled.device
+    return lower, compiled.device, []

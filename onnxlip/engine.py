@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -37,8 +37,8 @@ from .companion import (
     emit_metric,
     metric_inputs,
 )
-from .compiled import CompiledCompanion, Pairs
-from .errors import OnnxlipError
+from .compiled import CompiledCompanion, Pairs, Raised, raised_note
+from .errors import OnnxlipError, UnderflowError
 from .ir import Graph
 from .range_guard import LAM_ZERO, log2_min_nonzero, true_lam
 from .rounding import relative_error_bound
@@ -113,6 +113,8 @@ class MetricEngine:
         self._general: CompiledCompanion | None = None
         self._values: CompiledCompanion | None = None
         self._hi: dict[str, np.ndarray] | None = None
+        self._hi_raised: Raised | None = None
+        self._hi_unraised: dict[str, np.ndarray] | None = None
         self._buffers: dict[tuple[str, str], np.ndarray] = {}  # float32 mantissa buffers, see _buffer
 
     # ---- sessions ------------------------------------------------------------------------------------------
@@ -157,11 +159,12 @@ class MetricEngine:
     def _hi_feeds(self) -> dict[str, np.ndarray]:
         """The base's companion values that the difference stream reads, as its "hi::" inputs (one run)."""
         if self._hi is None:
-            found = self._values_session().tensors({"value": self._with_lams(self.base_pairs)})
-            self._hi = {}
-            for t, (m, e) in found.items():
-                self._hi[f"hi::{t}"], self._hi[f"hi::{t}::e"] = m, np.asarray(e, dtype=np.float32)
-                self._hi[f"hi::{t}::lam"] = np.float64(log2_min_nonzero(m))  # for range_guard
+            values = self._values_session()
+            self._hi = _hi_inputs(values.tensors({"value": self._with_lams(self.base_pairs)}, raise_to="bound"))
+            # where range_guard refused them, they bound the true values from above (a raised run); the
+            # difference stream is then an upper bound too, and its run with the unraised ones an estimate
+            self._hi_raised = values.raised
+            self._hi_unraised = None if values.unraised is None else _hi_inputs(values.unraised)
         return self._hi
 
     def _lam(self, name: str) -> Callable[[], float]:
@@ -197,11 +200,21 @@ class MetricEngine:
                 self.graph, em, emit_metric(self.graph, em, hi_fed=True), self.device, spin=False
             )
         more = self._hi_feeds() if not self._dominated.empty else None
-        return self._dominated.log10(pairs={"lo": lo, "delta": delta}, more=more), self._dominated.device
+        pairs = {"lo": lo, "delta": delta}
+        log10 = self._dominated.log10(pairs=pairs, more=more, raise_to="bound")
+        if more is not None and self._hi_raised is not None:  # the raised hi stream: an estimate from the unraised
+            floor = max(self._hi_raised.floor, self._dominated.raised.floor if self._dominated.raised else -math.inf)
+            plain = self._dominated.log10(pairs=pairs, more=self._hi_unraised, check=False)
+            self._dominated.raised = Raised(floor, log10, plain)
+        return log10, self._dominated.device
 
     def _subtraction(self, lo: Pairs) -> tuple[float, float, str] | None:
-        log10_b, dev = self.log10_norm(lo)
-        out = subtraction_metric(self.log10_base(), log10_b, self.norm_margin)
+        try:
+            log10_b, dev = self.log10_norm(lo)
+            log10_a = self.log10_base()
+        except UnderflowError:  # the difference stream may still hold it
+            return None
+        out = subtraction_metric(log10_a, log10_b, self.norm_margin)
         return None if out is None else (*out, dev)
 
     def _kept_mass_ratio(self, lo: Pairs) -> float:
@@ -234,7 +247,10 @@ class MetricEngine:
                 log10_m, margin, dev = out
                 return MetricOutcome(log10_m, True, 0, changed, "none needed", dev, margin, ROUTE_SUBTRACTION)
         log10_m, dev = self._difference(lo, delta() if callable(delta) else delta)
-        return MetricOutcome(log10_m, True, 0, changed, "none needed", dev, self.metric_margin, ROUTE_DIFFERENCE)
+        notes, exact = _raised_notes(self._dominated), _tight(self._dominated)
+        return MetricOutcome(
+            log10_m, exact, 0, changed, "none needed", dev, self.metric_margin, ROUTE_DIFFERENCE, notes
+        )
 
     def pruned(self, keep: dict[str, np.ndarray], upper=None) -> MetricOutcome:
         """The exact metric between the base and the base with the entries where `keep` is False set to zero
@@ -314,7 +330,7 @@ class MetricEngine:
         if self._general is None:
             em = CompanionEmitter(1.0, {}, "hi", fed=("hi", "lo", "delta"), guarded=True)
             self._general = CompiledCompanion(self.graph, em, emit_metric(self.graph, em), self.device, spin=False)
-        return self._general.log10(pairs=pairs), self._general.device
+        return self._general.log10(pairs=pairs, raise_to="bound"), self._general.device
 
     def _general_changes(self, changes: dict[str, Change]) -> tuple[float, str] | None:
         """general_log10(base, variant) for a variant given by its changes, bit for bit, forming the two values
@@ -395,8 +411,9 @@ class MetricEngine:
             if out is not None:
                 changed = sum(r.changed for r in compared.values())
                 dominating = all(r.dominating for r in compared.values())
+                notes, exact = _raised_notes(self._general), dominating and _tight(self._general)
                 return MetricOutcome(
-                    out[0], dominating, 0, changed, "none needed", out[1], self.metric_margin, ROUTE_HILO
+                    out[0], exact, 0, changed, "none needed", out[1], self.metric_margin, ROUTE_HILO, notes
                 )
         vb = {
             n: changes[n].value(n, self._buffer("value", n, np.float64)) if n in changes else a
@@ -430,7 +447,8 @@ class MetricEngine:
             if dominated:
                 return self._below_base(vb, changed)
             log10_m, dev = self.general_log10(va, vb)
-            return MetricOutcome(log10_m, dominating, 0, changed, "none needed", dev, self.metric_margin, ROUTE_HILO)
+            notes, exact = _raised_notes(self._general), dominating and _tight(self._general)
+            return MetricOutcome(log10_m, exact, 0, changed, "none needed", dev, self.metric_margin, ROUTE_HILO, notes)
         # theory.md section 3: with mid zero where the signs flip, (base, mid) and (mid, vb) are same-sign pairs.
         # mid = the entrywise smaller magnitude elsewhere, so that both models dominate it and both metrics are
         # exact: the sum is symmetric in the two models, and never above the split at the base with its flipped
@@ -444,6 +462,7 @@ class MetricEngine:
         }
         first = self._below_base(mid, changed, upper=0.0)  # upper=0: the difference stream, whose margin covers both
         second, dev = self.general_log10(mid, vb)  # vb dominates mid: the hi/lo stream is exact
+        notes = list(dict.fromkeys(first.notes + _raised_notes(self._general)))
         return MetricOutcome(
             _log10_add(first.log10_metric, second),
             False,
@@ -453,6 +472,7 @@ class MetricEngine:
             dev,
             self.metric_margin,
             ROUTE_HILO,
+            notes,
         )
 
 
@@ -492,3 +512,25 @@ class MetricOutcome:
     device: str
     rounding_margin: float = 0.0
     route: str = ROUTE_DIFFERENCE
+    notes: list[str] = field(default_factory=list)
+
+
+def _raised_notes(compiled: CompiledCompanion | None) -> list[str]:
+    """The note of a route whose last run raised tiny entries (CompiledCompanion._raised_log10)."""
+    if compiled is None or compiled.raised is None:
+        return []
+    return [raised_note("the path-metric", compiled.raised)]
+
+
+def _hi_inputs(found: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The base's companion values as the difference stream's "hi::" inputs, with their lams for range_guard."""
+    hi = {}
+    for t, (m, e) in found.items():
+        hi[f"hi::{t}"], hi[f"hi::{t}::e"] = m, np.asarray(e, dtype=np.float32)
+        hi[f"hi::{t}::lam"] = np.float64(log2_min_nonzero(m))
+    return hi
+
+
+def _tight(compiled: CompiledCompanion | None) -> bool:
+    """The route's last value is the metric it computes (to 1e-7), not a looser upper bound of it."""
+    return compiled is None or compiled.raised is None or compiled.raised.tight

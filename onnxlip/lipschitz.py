@@ -12,7 +12,7 @@ One forward and one adjoint run of the companion."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,9 +20,10 @@ import numpy as np
 from .adjoint import emit_scores
 from .api import _jsonable, analyse, log10_rounded_up
 from .companion import LOG10_2, CompanionEmitter, log10_total, ones_feeds, plain_value
-from .compiled import certify
+from .compiled import RAISE_FLOORS, Raised, certify, raised_note
+from .errors import UnderflowError
 from .loading import ModelLike
-from .range_guard import guard_program
+from .range_guard import guard_program, log2_min_nonzero
 from .rounding import relative_error_bound
 from .runtime import cuda_possible, make_session, run
 
@@ -52,14 +53,53 @@ def pathnorm_bounds(
     output: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     device: str = "auto",
+    notes: list[str] | None = None,
 ) -> list[Bound]:
-    """The four path-norm Lipschitz bounds of the model (certified upper bounds)."""
+    """The four path-norm Lipschitz bounds of the model (certified upper bounds). Where float32 cannot hold the
+    companion values closely enough (range_guard), tiny weights are raised (see _raised_values) and a note is
+    appended to `notes`."""
     m = analyse(model, output, input_shapes, keep_proto=False)
     graph = m.graph
     values = {}
     for node in graph.nodes:
         for role, p in node.params.items():
             values[p.name] = np.zeros(p.shape) if role == "bias" else p  # a Param: read without forming it
+    plain, certified = _pathnorm_bounds(graph, values, device)
+    if certified:
+        return _bounds(plain, "")
+    for floor in RAISE_FLOORS:
+        raised, certified = _pathnorm_bounds(graph, _raised_values(graph, floor), device)
+        if not certified:
+            continue
+        if notes is not None:  # inf->1, the sum of all paths, tells how much the raising added
+            notes.append(raised_note("each path-norm bound", Raised(floor, raised[0], plain[0])))
+        return _bounds(raised, f" (weights raised to 2**{floor})")
+    raise UnderflowError(
+        "float32 cannot hold this model's companion values closely enough to certify the path-norm bounds, even "
+        f"with tiny weights raised to 2**{RAISE_FLOORS[-1]} of their tensor's largest (range_guard)"
+    )
+
+
+def _raised_values(graph, floor: int) -> dict:
+    """Zero biases, and each weight's float32 mantissas with every nonzero entry below 2**floor raised to it, as
+    ready (mantissas, exponent, lam) triples. Path masses are monotone in |w|, so every path-norm bound of the
+    raised network bounds the original's. An entry whose true mantissa is below 2**floor is raised above it; one
+    at or above it rounds to at least 2**floor (a power of two), so the rounding margin covers it as before."""
+    values = {}
+    for node in graph.nodes:
+        for role, p in node.params.items():
+            if role == "bias":
+                values[p.name] = np.zeros(p.shape)
+                continue
+            m, e = p.mantissas(1.0)
+            raised = np.where(p.value != 0, np.maximum(m, np.float32(2.0**floor)), np.float32(0.0))
+            values[p.name] = (raised, e, log2_min_nonzero(raised))
+    return values
+
+
+def _pathnorm_bounds(graph, values: dict, device: str) -> tuple[tuple[float, float, float, float], bool]:
+    """log10 of the four bounds (inf->1, inf->inf, 1->1, 2->2) with the given weights, and whether range_guard
+    certified the run."""
     em = CompanionEmitter(1.0, {"value": values}, "value", guarded=True)
     outs, _, b_inputs = emit_scores(graph, em, input_paths_only=True)
     pieces = [outs[i] for i in range(len(outs))] + [b_inputs[t] for t in graph.inputs if t in b_inputs]
@@ -72,7 +112,11 @@ def pathnorm_bounds(
     session, _ = make_session(em.model(), device, em.external)
     feeds = ones_feeds(graph)
     vals = run(session, None, feeds)
-    certify(guard, vals[n_values:], feeds, {})
+    try:
+        certify(guard, vals[n_values:], feeds, {})
+        certified = True
+    except UnderflowError:
+        certified = False
     vals = vals[:n_values]
     pairs = [(vals[i], float(vals[i + 1])) for i in range(0, len(vals), 2)]
     fwd, adj = pairs[: len(outs)], pairs[len(outs) :]
@@ -82,12 +126,19 @@ def pathnorm_bounds(
     inf_inf = max((_log10_max(mm, e) for mm, e in fwd), default=-math.inf) + margin
     one_one = max((_log10_max(mm, e) for mm, e in adj), default=-math.inf) + 2 * margin
     two_two = (inf_inf + one_one) / 2 if math.isfinite(inf_inf) and math.isfinite(one_one) else -math.inf
-    inf_1, inf_inf, one_one, two_two = (log10_rounded_up(v) for v in (inf_1, inf_inf, one_one, two_two))
+    return tuple(log10_rounded_up(v) for v in (inf_1, inf_inf, one_one, two_two)), certified
+
+
+def _bounds(log10s: tuple[float, float, float, float], raised: str) -> list[Bound]:
+    methods = (
+        "path-norm: sum of all input paths",
+        "path-norm: largest path mass reaching one output",
+        "path-norm: largest path mass leaving one input (adjoint)",
+        "path-norm: sqrt(L_1->1 * L_inf->inf)",
+    )
     return [
-        Bound("inf->1", plain_value(inf_1), inf_1, "path-norm: sum of all input paths", True),
-        Bound("inf->inf", plain_value(inf_inf), inf_inf, "path-norm: largest path mass reaching one output", True),
-        Bound("1->1", plain_value(one_one), one_one, "path-norm: largest path mass leaving one input (adjoint)", True),
-        Bound("2->2", plain_value(two_two), two_two, "path-norm: sqrt(L_1->1 * L_inf->inf)", True),
+        Bound(norm, plain_value(v), v, method + raised, True)
+        for norm, v, method in zip(("inf->1", "inf->inf", "1->1", "2->2"), log10s, methods)
     ]
 
 
@@ -107,6 +158,7 @@ class LipschitzResult:
     lower: dict
     bounds: list[Bound]
     layers: list[LayerNorm]
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return _jsonable(
@@ -116,6 +168,7 @@ class LipschitzResult:
                 "lower": self.lower,
                 "bounds": [b.to_json() for b in self.bounds],
                 "layers": [asdict(x) for x in self.layers],
+                "notes": self.notes,
             }
         )
 
@@ -275,7 +328,15 @@ def lipschitz(
             f"the l{norm} bounds come from path-norms, which need a ReLU network; this model has "
             "non-ReLU activations (Tanh, Sigmoid, Abs, GroupSort, ...): use --norm 2"
         )
-    bounds = pathnorm_bounds(m, device=device) if relu_network else []
+    notes: list[str] = []
+    bounds = []
+    if relu_network:
+        try:
+            bounds = pathnorm_bounds(m, device=device, notes=notes)
+        except UnderflowError as refused:
+            if norm != "2":
+                raise
+            notes.append(f"no path-norm bound: {refused}; the AutoLip bound does not use the companion graph")
     by_norm = {b.norm: b for b in bounds}
     layers: dict[str, LayerNorm] = {}
     if norm == "2":
@@ -293,4 +354,5 @@ def lipschitz(
         {"value": lower, "method": f"largest ratio over {tried} input pairs (random + local search)", "pairs": tried},
         bounds,
         list(layers.values()) if per_layer else [],
+        notes,
     )

@@ -312,7 +312,7 @@ def prune_sweep(
                     metric.rounding_margin,
                     None if out_path is None else str(out_path),
                     metric.route,
-                    list(notes),
+                    list(dict.fromkeys(notes + metric.notes)),
                 )
             )
             if progress is not None:

@@ -37,10 +37,14 @@ def _spread_chain(t: float):
     return ws, [np.zeros(2)] * 4
 
 
-def test_lipschitz_bounds_refuse_what_float32_cannot_hold():
-    with pytest.raises(UnderflowError):
-        pathnorm_bounds(gemm_chain(*_spread_chain(2.0**-100)))
-    bounds = pathnorm_bounds(gemm_chain(*_spread_chain(2.0**-40)))
+def test_lipschitz_bounds_hold_what_float32_can_and_raise_the_rest():
+    """2**-100: the paths' products underflow; only raised weights certify a bound, which is then loose and
+    says so (tests/test_tiny_weights.py). 2**-40: float32 holds it, exact."""
+    notes: list[str] = []
+    bounds = pathnorm_bounds(gemm_chain(*_spread_chain(2.0**-100)), notes=notes)
+    assert bounds[0].log10 >= math.log10(2 * 2.0**-200) and "loose" in notes[0]
+    bounds = pathnorm_bounds(gemm_chain(*_spread_chain(2.0**-40)), notes=notes)
+    assert len(notes) == 1
     exact = math.log10(2 * 2.0**-80)  # inf->1: the sum of all input paths, plus the rounding margin
     assert exact <= bounds[0].log10 <= exact + 1e-5
 
@@ -152,8 +156,9 @@ def test_weights_below_float32s_range_of_their_own_tensor_are_refused(tmp_path):
         pruned = [w.copy() for w in ws]
         pruned[2][0, 0] = 0.0
         onnxlip.path_metric(model, gemm_chain(pruned, bs))
-    with pytest.raises(UnderflowError):  # constants of the Lipschitz graphs
-        pathnorm_bounds(model)
+    # the Lipschitz graphs' constants are raised from their true values: the lost weight counts, loosely
+    notes: list[str] = []
+    assert pathnorm_bounds(model, notes=notes)[0].log10 >= 70 * math.log10(2) and "loose" in notes[0]
     path, other = tmp_path / "flushed.onnx", tmp_path / "pruned.onnx"
     onnx.save(model, str(path))
     onnx.save(gemm_chain(pruned, bs), str(other))
@@ -205,8 +210,9 @@ def test_gathered_guard_scalars_give_the_same_verdicts(monkeypatch):
     assert [b.log10 for b in pathnorm_bounds(model)] == plain_bounds
     with pytest.raises(UnderflowError):
         onnxlip.path_norm(gemm_chain(*_flushed_weight_chain()))
+    compounding = [np.array([[1.0, 1.0]])] + [np.diag([1.0, 2.0**-30])] * 6  # (tests/test_tiny_weights.py)
     with pytest.raises(UnderflowError):
-        pathnorm_bounds(gemm_chain(*_spread_chain(2.0**-100)))
+        pathnorm_bounds(gemm_chain(compounding, [np.zeros(2)] * 7))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
