@@ -136,3 +136,59 @@ def test_l2_bound_of_a_network_whose_constant_squared_overflows():
     r = onnxlip.lipschitz(model, "2", lower_seconds=0.2)
     assert r.upper.certified and 150 < r.upper.log10 < 200
     assert r.lower["value"] <= 10**r.upper.log10
+
+
+def _jacobian_norm(model, shape) -> float:
+    """The exact l2 norm of the Jacobian of a model that is linear around 0 (float64 differences of onnxruntime
+    runs with unit steps of 0.01, whose rounding is far below the gaps tested)."""
+    sess = O.session(model)
+    name = sess.get_inputs()[0].name
+    zero = np.zeros(shape, np.float32)
+    base = sess.run(None, {name: zero})[0].astype(np.float64).ravel()
+    n = int(np.prod(shape))
+    cols = [
+        (sess.run(None, {name: (np.eye(n, dtype=np.float32)[i] * 0.01).reshape(shape)})[0].ravel() - base) / 0.01
+        for i in range(n)
+    ]
+    return float(np.linalg.svd(np.stack(cols, 1), compute_uv=False)[0])
+
+
+def test_max_and_min_of_broadcast_tensors_count_the_copies():
+    """Max(a, b) with a of shape (1, 1) broadcast to b's (1, 8): the output holds 8 copies of a, so the constant is
+    sqrt(8), not 1 (AutoLip certified 1.0 and passed --max-lipschitz 2 before). Min of channel sums (1, 2, 1, 1)
+    against a (1, 2, 3, 3) map: 9, not 3."""
+    wa = np.array([[1.0], [0.0], [0.0], [0.0]], np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "wa"], ["a"]),
+        helper.make_node("Gemm", ["x", "wb", "bb"], ["b"]),
+        helper.make_node("Max", ["a", "b"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(wa, "wa"),
+        numpy_helper.from_array(np.zeros((4, 8), np.float32), "wb"),
+        numpy_helper.from_array(np.full(8, -100.0, np.float32), "bb"),
+    ]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    model = make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    exact = _jacobian_norm(model, (1, 4))
+    assert exact == pytest.approx(math.sqrt(8), rel=1e-5)
+    assert lipschitz(model, "2", lower_seconds=0.1).upper.value >= exact * (1 - 1e-6)
+
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["a0"]),
+        helper.make_node("Mul", ["a0", "nine"], ["a"]),
+        helper.make_node("Mul", ["x", "zero"], ["z"]),
+        helper.make_node("Add", ["z", "big"], ["b"]),
+        helper.make_node("Min", ["a", "b"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(9.0, np.float32), "nine"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(100.0, np.float32), "big"),
+    ]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])]
+    model = make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])], inits)
+    exact = _jacobian_norm(model, (1, 2, 3, 3))
+    assert exact == pytest.approx(9.0, rel=1e-5)
+    result = lipschitz(model, "2", lower_seconds=0.1)
+    assert all(b.value >= exact * (1 - 1e-6) for b in result.bounds)

@@ -252,8 +252,10 @@ def _combo_lipschitz(node, shapes, l_in, norm):
 
 
 def _max_lipschitz(node, shapes, l_in, norm):
-    # |max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|): entrywise, so sqrt(sum of squares) over the branches
-    return [float(np.sqrt(sum(v * v for v in l_in)))]
+    # |max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|): entrywise, so sqrt(sum of squares) over the branches;
+    # an input broadcast to the output's shape has each entry copied out/in times: sqrt(out/in) more in l2
+    out = float(np.prod(shapes[node.output]))
+    return [float(np.sqrt(sum(v * v * out / float(np.prod(shapes[t])) for t, v in zip(node.inputs, l_in))))]
 
 
 define_lipschitz("relu_combo", _combo_lipschitz)
