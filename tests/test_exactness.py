@@ -718,3 +718,29 @@ def test_sign_split_is_symmetric_and_certified(seed):
     assert _rel(ab.path_metric, ba.path_metric) <= 1e-6
     for m in (ab, ba):
         assert m.path_metric / (1 - m.rounding_margin) >= true * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_dilated_pools_with_same_padding(op):
+    """onnxruntime computes a pool's SAME pads without the dilation, the ONNX spec with it: where the two differ
+    the model has no single meaning and is refused (it was analysed by the spec while onnxruntime, which measures
+    the lower bounds, computed another function: lower 1.73 > upper 0). Where they agree it is analysed, and the
+    expansion matches onnxruntime."""
+    from onnx import TensorProto, helper
+
+    from tests.helpers import make_model
+
+    def pool(shape, **attrs):
+        node = helper.make_node(op, ["x"], ["y"], auto_pad="SAME_UPPER", **attrs)
+        io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)]
+        return make_model([node], io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [], opset=19)
+
+    differs = pool([1, 2, 3, 1], kernel_shape=[3, 2], dilations=[1, 2], strides=[1, 2])
+    result = onnxlip.check(differs)
+    assert not result.supported and "SAME with dilations" in result.errors[0].reason
+    agrees = pool([1, 2, 7, 7], kernel_shape=[1, 3], dilations=[2, 1], strides=[1, 1])  # dilation on a 1-wide axis
+    assert onnxlip.check(agrees).supported
+    if op == "MaxPool":  # (the oracle's probes stop at opset 17, before AveragePool had dilations)
+        O.check_forward(agrees)
+    result = onnxlip.lipschitz(agrees, "1", lower_seconds=0.2)
+    assert 0 < result.lower["value"] <= result.upper.value

@@ -29,6 +29,12 @@ def _window_attrs(ctx, node):
     if len(spatial_in) != n:
         _fail(f"kernel has {n} dimensions but the input has {len(spatial_in)} spatial dimensions")
     pads = resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, dilations)
+    if any(d != 1 for d in dilations) and pads != resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, [1] * n):
+        # onnxruntime's pools compute SAME pads without the dilation, the ONNX spec (and onnxlip) with it
+        _fail(
+            "auto_pad SAME with dilations: onnxruntime pads such a pool differently from the ONNX spec, so the "
+            "network has no single meaning; re-export with explicit pads"
+        )
     if int(ctx.attr("ceil_mode", 0)):
         for i in range(n):
             span = (kernel[i] - 1) * dilations[i] + 1
