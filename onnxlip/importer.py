@@ -188,8 +188,8 @@ def import_model(
             issues.append(ModelIssue(where, node.op_type, _unsupported_reason(node)))
             continue
         try:
-            for out in node.output:
-                if out and out not in shapes:
+            for out in node.output:  # (an output nothing reads, as Dropout's mask often is, needs no shape)
+                if out and out not in shapes and out in ctx.users:
                     raise RuleError(f"the shape of its output {out!r} could not be inferred")
             rule(node, ctx)
         except RuleError as exc:

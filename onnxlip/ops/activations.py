@@ -103,9 +103,15 @@ def _prelu_companion(node, em, xs, with_constants):
 define("prelu", _prelu_companion, rounding_steps=lambda node, shapes: 2)  # the rounded gain, the product
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _clip(ctx, x, lo, hi):
-    lo = None if lo is None or np.all(np.isneginf(lo)) else np.asarray(lo, dtype=np.float64)
-    hi = None if hi is None or np.all(np.isposinf(hi)) else np.asarray(hi, dtype=np.float64)
+    # a bound at or beyond float32's largest finite value never clips a float32 value: the same as none (Clip-6
+    # to 10 default to -FLT_MAX / FLT_MAX, and onnx's version converter writes them out; taken literally they
+    # made a bias path of 3.4e38)
+    lo = None if lo is None or np.all(np.asarray(lo, np.float64) <= -_FLOAT32_MAX) else np.asarray(lo, np.float64)
+    hi = None if hi is None or np.all(np.asarray(hi, np.float64) >= _FLOAT32_MAX) else np.asarray(hi, np.float64)
     for v in (lo, hi):
         if v is not None and not np.all(np.isfinite(v)):
             _fail("clip bounds mix finite and infinite values")

@@ -70,6 +70,9 @@ def import_interpolation(node, ctx, mode: str) -> None:
     consts = {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
     if ctx.attr("axes") is not None:
         node, consts = without_axes(node, consts, shape, list(ctx.attr("axes")))
+    original, opset = node, ctx.opset
+    if node.op_type == "Resize" and opset < 11:  # Resize-10 (X, scales) probed as its Resize-11 equivalent
+        node, opset = _as_resize11(node), 11
     # which input holds per-axis scales or sizes (Upsample-7 keeps scales in an attribute)
     scales_name = node.input[2] if node.op_type == "Resize" and len(node.input) > 2 and node.input[2] else None
     sizes_name = node.input[3] if node.op_type == "Resize" and len(node.input) > 3 and node.input[3] else None
@@ -110,11 +113,11 @@ def import_interpolation(node, ctx, mode: str) -> None:
             # cubic mode alike (the reference evaluator tests n * scale > 1 instead of the output length)
             mats[k] = np.eye(1, shape[k])
             continue
-        out = _run(node, ctx.opset, basis, probe_consts, one_axis if in_attr else None)
+        out = _run(node, opset, basis, probe_consts, one_axis if in_attr else None)
         if out.shape[k] != out_shape[k]:
             _fail("could not derive its coefficients")
         mats[k] = out.reshape(shape[k], out_shape[k]).T  # (out, in)
-    _check_separable(node, ctx, shape, consts, mats)
+    _check_separable(original, ctx, shape, consts, mats)  # against onnxruntime's own op, as written
     ctx.add("interpolate", [node.input[0]], attrs={"mats": mats, "mode": mode, "rank": len(shape)})
 
 
@@ -142,6 +145,19 @@ def without_axes(node, consts: dict[str, np.ndarray], shape: tuple[int, ...], ax
         values[axes] = consts[name].reshape(-1)
         consts[name] = values.astype(consts[name].dtype)
     return full, consts
+
+
+def _as_resize11(node):
+    """Resize-10 (X, scales; source coordinates x_out / scale) as Resize-11 (X, roi, scales) in asymmetric mode."""
+    import onnx
+    from onnx import helper
+
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    del out.input[1:]
+    out.input.extend(["", node.input[1]])
+    out.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+    return out
 
 
 def _transform(node) -> str:

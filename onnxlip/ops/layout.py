@@ -71,13 +71,17 @@ define("split", _split_companion, rounding_steps=_exact)
 def import_reshape(node, ctx):
     if node.op_type == "Cast" and int(ctx.attr("to")) not in _FLOAT_TYPES:
         _fail("Cast to a non-floating type truncates values: not piecewise linear")
+    # CastLike takes its type from its second input: a constant, or an activation (all of which are floats here)
+    like = ctx.const(node.input[1]) if node.op_type == "CastLike" and len(node.input) > 1 else None
+    if like is not None and np.asarray(like).dtype.kind != "f":
+        _fail("CastLike to a non-floating type truncates values: not piecewise linear")
     if node.op_type == "Dropout":
         if len(node.input) > 2 and node.input[2]:
             mode = ctx.const(node.input[2])
             if mode is None or bool(mode):
                 _fail("Dropout in training mode is random; export the model in eval mode")
-        if len(node.output) > 1 and node.output[1]:
-            _fail("Dropout with a mask output is not supported")
+        if len(node.output) > 1 and node.output[1] and ctx.consumers_of(node.output[1]):
+            _fail("Dropout with a mask output that the graph reads is not supported")
     ctx.add("reshape", [node.input[0]], [node.output[0]], attrs={"shape": list(ctx.shape(node.output[0]))})
 
 
@@ -214,14 +218,26 @@ def _index_map(node, ctx, consts: dict[str, np.ndarray] | None = None) -> np.nda
     shape = ctx.shape(node.input[0])
     consts = consts if consts is not None else {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
     size = int(np.prod(shape))
-    index = None
-    if size < 2**31:
-        index = run_onnxruntime(node, ctx.opset, np.arange(size, dtype=np.int32).reshape(shape), consts)
-    if index is None:
-        index = run_reference(node, ctx.opset, np.arange(size, dtype=np.float64).reshape(shape), consts)
-    if index.shape != tuple(ctx.shape(node.output[0])) or not np.all(index == np.round(index)):
-        _fail("could not derive its index map")
-    return index.astype(np.int64)
+
+    def probe(offset: int) -> np.ndarray:
+        index = None
+        if size + offset < 2**31:
+            index = run_onnxruntime(
+                node, ctx.opset, np.arange(offset, size + offset, dtype=np.int32).reshape(shape), consts
+            )
+        if index is None:
+            x = np.arange(offset, size + offset, dtype=np.float64).reshape(shape)
+            index = run_reference(node, ctx.opset, x, consts)
+        if index.shape != tuple(ctx.shape(node.output[0])) or not np.all(index == np.round(index)):
+            _fail("could not derive its index map")
+        return index.astype(np.int64)
+
+    index = probe(0)
+    # every output entry must copy an input entry: a constant filled in (Resize's extrapolation_value in
+    # tf_crop_and_resize mode) reads as an index, and does not move with the input
+    if np.any(index < 0) or np.any(index >= size) or not np.array_equal(probe(size), index + size):
+        _fail("some of its outputs are not copies of input entries (a constant is filled in); not supported")
+    return index
 
 
 def _one_node_model(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray], ir_version: int):

@@ -1,0 +1,137 @@
+"""Op forms that real exports and onnx's version converter write (found by the opset and exporter-format hunt):
+each is read as the network onnxruntime computes, checked against the brute-force oracle (tests/oracle.py) or
+onnxruntime itself, or refused with the node named."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper, version_converter
+
+import onnxlip
+from tests import oracle
+from tests.helpers import make_model
+
+W = np.array([[1.0, -2.0], [0.5, 3.0]], np.float32)
+
+
+def _mlp(middle: list, opset: int, ir: int = 8, extra_inits=()) -> onnx.ModelProto:
+    """x -> MatMul(W) -> [middle nodes reading 'h', writing 'c'] -> MatMul(W) -> y."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), *middle, helper.make_node("MatMul", ["c", "W"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])]
+    if ir < 4:  # IR 3: initializers are listed among the inputs
+        inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [2, 2]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(W, "W"), *extra_inits],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    return model
+
+
+def test_clip_bounds_at_float32s_largest_mean_no_bound():
+    """Clip-6 to 10 default to -FLT_MAX / FLT_MAX; onnx's version converter writes them out as inputs. Taken
+    literally they added a bias path of 3.4e38 (path-norm 4.4e39 against 50.5); they never clip a float32."""
+    m7 = _mlp([helper.make_node("Clip", ["h"], ["c"], max=1.0)], 7, ir=3)
+    m11 = version_converter.convert_version(m7, 11)
+    m11.ir_version = 6
+    lowest = float(np.finfo(np.float32).min)
+    explicit = _mlp([helper.make_node("Clip", ["h"], ["c"], max=1.0, min=lowest)], 7, ir=3)
+    expected = onnxlip.path_norm(m7).path_norm  # (x - ReLU(x - 1): the parameterisation of README "Clip")
+    for model in (m11, explicit):
+        assert onnxlip.path_norm(model).path_norm == pytest.approx(expected, rel=1e-9)
+    pair = onnxlip.bound(m7, m11, samples=0)
+    assert pair.path_metric == 0.0
+
+
+@pytest.mark.parametrize("opset,ir", [(7, 3), (9, 4), (13, 7), (17, 8)])
+def test_dropout_with_an_unused_mask_is_the_identity(opset, ir):
+    """Older exports write Dropout -> (out, mask) with nothing reading the mask: onnxruntime runs it as the
+    identity (it was refused, at opsets 7 to 9 with 'the shape of its output mask could not be inferred')."""
+    relu = helper.make_node("Relu", ["h"], ["r"])
+    dropout = helper.make_node("Dropout", ["r"], ["c", "mask"], **({"ratio": 0.5} if opset < 12 else {}))
+    model = _mlp([relu, dropout], opset, ir)
+    plain = _mlp([helper.make_node("Relu", ["h"], ["c"])], opset, ir)
+    assert onnxlip.path_norm(model).path_norm == pytest.approx(oracle.path_norm(plain), rel=1e-9)
+
+
+def test_dropout_whose_mask_is_read_is_refused():
+    relu = helper.make_node("Relu", ["h"], ["r"])
+    dropout = helper.make_node("Dropout", ["r"], ["d", "mask"])
+    cast = helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT)
+    mul = helper.make_node("Mul", ["d", "m"], ["c"])
+    result = onnxlip.check(_mlp([relu, dropout, cast, mul], 13))
+    assert not result.supported
+    assert any(e.op == "Dropout" and "mask" in e.reason for e in result.errors)
+
+
+def test_castlike_to_an_integer_type_is_refused():
+    """Like Cast to an integer type (it truncates); CastLike to a float type stays a no-op."""
+    to_int = _mlp(
+        [helper.make_node("CastLike", ["h", "like"], ["c"])],
+        17,
+        extra_inits=[numpy_helper.from_array(np.zeros(1, np.int64), "like")],
+    )
+    result = onnxlip.check(to_int)
+    assert not result.supported and result.errors[0].op == "CastLike" and "truncates" in result.errors[0].reason
+    to_float = _mlp(
+        [helper.make_node("CastLike", ["h", "like"], ["c"])],
+        17,
+        extra_inits=[numpy_helper.from_array(np.zeros(1, np.float32), "like")],
+    )
+    plain = _mlp([helper.make_node("Identity", ["h"], ["c"])], 17)
+    assert onnxlip.path_norm(to_float).path_norm == pytest.approx(oracle.path_norm(plain), rel=1e-9)
+
+
+def _resize_model(node, shape, inits, opset) -> onnx.ModelProto:
+    return make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+        opset=opset,
+    )
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize10_reads_its_scales_from_its_second_input(mode):
+    """Resize-10 is (X, scales), with source coordinates x / scale: its linear form was refused ('could not read
+    its scales'). Same map as onnxruntime, and as the Resize-11 asymmetric equivalent."""
+    from tests.test_exactness import _assert_map_is_onnxruntimes
+
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 3], np.float32), "s")
+    resize10 = helper.make_node("Resize", ["x", "s"], ["y"], mode=mode)
+    _assert_map_is_onnxruntimes(resize10, [1, 2, 3, 4], [scales], 10, 0, rtol=1e-6, atol=1e-6)
+    extra = {"nearest_mode": "floor"} if mode == "nearest" else {}
+    resize11 = helper.make_node(
+        "Resize", ["x", "", "s"], ["y"], mode=mode, coordinate_transformation_mode="asymmetric", **extra
+    )
+    a, b = (_resize_model(n, [1, 2, 3, 4], [scales], o) for n, o in ((resize10, 10), (resize11, 11)))
+    assert onnxlip.path_norm(a).path_norm == pytest.approx(onnxlip.path_norm(b).path_norm, rel=1e-12)
+
+
+def test_nearest_resize_that_fills_in_a_constant_is_refused():
+    """tf_crop_and_resize writes extrapolation_value outside the region of interest: those outputs copy nothing.
+    The nearest index map read the constant as an input index (extrapolation_value=0: a path-norm of 4 where 2
+    entries are copies; 5: an index out of range, a failure naming no node). Linear mode refused it already."""
+    for value in (0.0, 5.0):
+        node = helper.make_node(
+            "Resize",
+            ["x", "roi", "s"],
+            ["y"],
+            mode="nearest",
+            coordinate_transformation_mode="tf_crop_and_resize",
+            extrapolation_value=value,
+        )
+        inits = [
+            numpy_helper.from_array(np.array([0, 0, 0, -0.5, 1, 1, 1, 1.5], np.float32), "roi"),
+            numpy_helper.from_array(np.array([1, 1, 1, 2], np.float32), "s"),
+        ]
+        result = onnxlip.check(_resize_model(node, [1, 1, 1, 2], inits, 13))
+        assert not result.supported
+        assert result.errors[0].node and "not copies of input entries" in result.errors[0].reason
