@@ -178,6 +178,7 @@ def import_model(
             ctx.users.setdefault(t, []).append(n.name or n.op_type)
     for t in outputs:
         ctx.users.setdefault(t, []).append("a graph output")
+    failed: set[str] = set()  # outputs of nodes with an issue: shapes downstream of them are not reported again
     for node in nodes:
         ctx.node = node
         rule = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -186,20 +187,27 @@ def import_model(
         where = node.name or (node.output[0] if node.output else "?")
         if rule is None:
             issues.append(ModelIssue(where, node.op_type, _unsupported_reason(node)))
+            failed.update(node.output)
             continue
         try:
             for out in node.output:  # (an output nothing reads, as Dropout's mask often is, needs no shape)
                 if out and out not in shapes and out in ctx.users:
+                    if any(t in failed for t in node.input):  # unknown because of a node already reported
+                        failed.update(node.output)
+                        break
                     raise RuleError(f"the shape of its output {out!r} could not be inferred")
-            rule(node, ctx)
+            else:
+                rule(node, ctx)
         except RuleError as exc:
             issues.append(ModelIssue(where, node.op_type, str(exc)))
+            failed.update(node.output)
         except OnnxlipError:
             raise
         except Exception as exc:  # noqa: BLE001 - attributes or shapes no rule expects (a damaged file)
             issues.append(ModelIssue(where, node.op_type, f"cannot be read ({type(exc).__name__}: {exc})"))
+            failed.update(node.output)
     for name in outputs:
-        if name not in shapes and name not in inputs:
+        if name not in shapes and name not in inputs and name not in failed:
             issues.append(ModelIssue(name, "-", "requested output tensor has no inferable static shape"))
     if issues:
         raise UnsupportedModelError(issues, _output_hint(nodes, issues, shapes, inputs, consts))

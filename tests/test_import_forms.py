@@ -135,3 +135,17 @@ def test_nearest_resize_that_fills_in_a_constant_is_refused():
         result = onnxlip.check(_resize_model(node, [1, 1, 1, 2], inits, 13))
         assert not result.supported
         assert result.errors[0].node and "not copies of input entries" in result.errors[0].reason
+
+
+def test_nodes_after_an_unsupported_one_are_not_reported_for_their_unknown_shapes():
+    """An op onnx cannot infer shapes for (here a custom domain's) leaves every later shape unknown: only the
+    op itself is reported, not one 'shape could not be inferred' per downstream node."""
+    nodes = [
+        helper.make_node("Custom", ["h"], ["k"], domain="com.example"),
+        helper.make_node("Relu", ["k"], ["c"]),
+    ]
+    model = _mlp(nodes, 17)
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    result = onnxlip.check(model)
+    assert not result.supported
+    assert [e.op for e in result.errors] == ["Custom"]
