@@ -4,6 +4,7 @@ typed result whose `to_json()` is the CLI's --json contract."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from .engine import MetricEngine, MetricOutcome
 from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .ir import Graph
-from .loading import ModelLike, load_model, load_with_arrays, model_label
+from .loading import ModelLike, check_model_arg, load_model, load_with_arrays, model_label
 from .sampling import BoundSamplers, rounding_note
 from .structure import align_params
 from .variants import VariantReader
@@ -137,6 +138,71 @@ def _jsonable(obj):
     return obj
 
 
+def real_arg(name: str, value, *, minimum: float | None = None, finite: bool = True) -> float:
+    """A real-number option as a float; OnnxlipError for anything else (None, str, bool, NaN, below `minimum`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OnnxlipError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or (finite and not math.isfinite(v)) or (minimum is not None and v < minimum):
+        limits = " finite" if finite else ""
+        limits += f" number >= {minimum:g}" if minimum is not None else " number"
+        raise OnnxlipError(f"{name} must be a{limits}, got {value!r}")
+    return v
+
+
+def int_arg(name: str, value, *, minimum: int = 0) -> int:
+    """An integer option; OnnxlipError for floats, bools, strings, None and values below `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise OnnxlipError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def output_arg(output) -> list[str] | None:
+    """The `output` option as a list of tensor names: one name may be given as a plain string (output="logits"
+    means ["logits"], not one output per character)."""
+    if output is None:
+        return None
+    if isinstance(output, str):
+        return [output]
+    if isinstance(output, (bytes, Mapping)) or not isinstance(output, (Sequence, set, frozenset)):
+        raise OnnxlipError(f"output must be a tensor name or a list of tensor names, got {output!r}")
+    names = list(output)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise OnnxlipError(f"output must name tensors by their (non-empty) names, got {name!r}")
+    return names
+
+
+def models_arg(variants, what: str = "variants") -> list:
+    """A list of models (paths or ModelProtos): a single model where a list is expected is an error, not a
+    sequence of characters."""
+    if isinstance(variants, (str, bytes, os.PathLike, onnx.ModelProto)) or not isinstance(variants, Sequence):
+        raise OnnxlipError(
+            f"{what} must be a list of models (paths or onnx.ModelProtos), got {type(variants).__name__}"
+            + ("; for one variant use bound(a, b)" if isinstance(variants, (str, os.PathLike, onnx.ModelProto)) else "")
+        )
+    out = list(variants)
+    for v in out:
+        check_model_arg(v, "variant")
+    return out
+
+
+def user_batch_notes(graph: Graph, input_shapes) -> list[str]:
+    """A note for each input that input_shapes gives a batch above 1: the analysis is then that of the network on
+    that many samples at once (every path counted once per sample), as for a model exported with a fixed batch."""
+    notes = []
+    for name in input_shapes or {}:
+        dims = graph.inputs.get(name)
+        if dims and len(dims) > 1 and dims[0] > 1:
+            one = "x".join(["1"] + [str(d) for d in dims[1:]])
+            notes.append(
+                f"input_shapes gives input {name!r} a batch of {dims[0]}: path-norms and bounds are those of the "
+                f"network on {dims[0]} samples at once (each path counted {dims[0]} times); {name}={one} analyses "
+                "one sample"
+            )
+    return notes
+
+
 def analyse(
     model: ModelLike,
     output: Sequence[str] | None = None,
@@ -149,15 +215,19 @@ def analyse(
     (Analysed.proto is None)."""
     if isinstance(model, Analysed):
         return model
-    options = ImportOptions(outputs=output, input_shapes=input_shapes, lipschitz=lipschitz)
+    check_model_arg(model)
+    options = ImportOptions(outputs=output_arg(output), input_shapes=input_shapes, lipschitz=lipschitz)
     if not keep_proto:
         proto, arrays, data = load_with_arrays(model)
         graph = import_model(proto, options, arrays)
+        graph.warnings.extend(user_batch_notes(graph, input_shapes))
         return Analysed(
             None, graph, model_label(model), file=data, source=model, skeleton=proto if data is not None else None
         )
     proto = load_model(model)
-    return Analysed(proto, import_model(proto, options), model_label(model))
+    graph = import_model(proto, options)
+    graph.warnings.extend(user_batch_notes(graph, input_shapes))
+    return Analysed(proto, graph, model_label(model))
 
 
 # ---- path-norm -----------------------------------------------------------------------------------------
@@ -170,10 +240,13 @@ def path_norm(
     device: str = "auto",
 ) -> PathNormResult:
     """L^q path-norm ||Phi(theta)||_q^q... reported as ||Phi||_q (the q-th root), value and log10."""
-    if not (isinstance(q, (int, float)) and math.isfinite(q) and Q_RANGE[0] <= q <= Q_RANGE[1]):
+    if not (
+        isinstance(q, numbers.Real) and not isinstance(q, bool) and math.isfinite(q) and Q_RANGE[0] <= q <= Q_RANGE[1]
+    ):
         raise OnnxlipError(f"q must be a number from {Q_RANGE[0]:g} to {Q_RANGE[1]:g}, got {q!r}")
     graph = analyse(model, output, input_shapes, keep_proto=False).graph
-    log10_sum, dev, notes = pathnorm_log10_power(graph, float(q), device)
+    q = float(q)
+    log10_sum, dev, notes = pathnorm_log10_power(graph, q, device)
     log10_norm = log10_sum / q
     return PathNormResult(
         float(q),
@@ -286,13 +359,12 @@ def bound_many(
     progress=None,
 ) -> list[BoundResult]:
     """One BoundResult per variant, against one base model (imported once)."""
-    if not (math.isfinite(input_bound) and input_bound >= 0):
-        raise OnnxlipError(f"the input bound must be a finite number >= 0, got {input_bound}")
-    if samples < 0:
-        raise OnnxlipError("--samples must be >= 0")
-    if not (math.isfinite(sample_seconds) and sample_seconds >= 0):  # inf with a huge --samples would never end
-        raise OnnxlipError(f"--sample-seconds must be a finite number >= 0, got {sample_seconds}")
+    input_bound = real_arg("the input bound", input_bound, minimum=0)
+    samples = int_arg("samples (--samples)", samples)
+    # finite: inf with a huge --samples would never end
+    sample_seconds = real_arg("sample_seconds (--sample-seconds)", sample_seconds, minimum=0)
     check_seed(seed)
+    variants = models_arg(variants)
     ref = analyse(base, output, input_shapes, keep_proto=False)
     samplers = BoundSamplers(ref, samples)
     # variant files that differ from the base file only in initializer values reuse the base's import
@@ -347,6 +419,7 @@ def check(
     model: ModelLike, *, output: Sequence[str] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> CheckResult:
     """Is the model supported? Which ops, how many parameters, and every problem found."""
+    output = output_arg(output)
     proto, arrays, _ = load_with_arrays(model)
     ops = Counter(n.op_type for n in proto.graph.node)
     outputs = list(output) if output else [o.name for o in proto.graph.output]
@@ -355,7 +428,7 @@ def check(
     except UnsupportedModelError as exc:
         return CheckResult(False, exc.issues, [], {}, outputs, 0, dict(ops), exc.hint)
     inputs = {k: list(v) for k, v in graph.inputs.items()}
-    warnings = list(graph.warnings) + wide_range_warnings(graph)
+    warnings = list(graph.warnings) + user_batch_notes(graph, input_shapes) + wide_range_warnings(graph)
     return CheckResult(True, [], warnings, inputs, list(graph.outputs), graph.num_parameters, dict(ops))
 
 

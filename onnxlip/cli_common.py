@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from .errors import OnnxlipError
-from .loading import same_file
+from .loading import refuse_overwrite
 
 app = typer.Typer(
     help="Path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks.\n\n"
@@ -181,7 +181,5 @@ def _progress(total: int, label: str) -> Progress:
 
 
 def _refuse_overwrite(target: Path, inputs) -> None:
-    """Never write over an input file."""
-    for src in inputs:
-        if same_file(target, src):
-            raise OnnxlipError(f"refusing to overwrite the input file {src}; choose another output path")
+    """Never write over an input file: a model or any external-data file it reads (loading.refuse_overwrite)."""
+    refuse_overwrite(target, inputs)

@@ -30,6 +30,10 @@ _MAX_ENTRIES = 2**31  # a static tensor above this (8 GiB of float32 for one act
 def initial_constants(graph: onnx.GraphProto, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     consts: dict[str, np.ndarray] = {}
     for init in graph.initializer:
+        if any(d < 0 for d in init.dims):  # numpy would read a negative dim as "infer this one"
+            raise OnnxlipError(
+                f"initializer {init.name!r} has negative dimensions {tuple(init.dims)} (corrupt or damaged file?)"
+            )
         given = arrays.get(init.name)
         if given is not None:
             if tuple(init.dims) != given.shape or helper.tensor_dtype_to_np_dtype(init.data_type) != given.dtype:
@@ -47,8 +51,32 @@ def initial_constants(graph: onnx.GraphProto, arrays: Mapping[str, np.ndarray]) 
     return consts
 
 
+def user_input_shapes(user_shapes) -> dict[str, tuple[int, ...]]:
+    """input_shapes as {name: tuple of positive ints}; ShapeError for anything else (a string "1x3x8x8", floats,
+    bools, None, a list of pairs instead of a mapping)."""
+    if user_shapes is None:
+        return {}
+    if not isinstance(user_shapes, Mapping):
+        raise ShapeError(
+            f"input_shapes must map input names to shapes, e.g. {{'x': [1, 3, 224, 224]}}, got {user_shapes!r}"
+        )
+    out = {}
+    for name, dims in user_shapes.items():
+        if not isinstance(name, str):
+            raise ShapeError(f"input_shapes must be keyed by input names (strings), got {name!r}")
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, (Sequence, np.ndarray)):
+            raise ShapeError(f"input_shapes[{name!r}] must be a list of positive integers, got {dims!r}")
+        shape = []
+        for d in dims:
+            if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d <= 0:
+                raise ShapeError(f"input_shapes[{name!r}] must be a list of positive integers, got {list(dims)!r}")
+            shape.append(int(d))
+        out[name] = tuple(shape)
+    return out
+
+
 def fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
-    user_shapes = dict(user_shapes or {})
+    user_shapes = user_input_shapes(user_shapes)
     real_inputs = [i for i in graph.input if i.name not in consts]
     known = {i.name for i in real_inputs}
     for name in user_shapes:
@@ -66,7 +94,7 @@ def fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] |
                 "only floating-point inputs can be analysed"
             )
         if inp.name in user_shapes:
-            shape = tuple(int(d) for d in user_shapes[inp.name])
+            shape = user_shapes[inp.name]
             if ttype.HasField("shape") and len(ttype.shape.dim) != len(shape):
                 raise ShapeError(
                     f"input {inp.name!r} has rank {len(ttype.shape.dim)}, --input-shape gives {len(shape)}"
@@ -76,9 +104,10 @@ def fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] |
             out[inp.name] = shape
             continue
         if not ttype.HasField("shape"):
-            problems.append(f"{inp.name} (rank unknown)")
+            problems.append((f"{inp.name} (rank unknown)", f"--input-shape {inp.name}=<its full shape>", None, []))
             continue
         dims = []
+        symbols = []
         for axis, dim in enumerate(ttype.shape.dim):
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 dims.append(int(dim.dim_value))
@@ -86,17 +115,29 @@ def fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] |
                 dims.append(1)  # the batch dimension
             else:
                 dims.append(None)
+                param = dim.dim_param if dim.HasField("dim_param") else ""
+                symbols.append(param if param.isidentifier() and param.upper() != "X" else f"D{axis}")
         if None in dims:
             shown = "x".join("?" if d is None else str(d) for d in dims)
-            problems.append(f"{inp.name} ({shown})")
+            it = iter(symbols)
+            example = "x".join(next(it) if d is None else str(d) for d in dims)
+            filled = "x".join("224" if d is None else str(d) for d in dims)
+            problems.append(
+                (f"{inp.name} ({shown})", f"--input-shape {inp.name}={example}", f"{inp.name}={filled}", symbols)
+            )
         else:
             out[inp.name] = tuple(dims)
     if problems:
-        example = real_inputs[0].name
+        unknown = list(dict.fromkeys(s for *_, syms in problems for s in syms))
+        filled = [f for _, _, f, _ in problems if f]
+        sizes = "its size" if len(unknown) == 1 else "their sizes"
         raise ShapeError(
             "unknown non-batch dimensions in input(s) "
-            + ", ".join(problems)
-            + f"; give them with --input-shape, e.g. --input-shape {example}=1x3x224x224"
+            + ", ".join(p for p, _, _, _ in problems)
+            + "; give them with --input-shape (input_shapes in Python): "
+            + " ".join(e for _, e, _, _ in problems)
+            + (f" with {', '.join(unknown)} replaced by {sizes}" if unknown else "")
+            + (", e.g. --input-shape " + " --input-shape ".join(filled) if filled else "")
         )
     if not out:
         raise OnnxlipError("the model has no non-constant input")

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from . import wire
-from .errors import ModelLoadError
+from .errors import ModelLoadError, OnnxlipError
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -29,10 +29,33 @@ def model_label(model: ModelLike) -> str:
     return str(model)
 
 
+def check_model_arg(model, what: str = "model") -> None:
+    """OnnxlipError unless `model` is a path (str or os.PathLike) or an onnx.ModelProto: every public function
+    takes its models through this layer, so a wrong kind of argument is one clear error, not pathlib's TypeError."""
+    if isinstance(model, onnx.ModelProto):
+        return
+    if isinstance(model, (str, os.PathLike)) and not isinstance(model, bytes):
+        try:
+            path = os.fspath(model)
+        except TypeError:
+            path = None
+        if isinstance(path, str) and path and "\0" not in path:
+            return
+        raise ModelLoadError(f"the {what} path {model!r} is not a usable file name")
+    hint = " (serialized bytes: pass onnx.load_from_string(data))" if isinstance(model, (bytes, bytearray)) else ""
+    raise ModelLoadError(
+        f"the {what} must be a path (str or os.PathLike) or an onnx.ModelProto, got {type(model).__name__}{hint}"
+    )
+
+
 def load_model(model: ModelLike) -> onnx.ModelProto:
     """Load a model from a path (with safe external data) or return a given ModelProto unchanged."""
+    check_model_arg(model)
     if isinstance(model, onnx.ModelProto):
         proto = model
+        if not proto.HasField("graph") or not proto.graph.node:
+            label = model_label(model)
+            raise ModelLoadError(f"{label}: the ModelProto holds no graph (no nodes); nothing to analyse")
     else:
         proto = _load_file(Path(model))
     _check_versions(proto)
@@ -46,6 +69,7 @@ def load_with_arrays(model: ModelLike) -> tuple[onnx.ModelProto, dict[str, np.nd
     (no arrays, no bytes)."""
     if isinstance(model, onnx.ModelProto):
         return load_model(model), {}, None
+    check_model_arg(model)
     path = Path(model)
     data = map_file(path)
     try:
@@ -81,8 +105,72 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one existing file (through links of either kind): outputs never replace inputs."""
     try:
         return os.path.samefile(a, b)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return False
+
+
+def input_files(model: ModelLike) -> list[Path]:
+    """The files a model argument reads: the model file and every external-data file it references (resolved as
+    the loader resolves them). None for a ModelProto (its data is in memory)."""
+    if isinstance(model, onnx.ModelProto) or not isinstance(model, (str, os.PathLike)):
+        return []
+    path = Path(model)
+    files = [path]
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable model: loading it reports why; only its own file is known
+        return files
+    base = path.parent
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value and "\0" not in entry.value:
+                target = base / entry.value
+                if target not in files:
+                    files.append(target)
+    return files
+
+
+def refuse_overwrite(target: str | os.PathLike, models) -> None:
+    """OnnxlipError when writing `target` would write over a file one of `models` reads: the model file or one of
+    its external-data files, named directly, relatively or through a symbolic or hard link. The output path must
+    also be writable in principle: a string or os.PathLike naming a file in an existing folder."""
+    check_output_path(target)
+    if not os.path.lexists(target):
+        return  # a new file replaces nothing
+    for model in models:
+        for src in input_files(model):
+            if same_file(target, src):
+                what = "input file" if src == Path(model) else f"input file {model}'s external-data file"
+                raise OnnxlipError(f"refusing to overwrite the {what} {src}; choose another output path")
+
+
+def check_output_path(target) -> None:
+    """OnnxlipError for an output path that cannot be a file to write: not a str or os.PathLike, empty, a folder,
+    or in a folder that does not exist."""
+    if isinstance(target, bytes) or not isinstance(target, (str, os.PathLike)):
+        raise OnnxlipError(f"the output path must be a str or os.PathLike, got {type(target).__name__}")
+    try:
+        name = os.fspath(target)
+    except TypeError:
+        name = None
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise OnnxlipError(f"cannot write {target!r}: not a usable file name")
+    if os.path.isdir(name):
+        raise OnnxlipError(f"cannot write {name}: it is a folder; give a file name")
+    folder = os.path.dirname(name) or "."
+    if not os.path.isdir(folder):
+        raise OnnxlipError(f"cannot write {name}: the folder {folder} does not exist")
+
+
+def write_output(target, write) -> None:
+    """Run `write(path)` for the output file, with OSError (permissions, a full disk) as OnnxlipError."""
+    check_output_path(target)
+    try:
+        write(os.fspath(target))
+    except OSError as exc:
+        raise OnnxlipError(f"cannot write {exc.filename or target}: {exc.strerror or exc}") from None
 
 
 def _check_file(path: Path) -> None:
@@ -158,7 +246,7 @@ def _load_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
     if tensors:
         try:
             external_data_helper.load_external_data_for_model(proto, str(base))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - OSError, ValueError, onnx's ValidationError (a hard-linked file)
             raise ModelLoadError(f"{path}: cannot read external data: {exc}") from None
 
 

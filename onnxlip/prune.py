@@ -5,7 +5,7 @@ dominates it entrywise)."""
 
 from __future__ import annotations
 
-import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -14,14 +14,23 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .api import Analysed, PathMetricResult, _jsonable, analyse, certified_log10_bound, metric_between, metric_result
+from .api import (
+    Analysed,
+    PathMetricResult,
+    _jsonable,
+    analyse,
+    certified_log10_bound,
+    metric_between,
+    metric_result,
+    real_arg,
+)
 from .blockwise import BLOCK
 from .companion import plain_value
 from .engine import MetricEngine
 from .errors import OnnxlipError
 from .importer import ImportOptions, import_model
 from .ir import Graph, Param
-from .loading import ModelLike, same_file
+from .loading import ModelLike, refuse_overwrite, write_output
 from .scores import scores as compute_scores
 from .selection import keep_largest
 
@@ -216,6 +225,13 @@ def _zeros(tensors: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray], b
     return count
 
 
+def _sparsity(value) -> float:
+    """A requested sparsity: a number from 0 to 1 (the fraction of prunable entries to zero)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise OnnxlipError(f"sparsity must be a number between 0 and 1, got {value!r}")
+    return float(value)
+
+
 def prune(
     model: ModelLike,
     sparsity: float,
@@ -261,14 +277,23 @@ def prune_sweep(
 ) -> list[PruneResult]:
     """Several sparsities and criteria: scores computed once per criterion, one metric session for all.
     `progress` is called after each (criterion, sparsity) result."""
+    if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence):
+        raise OnnxlipError(f"sparsities must be a list of numbers, got {sparsities!r}")
     if not sparsities:
         raise OnnxlipError("give at least one sparsity")
-    if not (math.isfinite(input_bound) and input_bound >= 0):
-        raise OnnxlipError(f"the input bound must be a finite number >= 0, got {input_bound}")
+    sparsities = [_sparsity(s) for s in sparsities]
+    if isinstance(criteria, (str, bytes)) or not isinstance(criteria, Sequence) or not criteria:
+        raise OnnxlipError(f"criteria must be a non-empty list of {', '.join(CRITERIA)}, got {criteria!r}")
+    for criterion in criteria:
+        if criterion not in CRITERIA:
+            raise OnnxlipError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if scope not in SCOPES:
+        raise OnnxlipError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    input_bound = real_arg("the input bound", input_bound, minimum=0)
     if out_path is not None and len(sparsities) * len(criteria) != 1:
         raise OnnxlipError("an output file can only be written for a single sparsity and criterion")
-    if out_path is not None and not isinstance(model, onnx.ModelProto) and same_file(out_path, model):
-        raise OnnxlipError(f"refusing to overwrite the input file {model}; choose another output path")
+    if out_path is not None:
+        refuse_overwrite(out_path, [model])
     m = analyse(model, output, input_shapes, keep_proto=out_path is not None)  # no file to write: weights in place
     skipped: list[str] = []
     tensors = prunable_tensors(m, include_biases, skipped)
@@ -291,7 +316,7 @@ def prune_sweep(
             path_scores = _PrunedShare(scores, log2_factor)
         for sparsity, masks in zip(sparsities, masks_for_many(scores, sparsities, scope)):
             if out_path is not None:
-                onnx.save(apply_masks(m.full_proto(), masks), str(out_path))
+                write_output(out_path, lambda path, masks=masks: onnx.save(apply_masks(m.full_proto(), masks), path))
             metric = _pruned_metric(m, masks, engine, path_scores, device)
             zeros = _zeros(tensors, masks, base_zeros)
             log10_bound = certified_log10_bound(metric, input_bound)

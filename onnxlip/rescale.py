@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .api import _jsonable, check_seed
+from .api import _jsonable, check_seed, real_arg
 from .errors import OnnxlipError
 from .graph_prep import initial_constants
-from .loading import ModelLike, load_model, same_file
+from .loading import ModelLike, load_model, refuse_overwrite, write_output
 
 # channel-wise positively homogeneous ops a rescaled activation may pass through on its way to the next layer
 _PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
@@ -205,18 +205,33 @@ def _mul(g: _Graph, name: str, factors: np.ndarray, axis: int) -> None:
     g.values[name] = (arr * factors.reshape(shape)).astype(arr.dtype)
 
 
+def _check_graph(proto: onnx.ModelProto) -> None:
+    """What every other command's import refuses, refused here too (rescale reads the file's graph, not the IR):
+    a graph with no non-constant input or no output is no network to rescale."""
+    inits = {i.name for i in proto.graph.initializer}
+    if not any(i.name not in inits for i in proto.graph.input):
+        raise OnnxlipError("the model has no non-constant input")
+    if not proto.graph.output:
+        raise OnnxlipError("the model declares no outputs")
+
+
 def rescale(
     model: ModelLike, *, seed: int = 0, factors: Sequence[float] = _DEFAULT_FACTORS, out_path: str | Path | None = None
 ) -> tuple[onnx.ModelProto, RescaleResult]:
     """A functionally identical model with random positive rescaling of every ReLU (LeakyReLU, PReLU) neuron where
     it is exact.
     Each neuron's factor is drawn uniformly from `factors`. Returns the model and a summary."""
-    factors = np.asarray([float(f) for f in factors], dtype=np.float64)
-    if factors.size == 0 or not np.all(np.isfinite(factors)) or np.any(factors <= 0):
+    if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or not factors:
+        raise OnnxlipError(f"rescaling factors must be a non-empty list of positive finite numbers, got {factors!r}")
+    factors = np.asarray([real_arg("a rescaling factor", f) for f in factors], dtype=np.float64)
+    if np.any(factors <= 0):
         raise OnnxlipError("rescaling factors must be positive finite numbers")
+    check_seed(seed)
+    if out_path is not None:
+        refuse_overwrite(out_path, [model])
     proto = onnx.ModelProto()
     proto.CopyFrom(load_model(model))
-    check_seed(seed)
+    _check_graph(proto)
     g = _Graph(proto)
     nonzero = {n: int(np.count_nonzero(v)) for n, v in g.values.items() if v.dtype.kind == "f"}
     rng = np.random.default_rng(seed)
@@ -241,7 +256,5 @@ def rescale(
         init.CopyFrom(numpy_helper.from_array(g.values[name], name))
     result = RescaleResult(neurons, layers, skipped, None if out_path is None else str(out_path))
     if out_path is not None:
-        if not isinstance(model, onnx.ModelProto) and same_file(out_path, model):
-            raise OnnxlipError(f"refusing to overwrite the input file {model}; choose another output path")
-        onnx.save(proto, str(out_path))
+        write_output(out_path, lambda path: onnx.save(proto, path))
     return proto, result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 
 import numpy as np
 import onnx
@@ -22,6 +23,8 @@ CUDA_PROVIDER = ("CUDAExecutionProvider", {"use_tf32": "0", "cudnn_conv_algo_sea
 # cuDNN's heuristic engines: the scores run took 11 ms instead of 106 on an H200 (benchmarks/README.md, "GPU").
 CUDA_PROVIDER_FAST = ("CUDAExecutionProvider", {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"})
 _cuda_works: bool | None = None  # learned on the first attempt, so a broken CUDA setup costs one try
+_preload_lock = threading.Lock()  # the CUDA libraries are preloaded once, by one thread, with its prints caught
+_preloaded = False
 
 
 # Graph optimisation levels, chosen per use (measured on ResNet-18 companions, benchmarks/README.md):
@@ -97,16 +100,20 @@ def make_session(
     data = model if isinstance(model, (bytes, str)) else model.SerializeToString()  # str: a file onnxruntime reads
     global _cuda_works
     wants_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    # enable_fallback=0: onnxruntime's own fallback print()s "EP Error ... retrying" to stdout (the CLI's JSON
+    # channel) and retries with the CUDA provider's default options (TF32, exhaustive convolution search), which
+    # would void the rounding margin; a failed build raises instead and is handled here. Nothing in a session build
+    # then writes to Python's sys.stdout, so no build redirects it: contextlib.redirect_stdout swaps the process-wide
+    # sys.stdout and, entered by two threads at once, left it replaced by a StringIO.
     if wants_cuda and _cuda_works is not False:
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                if _cuda_works is None:
-                    _preload_cuda_libraries()
-                sess = ort.InferenceSession(
-                    data,
-                    session_options(external, level, prepack, spin, priority),
-                    providers=[CUDA_PROVIDER if certified else CUDA_PROVIDER_FAST, "CPUExecutionProvider"],
-                )
+            _preload_cuda_libraries()
+            sess = ort.InferenceSession(
+                data,
+                session_options(external, level, prepack, spin, priority),
+                providers=[CUDA_PROVIDER if certified else CUDA_PROVIDER_FAST, "CPUExecutionProvider"],
+                enable_fallback=0,
+            )
             _cuda_works = sess.get_providers()[0] == "CUDAExecutionProvider"
             if _cuda_works:
                 _release(external)
@@ -119,11 +126,12 @@ def make_session(
     if device == "cuda":
         raise OnnxlipError("--device cuda was requested, but onnxruntime's CUDA provider does not load on this machine")
     try:
-        # onnxruntime prints "EP Error ... retrying" to stdout when a build fails: stdout is the CLI's JSON channel
-        with contextlib.redirect_stdout(io.StringIO()):
-            sess = ort.InferenceSession(
-                data, session_options(external, level, prepack, spin, priority), providers=["CPUExecutionProvider"]
-            )
+        sess = ort.InferenceSession(
+            data,
+            session_options(external, level, prepack, spin, priority),
+            providers=["CPUExecutionProvider"],
+            enable_fallback=0,
+        )
     except Exception as exc:  # noqa: BLE001
         raise RuntimeFailure(f"onnxruntime could not build the graph: {exc}") from None
     _release(external)
@@ -132,12 +140,22 @@ def make_session(
 
 def _preload_cuda_libraries() -> None:
     """Load the CUDA and cuDNN libraries of the nvidia-* wheels (`pip install onnxruntime-gpu[cuda,cudnn]`), so
-    that the CUDA provider loads without LD_LIBRARY_PATH or a prior `import torch`. Prints go to the caller's
-    redirected stdout; a missing library only means the provider will not load, which make_session detects."""
+    that the CUDA provider loads without LD_LIBRARY_PATH or a prior `import torch`; once per process. onnxruntime
+    print()s a line for each library that fails to load: stdout is the CLI's JSON channel, so it is caught, under a
+    lock (contextlib.redirect_stdout swaps the process-wide sys.stdout: two threads entering it at once would leave
+    a StringIO there), and only on this first attempt. A missing library only means the provider will not load,
+    which make_session detects."""
+    global _preloaded
+    if _preloaded:
+        return
     preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
-    if preload is not None:
-        with contextlib.suppress(Exception):
-            preload()
+    with _preload_lock:
+        if _preloaded:
+            return
+        if preload is not None:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+                preload()
+        _preloaded = True
 
 
 def _release(external: dict[str, np.ndarray] | None) -> None:

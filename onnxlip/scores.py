@@ -10,8 +10,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .adjoint import emit_scores
-from .api import analyse
+from .api import _jsonable, analyse
 from .companion import LOG10_2, CompanionEmitter, Scaled, is_zero, log10_total, ones_feeds
+from .errors import RuntimeFailure, ShapeError
 from .ir import Graph
 from .loading import ModelLike
 from .runtime import make_session, run
@@ -89,21 +90,24 @@ class ScoresResult:
         return out, top
 
     def to_json(self) -> dict:
-        return {
-            "log10_path_norm": self.log10_path_norm,
-            "output": list(self.outputs),
-            "device": self.device,
-            "notes": list(self.notes),
-            "tensors": {
-                n: {
-                    "shape": list(t.shape),
-                    "log10_sum": _finite(t.log10_sum),
-                    "log10_max": _finite(t.log10_max),
-                    "sources": list(t.sources),
-                }
-                for n, t in self.tensors.items()
-            },
-        }
+        # strict JSON like every result (a zero path-norm's log10 is "-inf", as the CLI prints it)
+        return _jsonable(
+            {
+                "log10_path_norm": self.log10_path_norm,
+                "output": list(self.outputs),
+                "device": self.device,
+                "notes": list(self.notes),
+                "tensors": {
+                    n: {
+                        "shape": list(t.shape),
+                        "log10_sum": _finite(t.log10_sum),
+                        "log10_max": _finite(t.log10_max),
+                        "sources": list(t.sources),
+                    }
+                    for n, t in self.tensors.items()
+                },
+            }
+        )
 
 
 def _finite(x: float):
@@ -147,12 +151,25 @@ def scores(
     em, n_outs, score_map = scores_graph(graph)
     layouts = {p.name: (p.shape, p.transposed, tuple(p.sources)) for p in graph.params()}
     feeds, outputs, notes = ones_feeds(graph), list(graph.outputs), list(graph.warnings)
+    feeds_shapes = dict(graph.inputs)
     # from here on only the session's copies of the constants are needed: without the float64 IR parameters
     # (2x the model's parameter bytes) and our mantissas (1x) the peak memory stays within 3x params + activations
     del graph
     # not certified: the scores rank entries and steer metric routes, never bound anything (onnxlip/engine.py)
     session, dev = make_session(em.model(), device, em.external, level=LEVEL, prepack=PREPACK, certified=False)
-    values = run(session, None, feeds)
+    try:
+        values = run(session, None, feeds)
+    except RuntimeFailure:
+        batched = {n: s for n, s in feeds_shapes.items() if len(s) > 1 and s[0] > 1}
+        if not batched:
+            raise
+        name, shape = next(iter(batched.items()))
+        one = "x".join(["1"] + [str(d) for d in shape[1:]])
+        raise ShapeError(
+            f"path-magnitude scores cannot be computed at a batch of {shape[0]} (input {name!r}) for this model: "
+            f"analyse one sample with input_shapes {{{name!r}: [{', '.join(['1'] + [str(d) for d in shape[1:]])}]}} "
+            f"(--input-shape {name}={one}); scores relative to the path-norm do not depend on the batch"
+        ) from None
     del session
     pairs = [(values[i], float(values[i + 1])) for i in range(0, len(values), 2)]
     del values
