@@ -22,8 +22,8 @@ from .api import (
     certified_log10_bound,
     metric_between,
     metric_result,
-    real_arg,
 )
+from .args import real_arg
 from .blockwise import BLOCK
 from .companion import plain_value
 from .engine import MetricEngine

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .api import _jsonable, check_seed, real_arg
+from .api import _jsonable
+from .args import check_seed, real_arg
 from .errors import OnnxlipError
 from .graph_prep import initial_constants
 from .loading import ModelLike, load_model, refuse_overwrite, write_output

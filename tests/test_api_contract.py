@@ -364,3 +364,11 @@ def test_cli_output_into_a_missing_folder(tmp_path):
     shutil.copy(CNN, tmp_path / "m.onnx")
     code, out, _ = cli("rescale", tmp_path / "m.onnx", "-o", tmp_path / "no" / "r.onnx", "--json")
     assert code == 2 and "does not exist" in json.loads(out)["error"]
+
+
+@pytest.mark.parametrize(
+    "option", [{"lower_seconds": None}, {"lower_seconds": "1"}, {"estimate_iters": None}, {"estimate_iters": 2.5}]
+)
+def test_lipschitz_options_of_the_wrong_type(option):
+    with pytest.raises(onnxlip.OnnxlipError):
+        onnxlip.lipschitz(MODELS / "digits_mlp.onnx", **option)
