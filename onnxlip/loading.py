@@ -19,7 +19,9 @@ from .errors import ModelLoadError, OnnxlipError
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
 SUPPORTED_IR_VERSIONS = range(3, 11)
-SUPPORTED_OPSETS = range(7, 22)
+# opsets 22 to 26 changed the ops onnxlip reads only in the element types they accept (tests/test_import_forms.py
+# converts models up to them); 26 is the newest onnxruntime 1.31 runs
+SUPPORTED_OPSETS = range(7, 27)
 
 
 def model_label(model: ModelLike) -> str:
@@ -263,14 +265,20 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def _check_versions(proto: onnx.ModelProto) -> None:
-    if proto.ir_version and proto.ir_version not in SUPPORTED_IR_VERSIONS:
-        if proto.ir_version > SUPPORTED_IR_VERSIONS[-1]:
-            # Newer IR versions only add features; reading is safe, the companion graph is ours.
-            return
-        raise ModelLoadError(f"IR version {proto.ir_version} is not supported (3 to 10 are)")
+    if proto.ir_version == 0:
+        raise ModelLoadError("the model's IR version is not set (0): not a complete ONNX model; re-export it")
+    if proto.ir_version < SUPPORTED_IR_VERSIONS[0]:
+        raise ModelLoadError(f"IR version {proto.ir_version} is too old (3 and above are read)")
+    # newer IR versions than 10 only add features: reading is safe, and the companion graph is ours (onnxruntime
+    # 1.31 runs the models themselves up to IR 12; above, bound says that it has no observed samples)
     opset = default_opset(proto)
     if opset is not None and opset < SUPPORTED_OPSETS[0]:
-        raise ModelLoadError(f"opset {opset} is too old (onnxlip reads opsets 7 to 21; upgrade the export)")
+        raise ModelLoadError(f"opset {opset} is too old (onnxlip reads opsets 7 to 26; upgrade the export)")
+    if opset is not None and opset > SUPPORTED_OPSETS[-1]:
+        raise ModelLoadError(
+            f"opset {opset} is newer than onnxlip reads (7 to 26, the newest onnxruntime 1.31 runs); export with "
+            "an older opset"
+        )
 
 
 def default_opset(proto: onnx.ModelProto) -> int | None:

@@ -149,3 +149,26 @@ def test_nodes_after_an_unsupported_one_are_not_reported_for_their_unknown_shape
     result = onnxlip.check(model)
     assert not result.supported
     assert [e.op for e in result.errors] == ["Custom"]
+
+
+@pytest.mark.parametrize("opset", [22, 23, 24, 25, 26])
+@pytest.mark.parametrize("family", ["layout", "avgpool", "mixed"])
+def test_newer_opsets_read_as_before(opset, family):
+    """Opsets 22 to 26 changed the ops onnxlip reads only in the element types they accept: a model converted up
+    to them (onnx's version converter) has the same path-norm; 27 and above are refused with a message."""
+    from tests import dag_factory
+
+    model = dag_factory.build(family, 3).model
+    newer = version_converter.convert_version(model, opset)
+    newer.ir_version = 10
+    assert onnxlip.path_norm(newer).log10_path_norm == pytest.approx(
+        onnxlip.path_norm(model).log10_path_norm, abs=1e-12
+    )
+
+
+def test_versions_outside_the_range_are_refused():
+    for opset, ir, words in ((27, 10, "newer"), (6, 3, "too old"), (21, 0, "not set"), (21, 2, "too old")):
+        model = _mlp([helper.make_node("Relu", ["h"], ["c"])], opset, ir=max(ir, 3))
+        model.ir_version = ir
+        with pytest.raises(onnxlip.errors.ModelLoadError, match=words):
+            onnxlip.check(model)
