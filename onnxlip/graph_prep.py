@@ -201,6 +201,13 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
 
 
 # ---- shape inference ----------------------------------------------------------------------------------
+_SHAPE_KEEPING = {("ai.onnx.ml", "Scaler")}
+
+
+def _as_identity(node):
+    return helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
+
+
 def infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
     """Static shapes of every tensor, by onnx shape inference on a light copy (big weights as typed inputs)."""
     used = {n for node in nodes for n in node_inputs(node)}
@@ -214,6 +221,8 @@ def infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
         else:
             dtype = helper.np_dtype_to_tensor_dtype(arr.dtype)
             graph_inputs.append(helper.make_tensor_value_info(name, dtype, list(arr.shape)))
+    # ops onnx has no shape inference for, that keep their input's shape (and write float)
+    nodes = [_as_identity(n) if (n.domain, n.op_type) in _SHAPE_KEEPING else n for n in nodes]
     g = helper.make_graph(nodes, "shapes", graph_inputs, [], initializers)
     light = helper.make_model(g, opset_imports=list(proto.opset_import))
     light.ir_version = 8  # our own copy: IR 3 rules (initializers must be inputs) would defeat inference

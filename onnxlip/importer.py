@@ -181,7 +181,7 @@ def import_model(
     failed: set[str] = set()  # outputs of nodes with an issue: shapes downstream of them are not reported again
     for node in nodes:
         ctx.node = node
-        rule = IMPORTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        rule = IMPORTERS.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}")
         if options.lipschitz and node.domain in ("", "ai.onnx") and node.op_type in LIPSCHITZ_IMPORTERS:
             rule = LIPSCHITZ_IMPORTERS[node.op_type]
         where = node.name or (node.output[0] if node.output else "?")

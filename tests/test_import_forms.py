@@ -172,3 +172,49 @@ def test_versions_outside_the_range_are_refused():
         model.ir_version = ir
         with pytest.raises(onnxlip.errors.ModelLoadError, match=words):
             onnxlip.check(model)
+
+
+@pytest.mark.parametrize("scaler", ["standard", "minmax"])
+def test_sklearn_pipeline_with_a_scaler(scaler, tmp_path):
+    """StandardScaler / MinMaxScaler + MLPRegressor, exported by skl2onnx: the Scaler (domain ai.onnx.ml) is a
+    diagonal affine op, y = (x - offset) * scale. It was refused (and every later node with it). The path-norm
+    equals the float64 companion of the fitted pipeline; the bound against a pruned variant holds on samples."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("skl2onnx")
+    import warnings
+
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_diabetes
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler, StandardScaler
+
+    x, y = load_diabetes(return_X_y=True)
+    x = x.astype(np.float32)
+    first = StandardScaler() if scaler == "standard" else MinMaxScaler()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pipe = make_pipeline(first, MLPRegressor(hidden_layer_sizes=(16,), max_iter=50, random_state=0)).fit(x, y)
+    model = to_onnx(pipe, x[:1], target_opset={"": 17, "ai.onnx.ml": 1})
+    model.ir_version = min(model.ir_version, 10)
+    assert any(n.op_type == "Scaler" for n in model.graph.node) == (scaler == "standard")  # minmax: Mul, Add
+
+    def f32(a):
+        return np.asarray(a, np.float32).astype(np.float64)
+
+    if scaler == "standard":  # (x - mean) * (1 / scale)
+        a = f32(1.0 / first.scale_)
+        v = np.abs(a) + np.abs(f32(first.mean_) * a)
+    else:  # x * scale + min
+        v = np.abs(f32(first.scale_)) + np.abs(f32(first.min_))
+    mlp = pipe[-1]
+    for w, b in zip(mlp.coefs_, mlp.intercepts_):
+        v = v @ np.abs(w.astype(np.float32).astype(np.float64)) + np.abs(b.astype(np.float32).astype(np.float64))
+    assert onnxlip.path_norm(model).path_norm == pytest.approx(float(v.sum()), rel=1e-6)
+    path = tmp_path / "pipe.onnx"
+    onnx.save(model, str(path))
+    pruned = onnxlip.prune(str(path), 0.5, out_path=tmp_path / "pruned.onnx")
+    r = onnxlip.bound(str(path), str(tmp_path / "pruned.onnx"), samples=64)
+    assert r.exact and r.bound == pytest.approx(pruned.bound, rel=1e-9)
+    assert r.observed_max_l1_diff is not None and 0 < r.observed_max_l1_diff <= r.bound

@@ -343,6 +343,24 @@ def import_arith(node, ctx):
     ctx.add("affine", [x], params=params)
 
 
+@importer("ai.onnx.ml:Scaler")
+def import_scaler(node, ctx):
+    """scikit-learn's StandardScaler / MinMaxScaler as skl2onnx writes them: y = (x - offset) * scale per feature
+    (last axis), a diagonal affine op whose parameters are attributes."""
+    x = node.input[0]
+    features = ctx.shape(x)[-1]
+    scale, offset = (np.asarray(ctx.attr(a, [d]), dtype=np.float64) for a, d in (("scale", 1.0), ("offset", 0.0)))
+    for name, v in (("scale", scale), ("offset", offset)):
+        if v.size not in (1, features):
+            _fail(f"its {name} has {v.size} entries for {features} features")
+    key = node.output[0]
+    params = {
+        "scale": ctx.param(f"{key}::scale", np.broadcast_to(scale, (features,)).copy(), ()),
+        "bias": ctx.param(f"{key}::offset", np.broadcast_to(-offset * scale, (features,)).copy(), ()),
+    }
+    ctx.add("affine", [x], params=params)
+
+
 # ---- adjoint and score rules (theory.md section 4) --------------------------------------------------------
 def _bias_scores(node, em, b_out, bias_shape):
     """|bias| * (sum of the adjoint over the positions the bias is broadcast to)."""
