@@ -64,3 +64,28 @@ def chain_forward_backward(weights, biases):
         grads.append(w @ grads[-1])
     grads = list(reversed(grads))  # grads[i] = adjoint at the input of layer i; grads[i+1] at its output
     return acts, grads
+
+
+def sklearn_digits_classifier(path, options=None, **mlp_kwargs):
+    """An MLPClassifier trained on scikit-learn's digits (pixels / 16) and exported by skl2onnx to `path`:
+    (classifier, path as str, inputs). Skips the test where scikit-learn or skl2onnx is missing."""
+    import warnings
+
+    import pytest
+
+    pytest.importorskip("sklearn")
+    pytest.importorskip("skl2onnx")
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier(**mlp_kwargs).fit(x, y)
+    model = to_onnx(clf, x[:1], target_opset={"": 17, "ai.onnx.ml": 1}, options=options or {})
+    model.ir_version = min(model.ir_version, 10)
+    onnx.save(model, str(path))
+    return clf, str(path), x

@@ -26,6 +26,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
+from tests.helpers import sklearn_digits_classifier
 
 onnxruntime.set_default_logger_severity(3)
 
@@ -437,23 +438,8 @@ def _mlp_reference(clf, q: float) -> float:
 
 @pytest.fixture(scope="module")
 def sklearn_classifier(tmp_path_factory):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("skl2onnx")
-    from skl2onnx import to_onnx
-    from sklearn.datasets import load_digits
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = MLPClassifier(hidden_layer_sizes=(32, 16), activation="relu", max_iter=40, random_state=0).fit(x, y)
-    model = to_onnx(clf, x[:1], target_opset={"": 17, "ai.onnx.ml": 1})
-    model.ir_version = min(model.ir_version, 10)
     path = tmp_path_factory.mktemp("sklearn") / "mlp_classifier.onnx"
-    onnx.save(model, str(path))
-    return clf, str(path), x
+    return sklearn_digits_classifier(path, hidden_layer_sizes=(32, 16), activation="relu", max_iter=40, random_state=0)
 
 
 def _logits_name(path) -> str:

@@ -6,7 +6,6 @@ path masses, so every result stays a certified upper bound, checked here against
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import onnx
@@ -16,7 +15,7 @@ import onnxlip
 from onnxlip.errors import UnderflowError
 from onnxlip.lipschitz import pathnorm_bounds
 from tests import oracle
-from tests.helpers import chain_log10_pathnorm, gemm_chain
+from tests.helpers import chain_log10_pathnorm, gemm_chain, sklearn_digits_classifier
 
 TINY = 1e-40  # float32 subnormal
 
@@ -138,24 +137,12 @@ def test_what_raising_cannot_hold_is_still_refused():
 @pytest.fixture(scope="module")
 def sklearn_dead_neurons(tmp_path_factory):
     """An MLP whose L2 penalty leaves weights of ~1e-40 on dead neurons (as float32 subnormals)."""
-    pytest.importorskip("sklearn")
-    pytest.importorskip("skl2onnx")
-    from skl2onnx import to_onnx
-    from sklearn.datasets import load_digits
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = MLPClassifier(hidden_layer_sizes=(64, 32), alpha=1e-2, max_iter=300, random_state=2).fit(x, y)
-    model = to_onnx(clf, x[:1], target_opset={"": 17, "ai.onnx.ml": 1}, options={"zipmap": False})
-    model.ir_version = min(model.ir_version, 10)
     path = tmp_path_factory.mktemp("sklearn") / "dead.onnx"
-    onnx.save(model, str(path))
-    (softmax,) = [n for n in model.graph.node if n.op_type == "Softmax"]
-    return clf, str(path), softmax.input[0]
+    clf, path, _ = sklearn_digits_classifier(
+        path, {"zipmap": False}, hidden_layer_sizes=(64, 32), alpha=1e-2, max_iter=300, random_state=2
+    )
+    (softmax,) = [n for n in onnx.load(path).graph.node if n.op_type == "Softmax"]
+    return clf, path, softmax.input[0]
 
 
 def test_sklearn_mlp_with_subnormal_weights(sklearn_dead_neurons):
