@@ -37,6 +37,12 @@ def scores_cmd(
         "per parameter tensor, keyed and shaped like the model's initializers, "
         "as fractions of the path-norm (multiply by 10**log10_path_norm).",
     ),
+    log10: bool = typer.Option(
+        False,
+        "--log10",
+        help="Write log10 of those fractions instead (-inf for 0): exact for every score, including those below "
+        "float64's range (1e-308 of the path-norm), which deep networks can have.",
+    ),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
     device: str = DeviceOpt,
@@ -50,7 +56,13 @@ def scores_cmd(
         result = compute_scores(model, output=output, input_shapes=_shapes(input_shape), device=device)
         if out_file is not None:
             _refuse_overwrite(out_file, [model])
-            arrays = {name: t.relative for name, t in result.tensors.items()}
+            arrays = {name: t.log10_relative if log10 else t.relative for name, t in result.tensors.items()}
+            lost = 0 if log10 else sum(t.below_float64() for t in result.tensors.values())
+            if lost:
+                result.notes.append(
+                    f"{lost} nonzero score(s) lie below float64's range relative to the path-norm and read as 0 (or "
+                    "lose precision) in the file; --log10 writes every score's log10 exactly"
+                )
             with open(out_file, "wb") as f:  # exactly the named file (np.savez(path) would add ".npz")
                 np.savez(f, **arrays, __log10_path_norm__=np.array(result.log10_path_norm))
         if as_json:
@@ -73,7 +85,8 @@ def scores_cmd(
         for note in result.notes:
             out.print(f"note: {note}", highlight=False)
         if out_file is not None:
-            out.print(f"wrote {out_file} (scores relative to the path-norm)", highlight=False)
+            what = "log10 of the scores" if log10 else "scores"
+            out.print(f"wrote {out_file} ({what} relative to the path-norm)", highlight=False)
 
 
 @app.command(

@@ -46,6 +46,28 @@ class TensorScores:
         return _relative(self.mantissa, self.shift)
 
     @property
+    def log10_relative(self) -> np.ndarray:
+        """log10(score / ||Phi||_1) in float64, -inf for a zero score: exact in range for every score, however
+        far below float64's range (deep networks' scores can be)."""
+        with np.errstate(divide="ignore"):
+            out = np.log10(self.mantissa.astype(np.float64))
+        if not math.isfinite(self.shift):  # zero path-norm: every score is 0
+            out[...] = -math.inf
+            return out
+        out += self.shift * LOG10_2
+        return out
+
+    def below_float64(self) -> int:
+        """How many nonzero scores fall below float64's normal range relative to the path-norm (they read as 0,
+        or lose precision, in `relative`)."""
+        if not math.isfinite(self.shift) or self.shift - 150 > _FLOAT64_MIN_LOG2:  # float32 mantissas >= 2**-149
+            return 0
+        if _FLOAT64_MIN_LOG2 - self.shift > 1:  # above every mantissa (<= 1): each nonzero score is below
+            return int(np.count_nonzero(self.mantissa > 0))
+        threshold = np.float32(2.0 ** (_FLOAT64_MIN_LOG2 - self.shift))
+        return int(np.count_nonzero((self.mantissa > 0) & (self.mantissa < threshold)))
+
+    @property
     def folded(self) -> bool:
         """True when the tensor also absorbed other initializers (e.g. a BatchNorm folded into a Conv)."""
         return len(self.sources) > 1
@@ -108,6 +130,9 @@ class ScoresResult:
                 },
             }
         )
+
+
+_FLOAT64_MIN_LOG2 = -1022  # log2 of float64's smallest normal number
 
 
 def _finite(x: float):

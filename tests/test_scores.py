@@ -174,3 +174,47 @@ def test_scores_through_neg_and_mean():
         ops = {n.op_type for n in spec.model.graph.node}
         assert ops & {"Neg", "Mean"}
         assert _check_against_zeroed_entries(spec, np.random.default_rng(seed)) > 0
+
+
+def _faint_branch_model(depth: int = 20, w: float = 1e-20) -> onnx.ModelProto:
+    """y = x A + x B_1 ... B_depth: the second branch carries w**depth (1e-400) of the path mass."""
+    from onnx import TensorProto, helper
+
+    from tests.helpers import make_model
+
+    nodes = [helper.make_node("Gemm", ["x", "A"], ["ya"])]
+    inits = [numpy_helper.from_array(np.ones((1, 1), np.float32), "A")]
+    t = "x"
+    for i in range(depth):
+        nodes.append(helper.make_node("Gemm", [t, f"B{i}"], [f"b{i}"]))
+        inits.append(numpy_helper.from_array(np.full((1, 1), w, np.float32), f"B{i}"))
+        t = f"b{i}"
+    nodes.append(helper.make_node("Add", ["ya", t], ["y"]))
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])]
+    return make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+
+
+def test_scores_below_float64s_range_are_kept_in_log10(tmp_path):
+    """Every weight of the faint branch scores 1e-400 of the path-norm: `relative` reads 0 there, `log10_relative`
+    is exact, and `scores -o` says how many entries its float64 file loses and that --log10 keeps them."""
+    import json
+    import math
+
+    from tests.test_bad_input import cli
+
+    model = _faint_branch_model()
+    exact = 20 * math.log10(float(np.float32(1e-20)))
+    result = scores(model)
+    for i in range(20):
+        t = result.tensors[f"B{i}"]
+        assert t.relative[0, 0] == 0.0 and t.below_float64() == 1
+        assert t.log10_relative[0, 0] == pytest.approx(exact, abs=1e-6)
+    assert result.tensors["A"].below_float64() == 0
+    path = tmp_path / "faint.onnx"
+    onnx.save(model, str(path))
+    code, out, _ = cli("scores", path, "-o", tmp_path / "s.npz", "--json")
+    assert code == 0 and any("20 nonzero score(s)" in n and "--log10" in n for n in json.loads(out)["notes"])
+    code, out, _ = cli("scores", path, "-o", tmp_path / "l.npz", "--log10", "--json")
+    assert code == 0 and json.loads(out)["notes"] == []
+    logs = np.load(tmp_path / "l.npz")
+    assert logs["B7"][0, 0] == pytest.approx(exact, abs=1e-6) and logs["A"][0, 0] == pytest.approx(0.0, abs=1e-6)
