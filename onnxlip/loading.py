@@ -286,3 +286,13 @@ def default_opset(proto: onnx.ModelProto) -> int | None:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)
     return None
+
+
+def replaced_tensor(init: onnx.TensorProto, array: np.ndarray) -> onnx.TensorProto:
+    """`init` with new values: its name, doc_string and metadata kept (numpy_helper.from_array writes only the
+    name, dims, type and data; prune and rescale dropped the rest)."""
+    out = onnx.numpy_helper.from_array(array, init.name)
+    out.doc_string = init.doc_string
+    if hasattr(init, "metadata_props"):
+        out.metadata_props.extend(init.metadata_props)
+    return out

@@ -30,7 +30,7 @@ from .engine import MetricEngine
 from .errors import OnnxlipError
 from .importer import ImportOptions, import_model
 from .ir import Graph, Param
-from .loading import ModelLike, refuse_overwrite, write_output
+from .loading import ModelLike, refuse_overwrite, replaced_tensor, write_output
 from .scores import scores as compute_scores
 from .selection import keep_largest
 
@@ -80,10 +80,20 @@ def prunable_tensors(m: Analysed, include_biases: bool = False, skipped: list[st
             arr = p.as_in_file() if p.origin == p.name else None
             if arr is None:
                 inits = inits if inits is not None else {i.name: i for i in m.full_proto().graph.initializer}
-                if p.name not in inits:
+                name = p.name
+                if name not in inits and len(p.sources) == 1 and p.sources[0] in inits and p.origin is not None:
+                    name = p.sources[0]  # a second use of one initializer ("W#1"): pruning the file's W prunes both
+                if name not in inits:
                     left.append(p.name)
                     continue
-                arr = numpy_helper.to_array(inits[p.name])
+                if name in out:
+                    continue
+                arr = numpy_helper.to_array(inits[name])
+                if arr.dtype.kind == "f":
+                    out[name] = arr
+                else:
+                    left.append(p.name)
+                continue
             if arr.dtype.kind == "f":
                 out[p.name] = arr
             else:
@@ -146,10 +156,10 @@ def apply_masks(proto: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> onnx
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     for init in out.graph.initializer:
-        if init.name in masks:
+        if init.name in masks and not np.all(masks[init.name]):  # (an untouched tensor stays as stored)
             arr = numpy_helper.to_array(init).copy()
             arr[~masks[init.name]] = 0
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+            init.CopyFrom(replaced_tensor(init, arr))
     return out
 
 

@@ -12,13 +12,13 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .api import _jsonable
 from .args import check_seed, real_arg
 from .errors import OnnxlipError
 from .graph_prep import initial_constants
-from .loading import ModelLike, load_model, refuse_overwrite, write_output
+from .loading import ModelLike, load_model, refuse_overwrite, replaced_tensor, write_output
 
 # channel-wise positively homogeneous ops a rescaled activation may pass through on its way to the next layer
 _PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
@@ -50,6 +50,7 @@ class _Graph:
             for t in n.input:
                 self.consumers.setdefault(t, []).append(n)
         self.outputs = {o.name for o in proto.graph.output}
+        self.ranks = _ranks(proto)
         self.use_count: dict[str, int] = {}
         for n in proto.graph.node:
             for t in n.input:
@@ -62,6 +63,19 @@ class _Graph:
 
     def private_init(self, name: str) -> bool:
         return name in self.values and self.use_count.get(name, 0) == 1 and self.values[name].dtype.kind == "f"
+
+
+def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
+    """The rank of every tensor onnx's shape inference can tell (none where it fails: nothing is rescaled then)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception:  # noqa: BLE001 - onnx raises several types; without ranks no channel axis is known
+        return {}
+    ranks = {}
+    for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    return ranks
 
 
 def _check_representable(name: str, v: np.ndarray, nonzero: int) -> None:
@@ -90,29 +104,40 @@ def _attr(node, name: str, default: int):
 
 
 def _incoming(g: _Graph, z: str):
-    """How to multiply the pre-activation z by lam per channel: a function lam -> None, and the channel count;
-    or None when z is not produced by a layer we can rescale exactly."""
+    """How to multiply the pre-activation z by lam per channel: (the channel count, a function lam -> None, the
+    channel axis of z); None when z is not produced by a layer we can rescale exactly. Convolutions and BatchNorm
+    have their channels on axis 1, Gemm on axis 1 of its 2-D output, MatMul on the last axis whatever the rank
+    (a Linear on a (B, T, F) tensor or a 4-D map)."""
     node = g.producer.get(z)
-    if node is None or g.sole_consumer(z) is None:
+    if node is None or g.sole_consumer(z) is None or z not in g.ranks:
         return None
+    out = _incoming_layer(g, node)
+    if out is None:
+        return None
+    n, fn, axis = out
+    return n, fn, g.ranks[z] - 1 if axis == "last" else axis
+
+
+def _incoming_layer(g: _Graph, node):
     if node.op_type == "BatchNormalization" and all(g.private_init(t) for t in node.input[1:3]):
         gamma, beta = node.input[1], node.input[2]
-        return len(g.values[gamma]), lambda lam: (_mul(g, gamma, lam, 0), _mul(g, beta, lam, 0))
+        return len(g.values[gamma]), lambda lam: (_mul(g, gamma, lam, 0), _mul(g, beta, lam, 0)), 1
     if node.op_type == "Conv" and g.private_init(node.input[1]):
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias is not None and not g.private_init(bias):
             return None
         w = node.input[1]
-        return g.values[w].shape[0], lambda lam: (_mul(g, w, lam, 0), bias and _mul(g, bias, lam, 0))
+        return g.values[w].shape[0], lambda lam: (_mul(g, w, lam, 0), bias and _mul(g, bias, lam, 0)), 1
     if node.op_type == "Gemm" and g.private_init(node.input[1]) and not int(_attr(node, "transA", 0)):
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias is not None and (not g.private_init(bias) or g.values[bias].size not in (1, _out_dim(g, node))):
             return None
         w, axis = node.input[1], 0 if int(_attr(node, "transB", 0)) else 1
         n = g.values[w].shape[axis]
-        if bias is not None and g.values[bias].size != n:
+        # one bias per output: (N,) or (1, N); a (M, 1) bias of the same size broadcasts along the batch instead
+        if bias is not None and g.values[bias].shape not in ((n,), (1, n)):
             return None
-        return n, lambda lam: (_mul(g, w, lam, axis), bias and _mul(g, bias, lam, -1))
+        return n, lambda lam: (_mul(g, w, lam, axis), bias and _mul(g, bias, lam, -1)), 1
     if node.op_type == "Add":  # MatMul(x, W) + c, as Keras/sklearn/MATLAB export dense layers
         x, c = node.input
         if c not in g.values:
@@ -129,12 +154,12 @@ def _incoming(g: _Graph, z: str):
             return None
         w = mm.input[1]
         n = g.values[w].shape[-1]
-        if g.values[w].ndim != 2 or g.values[c].size != n:
+        if g.values[w].ndim != 2 or g.values[c].size != n or g.values[c].shape[-1:] != (n,):
             return None
-        return n, lambda lam: (_mul(g, w, lam, 1), _mul(g, c, lam, -1))
+        return n, lambda lam: (_mul(g, w, lam, 1), _mul(g, c, lam, -1)), "last"
     if node.op_type == "MatMul" and g.private_init(node.input[1]) and g.values[node.input[1]].ndim == 2:
         w = node.input[1]
-        return g.values[w].shape[1], lambda lam: _mul(g, w, lam, 1)
+        return g.values[w].shape[1], lambda lam: _mul(g, w, lam, 1), "last"
     return None
 
 
@@ -143,10 +168,13 @@ def _out_dim(g: _Graph, gemm) -> int:
     return w.shape[0] if int(_attr(gemm, "transB", 0)) else w.shape[1]
 
 
-def _outgoing(g: _Graph, r: str, channels: int):
-    """How to divide the next layer's weights by lam per input channel, following r through channel-wise
-    homogeneous ops; None when the activation reaches anything else."""
-    tensor, spatial = r, None
+def _outgoing(g: _Graph, r: str, channels: int, axis: int):
+    """How to divide the next layer's weights by lam per input channel (channels on `axis` of r), following r
+    through channel-wise homogeneous ops; None when the activation reaches anything else, or a layer that reads
+    another axis as its channels."""
+    tensor, rank, flat = r, g.ranks.get(r), None
+    if rank is None:
+        return None
     while True:
         node = g.sole_consumer(tensor)
         if node is None:
@@ -154,15 +182,25 @@ def _outgoing(g: _Graph, r: str, channels: int):
         if node.op_type in _PASS_THROUGH:
             if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
                 return None
+            if node.op_type not in ("Dropout", "Identity") and (axis != 1 or flat):  # pools: axes 2.. of NC...
+                return None
             tensor = node.output[0]
             continue
-        if node.op_type == "Flatten" and int(_attr(node, "axis", 1)) == 1:
-            tensor, spatial = node.output[0], "flatten"
+        if node.op_type == "Flatten" and int(_attr(node, "axis", 1)) == 1 and flat is None:
+            # (N, d1, ..., dk) -> (N, d1 * ... * dk): channels on axis 1 own blocks of rows, on the last axis
+            # they interleave; elsewhere they are neither
+            if axis == 1:
+                flat = "blocks"
+            elif axis == rank - 1:
+                flat = "interleaved"
+            else:
+                return None
+            tensor = node.output[0]
             continue
         break
     if node.input[0] != tensor:
         return None
-    if node.op_type == "Conv" and spatial is None and g.private_init(node.input[1]):
+    if node.op_type == "Conv" and flat is None and axis == 1 and g.private_init(node.input[1]):
         w = node.input[1]
         group = int(_attr(node, "group", 1))
         per_group = g.values[w].shape[1]
@@ -178,6 +216,9 @@ def _outgoing(g: _Graph, r: str, channels: int):
 
         return divide
     if node.op_type in ("Gemm", "MatMul") and g.private_init(node.input[1]) and g.values[node.input[1]].ndim == 2:
+        # Gemm reads axis 1 of a 2-D input, MatMul the last axis: the rescaled one, or a flattened block of it
+        if flat is None and axis != rank - 1 or (node.op_type == "Gemm" and flat is None and rank != 2):
+            return None
         w = node.input[1]
         trans = node.op_type == "Gemm" and int(_attr(node, "transB", 0))
         if node.op_type == "Gemm" and int(_attr(node, "transA", 0)):
@@ -185,12 +226,12 @@ def _outgoing(g: _Graph, r: str, channels: int):
         rows = g.values[w].shape[1 if trans else 0]
         if not channels or rows % channels:  # (no channels: an empty layer has no neuron to rescale)
             return None
-        per_channel = rows // channels  # flattened (C, H, W) features: channel c owns a block of H*W rows
-        if per_channel != 1 and spatial != "flatten":
+        per_channel = rows // channels
+        if per_channel != 1 and flat is None:
             return None
 
-        def divide(lam, w=w, trans=trans, per_channel=per_channel):
-            factors = np.repeat(lam, per_channel)
+        def divide(lam, w=w, trans=trans, per_channel=per_channel, flat=flat):
+            factors = np.tile(lam, per_channel) if flat == "interleaved" else np.repeat(lam, per_channel)
             _mul(g, w, 1.0 / factors, 1 if trans else 0)
 
         return divide
@@ -235,13 +276,14 @@ def rescale(
     _check_graph(proto)
     g = _Graph(proto)
     nonzero = {n: int(np.count_nonzero(v)) for n, v in g.values.items() if v.dtype.kind == "f"}
+    original = dict(g.values)
     rng = np.random.default_rng(seed)
     neurons = layers = skipped = 0
     for node in list(proto.graph.node):
         if node.op_type not in _HOMOGENEOUS or not node.input or not node.output:
             continue
         inc = _incoming(g, node.input[0])
-        out = _outgoing(g, node.output[0], inc[0]) if inc is not None else None
+        out = _outgoing(g, node.output[0], inc[0], inc[2]) if inc is not None else None
         if inc is None or out is None:
             skipped += 1
             continue
@@ -254,7 +296,8 @@ def rescale(
     for name, count in nonzero.items():
         _check_representable(name, g.values[name], count)
     for name, init in g.inits.items():
-        init.CopyFrom(numpy_helper.from_array(g.values[name], name))
+        if g.values[name] is not original[name]:  # rescaled (an untouched tensor stays as stored)
+            init.CopyFrom(replaced_tensor(init, g.values[name]))
     result = RescaleResult(neurons, layers, skipped, None if out_path is None else str(out_path))
     if out_path is not None:
         write_output(out_path, lambda path: onnx.save(proto, path))

@@ -215,3 +215,53 @@ def test_sweep_reports_progress_once_per_result():
     ticks = []
     results = prune_sweep("models/digits_cnn.onnx", [0.2, 0.5, 0.8], progress=lambda: ticks.append(len(ticks)))
     assert len(ticks) == len(results) == 6
+
+
+def _two_gemms_sharing(w_name: str = "W") -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gemm", ["x", w_name, "b1"], ["z"]),
+        helper.make_node("Relu", ["z"], ["r"]),
+        helper.make_node("Gemm", ["r", w_name, "b2"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+        for n, s in ((w_name, (4, 4)), ("b1", (4,)), ("b2", (4,)))
+    ]
+    for init in inits:
+        init.doc_string = f"doc of {init.name}"
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    return make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+
+
+def test_a_weight_used_twice_is_pruned_without_a_false_note(tmp_path):
+    """One initializer read by two Gemms: pruning the file's tensor prunes both uses. The second use ('W#1' in the
+    IR) was reported as 'not a float initializer of the file, not pruned'."""
+    out = tmp_path / "pruned.onnx"
+    r = onnxlip.prune(_two_gemms_sharing(), 0.5, out_path=out)
+    assert r.notes == []
+    (w,) = [numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer if i.name == "W"]
+    assert int(np.count_nonzero(w == 0)) == 8 and r.pruned_entries == 8
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_written_files_keep_initializer_doc_strings(tmp_path, sparsity):
+    """numpy_helper.from_array writes no doc_string: prune (even at sparsity 0) and rescale dropped them, and a
+    written file must differ from its input only in the changed entries."""
+    from onnxlip.rescale import rescale
+
+    model = _two_gemms_sharing("Wa")
+    model.graph.node[2].input[1] = "Wb"  # two weights, so that one ReLU layer can be rescaled
+    wb = onnx.TensorProto()
+    wb.CopyFrom(model.graph.initializer[0])
+    wb.name, wb.doc_string = "Wb", "doc of Wb"
+    model.graph.initializer.append(wb)
+    onnxlip.prune(model, sparsity, out_path=tmp_path / "p.onnx")
+    rescaled, result = rescale(model, seed=0)
+    assert result.rescaled_neurons > 0
+    for written in (onnx.load(str(tmp_path / "p.onnx")), rescaled):
+        assert {i.name: i.doc_string for i in written.graph.initializer} == {
+            i.name: i.doc_string for i in model.graph.initializer
+        }

@@ -120,3 +120,86 @@ def test_leaky_and_parametric_relu_neurons_are_rescaled(tmp_path, activation):
     assert np.allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
     pa, pb = onnxlip.path_norm(tmp_path / "m.onnx"), onnxlip.path_norm(rescaled)
     assert pb.log10_path_norm == pytest.approx(pa.log10_path_norm, abs=1e-6)
+
+
+def _graph(nodes, inits, x_shape) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(1)
+    arrays = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), k) for k, s in inits.items()]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)]
+    return make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], arrays)
+
+
+def _axis_cases():
+    from onnx import helper
+
+    n = helper.make_node
+    relu = n("Relu", ["z"], ["r"])
+    return {  # name: (model, whether its ReLU can be rescaled)
+        "conv then a MatMul over the width": (
+            _graph([n("Conv", ["x", "K", "b"], ["z"]), relu, n("MatMul", ["r", "W2"], ["y"])],
+                   {"K": (4, 3, 1, 1), "b": (4,), "W2": (4, 2)}, [1, 3, 5, 4]),
+            False,
+        ),
+        "MatMul on a 4-D map then a conv": (
+            _graph([n("MatMul", ["x", "W1"], ["z"]), relu, n("Conv", ["r", "K"], ["y"])],
+                   {"W1": (4, 4), "K": (2, 4, 1, 1)}, [1, 4, 5, 4]),
+            False,
+        ),
+        "MatMul on tokens, Flatten, Gemm": (
+            _graph([n("MatMul", ["x", "W1"], ["z"]), relu, n("Flatten", ["r"], ["f"]), n("Gemm", ["f", "W2"], ["y"])],
+                   {"W1": (3, 4), "W2": (12, 2)}, [1, 3, 3]),
+            True,
+        ),
+        "BatchNorm over the tokens' axis 1, then MatMul": (
+            _graph([n("MatMul", ["x", "W1"], ["z0"]), n("BatchNormalization", ["z0", "g", "be", "mu", "va"], ["z"]),
+                    relu, n("MatMul", ["r", "W2"], ["y"])],
+                   {"W1": (4, 4), "g": (4,), "be": (4,), "mu": (4,), "va": (4,), "W2": (4, 2)}, [1, 4, 4]),
+            False,
+        ),
+        "MatMul on a 4-D map, MaxPool over its last axis": (
+            _graph([n("MatMul", ["x", "W1"], ["z"]), relu,
+                    n("MaxPool", ["r"], ["p"], kernel_shape=[1, 2], pads=[0, 0, 0, 1]),
+                    n("MatMul", ["p", "W2"], ["y"])], {"W1": (4, 4), "W2": (4, 3)}, [1, 2, 3, 4]),
+            False,
+        ),
+        "Gemm with a bias per row, (M, 1)": (
+            _graph([n("Gemm", ["x", "W1", "b1"], ["z"]), relu, n("Gemm", ["r", "W2"], ["y"])],
+                   {"W1": (3, 3), "b1": (3, 1), "W2": (3, 2)}, [3, 3]),
+            False,
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_axis_cases()))
+def test_rescaling_divides_the_axis_it_multiplied(case):
+    """A layer's channels (axis 1 for Conv, Gemm and BatchNorm; the last axis for MatMul at any rank) must be the
+    axis the next layer reads: the counts matched, so rescale multiplied one axis and divided another (outputs off
+    by 1e3 relative, and MixNet's path-norm 17392 -> 4558086). Channels on the last axis flatten interleaved.
+    A Gemm bias of shape (M, 1) broadcasts along the batch, not the outputs: skipped, not a false underflow."""
+    model, expected = _axis_cases()[case]
+    if case.startswith("BatchNorm"):
+        va = [i for i in model.graph.initializer if i.name == "va"][0]
+        va.CopyFrom(numpy_helper.from_array(np.abs(numpy_helper.to_array(va)) + 1, "va"))
+    out, result = rescale(model, seed=0)
+    assert (result.rescaled_neurons > 0) == expected
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = (np.random.default_rng(2).standard_normal(shape) * 2).astype(np.float32)
+    np.testing.assert_allclose(_outputs(out, x)[0], _outputs(model, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_rescaling_torch_mixnet_keeps_its_function(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.exporter_models import build
+
+    path = tmp_path / "mix.onnx"
+    module = build("mix").eval()
+    x = torch.randn(1, *module.input_shape)
+    torch.onnx.export(module, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"])
+    out, result = rescale(str(path), seed=0)
+    assert result.rescaled_neurons > 0  # the token Linear's neurons, whose Flatten interleaves them
+    data = x.numpy()
+    np.testing.assert_allclose(_outputs(out, data)[0], _outputs(str(path), data)[0], rtol=1e-4, atol=1e-5)
