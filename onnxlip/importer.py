@@ -51,6 +51,11 @@ class ImportContext:
         self.node: onnx.NodeProto | None = None
         self.used_initializers: set[str] = set()
         self.initializers: dict[str, np.ndarray] = {}  # the decoded initializers, before any folding
+        # initializers whose values a rule read into something other than a parameter (a PRelu slope, a Max
+        # constant, a Clip bound): a variant that changes one is not the base's IR with other parameter values
+        self.fixed_sources: set[str] = set()
+        self._reads: set[str] = set()  # this node's: the sources of the constants its rule read
+        self._param_sources: set[str] = set()  # this node's: the sources of the parameters its rule made
 
     def consumers_of(self, tensor: str) -> list[str]:
         """Names of the nodes (and graph outputs) that use a tensor."""
@@ -59,7 +64,17 @@ class ImportContext:
     def const(self, name: str) -> np.ndarray | None:
         if not name:
             return None
-        return self.consts.get(name)
+        value = self.consts.get(name)
+        if value is not None:
+            self._reads.update(self.origins.get(name, (name,)))
+        return value
+
+    def begin_node(self, node: onnx.NodeProto) -> None:
+        self.node, self._reads, self._param_sources = node, set(), set()
+
+    def end_node(self) -> None:
+        """Constants the node's rule read but made no parameter of are fixed (see fixed_sources)."""
+        self.fixed_sources.update(t for t in self._reads - self._param_sources if t in self.initializers)
 
     def is_const(self, name: str) -> bool:
         return bool(name) and name in self.consts
@@ -76,6 +91,8 @@ class ImportContext:
         arr = self.consts[tensor] if value is None else value
         src = tuple(sources) if sources is not None else self.origins.get(tensor, (tensor,))
         self.used_initializers.update(src)
+        self._param_sources.update(src)
+        self._param_sources.update(self.origins.get(tensor, (tensor,)))  # (also when `sources` narrows them)
         arr = np.asarray(arr)
         if arr.dtype not in (np.float32, np.float64):  # float16, int8 after folding, ...
             arr = arr.astype(np.float64)
@@ -180,7 +197,7 @@ def import_model(
         ctx.users.setdefault(t, []).append("a graph output")
     failed: set[str] = set()  # outputs of nodes with an issue: shapes downstream of them are not reported again
     for node in nodes:
-        ctx.node = node
+        ctx.begin_node(node)
         rule = IMPORTERS.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}")
         if options.lipschitz and node.domain in ("", "ai.onnx") and node.op_type in LIPSCHITZ_IMPORTERS:
             rule = LIPSCHITZ_IMPORTERS[node.op_type]
@@ -198,6 +215,7 @@ def import_model(
                     raise RuleError(f"the shape of its output {out!r} could not be inferred")
             else:
                 rule(node, ctx)
+                ctx.end_node()
         except RuleError as exc:
             issues.append(ModelIssue(where, node.op_type, str(exc)))
             failed.update(node.output)
@@ -215,6 +233,7 @@ def import_model(
     for name, shape in inputs.items():
         ir.shapes[name] = shape
     ir.source_sizes = {n: int(consts[n].size) for n in ctx.used_initializers if n in consts}
+    ir.fixed_sources = set(ctx.fixed_sources)
     ir.warnings.extend(precision_notes(graph, nodes, inputs))
     ir.warnings.extend(batch_notes(graph, inputs, options.input_shapes or {}))
     ir = run_passes(ir, lipschitz=options.lipschitz)

@@ -140,6 +140,8 @@ class Graph:
     warnings: list[str] = field(default_factory=list)
     # original (source) initializer names -> number of entries, for counting the user's parameters
     source_sizes: dict[str, int] = field(default_factory=dict)
+    # initializers whose values became something other than a parameter (importer.ImportContext.fixed_sources)
+    fixed_sources: set[str] = field(default_factory=set)
 
     def params(self) -> list[Param]:
         """Every learned parameter, in node order."""

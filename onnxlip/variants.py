@@ -23,8 +23,10 @@ from .ir import Graph
 from .loading import map_file
 from .wire import RawTensor, WireError, array, scan
 
-# a variant's factor (BatchNorm scale) keeps comparisons of float32/64 entries exact when the products stay
-# normal float64 numbers: |factor| in [2**-850, 2**850] (see _factor_ok)
+# a variant's factor (BatchNorm scale) keeps comparisons of float32 (or narrower) entries exact when the products
+# stay normal float64 numbers: |factor| in [2**-850, 2**850] (see _factor_ok). Two float32 entries differ by at
+# least 2**-24 relative, far above the product's rounding; two float64 entries one ulp apart can round to one
+# product, so float64 weights with a factor take the full import
 _FACTOR_RANGE = (2.0**-850, 2.0**850)
 
 
@@ -72,12 +74,19 @@ class VariantReader:
         base_tensors = self._base[2]
         for p in graph.params():
             factor = p.factor
-            usable = p.origin is not None and _factor_ok(factor) and self._same_as_imported(p, base_tensors)
+            usable = (
+                p.origin is not None
+                and _factor_ok(factor)
+                and (factor is None or _narrow(p.as_in_file()))
+                and self._same_as_imported(p, base_tensors)
+            )
             if usable:
                 self._params.setdefault(p.origin, []).append((p, factor))
             self._blocked.update(s for s in p.sources if s != p.origin)
             if not usable:
                 self._blocked.update(p.sources)
+        # an initializer also read as a fixed constant (a PRelu slope, a Max operand) changes more than values
+        self._blocked.update(graph.fixed_sources)
 
     def _same_as_imported(self, p, base_tensors: dict[str, RawTensor]) -> bool:
         """The base file's values of p.origin equal the ones the IR was imported from (a file changed since, or
@@ -130,6 +139,11 @@ def _same_bytes(x: memoryview, y: memoryview) -> bool:
         if not np.array_equal(a[s : s + BLOCK], b[s : s + BLOCK]):
             return False
     return x[8 * words :] == y[8 * words :]
+
+
+def _narrow(held: np.ndarray | None) -> bool:
+    """Stored in float32 or a narrower float (see _FACTOR_RANGE)."""
+    return held is not None and held.dtype.kind == "f" and held.dtype.itemsize <= 4
 
 
 def _factor_ok(factor: np.ndarray | None) -> bool:

@@ -324,3 +324,79 @@ def test_a_base_file_that_changed_since_its_import_is_not_trusted(tmp_path):
     assert VariantReader(base, ref.graph).changes(variant) is not None
     _save(_set(spec.model, weight, lambda v: v * 2), base)  # the file on disk no longer matches the IR
     assert VariantReader(base, ref.graph).changes(variant) is None
+
+
+def _shared_constant_model(op: str) -> onnx.ModelProto:
+    """B is a Gemm bias (a parameter, read unchanged) and also a fixed constant: Max(z, B)'s threshold, or
+    PRelu(z, B)'s slopes."""
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(1)
+    arrays = {
+        "W": 1e-3 * rng.normal(size=(4, 4)),
+        "B": np.full(4, 0.5),
+        "C": 1e-3 * rng.normal(size=(4, 2)),
+        "A": rng.normal(size=(4, 4)),
+        "D": 10 * rng.normal(size=(4, 2)),
+    }
+    nodes = [
+        helper.make_node("Gemm", ["x", "W", "B"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Gemm", ["r1", "C"], ["y1"]),
+        helper.make_node("Gemm", ["x", "A"], ["z"]),
+        helper.make_node(op, ["z", "B"], ["p"]),
+        helper.make_node("Gemm", ["p", "D"], ["y2"]),
+        helper.make_node("Add", ["y1", "y2"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    return make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+
+
+@pytest.mark.parametrize("op", ["Max", "PRelu"])
+def test_an_initializer_also_read_as_a_fixed_constant_takes_the_full_import(tmp_path, op):
+    """Changing B changes the Max threshold (or the PRelu slopes) too: the fast path reused the base's IR with its
+    thresholds and certified 0.002 where the models differ by 17 (258 for PRelu) on samples. The full import
+    refuses the pair, as it must."""
+    model = _shared_constant_model(op)
+    base = _save(model, tmp_path / "base.onnx")
+    ref = analyse(base)
+    assert "B" in ref.graph.fixed_sources
+    variant = _save(_set(model, "B", lambda v: np.full_like(v, 0.3)), tmp_path / "variant.onnx")
+    assert VariantReader(base, ref.graph).changes(variant) is None
+    with pytest.raises(MismatchError):
+        onnxlip.bound_many(base, [variant], samples=0)
+
+
+def test_float64_weights_with_a_factor_take_the_full_import(tmp_path):
+    """MatMul by float64 W, then Mul by a per-column constant (folded: value = W * s). Entries one float64 ulp
+    apart can give the same product, so comparing the file's W counted 'changes' the products do not have (4 changed
+    parameters and the hi/lo route where the full import sees none)."""
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(0)
+    w, s = rng.normal(size=(6, 4)), np.array([0.7, 1.3, 0.9, 3.1])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Mul", ["h", "S"], ["hs"]),
+        helper.make_node("Relu", ["hs"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in (("W", w), ("S", s), ("W2", rng.normal(size=(4, 2))))]
+    io = [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, 6])]
+    model = make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, 2])], inits)
+    moved = w.copy()
+    for i, j in np.ndindex(*w.shape):
+        up = np.nextafter(w[i, j], np.inf)
+        if up * s[j] == w[i, j] * s[j]:
+            moved[i, j] = up
+    assert np.any(moved != w)
+    base = _save(model, tmp_path / "base.onnx")
+    changed = onnx.ModelProto.FromString(model.SerializeToString())
+    for init in changed.graph.initializer:
+        if init.name == "W":
+            init.CopyFrom(numpy_helper.from_array(moved, "W"))  # (float64 kept)
+    variant = _save(changed, tmp_path / "variant.onnx")
+    fast = onnxlip.bound_many(base, [variant], samples=0)[0]
+    full = onnxlip.bound(onnx.load(str(base)), onnx.load(str(variant)), samples=0)
+    assert fast.changed_parameters == full.changed_parameters == 0 and fast.route == full.route
