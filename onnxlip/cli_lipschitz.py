@@ -84,8 +84,13 @@ def lipschitz_cmd(
             table.add_row(
                 "upper", result.upper.norm, _fmt(result.upper.value, result.upper.log10), result.upper.method, "yes"
             )
+            lower = result.lower["value"]
             table.add_row(
-                "lower", f"{norm}->{norm}", f"{result.lower['value']:.6g}", result.lower["method"], "yes (observed)"
+                "lower",
+                f"{norm}->{norm}",
+                "-" if lower is None else f"{lower:.6g}",
+                result.lower["method"],
+                "no (observed)",
             )
             for b in result.bounds:
                 if b is not result.upper:

@@ -253,9 +253,14 @@ def _ratio(d: np.ndarray, dx: np.ndarray, norm: str) -> np.ndarray:
     return np.where(den > 0, ratio, 0.0)
 
 
+class _NonFinite(Exception):
+    pass
+
+
 def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tuple[float, int]:
     """The largest ||R(x) - R(x')|| / ||x - x'|| found by random pairs and a hill-climbing local search, run on
-    the original model in onnxruntime: (ratio, pairs tried). Any pair gives a valid lower bound."""
+    the original model in onnxruntime: (ratio, pairs tried). Any pair gives a valid lower bound (of the network as
+    onnxruntime computes it). NaN when the model's float32 outputs are not finite on the sampled inputs."""
     import time
 
     from .sampling import max_batch, sampler_for
@@ -277,7 +282,10 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
                 arr[:, cols] = arr[:, cols].astype(sampler.input_dtype(n)).astype(np.float64)
             feeds[n], feeds2[n] = x1[:, cols].reshape((-1, *s)), x2[:, cols].reshape((-1, *s))
             start += sizes[n]
-        return _ratio(sampler.run(feeds2) - sampler.run(feeds), x2 - x1, norm)
+        d = sampler.run(feeds2) - sampler.run(feeds)
+        if not np.all(np.isfinite(d)):  # Inf or NaN outputs: no ratio measures the network
+            raise _NonFinite
+        return _ratio(d, x2 - x1, norm)
 
     batch, tried, best, best_pair = max_batch(m.graph, 16), 0, 0.0, None
     start = time.perf_counter()
@@ -291,7 +299,10 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
             length = np.linalg.norm(best_pair[1])
             dx = best_pair[1] + 0.2 * length / np.sqrt(dim) * rng.normal(size=(batch, dim))
             dx *= length / np.linalg.norm(dx, axis=1, keepdims=True)
-        ratios = evaluate(x, dx)
+        try:
+            ratios = evaluate(x, dx)
+        except _NonFinite:
+            return math.nan, tried
         tried += batch
         i = int(np.argmax(ratios))
         if ratios[i] > best:
@@ -350,10 +361,15 @@ def lipschitz(
     candidates = [b for b in bounds if b.norm == own] or [by_norm[own]]
     upper = min(candidates, key=lambda b: b.log10)
     lower, tried = lower_bound(m, norm, lower_seconds, seed)
+    method = f"largest ratio over {tried} input pairs (random + local search)"
+    if math.isnan(lower):
+        lower, method = None, "none: the model's float32 outputs are not finite (Inf or NaN) on sampled inputs"
+        notes.append(f"no lower bound was measured: {method[6:]}")
     return LipschitzResult(
         norm,
         upper,
-        {"value": lower, "method": f"largest ratio over {tried} input pairs (random + local search)", "pairs": tried},
+        # observed on the float32 network, not certified for the exact one (README "Lipschitz constant")
+        {"value": lower, "method": method, "pairs": tried, "certified": False},
         bounds,
         list(layers.values()) if per_layer else [],
         notes,

@@ -147,8 +147,10 @@ def observed_max_l1(
         # the models' inputs pair by position (structure.align_params checked their shapes), not by name
         renamed = dict(zip(samplers[1].graph.inputs, xs.values()))
         diff = np.abs(samplers[0].run(xs) - samplers[1].run(renamed)).sum(axis=1)
-        worst = max(worst, float(diff.max()))
         done += k
+        if not np.all(np.isfinite(diff)):  # (max(0.0, nan) is 0.0: a NaN output read as no difference)
+            return math.nan, done
+        worst = max(worst, float(diff.max()))
         elapsed = time.perf_counter() - start
         left = time_budget - elapsed
         if left <= 0:

@@ -147,3 +147,36 @@ def test_outputs_that_overflow_float32_give_no_observed_figure():
     r = onnxlip.bound(models[0], models[1], samples=8)
     assert math.isfinite(r.log10_bound) and r.observed_max_l1_diff is None
     assert any("overflow" in n for n in r.notes)
+
+
+def _deep_chain(layers: int = 250, scale: float = 3.0, pruned: int | None = None) -> onnx.ModelProto:
+    """x -> (MatMul, Relu) * layers with N(0, scale) weights: the float32 forward overflows to Inf, then NaN."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(1)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((8, 8)) * scale).astype(np.float32)
+        if i == pruned:
+            w[0, 0] = 0.0
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes += [
+            helper.make_node("MatMul", [prev, f"W{i}"], [f"m{i}"]),
+            helper.make_node("Relu", [f"m{i}"], [f"r{i}"]),
+        ]
+        prev = f"r{i}"
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])]
+    return make_model(nodes, io, [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 8])], inits)
+
+
+def test_nan_outputs_give_no_observed_figure_and_no_lower_bound():
+    """Outputs of Inf - Inf = NaN: max(0.0, nan) kept 0.0, so bound reported 'observed 0' and lipschitz a lower
+    bound of 0 labelled observed. Now neither gives a figure, and a note says why."""
+    base, pruned = _deep_chain(), _deep_chain(pruned=100)
+    r = onnxlip.bound(base, pruned, samples=16)
+    assert r.observed_max_l1_diff is None and any("Inf or NaN" in n for n in r.notes)
+    result = onnxlip.lipschitz(base, "inf", lower_seconds=0.2)
+    assert result.lower["value"] is None and result.lower["certified"] is False
+    assert any("not finite" in n for n in result.notes)
