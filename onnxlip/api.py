@@ -3,12 +3,13 @@ typed result whose `to_json()` is the CLI's --json contract."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -182,6 +183,23 @@ def analyse(
     return Analysed(proto, graph, model_label(model))
 
 
+def _analysed(model, output, input_shapes) -> Analysed:
+    with naming(model):
+        return analyse(model, output, input_shapes, keep_proto=False)
+
+
+@contextlib.contextmanager
+def naming(model) -> Iterator[None]:
+    """Errors about one of several models name its file (`bound base v1 v2`: which one has the Sigmoid?)."""
+    try:
+        yield
+    except OnnxlipError as exc:
+        label = model_label(model) if isinstance(model, (str, os.PathLike)) else None
+        if label and exc.args and isinstance(exc.args[0], str) and label not in exc.args[0]:
+            exc.args = (f"{label}: {exc.args[0]}", *exc.args[1:])
+        raise
+
+
 # ---- path-norm -----------------------------------------------------------------------------------------
 def path_norm(
     model: ModelLike,
@@ -266,7 +284,7 @@ def path_metric(
     device: str = "auto",
 ) -> PathMetricResult:
     """The l1 path-metric ||Phi(theta_a) - Phi(theta_b)||_1 (exact when one model dominates the other)."""
-    a_, b_ = (analyse(m, output, input_shapes, keep_proto=False) for m in (a, b))
+    a_, b_ = (_analysed(m, output, input_shapes) for m in (a, b))
     return metric_between(a_, b_, device)
 
 
@@ -317,7 +335,7 @@ def bound_many(
     sample_seconds = real_arg("sample_seconds (--sample-seconds)", sample_seconds, minimum=0)
     check_seed(seed)
     variants = models_arg(variants)
-    ref = analyse(base, output, input_shapes, keep_proto=False)
+    ref = _analysed(base, output, input_shapes)
     samplers = BoundSamplers(ref, samples)
     # variant files that differ from the base file only in initializer values reuse the base's import
     reader = VariantReader(base, ref.graph, ref.file) if isinstance(base, (str, os.PathLike)) and variants else None
@@ -330,7 +348,7 @@ def bound_many(
             other = Analysed(None, ref.graph, model_label(variant), source=variant, skeleton=ref.skeleton)
             metric = metric_result(engine.metric_changes(changes))
         else:
-            other = analyse(variant, output, input_shapes, keep_proto=False)
+            other = _analysed(variant, output, input_shapes)
             metric = metric_between(ref, other, device, engine)
         log10_bound = certified_log10_bound(metric, input_bound)
         observed, tried, sampling_notes = samplers.observe(other, input_bound, seed, sample_seconds)

@@ -156,8 +156,10 @@ def bound(
         exceeded = max_bound is not None and any(_exceeds(r.log10_bound, max_bound) for r in results)
         if as_json:
             payload = [r.to_json() for r in results]
-            for p, v in zip(payload, variants):
+            for p, v, r in zip(payload, variants, results):
                 p["variant"] = str(v)
+                if max_bound is not None:
+                    p["exceeded"] = _exceeds(r.log10_bound, max_bound)
             if len(variants) == 1:
                 obj = payload[0] | {"base": str(base)}
             else:
@@ -174,32 +176,53 @@ def bound(
 def _print_bounds(base, variants, results, max_bound) -> None:
     r0 = results[0]
     table = Table(title=f"certified bound on ||R_base(x) - R_variant(x)||_1 for all ||x||_inf <= {r0.input_bound:g}")
-    table.add_column("variant", overflow="fold", min_width=18)
-    for col in ("bound", "path-metric", "metric", "changed", "flips", "observed (n)"):
-        table.add_column(col, justify="right", overflow="fold")
-    for v, r in zip(variants, results):
+    table.add_column("variant", overflow="fold", min_width=12)
+    for col in ("bound", "metric", "kind", "changed", "flips", "observed"):
+        table.add_column(col, justify="right", no_wrap=True)  # a number folded over two lines reads wrong
+    for v, r in zip(_short_labels(variants), results):
         over = max_bound is not None and _exceeds(r.log10_bound, max_bound)
         bound_txt = _fmt(r.bound, r.log10_bound)
         observed = "-" if r.observed_max_l1_diff is None else f"{r.observed_max_l1_diff:.4g} ({r.samples})"
         table.add_row(
-            Path(v).name,
+            v,
             Text(bound_txt, style="red") if over else bound_txt,
             _fmt(r.path_metric, r.log10_path_metric),
-            "exact" if r.exact else "upper bd",
+            "exact" if r.exact else "upper",
             f"{r.changed_parameters:,}",
             str(r.sign_flips),
             observed,
         )
     out.print(table)
     out.print(
-        f"base: {base}   device: {r0.device}   rounding margin included: {r0.rounding_margin:.2g}", highlight=False
+        f"base: {base}   device: {r0.device}   rounding margin included: {r0.rounding_margin:.2g} (relative)",
+        highlight=False,
     )
     if any(r.sign_flips for r in results):
         out.print("sign flips: " + next(r.sign_flip_handling for r in results if r.sign_flips), highlight=False)
     if max_bound is not None:
-        out.print(f"gate: --max-bound {max_bound:g}", highlight=False)
+        over = [(v, r) for v, r in zip(_short_labels(variants), results) if _exceeds(r.log10_bound, max_bound)]
+        if over:
+            failed = ", ".join(f"{v} ({_fmt(r.bound, r.log10_bound)})" for v, r in over)
+            out.print(f"GATE FAILED: --max-bound {max_bound:g} exceeded by {failed}", highlight=False)
+        else:
+            out.print(f"gate passed: every bound is <= --max-bound {max_bound:g}", highlight=False)
     for note in dict.fromkeys(n for r in results for n in r.notes):
         out.print(f"note: {note}", highlight=False)
+
+
+def _short_labels(paths) -> list[str]:
+    """For each path, its shortest trailing part that no other path shares (runs/a/model.onnx, runs/b/model.onnx ->
+    a/model.onnx, b/model.onnx; x/p.onnx, y/q.onnx -> p.onnx, q.onnx), so that rows of one table never share a
+    name."""
+    parts = [Path(p).parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        labels = [str(Path(*p[-k:])) for p, k in zip(parts, depth)]
+        clash = [i for i, x in enumerate(labels) if labels.count(x) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            return labels
+        for i in clash:
+            depth[i] += 1
 
 
 # the other commands register themselves on `app` when imported (after these, in this order, for --help)

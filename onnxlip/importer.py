@@ -290,15 +290,32 @@ def _unsupported_reason(node: onnx.NodeProto) -> str:
     return f"{node.op_type} is not supported by onnxlip (not a known piecewise-linear op)"
 
 
+_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
 def _output_hint(nodes, issues, shapes, inputs, consts) -> str | None:
     """Suggest --output TENSOR: run-time inputs of the unsupported nodes that do not themselves depend on an
     unsupported node and are computed (a model input leaves nothing to analyse)."""
     bad = {i.node for i in issues}
     name_of = {id(n): n.name or (n.output[0] if n.output else "?") for n in nodes}
     tainted: set[str] = set()
+    inside = False  # a layer with weights follows an unsupported node: it is not a tail
     for n in nodes:  # topological order: taint everything downstream of an unsupported node
-        if name_of[id(n)] in bad or any(t in tainted for t in n.input):
+        downstream = any(t in tainted for t in n.input)
+        if downstream and n.op_type in _WEIGHTED and any(t in consts for t in n.input[1:]):
+            inside = True
+        if name_of[id(n)] in bad or downstream:
             tainted.update(o for o in n.output if o)
+    if inside:
+        ops = sorted({i.op for i in issues})
+        lipschitz = [op for op in ops if op in LIPSCHITZ_IMPORTERS]
+        text = (
+            f"hint: the unsupported {', '.join(ops)} node(s) lie inside the network (layers with weights follow "
+            "them), so cutting it with --output would analyse only its first part"
+        )
+        if lipschitz:
+            text += f"; `onnxlip lipschitz` accepts {', '.join(lipschitz)} (l2 bounds)"
+        return text
     candidates = []
     for n in nodes:
         if name_of[id(n)] not in bad:

@@ -93,12 +93,18 @@ def test_max_bound_gate(pair):
     code, obj = _json(["bound", pair[0], pair[1], "--samples", "0", "--max-bound", str(bound * 0.99)])
     assert code == 1 and obj["exceeded"] is True
     code, out, err = cli("bound", pair[0], pair[1], "--samples", "0", "--max-bound", str(bound * 0.99))
-    assert code == 1 and "bound" in out
+    assert code == 1 and "GATE FAILED" in out  # said in words: CI logs keep no colour
+    code, out, err = cli("bound", pair[0], pair[1], "--samples", "0", "--max-bound", str(bound * 1.01))
+    assert code == 0 and "gate passed" in out
+    code, obj = _json(["bound", pair[0], pair[1], pair[2], "--samples", "0", "--max-bound", str(bound * 1.01)])
+    flags = [r["exceeded"] for r in obj["results"]]  # one per variant
+    assert flags == [r["bound"] > bound * 1.01 for r in obj["results"]] and flags[0] is False
+    assert obj["exceeded"] is any(flags)
 
 
 def test_human_output(pair):
     code, out, err = cli("bound", pair[0], pair[1], pair[2], "--samples", "8")
-    assert code == 0 and "exact" in out and "upper bd" in out and "pruned.onnx" in out
+    assert code == 0 and "exact" in out and "upper" in out and "pruned.onnx" in out
     code, out, err = cli("check", pair[0])
     assert code == 0 and "supported" in out and "Gemm" in out
 
@@ -221,3 +227,19 @@ def test_usage_errors_are_json_with_json(args, message):
     assert code == 2 and obj["exit_code"] == 2 and message in obj["error"] and "onnxlip_version" in obj
     code, out, err = cli(*args)  # without --json: typer's usage message, as before
     assert code == 2 and out == "" and message in err
+
+
+def test_bound_rows_are_told_apart_and_fit_80_columns(tmp_path):
+    """Variants of one name in two folders: each row shows the shortest path part that differs; the table fits
+    80 columns without folding a number."""
+    import shutil
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copy("models/digits_cnn_pruned.onnx", tmp_path / d / "model.onnx")
+    code, out, err = cli(
+        "bound", "models/digits_cnn.onnx", tmp_path / "a" / "model.onnx", tmp_path / "b" / "model.onnx",
+        "--samples", "0", columns=80,
+    )  # fmt: skip
+    assert code == 0 and "a/model.onnx" in out and "b/model.onnx" in out
+    assert max(len(line) for line in out.splitlines()) <= 80

@@ -218,3 +218,21 @@ def test_sklearn_pipeline_with_a_scaler(scaler, tmp_path):
     r = onnxlip.bound(str(path), str(tmp_path / "pruned.onnx"), samples=64)
     assert r.exact and r.bound == pytest.approx(pruned.bound, rel=1e-9)
     assert r.observed_max_l1_diff is not None and 0 < r.observed_max_l1_diff <= r.bound
+
+
+def test_an_activation_inside_the_network_gets_no_cut_hint(tmp_path):
+    """A Tanh between two weighted layers is no tail: '--output <its input>' would analyse the first layer only,
+    and an audit would read 'supported'. The hint says so and points to lipschitz; the bound error names the file."""
+    inside = _mlp([helper.make_node("Tanh", ["h"], ["c"])], 17)
+    result = onnxlip.check(inside)
+    assert not result.supported and "use --output" not in result.hint
+    assert "inside the network" in result.hint and "lipschitz" in result.hint
+    tail = _mlp([helper.make_node("Relu", ["h"], ["c"])], 17)
+    tail.graph.node.append(helper.make_node("Softmax", ["y"], ["p"]))
+    tail.graph.output[0].name = "p"
+    assert "--output y" in onnxlip.check(tail).hint
+    base, bad = tmp_path / "base.onnx", tmp_path / "tanh.onnx"
+    onnx.save(_mlp([helper.make_node("Relu", ["h"], ["c"])], 17), str(base))
+    onnx.save(inside, str(bad))
+    with pytest.raises(onnxlip.UnsupportedModelError, match="tanh.onnx: the model has 1 unsupported"):
+        onnxlip.bound_many(str(base), [str(base), str(bad)], samples=0)
