@@ -91,15 +91,16 @@ class CheckResult:
     supported: bool
     errors: list[ModelIssue]
     warnings: list[str]
-    inputs: dict[str, list[int]]
+    inputs: dict[str, list]  # analysed: fixed sizes; unsupported: as declared (a dimension's name, or None)
     outputs: list[str]
-    num_parameters: int
+    num_parameters: int | None  # None where the model is not supported (not analysed)
     ops: dict[str, int]
     hint: str | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["errors"] = [asdict(e) for e in self.errors]
+        d["hint"] = self.hint.removeprefix("hint: ") if self.hint else None  # (the key says it)
         return _jsonable(d)
 
 
@@ -391,10 +392,21 @@ def check(
     try:
         graph = import_model(proto, ImportOptions(outputs=output, input_shapes=input_shapes), arrays)
     except UnsupportedModelError as exc:
-        return CheckResult(False, exc.issues, [], {}, outputs, 0, dict(ops), exc.hint)
+        # not analysed: the file's declared inputs (a dimension by its name where it has no size), and no count
+        return CheckResult(False, exc.issues, [], _declared_inputs(proto), outputs, None, dict(ops), exc.hint)
     inputs = {k: list(v) for k, v in graph.inputs.items()}
     warnings = list(graph.warnings) + user_batch_notes(graph, input_shapes) + wide_range_warnings(graph)
     return CheckResult(True, [], warnings, inputs, list(graph.outputs), graph.num_parameters, dict(ops))
+
+
+def _declared_inputs(proto: onnx.ModelProto) -> dict[str, list]:
+    inits = {i.name for i in proto.graph.initializer}
+    out = {}
+    for i in proto.graph.input:
+        if i.name not in inits:
+            dims = i.type.tensor_type.shape.dim
+            out[i.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+    return out
 
 
 def wide_range_warnings(graph) -> list[str]:

@@ -43,7 +43,7 @@ def check(
     with _guard(as_json):
         result = api.check(model, output=output, input_shapes=_shapes(input_shape))
         if as_json:
-            _emit_json(result.to_json())
+            _emit_json({"model": str(model)} | result.to_json())
         else:
             _print_check(model, result)
         if not result.supported:
@@ -82,7 +82,7 @@ def pathnorm(
     with _guard(as_json):
         r = api.path_norm(model, q, output=output, input_shapes=_shapes(input_shape), device=device)
         if as_json:
-            _emit_json(r.to_json())
+            _emit_json({"model": str(model)} | r.to_json())
             return
         table = Table(title=f"L^{q:g} path-norm of {model}")
         for col in ("path-norm", "log10", "parameters", "outputs", "device"):

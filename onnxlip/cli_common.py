@@ -145,7 +145,7 @@ def _fail(as_json: bool, message: str, code: int, issues=None, hint=None):
         if issues:
             payload["errors"] = [{"node": i.node, "op": i.op, "reason": i.reason} for i in issues]
         if hint:
-            payload["hint"] = hint
+            payload["hint"] = hint.removeprefix("hint: ")
         _emit_json(payload)
     else:
         err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)

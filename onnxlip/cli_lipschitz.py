@@ -73,7 +73,7 @@ def lipschitz_cmd(
             )
         exceeded = max_lipschitz is not None and _exceeds(result.upper.log10, max_lipschitz)
         if as_json:
-            obj = result.to_json()
+            obj = {"model": str(model)} | result.to_json()
             if max_lipschitz is not None:
                 obj["max_lipschitz"], obj["exceeded"] = max_lipschitz, exceeded
             _emit_json(obj)

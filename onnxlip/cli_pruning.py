@@ -66,7 +66,7 @@ def scores_cmd(
             with open(out_file, "wb") as f:  # exactly the named file (np.savez(path) would add ".npz")
                 np.savez(f, **arrays, __log10_path_norm__=np.array(result.log10_path_norm))
         if as_json:
-            obj = result.to_json()
+            obj = {"model": str(model)} | result.to_json()
             obj["file"] = None if out_file is None else str(out_file)
             _emit_json(obj)
             return
@@ -96,18 +96,24 @@ def prune_cmd(
     model: Path = typer.Argument(..., help="ONNX file."),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of the prunable weights to zero."),
     out_file: Optional[Path] = typer.Option(None, "-o", "--out", help="Where to write the pruned model."),
-    criterion: str = typer.Option(
-        "path-magnitude", "--criterion", help="path-magnitude (rescaling-invariant) or magnitude."
+    criterion: Optional[str] = typer.Option(
+        None,
+        "--criterion",
+        help="path-magnitude (rescaling-invariant; the default) or magnitude. A --sweep without it runs both.",
     ),
     scope: str = typer.Option("global", "--scope", help="global: one threshold for all layers; layer: per tensor."),
     include_biases: bool = typer.Option(False, "--include-biases", help="Also prune the biases of those layers."),
     sweep: Optional[str] = typer.Option(
-        None, "--sweep", help="Comma-separated sparsities: a table for both criteria instead of one pruned file."
+        None,
+        "--sweep",
+        help="Comma-separated sparsities: a table (both criteria, unless --criterion names one) instead of one "
+        "pruned file.",
     ),
     plot: Optional[Path] = typer.Option(
         None,
         "--plot",
-        help="With --sweep: draw bound versus sparsity (PNG; needs matplotlib, pip install 'onnxlip\\[plot]').",
+        help="With --sweep: draw bound versus sparsity (an image; its format from the file's extension, e.g. .png "
+        "or .pdf; needs matplotlib, pip install 'onnxlip\\[plot]').",
     ),
     input_bound: float = typer.Option(1.0, "--input-bound", "-R", help="R of the certified bound."),
     output: Optional[List[str]] = OutputOpt,
@@ -124,6 +130,8 @@ def prune_cmd(
         if (sparsity is None) == (sweep is None):
             raise OnnxlipError("give either --sparsity S (with -o FILE) or --sweep S1,S2,...")
         if plot is not None:
+            if sweep is None:
+                raise OnnxlipError("--plot draws a --sweep; with one --sparsity there is no curve to draw")
             _refuse_overwrite(plot, [model])
         if sweep is not None:
             if out_file is not None:
@@ -132,11 +140,13 @@ def prune_cmd(
                 levels = [float(v) for v in sweep.split(",") if v.strip()]
             except ValueError:
                 raise OnnxlipError(f"--sweep {sweep!r} is not a comma-separated list of numbers") from None
-            with _progress(2 * len(levels), "pruning") as bar:
-                task = bar.add_task("sweep", total=2 * len(levels))
+            runs = len(levels) * (1 if criterion is not None else 2)
+            with _progress(runs, "pruning") as bar:
+                task = bar.add_task("sweep", total=runs)
                 results = prune_sweep(
                     model,
                     levels,
+                    **({"criteria": [criterion]} if criterion is not None else {}),
                     scope=scope,
                     include_biases=include_biases,
                     input_bound=input_bound,
@@ -152,7 +162,7 @@ def prune_cmd(
             results = prune_sweep(
                 model,
                 [sparsity],
-                criteria=[criterion],
+                criteria=[criterion or "path-magnitude"],
                 scope=scope,
                 include_biases=include_biases,
                 out_path=out_file,
@@ -164,10 +174,13 @@ def prune_cmd(
         if plot is not None:
             _plot_sweep(results, plot)
         if as_json:
-            _emit_json(results[0].to_json() if sweep is None else {"results": [r.to_json() for r in results]})
+            _emit_json(
+                {"model": str(model)}
+                | (results[0].to_json() if sweep is None else {"results": [r.to_json() for r in results]})
+            )
             return
         table = Table(title=f"pruning {model}: certified bound for ||x||_inf <= {input_bound:g} ({scope} scope)")
-        for col in ("criterion", "sparsity", "bound", "path-metric", "metric"):
+        for col in ("criterion", "sparsity", "bound", "metric", "kind"):
             table.add_column(col, justify="right" if col != "criterion" else "left")
         for r in results:
             table.add_row(
@@ -175,13 +188,15 @@ def prune_cmd(
                 f"{r.sparsity:.3f}",
                 _fmt(r.bound, r.log10_bound),
                 _fmt(r.path_metric, r.log10_path_metric),
-                "exact" if r.exact else "upper bd",
+                "exact" if r.exact else "upper",
             )
         out.print(table)
         for note in results[0].notes:
             out.print(f"note: {note}", highlight=False)
         if out_file is not None:
             out.print(f"wrote {out_file}", highlight=False)
+        if plot is not None:
+            out.print(f"wrote {plot}", highlight=False)
 
 
 def _plot_sweep(results, path: Path) -> None:
@@ -230,8 +245,14 @@ def rescale_cmd(
             raise OnnxlipError(f"--factors {factors!r} is not a comma-separated list of numbers") from None
         _refuse_overwrite(out_file, [model])
         _, result = rescale(model, seed=seed, factors=values, out_path=out_file)
+        notes = []
+        if result.rescaled_neurons == 0:
+            notes.append(
+                "no neuron was rescaled: the written model equals the input (no ReLU, LeakyReLU or PReLU layer "
+                "between two layers with their own weights where rescaling is exact)"
+            )
         if as_json:
-            _emit_json(result.to_json())
+            _emit_json({"model": str(model)} | result.to_json() | {"notes": notes})
         else:
             out.print(
                 f"rescaled {result.rescaled_neurons} neurons in {result.rescaled_layers} layers "
@@ -240,3 +261,5 @@ def rescale_cmd(
                 f"weights); wrote {out_file}",
                 highlight=False,
             )
+            for note in notes:
+                out.print(f"note: {note}", highlight=False)

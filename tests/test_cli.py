@@ -243,3 +243,57 @@ def test_bound_rows_are_told_apart_and_fit_80_columns(tmp_path):
     )  # fmt: skip
     assert code == 0 and "a/model.onnx" in out and "b/model.onnx" in out
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_every_json_names_its_model(pair, tmp_path):
+    """Audit logs need the analysed file in each JSON object (bound names base and variants)."""
+    for args in (
+        ["check", pair[0]],
+        ["pathnorm", pair[0]],
+        ["scores", pair[0]],
+        ["prune", pair[0], "--sweep", "0.5"],
+        ["prune", pair[0], "--sparsity", "0.5", "-o", tmp_path / "p.onnx"],
+        ["rescale", pair[0], "-o", tmp_path / "r.onnx"],
+        ["lipschitz", pair[0], "--lower-seconds", "0.1"],
+    ):
+        code, obj = _json(args)
+        assert code == 0 and obj["model"] == str(pair[0]), args
+
+
+def test_check_of_an_unsupported_model_says_what_it_does_not_know(tmp_path):
+    """Not analysed: its declared inputs (a symbolic dimension by name) and no parameter count (0 was false); the
+    hint's value does not repeat its key."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import make_model
+
+    w = numpy_helper.from_array(np.ones((3, 3), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Softmax", ["h"], ["y"])]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])]
+    model = make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w])
+    path = tmp_path / "softmax.onnx"
+    onnx.save(model, str(path))
+    code, obj = _json(["check", path])
+    assert code == 2 and obj["inputs"] == {"x": ["N", 3]} and obj["num_parameters"] is None
+    assert obj["hint"].startswith("to analyse") and "--output h" in obj["hint"]
+
+
+def test_prune_options_that_do_not_apply_are_not_ignored(pair, tmp_path):
+    code, obj = _json(["prune", pair[0], "--sweep", "0.3,0.6", "--criterion", "magnitude"])
+    assert code == 0 and {r["criterion"] for r in obj["results"]} == {"magnitude"}  # (both were run before)
+    code, obj = _json(["prune", pair[0], "--sparsity", "0.5", "-o", tmp_path / "p.onnx", "--plot", tmp_path / "x.png"])
+    assert code == 2 and "--plot draws a --sweep" in obj["error"]
+
+
+def test_rescale_that_changes_nothing_says_so(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import make_model
+
+    w = numpy_helper.from_array(np.ones((3, 3), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Tanh", ["h"], ["y"])]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])]
+    path = tmp_path / "tanh.onnx"
+    onnx.save(make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w]), str(path))
+    code, obj = _json(["rescale", path, "-o", tmp_path / "r.onnx"])
+    assert code == 0 and obj["rescaled_neurons"] == 0 and "no neuron was rescaled" in obj["notes"][0]
