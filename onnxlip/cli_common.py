@@ -19,10 +19,12 @@ from rich.text import Text
 from .errors import OnnxlipError
 from .loading import refuse_overwrite
 
+FLAG = " "  # the metavar of on/off options: typer's rich help would show "<bool>", as if they took a value
+
 app = typer.Typer(
     help="Path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks.\n\n"
     "Every command takes --json for CI (one JSON object on stdout). Exit codes: 0 ok, 1 a threshold you "
-    "set was exceeded, 2 unusable input or unsupported model.",
+    "set was exceeded, 2 unusable input or unsupported model, 3 an internal error (a bug: please report it).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -52,7 +54,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _main(
     version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Print the versions and exit."
+        False, "--version", callback=_print_version, is_eager=True, help="Print the versions and exit.", metavar=FLAG
     ),
 ) -> None:
     """Path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks."""
@@ -83,7 +85,7 @@ ShapeOpt = typer.Option(
     "when a non-batch dimension is dynamic. The batch dimension defaults to 1.",
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when its provider really loads, else CPU), cpu or cuda.")
-JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.", metavar=FLAG)
 
 
 def _shapes(specs: Optional[List[str]]) -> dict[str, list[int]] | None:
@@ -169,14 +171,15 @@ def _emit_json(obj: dict) -> None:
 
 
 def _progress(total: int, label: str) -> Progress:
+    """A progress bar on stderr (terminals only); a task of unknown total shows a pulsing bar and no count."""
     return Progress(
         TextColumn(label),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.completed}/{task.total}" if total > 0 else ""),
         TimeElapsedColumn(),
         console=err,
         transient=True,
-        disable=total <= 1 or not err.is_terminal,
+        disable=0 <= total <= 1 or not err.is_terminal,
     )
 
 

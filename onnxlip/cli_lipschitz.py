@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from .cli_common import (
+    FLAG,
     JsonOpt,
     OutputOpt,
     ShapeOpt,
@@ -37,6 +38,7 @@ def lipschitz_cmd(
     per_layer: bool = typer.Option(
         False,
         "--per-layer",
+        metavar=FLAG,
         help="Table of every linear operator's l2 norm: power-"
         "iteration estimate and certified value; the largest ones dominate the bound.",
     ),
@@ -59,7 +61,7 @@ def lipschitz_cmd(
 
     with _guard(as_json):
         _threshold("--max-lipschitz", max_lipschitz)
-        with _progress(2, "operator norms") as bar:
+        with _progress(-1, "bounds (operator norms, then the lower-bound search)") as bar:
             task = bar.add_task("norms", total=None)
             result = lipschitz(
                 model,

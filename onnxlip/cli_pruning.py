@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .cli_common import (
+    FLAG,
     DeviceOpt,
     JsonOpt,
     OutputOpt,
@@ -40,6 +41,7 @@ def scores_cmd(
     log10: bool = typer.Option(
         False,
         "--log10",
+        metavar=FLAG,
         help="Write log10 of those fractions instead (-inf for 0): exact for every score, including those below "
         "float64's range (1e-308 of the path-norm), which deep networks can have.",
     ),
@@ -102,7 +104,9 @@ def prune_cmd(
         help="path-magnitude (rescaling-invariant; the default) or magnitude. A --sweep without it runs both.",
     ),
     scope: str = typer.Option("global", "--scope", help="global: one threshold for all layers; layer: per tensor."),
-    include_biases: bool = typer.Option(False, "--include-biases", help="Also prune the biases of those layers."),
+    include_biases: bool = typer.Option(
+        False, "--include-biases", help="Also prune the biases of those layers.", metavar=FLAG
+    ),
     sweep: Optional[str] = typer.Option(
         None,
         "--sweep",
