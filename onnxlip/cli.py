@@ -193,8 +193,9 @@ def _print_bounds(base, variants, results, max_bound) -> None:
             observed,
         )
     out.print(table)
+    margin = max(r.rounding_margin for r in results)
     out.print(
-        f"base: {base}   device: {r0.device}   rounding margin included: {r0.rounding_margin:.2g} (relative)",
+        f"base: {base}   device: {r0.device}   rounding margin included: {margin:.2g} (relative)",
         highlight=False,
     )
     if any(r.sign_flips for r in results):

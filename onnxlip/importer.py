@@ -307,7 +307,7 @@ def _output_hint(nodes, issues, shapes, inputs, consts) -> str | None:
         if name_of[id(n)] in bad or downstream:
             tainted.update(o for o in n.output if o)
     if inside:
-        ops = sorted({i.op for i in issues})
+        ops = sorted({i.op if isinstance(i.op, str) else repr(i.op) for i in issues})  # (a damaged file: bytes)
         lipschitz = [op for op in ops if op in LIPSCHITZ_IMPORTERS]
         text = (
             f"hint: the unsupported {', '.join(ops)} node(s) lie inside the network (layers with weights follow "

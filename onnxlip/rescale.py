@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from .api import _jsonable
 from .args import check_seed, real_arg
 from .errors import OnnxlipError
 from .graph_prep import initial_constants
@@ -35,6 +34,8 @@ class RescaleResult:
     output: str | None
 
     def to_json(self) -> dict:
+        from .api import _jsonable  # here, not at import: onnxlip.api may import this module's users
+
         return _jsonable(asdict(self))
 
 
@@ -104,30 +105,30 @@ def _attr(node, name: str, default: int):
 
 
 def _incoming(g: _Graph, z: str):
-    """How to multiply the pre-activation z by lam per channel: (the channel count, a function lam -> None, the
-    channel axis of z); None when z is not produced by a layer we can rescale exactly. Convolutions and BatchNorm
-    have their channels on axis 1, Gemm on axis 1 of its 2-D output, MatMul on the last axis whatever the rank
-    (a Linear on a (B, T, F) tensor or a 4-D map)."""
+    """How to multiply the pre-activation z by lam per channel: (the channel count, the tensors to multiply as
+    (initializer name, its channel axis) pairs, the channel axis of z); None when z is not produced by a layer
+    we can rescale exactly. Convolutions and BatchNorm have their channels on axis 1, Gemm on axis 1 of its 2-D
+    output, MatMul on the last axis whatever the rank (a Linear on a (B, T, F) tensor or a 4-D map)."""
     node = g.producer.get(z)
     if node is None or g.sole_consumer(z) is None or z not in g.ranks:
         return None
     out = _incoming_layer(g, node)
     if out is None:
         return None
-    n, fn, axis = out
-    return n, fn, g.ranks[z] - 1 if axis == "last" else axis
+    n, tensors, axis = out
+    return n, tensors, g.ranks[z] - 1 if axis == "last" else axis
 
 
 def _incoming_layer(g: _Graph, node):
     if node.op_type == "BatchNormalization" and all(g.private_init(t) for t in node.input[1:3]):
         gamma, beta = node.input[1], node.input[2]
-        return len(g.values[gamma]), lambda lam: (_mul(g, gamma, lam, 0), _mul(g, beta, lam, 0)), 1
+        return len(g.values[gamma]), [(gamma, 0), (beta, 0)], 1
     if node.op_type == "Conv" and g.private_init(node.input[1]):
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias is not None and not g.private_init(bias):
             return None
         w = node.input[1]
-        return g.values[w].shape[0], lambda lam: (_mul(g, w, lam, 0), bias and _mul(g, bias, lam, 0)), 1
+        return g.values[w].shape[0], [(w, 0)] + ([(bias, 0)] if bias else []), 1
     if node.op_type == "Gemm" and g.private_init(node.input[1]) and not int(_attr(node, "transA", 0)):
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if bias is not None and (not g.private_init(bias) or g.values[bias].size not in (1, _out_dim(g, node))):
@@ -137,7 +138,7 @@ def _incoming_layer(g: _Graph, node):
         # one bias per output: (N,) or (1, N); a (M, 1) bias of the same size broadcasts along the batch instead
         if bias is not None and g.values[bias].shape not in ((n,), (1, n)):
             return None
-        return n, lambda lam: (_mul(g, w, lam, axis), bias and _mul(g, bias, lam, -1)), 1
+        return n, [(w, axis)] + ([(bias, -1)] if bias else []), 1
     if node.op_type == "Add":  # MatMul(x, W) + c, as Keras/sklearn/MATLAB export dense layers
         x, c = node.input
         if c not in g.values:
@@ -156,10 +157,10 @@ def _incoming_layer(g: _Graph, node):
         n = g.values[w].shape[-1]
         if g.values[w].ndim != 2 or g.values[c].size != n or g.values[c].shape[-1:] != (n,):
             return None
-        return n, lambda lam: (_mul(g, w, lam, 1), _mul(g, c, lam, -1)), "last"
+        return n, [(w, 1), (c, -1)], "last"
     if node.op_type == "MatMul" and g.private_init(node.input[1]) and g.values[node.input[1]].ndim == 2:
         w = node.input[1]
-        return g.values[w].shape[1], lambda lam: _mul(g, w, lam, 1), "last"
+        return g.values[w].shape[1], [(w, 1)], "last"
     return None
 
 
@@ -257,6 +258,57 @@ def _check_graph(proto: onnx.ModelProto) -> None:
         raise OnnxlipError("the model declares no outputs")
 
 
+# chooses one layer's factors: (the ReLU node, f) -> lam, one positive factor per channel, where f[c] is the largest
+# |entry| of channel c over every tensor the incoming step multiplies (its weight rows / channels and its bias, or
+# a BatchNorm's gamma and beta), as they stand when the layer's turn comes (earlier layers' divisions applied)
+Chooser = Callable[[onnx.NodeProto, np.ndarray], np.ndarray]
+
+
+def _channel_max(g: _Graph, tensors, channels: int) -> np.ndarray:
+    """f[c] = max |entry| of channel c over the tensors the incoming step multiplies, in float64."""
+    f = np.zeros(channels)
+    for name, axis in tensors:
+        arr = np.moveaxis(np.abs(g.values[name].astype(np.float64)), axis, 0).reshape(channels, -1)
+        f = np.maximum(f, arr.max(axis=1, initial=0.0))
+    return f
+
+
+def rescale_layers(proto: onnx.ModelProto, choose: Chooser) -> tuple[int, int, int, dict[str, np.ndarray]]:
+    """Rescale `proto` in place, ReLU layer by ReLU layer in node order, with the factors `choose` picks, at every
+    neuron where the symmetry is exact. Returns (rescaled neurons, rescaled layers, skipped layers, the factors
+    applied keyed by the ReLU node's output name). OnnxlipError where an entry would overflow or underflow."""
+    _check_graph(proto)
+    g = _Graph(proto)
+    nonzero = {n: int(np.count_nonzero(v)) for n, v in g.values.items() if v.dtype.kind == "f"}
+    original = dict(g.values)
+    neurons = layers = skipped = 0
+    applied: dict[str, np.ndarray] = {}
+    for node in list(proto.graph.node):
+        if node.op_type not in _HOMOGENEOUS or not node.input or not node.output:
+            continue
+        inc = _incoming(g, node.input[0])
+        out = _outgoing(g, node.output[0], inc[0], inc[2]) if inc is not None else None
+        if inc is None or out is None:
+            skipped += 1
+            continue
+        lam = np.asarray(choose(node, _channel_max(g, inc[1], inc[0])), dtype=np.float64)
+        if lam.shape != (inc[0],) or not np.all(np.isfinite(lam) & (lam > 0)):
+            raise OnnxlipError(f"rescaling factors of {node.output[0]!r} must be {inc[0]} positive finite numbers")
+        with np.errstate(over="ignore", under="ignore"):  # checked below
+            for name, axis in inc[1]:
+                _mul(g, name, lam, axis)
+            out(lam)
+        applied[node.output[0]] = lam
+        neurons += int(np.count_nonzero(lam != 1.0))
+        layers += 1
+    for name, count in nonzero.items():
+        _check_representable(name, g.values[name], count)
+    for name, init in g.inits.items():
+        if g.values[name] is not original[name]:  # rescaled (an untouched tensor stays as stored)
+            init.CopyFrom(replaced_tensor(init, g.values[name]))
+    return neurons, layers, skipped, applied
+
+
 def rescale(
     model: ModelLike, *, seed: int = 0, factors: Sequence[float] = _DEFAULT_FACTORS, out_path: str | Path | None = None
 ) -> tuple[onnx.ModelProto, RescaleResult]:
@@ -273,31 +325,8 @@ def rescale(
         refuse_overwrite(out_path, [model])
     proto = onnx.ModelProto()
     proto.CopyFrom(load_model(model))
-    _check_graph(proto)
-    g = _Graph(proto)
-    nonzero = {n: int(np.count_nonzero(v)) for n, v in g.values.items() if v.dtype.kind == "f"}
-    original = dict(g.values)
     rng = np.random.default_rng(seed)
-    neurons = layers = skipped = 0
-    for node in list(proto.graph.node):
-        if node.op_type not in _HOMOGENEOUS or not node.input or not node.output:
-            continue
-        inc = _incoming(g, node.input[0])
-        out = _outgoing(g, node.output[0], inc[0], inc[2]) if inc is not None else None
-        if inc is None or out is None:
-            skipped += 1
-            continue
-        lam = rng.choice(factors, size=inc[0])
-        with np.errstate(over="ignore", under="ignore"):  # checked below
-            inc[1](lam)
-            out(lam)
-        neurons += int(np.count_nonzero(lam != 1.0))
-        layers += 1
-    for name, count in nonzero.items():
-        _check_representable(name, g.values[name], count)
-    for name, init in g.inits.items():
-        if g.values[name] is not original[name]:  # rescaled (an untouched tensor stays as stored)
-            init.CopyFrom(replaced_tensor(init, g.values[name]))
+    neurons, layers, skipped, _ = rescale_layers(proto, lambda node, f: rng.choice(factors, size=len(f)))
     result = RescaleResult(neurons, layers, skipped, None if out_path is None else str(out_path))
     if out_path is not None:
         write_output(out_path, lambda path: onnx.save(proto, path))
