@@ -161,7 +161,11 @@ def prune_cmd(
                 )
         else:
             if out_file is None:
-                raise OnnxlipError("--sparsity needs -o FILE for the pruned model")
+                mixup = any(str(t).endswith(".onnx") for t in output or [])
+                raise OnnxlipError(
+                    "--sparsity needs -o FILE for the pruned model"
+                    + (" (--output names a tensor to analyse up to, not the file to write)" if mixup else "")
+                )
             _refuse_overwrite(out_file, [model])
             results = prune_sweep(
                 model,

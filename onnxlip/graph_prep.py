@@ -170,7 +170,15 @@ def needed_nodes(nodes, outputs, inputs, consts) -> list[onnx.NodeProto]:
     available = set(inputs) | set(consts)
     for name in outputs:
         if name not in producer and name not in available:
-            raise OnnxlipError(f"output tensor {name!r} is not produced by any node of the model")
+            import difflib
+
+            close = difflib.get_close_matches(name, list(producer), n=4, cutoff=0.5)
+            if not close:  # the last tensors computed: where the logits usually are
+                close = [t for t in list(producer)[-4:]][::-1]
+            hint = f"; tensors it computes include {', '.join(repr(t) for t in close)}" if close else ""
+            if name.endswith(".onnx"):
+                hint += " (--output names a tensor to analyse up to; -o/--out names the file to write)"
+            raise OnnxlipError(f"output tensor {name!r} is not produced by any node of the model{hint}")
     needed: set[int] = set()
     stack = [producer[n] for n in outputs if n in producer]
     while stack:

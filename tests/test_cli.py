@@ -297,3 +297,11 @@ def test_rescale_that_changes_nothing_says_so(tmp_path):
     onnx.save(make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w]), str(path))
     code, obj = _json(["rescale", path, "-o", tmp_path / "r.onnx"])
     assert code == 0 and obj["rescaled_neurons"] == 0 and "no neuron was rescaled" in obj["notes"][0]
+
+
+def test_output_and_out_are_told_apart(tmp_path):
+    """--output names a tensor, -o a file: the mix-up, and an unknown tensor, get errors that say what to do."""
+    code, obj = _json(["prune", "models/digits_cnn.onnx", "--sparsity", "0.5", "--output", "pruned.onnx"])
+    assert code == 2 and "not the file to write" in obj["error"]
+    code, obj = _json(["pathnorm", "models/digits_mlp.onnx", "--output", "add_result3"])
+    assert code == 2 and "'add_result2'" in obj["error"]  # the close names it computes
