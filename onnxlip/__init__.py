@@ -2,15 +2,14 @@
 
 from .api import (
     BoundResult,
-    CheckResult,
     PathMetricResult,
     PathNormResult,
     bound,
     bound_many,
-    check,
     path_metric,
     path_norm,
 )
+from .checking import CheckResult, check
 from .errors import MismatchError, ModelIssue, ModelLoadError, OnnxlipError, ShapeError, UnsupportedModelError
 from .importer import ImportOptions, import_model
 from .lipschitz import LipschitzResult, lipschitz

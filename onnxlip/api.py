@@ -7,18 +7,18 @@ import contextlib
 import math
 import numbers
 import os
-from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from .args import check_seed, int_arg, models_arg, output_arg, real_arg
+from .canonical import in_canonical_scaling, rescaled_pairs
 from .companion import plain_value
 from .compiled import pathnorm_log10_power
 from .engine import MetricEngine, MetricOutcome
-from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
+from .errors import OnnxlipError
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, check_model_arg, load_model, load_with_arrays, model_label
@@ -84,24 +84,6 @@ class BoundResult:
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
-
-
-@dataclass
-class CheckResult:
-    supported: bool
-    errors: list[ModelIssue]
-    warnings: list[str]
-    inputs: dict[str, list]  # analysed: fixed sizes; unsupported: as declared (a dimension's name, or None)
-    outputs: list[str]
-    num_parameters: int | None  # None where the model is not supported (not analysed)
-    ops: dict[str, int]
-    hint: str | None = None
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["errors"] = [asdict(e) for e in self.errors]
-        d["hint"] = self.hint.removeprefix("hint: ") if self.hint else None  # (the key says it)
-        return _jsonable(d)
 
 
 @dataclass
@@ -287,54 +269,14 @@ def path_metric(
     """The l1 path-metric ||Phi(theta_a) - Phi(theta_b)||_1 (exact when one model dominates the other)."""
     a_, b_ = (_analysed(m, output, input_shapes) for m in (a, b))
     metric = metric_between(a_, b_, device)
-    if not metric.exact and rescaled_pairs(_aligned_pairs(a_, b_)):
+    if not metric.exact and rescaled_pairs(_aligned_pairs(a_, b_)):  # (onnxlip/canonical.py)
         metric = in_canonical_scaling(a, b, metric, output, input_shapes, device)
     return metric
-
-
-def rescaled_pairs(pairs) -> bool:
-    """Whether two models look rescaled relative to each other: some output channel (axis 0) of a weight tensor has
-    its largest |entry| changed by more than 4x, both nonzero. Rounding, noise and pruning do not do that (a channel
-    pruned whole is 0); neuron rescaling by large factors, the attack on magnitude pruning, does. A cheap test
-    (8 ms for ResNet-18) in front of canonical_metric (0.5 s)."""
-    for x, y in pairs:
-        if np.ndim(x) < 2 or np.shape(x) != np.shape(y) or not np.size(x):
-            continue
-        mx, my = (_channel_max(v) for v in (x, y))
-        live = (mx > 0) & (my > 0)
-        ratio = my[live] / mx[live]
-        if ratio.size and (ratio.max() > 4.0 or ratio.min() < 0.25):
-            return True
-    return False
-
-
-def _channel_max(v: np.ndarray) -> np.ndarray:
-    flat = np.asarray(v).reshape(np.shape(v)[0], -1)
-    return np.maximum(flat.max(axis=1), -flat.min(axis=1)).astype(np.float64)
 
 
 def _aligned_pairs(a: Analysed, b: Analysed):
     vb = align_params(a.graph, b.graph, (a.label or "a", b.label or "b"))
     return ((p.value, vb[p.name]) for p in a.graph.params())
-
-
-def in_canonical_scaling(a: ModelLike, b: ModelLike, metric: PathMetricResult, output, input_shapes, device):
-    """The metric computed in canonical neuron scaling (onnxlip/canonical.py) where that gives a smaller certified
-    bound than `metric` (the hi/lo route is not invariant under rescaling; the path-lifting is), else `metric`."""
-    from .canonical import canonical_metric
-
-    better = canonical_metric(a, b, output, input_shapes, device)
-    if better is None or certified_log10_bound(better, 1.0) >= certified_log10_bound(metric, 1.0):
-        return metric
-    log10_given = certified_log10_bound(metric, 1.0)
-    given = f"{10**log10_given:.6g}" if log10_given < 300 else f"10^{log10_given:.2f}"
-    note = (
-        "the models differ by a neuron rescaling, under which the path-lifting is invariant: the metric was "
-        f"computed in canonical neuron scaling (compared as given, its certified upper bound was {given})"
-    )
-    # what changed, and what changed sign, between the models as given (the canonical scaling keeps every sign)
-    changed, flips = metric.changed_parameters, metric.sign_flips
-    return replace(better, changed_parameters=changed, sign_flips=flips, notes=[note, *better.notes])
 
 
 # ---- bound ---------------------------------------------------------------------------------------------
@@ -430,51 +372,3 @@ def bound_many(
         if progress is not None:
             progress()
     return results
-
-
-# ---- check ---------------------------------------------------------------------------------------------
-def check(
-    model: ModelLike, *, output: Sequence[str] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None
-) -> CheckResult:
-    """Is the model supported? Which ops, how many parameters, and every problem found."""
-    output = output_arg(output)
-    proto, arrays, _ = load_with_arrays(model)
-    ops = Counter(n.op_type for n in proto.graph.node)
-    outputs = list(output) if output else [o.name for o in proto.graph.output]
-    try:
-        graph = import_model(proto, ImportOptions(outputs=output, input_shapes=input_shapes), arrays)
-    except UnsupportedModelError as exc:
-        # not analysed: the file's declared inputs (a dimension by its name where it has no size), and no count
-        return CheckResult(False, exc.issues, [], _declared_inputs(proto), outputs, None, dict(ops), exc.hint)
-    inputs = {k: list(v) for k, v in graph.inputs.items()}
-    warnings = list(graph.warnings) + user_batch_notes(graph, input_shapes) + wide_range_warnings(graph)
-    return CheckResult(True, [], warnings, inputs, list(graph.outputs), graph.num_parameters, dict(ops))
-
-
-def _declared_inputs(proto: onnx.ModelProto) -> dict[str, list]:
-    inits = {i.name for i in proto.graph.initializer}
-    out = {}
-    for i in proto.graph.input:
-        if i.name not in inits:
-            dims = i.type.tensor_type.shape.dim
-            out[i.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
-    return out
-
-
-def wide_range_warnings(graph) -> list[str]:
-    """Parameters whose non-zero |entries| span more than 2**126: the companion carries each tensor with one
-    float32 scale, so entries below 2**-126 of the largest lose precision and those below 2**-149 of it become 0
-    (certified runs bound what that costs, from the true values, or refuse). Real models rarely come near this; a
-    weight that decayed to a float32 subnormal next to an O(1) weight does."""
-    out = []
-    for p in graph.params():
-        v = np.abs(p.value)
-        nonzero = v[v > 0]
-        if nonzero.size and float(nonzero.min()) < 2.0**-126 * float(nonzero.max()):
-            weak = int(np.count_nonzero(nonzero < 2.0**-126 * float(nonzero.max())))
-            out.append(
-                f"{p.name}: {weak} non-zero entr{'y is' if weak == 1 else 'ies are'} below 2^-126 of the tensor's "
-                "largest; float32 holds them coarsely, and below 2^-149 of it not at all (certified runs bound what "
-                "that costs, or refuse; scores and samples count the paths through those as zero)"
-            )
-    return out

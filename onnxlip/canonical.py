@@ -198,3 +198,43 @@ def canonical_metric(
         route=f"canonical scaling, {result.route}" if result.route else "canonical scaling",
         notes=[*result.notes, note],
     )
+
+
+def rescaled_pairs(pairs) -> bool:
+    """Whether two models look rescaled relative to each other: some output channel (axis 0) of a weight tensor has
+    its largest |entry| changed by more than 4x, both nonzero. Rounding, noise and pruning do not do that (a channel
+    pruned whole is 0); neuron rescaling by large factors, the attack on magnitude pruning, does. A cheap test
+    (8 ms for ResNet-18) in front of canonical_metric (0.5 s)."""
+    for x, y in pairs:
+        if np.ndim(x) < 2 or np.shape(x) != np.shape(y) or not np.size(x):
+            continue
+        mx, my = (_channel_max(v) for v in (x, y))
+        live = (mx > 0) & (my > 0)
+        ratio = my[live] / mx[live]
+        if ratio.size and (ratio.max() > 4.0 or ratio.min() < 0.25):
+            return True
+    return False
+
+
+def _channel_max(v: np.ndarray) -> np.ndarray:
+    flat = np.asarray(v).reshape(np.shape(v)[0], -1)
+    return np.maximum(flat.max(axis=1), -flat.min(axis=1)).astype(np.float64)
+
+
+def in_canonical_scaling(a: ModelLike, b: ModelLike, metric, output, input_shapes, device):
+    """The metric computed in canonical neuron scaling (onnxlip/canonical.py) where that gives a smaller certified
+    bound than `metric` (the hi/lo route is not invariant under rescaling; the path-lifting is), else `metric`."""
+    from .api import certified_log10_bound
+
+    better = canonical_metric(a, b, output, input_shapes, device)
+    if better is None or certified_log10_bound(better, 1.0) >= certified_log10_bound(metric, 1.0):
+        return metric
+    log10_given = certified_log10_bound(metric, 1.0)
+    given = f"{10**log10_given:.6g}" if log10_given < 300 else f"10^{log10_given:.2f}"
+    note = (
+        "the models differ by a neuron rescaling, under which the path-lifting is invariant: the metric was "
+        f"computed in canonical neuron scaling (compared as given, its certified upper bound was {given})"
+    )
+    # what changed, and what changed sign, between the models as given (the canonical scaling keeps every sign)
+    changed, flips = metric.changed_parameters, metric.sign_flips
+    return dataclasses.replace(better, changed_parameters=changed, sign_flips=flips, notes=[note, *better.notes])

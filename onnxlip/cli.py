@@ -14,6 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
+from .checking import CheckResult
+from .checking import check as check_model
 from .cli_common import (
     DeviceOpt,
     JsonOpt,
@@ -41,7 +43,7 @@ def check(
 ):
     """Is the model supported? Lists its ops, inputs, parameters and every problem (exit 2 if unsupported)."""
     with _guard(as_json):
-        result = api.check(model, output=output, input_shapes=_shapes(input_shape))
+        result = check_model(model, output=output, input_shapes=_shapes(input_shape))
         if as_json:
             _emit_json({"model": str(model)} | result.to_json())
         else:
@@ -50,7 +52,7 @@ def check(
             raise typer.Exit(2)
 
 
-def _print_check(model, result: api.CheckResult) -> None:
+def _print_check(model, result: CheckResult) -> None:
     status = ("supported", "green") if result.supported else ("not supported", "red")
     out.print(Text.assemble(f"{model}: ", status))
     table = Table(title="ops in the file")
