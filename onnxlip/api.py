@@ -338,7 +338,10 @@ def bound_many(
             # the skeleton: equal to the base file's outside the weights' data (VariantReader checked it)
             other = Analysed(None, ref.graph, model_label(variant), source=variant, skeleton=ref.skeleton)
             metric = metric_result(engine.metric_changes(changes))
-            rescaled = not metric.exact and rescaled_pairs((c.base, c.new) for c in changes.values())
+            # (in the parameters' layout, as the full import compares them: a transB Gemm's file rows are outputs)
+            rescaled = not metric.exact and rescaled_pairs(
+                (c.layout(c.base), c.layout(c.new)) for c in changes.values()
+            )
         else:
             other = _analysed(variant, output, input_shapes)
             metric = metric_between(ref, other, device, engine)
