@@ -79,10 +79,12 @@ def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
-def _check_representable(name: str, v: np.ndarray, nonzero: int) -> None:
+def _check_representable(name: str, v: np.ndarray, nonzero: int, subnormal: int) -> None:
     """The rescaled tensor holds what exact arithmetic gives, up to rounding: no entry overflowed to Inf, and none
     underflowed to zero (the model would no longer be functionally identical, and its sparsity would change).
-    Subnormal results are rounding (an absolute error below 2**-149; sklearn's MLPs hold weights of 1e-37)."""
+    Subnormal float32 results are rounding (an absolute error below 2**-149; sklearn's MLPs hold weights of 1e-37);
+    in float16 a subnormal keeps 10 bits at most, so no entry may become one (factors of 4096 put float16 weights
+    off by 2.4%, the outputs by 7e-3 relative). `subnormal`: the tensor's subnormal entries before."""
     if not np.all(np.isfinite(v)):
         raise OnnxlipError(f"rescaling makes entries of {name!r} overflow {v.dtype}; choose factors closer to 1")
     if np.count_nonzero(v) != nonzero:
@@ -90,6 +92,18 @@ def _check_representable(name: str, v: np.ndarray, nonzero: int) -> None:
             f"rescaling makes entries of {name!r} underflow {v.dtype} (the model would not compute the same "
             "function); choose factors closer to 1"
         )
+    if _subnormal(v) > subnormal:
+        raise OnnxlipError(
+            f"rescaling makes entries of {name!r} {v.dtype} subnormals, which lose precision (the model would not "
+            "compute the same function to its rounding); choose factors closer to 1"
+        )
+
+
+def _subnormal(v: np.ndarray) -> int:
+    """Subnormal entries of a float16 (or narrower) tensor; 0 for wider ones (see _check_representable)."""
+    if v.dtype.itemsize > 2:
+        return 0
+    return int(np.count_nonzero((v != 0) & (np.abs(v) < np.finfo(v.dtype).tiny)))
 
 
 def _attr(node, name: str, default: int):
@@ -280,6 +294,7 @@ def rescale_layers(proto: onnx.ModelProto, choose: Chooser) -> tuple[int, int, i
     _check_graph(proto)
     g = _Graph(proto)
     nonzero = {n: int(np.count_nonzero(v)) for n, v in g.values.items() if v.dtype.kind == "f"}
+    subnormal = {n: _subnormal(v) for n, v in g.values.items() if v.dtype.kind == "f"}
     original = dict(g.values)
     neurons = layers = skipped = 0
     applied: dict[str, np.ndarray] = {}
@@ -302,7 +317,7 @@ def rescale_layers(proto: onnx.ModelProto, choose: Chooser) -> tuple[int, int, i
         neurons += int(np.count_nonzero(lam != 1.0))
         layers += 1
     for name, count in nonzero.items():
-        _check_representable(name, g.values[name], count)
+        _check_representable(name, g.values[name], count, subnormal[name])
     for name, init in g.inits.items():
         if g.values[name] is not original[name]:  # rescaled (an untouched tensor stays as stored)
             init.CopyFrom(replaced_tensor(init, g.values[name]))
