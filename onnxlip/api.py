@@ -17,11 +17,12 @@ from .args import check_seed, int_arg, models_arg, output_arg, real_arg
 from .canonical import in_canonical_scaling, rescaled_pairs
 from .companion import plain_value
 from .compiled import pathnorm_log10_power
-from .engine import MetricEngine, MetricOutcome
+from .engine import MetricEngine
 from .errors import OnnxlipError
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, check_model_arg, load_model, load_with_arrays, model_label
+from .routes import MetricOutcome
 from .sampling import BoundSamplers, rounding_note
 from .structure import align_params
 from .variants import VariantReader

@@ -193,8 +193,8 @@ def rounding_note(engine, graph, observed: float, log10_bound: float, metric, ra
     """Why an observed difference can exceed the certified bound: the bound is about exact arithmetic, the samples
     run in float32. The a priori rounding of one forward pass (direct summation, as rounding.py assumes for the
     companion) is at most margin * ||Phi||_1 * max(||x||_inf, 1) in l1, and ||Phi(b)|| <= ||Phi(a)|| + metric."""
-    from .engine import _log10_add
     from .rounding import relative_error_bound
+    from .routes import _log10_add
 
     text = (
         f"the largest observed difference ({observed:.4g}) exceeds the certified bound "

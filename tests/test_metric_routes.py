@@ -12,7 +12,8 @@ import pytest
 
 import onnxlip
 from onnxlip.api import analyse
-from onnxlip.engine import MAX_CONDITION, ROUTE_DIFFERENCE, ROUTE_SUBTRACTION, MetricEngine, subtraction_metric
+from onnxlip.engine import MetricEngine
+from onnxlip.routes import MAX_CONDITION, ROUTE_DIFFERENCE, ROUTE_SUBTRACTION, subtraction_metric
 from onnxlip.structure import align_params
 from tests import dag_factory as F
 from tests import oracle as O

@@ -1,0 +1,113 @@
+"""The metric engine's routes and outcome (onnxlip/engine.py): route names, the well-conditioned subtraction,
+MetricOutcome, and the small helpers its routes share (lazy lower bounds of mantissas for range_guard, the notes
+of runs with raised entries)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .blockwise import fn_blocks, formed_rows
+from .compiled import CompiledCompanion, raised_note
+from .range_guard import log2_min_nonzero, true_lam
+from .variants import Change
+
+SIGN_SPLIT = (
+    "split at mid (0 where the sign flips, the smaller magnitude elsewhere): M(a, mid) + M(mid, b), both exact "
+    "(triangle inequality)"
+)
+ROUTE_DIFFERENCE = "difference stream"
+ROUTE_SUBTRACTION = "subtraction"
+ROUTE_HILO = "hi/lo difference stream"
+ROUTE_UNCHANGED = "no parameter changed"
+# A dominated pair's metric d = ||Phi(a)|| - ||Phi(b)|| may be formed by subtracting two float32 companion runs
+# when that is well conditioned: (||Phi(a)|| + ||Phi(b)||) / d <= 2, so the float32 errors of both runs weigh at
+# most twice their own size against d. The trap of theory.md section 3 (d << ||Phi||) never takes this route,
+# and the rounding margin of the result accounts for the subtraction exactly (subtraction_metric).
+MAX_CONDITION = 2.0
+
+
+def _log10_add(x: float, y: float) -> float:
+    if x == -math.inf or y == -math.inf:
+        return max(x, y)
+    top = max(x, y)
+    return top + math.log10(10 ** (x - top) + 10 ** (y - top))
+
+
+def subtraction_metric(log10_a: float, log10_b: float, margin: float) -> tuple[float, float] | None:
+    """(log10 d, rounding margin of d) for d = Phi_a - Phi_b from two float32 companion sums whose relative error
+    is at most `margin` each; None when the subtraction is not well conditioned (MAX_CONDITION). With the true
+    values Phi_a <= sa/(1 - margin) and Phi_b >= sb/(1 + margin), d <= d_up; the margin m returned satisfies
+    d_up = (sa - sb) / (1 - m), the convention of PathMetricResult.rounding_margin."""
+    if not (math.isfinite(log10_a) and log10_b < log10_a):
+        return None
+    ratio = 10.0 ** (log10_b - log10_a) if log10_b > -math.inf else 0.0  # Phi_b / Phi_a < 1
+    share = -math.expm1((log10_b - log10_a) * math.log(10.0)) if ratio > 0 else 1.0  # 1 - ratio, accurately
+    if (1.0 + ratio) / share > MAX_CONDITION:
+        return None
+    inflation = (1.0 / (1.0 - margin) - ratio / (1.0 + margin)) / share  # d_up / (sa - sb) >= 1
+    rounding = math.nextafter(1.0 - 1.0 / inflation, 1.0)
+    return log10_a + math.log10(share), max(rounding, margin)
+
+
+def _sizes(changes: dict[str, Change]) -> dict[str, int]:
+    return {n: c.new.size for n, c in changes.items()}
+
+
+def _remembered_lam(memo: dict[str, float], param, name: str, exponent: int) -> float:
+    if name not in memo:
+        memo[name] = param.true_lam(exponent)
+    return memo[name]
+
+
+def lam_of(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...], exponent: int) -> Callable[[], float]:
+    """A function giving range_guard.true_lam of blockwise.mantissas(fn, arrays, exponent)."""
+    return lambda: true_lam(fn_blocks(fn, arrays), exponent)
+
+
+def _rows_lam(fn: Callable[..., np.ndarray], change: Change, exponent: int) -> Callable[[], float]:
+    """lam_of for a change's base and new values formed row block by row block (engine._general_changes)."""
+
+    def lam() -> float:
+        base, new = (formed_rows(change.layout(v), change.factor) for v in (change.base, change.new))
+        rows = zip(base, new)
+        return true_lam((fn(a, b) for (_, a), (_, b) in rows), exponent)
+
+    return lam
+
+
+@dataclass
+class MetricOutcome:
+    log10_metric: float
+    exact: bool
+    sign_flips: int
+    changed: int
+    sign_flip_handling: str
+    device: str
+    rounding_margin: float = 0.0
+    route: str = ROUTE_DIFFERENCE
+    notes: list[str] = field(default_factory=list)
+
+
+def _raised_notes(compiled: CompiledCompanion | None) -> list[str]:
+    """The note of a route whose last run raised tiny entries (CompiledCompanion._raised_log10)."""
+    if compiled is None or compiled.raised is None:
+        return []
+    return [raised_note("the path-metric", compiled.raised)]
+
+
+def _hi_inputs(found: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The base's companion values as the difference stream's "hi::" inputs, with their lams for range_guard."""
+    hi = {}
+    for t, (m, e) in found.items():
+        hi[f"hi::{t}"], hi[f"hi::{t}::e"] = m, np.asarray(e, dtype=np.float32)
+        hi[f"hi::{t}::lam"] = np.float64(log2_min_nonzero(m))
+    return hi
+
+
+def _tight(compiled: CompiledCompanion | None) -> bool:
+    """The route's last value is the metric it computes (to 1e-7), not a looser upper bound of it."""
+    return compiled is None or compiled.raised is None or compiled.raised.tight
