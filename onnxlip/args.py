@@ -19,7 +19,10 @@ def real_arg(name: str, value, *, minimum: float | None = None, finite: bool = T
     """A real-number option as a float; OnnxlipError for anything else (None, str, bool, NaN, below `minimum`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise OnnxlipError(f"{name} must be a number, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value) + 0.0  # (-0.0 becomes 0.0: NumPy's uniform(0.0, -0.0) refuses the box)
+    except OverflowError:
+        raise OnnxlipError(f"{name} must be a finite number, got an integer too large for a float") from None
     if math.isnan(v) or (finite and not math.isfinite(v)) or (minimum is not None and v < minimum):
         limits = " finite" if finite else ""
         limits += f" number >= {minimum:g}" if minimum is not None else " number"

@@ -156,19 +156,22 @@ class CompiledCompanion:
     def _raised_run(self, extra: bool, feeds: dict[str, np.ndarray], lams: dict, refused: UnderflowError):
         """The run's values, and the floor used, with every fed mantissa's nonzero entries raised to at least
         2**floor (RAISE_FLOORS in turn, until range_guard certifies the run). The outputs are positive polynomials
-        of the fed entries, so each raised value bounds the true one from above. `refused` is raised where no
-        floor is certified, or where a fed mantissa may have lost entries to 0 when it was formed (those cannot
-        be raised)."""
+        of the fed entries, so each raised value bounds the true one from above. A mantissa that may have lost
+        entries to 0 when it was formed (true lam at or below 2**-150) has its zeros raised too: the lost entries
+        are among them, and raising the others only raises the bound (scikit-learn's subnormal weights against a
+        rescaled copy of them were refused). `refused` is raised where no floor is certified."""
         mantissas = [n for n in self.guard.fed if feeds[n].ndim > 0]
+        flushed = set()
         for n in mantissas:
             lam = lams.get(n, -math.inf)
             if (float(lam()) if callable(lam) else float(lam)) <= _FLUSHED:
-                raise refused
+                flushed.add(n)
         for floor in RAISE_FLOORS:
             up_feeds, up_lams = dict(feeds), dict(lams)
             for n in mantissas:
-                m = feeds[n]
-                up_feeds[n] = np.where(m > 0, np.maximum(m, np.float32(2.0**floor)), np.float32(0.0))
+                m, low = feeds[n], np.float32(2.0**floor)
+                up_feeds[n] = np.maximum(m, low) if n in flushed else np.where(m > 0, np.maximum(m, low), 0)
+                up_feeds[n] = up_feeds[n].astype(np.float32, copy=False)
                 up_lams[n] = log2_min_nonzero(up_feeds[n])
             try:
                 return self._run(extra, up_feeds, up_lams), floor
@@ -225,9 +228,10 @@ def raised_note(what: str, raised: Raised) -> str:
     """The note for a result computed with tiny entries raised."""
     text = (
         f"{what} was computed with every nonzero entry below 2**{raised.floor} of its tensor's largest raised to "
-        "that value: float32 cannot hold the paths through such entries closely enough to certify them (sklearn's "
-        "MLPs keep weights of 1e-40 on dead neurons). Raising entries only raises path masses, so the value is a "
-        "certified upper bound"
+        "that value (every entry, zeros too, where forming a tensor's float32 values may have lost some): "
+        "float32 cannot hold the paths through such entries closely enough to certify them (sklearn's MLPs keep "
+        "weights of 1e-40 on dead neurons). Raising entries only raises path masses, so the value is a certified "
+        "upper bound"
     )
     if raised.tight:
         return text + ", and it agrees with the unraised run's to 1e-7 relative"

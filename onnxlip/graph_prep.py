@@ -216,6 +216,19 @@ def _as_identity(node):
     return helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
 
 
+def shape_keeping_as_identity(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model, or a copy whose ops that onnx has no shape inference for but that keep their input's shape
+    (skl2onnx's Scaler) are Identity nodes: for onnx's shape inference only."""
+    if not any((n.domain, n.op_type) in _SHAPE_KEEPING for n in proto.graph.node):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    nodes = [_as_identity(n) if (n.domain, n.op_type) in _SHAPE_KEEPING else n for n in copy.graph.node]
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy
+
+
 def infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
     """Static shapes of every tensor, by onnx shape inference on a light copy (big weights as typed inputs)."""
     used = {n for node in nodes for n in node_inputs(node)}

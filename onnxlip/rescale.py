@@ -68,8 +68,10 @@ class _Graph:
 
 def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
     """The rank of every tensor onnx's shape inference can tell (none where it fails: nothing is rescaled then)."""
+    from .graph_prep import shape_keeping_as_identity
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(shape_keeping_as_identity(proto), strict_mode=False)
     except Exception:  # noqa: BLE001 - onnx raises several types; without ranks no channel axis is known
         return {}
     ranks = {}

@@ -372,3 +372,13 @@ def test_cli_output_into_a_missing_folder(tmp_path):
 def test_lipschitz_options_of_the_wrong_type(option):
     with pytest.raises(onnxlip.OnnxlipError):
         onnxlip.lipschitz(MODELS / "digits_mlp.onnx", **option)
+
+
+def test_odd_numbers_for_the_input_bound():
+    """-0.0 is 0 (numpy's uniform(0.0, -0.0) raised ValueError: exit 3); an int too large for a float is an
+    OnnxlipError naming the option, not an OverflowError."""
+    zero = onnxlip.bound(MLP, MLP, -0.0, output=["add_result2"], samples=4)
+    assert zero.input_bound == 0.0
+    for kwargs in ({"input_bound": 10**400}, {"sample_seconds": 10**400}):
+        with pytest.raises(onnxlip.OnnxlipError, match="too large"):
+            onnxlip.bound(MLP, MLP, output=["add_result2"], **kwargs)

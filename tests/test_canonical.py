@@ -331,3 +331,19 @@ def test_fast_path_tests_rescaling_in_the_parameters_layout(tmp_path):
     (files,) = onnxlip.bound_many(str(pa), [str(pb)], samples=0)
     protos = onnxlip.bound(a, b, samples=0)
     assert files.route == protos.route and files.route.startswith("canonical") and files.bound == protos.bound == 0.0
+
+
+def test_canonical_scaling_pairs_the_two_exporters(tmp_path):
+    """The TorchScript export against a power-of-two rescaled copy of the dynamo export: the canonical factors
+    were compared by ReLU output names, which the exporters name differently, so the route was not taken (bound
+    2.4e5 for one function). They are compared layer by layer now."""
+    pytest.importorskip("torch")
+    from tests.exporter_models import build, export
+
+    module = build("conv_bias_bn").eval()
+    ts, dy, scaled = (str(tmp_path / f"{n}.onnx") for n in ("ts", "dy", "dy_scaled"))
+    export(module, ts, dynamo=False, dynamic_batch=False)
+    export(module, dy, dynamo=True, dynamic_batch=False)
+    rescale(dy, seed=1, out_path=scaled)
+    r = onnxlip.bound(ts, scaled, samples=0)
+    assert r.route.startswith("canonical scaling") and r.bound == 0.0

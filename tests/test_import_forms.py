@@ -218,6 +218,10 @@ def test_sklearn_pipeline_with_a_scaler(scaler, tmp_path):
     r = onnxlip.bound(str(path), str(tmp_path / "pruned.onnx"), samples=64)
     assert r.exact and r.bound == pytest.approx(pruned.bound, rel=1e-9)
     assert r.observed_max_l1_diff is not None and 0 < r.observed_max_l1_diff <= r.bound
+    # rescale sees through the Scaler (onnx infers no shape for it: every later rank was unknown, nothing rescaled)
+    from onnxlip.rescale import rescale
+
+    assert rescale(str(path), seed=0)[1].rescaled_neurons > 0
 
 
 def test_an_activation_inside_the_network_gets_no_cut_hint(tmp_path):

@@ -144,7 +144,7 @@ def _flushed_weight_chain():
     return ws, [np.zeros(2), np.zeros(2), np.zeros(1)]
 
 
-def test_weights_below_float32s_range_of_their_own_tensor_are_refused(tmp_path):
+def test_weights_below_float32s_range_of_their_own_tensor_are_refused_or_bounded(tmp_path):
     """A weight 2**-151 of its tensor's largest vanishes when the float32 mantissas are formed, and its own least
     entry no longer shows it: the bound of range_guard must come from the true values (true_lam). Before, the
     path-norm came out 1e-6 where the truth is 1e21, certified."""
@@ -152,10 +152,12 @@ def test_weights_below_float32s_range_of_their_own_tensor_are_refused(tmp_path):
     model = gemm_chain(ws, bs)
     with pytest.raises(UnderflowError, match="float32's range"):
         onnxlip.path_norm(model)
-    with pytest.raises(UnderflowError):  # the metric engine's base lams are true ones too
-        pruned = [w.copy() for w in ws]
-        pruned[2][0, 0] = 0.0
-        onnxlip.path_metric(model, gemm_chain(pruned, bs))
+    # the metric engine's base lams are true ones too: the lost weight is seen, and since its mantissa tensor may
+    # have lost entries to 0 its zeros are raised as well (compiled._raised_run): a certified upper bound, loose
+    pruned = [w.copy() for w in ws]
+    pruned[2][0, 0] = 0.0
+    metric = onnxlip.path_metric(model, gemm_chain(pruned, bs))
+    assert metric.path_metric >= 2.0**-20 and not metric.exact and "loose" in metric.notes[0]  # truth: 2**-20
     # the Lipschitz graphs' constants are raised from their true values: the lost weight counts, loosely
     notes: list[str] = []
     assert pathnorm_bounds(model, notes=notes)[0].log10 >= 70 * math.log10(2) and "loose" in notes[0]
@@ -163,7 +165,7 @@ def test_weights_below_float32s_range_of_their_own_tensor_are_refused(tmp_path):
     onnx.save(model, str(path))
     onnx.save(gemm_chain(pruned, bs), str(other))
     code, out, err = cli("bound", path, other, "--json", "--samples", "0")
-    assert code == 2 and "float32's range" in json.loads(out)["error"] and "Traceback" not in err
+    assert code == 0 and json.loads(out)["bound"] >= 2.0**-20 and json.loads(out)["exact"] is False
     # a model against itself: no parameter differs, the metric is exactly 0 without any float32 run
     code, out, err = cli("bound", path, path, "--json", "--samples", "0")
     assert code == 0 and json.loads(out)["path_metric"] == 0.0 and json.loads(out)["route"] == "no parameter changed"

@@ -180,3 +180,30 @@ def test_nan_outputs_give_no_observed_figure_and_no_lower_bound():
     result = onnxlip.lipschitz(base, "inf", lower_seconds=0.2)
     assert result.lower["value"] is None and result.lower["certified"] is False
     assert any("not finite" in n for n in result.notes)
+
+
+def test_samples_stay_inside_the_box_in_the_models_input_type(tmp_path):
+    """A float16 input: rounding the corners +-R to nearest gave +-float16(R) > R (R = 1 + 0.6 * 2**-10), outside
+    the box, and the observed difference exceeded the certified bound. Samples are rounded toward zero there."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import make_model
+
+    def model(w2: float) -> onnx.ModelProto:
+        nodes = [
+            helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["xf", "W1"], ["m"]),
+            helper.make_node("Relu", ["m"], ["r"]),
+            helper.make_node("MatMul", ["r", "W2"], ["y"]),
+        ]
+        inits = [
+            numpy_helper.from_array(np.full((4, 4), 0.25, np.float32), "W1"),
+            numpy_helper.from_array(np.full((4, 1), w2, np.float32), "W2"),
+        ]
+        io = [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4])]
+        return make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits)
+
+    radius = 1 + 0.6 * 2**-10
+    assert float(np.float16(radius)) > radius
+    r = onnxlip.bound(model(1.0), model(2.0), radius, samples=256)
+    assert r.observed_max_l1_diff is not None and r.observed_max_l1_diff <= r.bound
