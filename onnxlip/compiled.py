@@ -142,8 +142,8 @@ class CompiledCompanion:
         except UnderflowError as refused:
             if raise_to is None:
                 raise
-            values, floor = self._raised_run(False, feeds, lams, refused)
-            self.raised = Raised(floor, _total(values), _total(self._run(False, feeds, lams, check=False)))
+            values, floor, zeros = self._raised_run(False, feeds, lams, refused)
+            self.raised = Raised(floor, _total(values), _total(self._run(False, feeds, lams, check=False)), zeros)
             if raise_to == "value" and not self.raised.tight:  # a larger floor only raises more
                 up, plain = self.raised.log10, self.raised.log10_unraised
                 raise UnderflowError(
@@ -159,7 +159,8 @@ class CompiledCompanion:
         of the fed entries, so each raised value bounds the true one from above. A mantissa that may have lost
         entries to 0 when it was formed (true lam at or below 2**-150) has its zeros raised too: the lost entries
         are among them, and raising the others only raises the bound (scikit-learn's subnormal weights against a
-        rescaled copy of them were refused). `refused` is raised where no floor is certified."""
+        rescaled copy of them were refused). Returns the values, the floor and whether zeros were raised; `refused`
+        is raised where no floor is certified."""
         mantissas = [n for n in self.guard.fed if feeds[n].ndim > 0]
         flushed = set()
         for n in mantissas:
@@ -174,7 +175,7 @@ class CompiledCompanion:
                 up_feeds[n] = up_feeds[n].astype(np.float32, copy=False)
                 up_lams[n] = log2_min_nonzero(up_feeds[n])
             try:
-                return self._run(extra, up_feeds, up_lams), floor
+                return self._run(extra, up_feeds, up_lams), floor, bool(flushed)
             except UnderflowError:
                 continue
         raise refused
@@ -190,8 +191,8 @@ class CompiledCompanion:
         except UnderflowError as refused:
             if raise_to is None:
                 raise
-            values, floor = self._raised_run(True, feeds, lams, refused)
-            self.raised = Raised(floor, math.nan, math.nan)
+            values, floor, zeros = self._raised_run(True, feeds, lams, refused)
+            self.raised = Raised(floor, math.nan, math.nan, zeros)
             self.unraised = self._named(self._run(True, feeds, lams, check=False))
         return self._named(values)
 
@@ -217,6 +218,7 @@ class Raised:
     floor: int
     log10: float
     log10_unraised: float
+    zeros: bool = False  # a tensor's zeros were raised too (its float32 values may have lost entries to 0)
 
     @property
     def tight(self) -> bool:
@@ -228,8 +230,13 @@ def raised_note(what: str, raised: Raised) -> str:
     """The note for a result computed with tiny entries raised."""
     text = (
         f"{what} was computed with every nonzero entry below 2**{raised.floor} of its tensor's largest raised to "
-        "that value (every entry, zeros too, where forming a tensor's float32 values may have lost some): "
-        "float32 cannot hold the paths through such entries closely enough to certify them (sklearn's MLPs keep "
+        "that value"
+        + (
+            " (every entry, zeros too, where forming a tensor's float32 values may have lost some)"
+            if raised.zeros
+            else ""
+        )
+        + ": float32 cannot hold the paths through such entries closely enough to certify them (sklearn's MLPs keep "
         "weights of 1e-40 on dead neurons). Raising entries only raises path masses, so the value is a certified "
         "upper bound"
     )

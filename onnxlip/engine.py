@@ -48,14 +48,14 @@ from .routes import (
     ROUTE_UNCHANGED,
     SIGN_SPLIT,
     MetricOutcome,
-    _hi_inputs,
-    _log10_add,
-    _raised_notes,
-    _remembered_lam,
-    _rows_lam,
-    _sizes,
-    _tight,
+    change_sizes,
+    hi_inputs,
+    is_tight,
     lam_of,
+    log10_add,
+    remembered_lam,
+    route_notes,
+    rows_lam,
     subtraction_metric,
 )
 from .variants import Change
@@ -139,11 +139,11 @@ class MetricEngine:
         """The base's companion values that the difference stream reads, as its "hi::" inputs (one run)."""
         if self._hi is None:
             values = self._values_session()
-            self._hi = _hi_inputs(values.tensors({"value": self._with_lams(self.base_pairs)}, raise_to="bound"))
+            self._hi = hi_inputs(values.tensors({"value": self._with_lams(self.base_pairs)}, raise_to="bound"))
             # where range_guard refused them, they bound the true values from above (a raised run); the
             # difference stream is then an upper bound too, and its run with the unraised ones an estimate
             self._hi_raised = values.raised
-            self._hi_unraised = None if values.unraised is None else _hi_inputs(values.unraised)
+            self._hi_unraised = None if values.unraised is None else hi_inputs(values.unraised)
         return self._hi
 
     def _lam(self, name: str) -> Callable[[], float]:
@@ -152,7 +152,7 @@ class MetricEngine:
         keeps some of its entries and zeroes the others."""
         if name not in self._base_lam:  # (no reference to self: a cycle would keep the engine's buffers alive)
             memo, param, e = self._base_lam_value, self.params[name], self.base_exp[name]
-            self._base_lam[name] = functools.partial(_remembered_lam, memo, param, name, e)
+            self._base_lam[name] = functools.partial(remembered_lam, memo, param, name, e)
         return self._base_lam[name]
 
     def _with_lams(self, pairs: Pairs) -> Pairs:
@@ -184,7 +184,8 @@ class MetricEngine:
         if more is not None and self._hi_raised is not None:  # the raised hi stream: an estimate from the unraised
             floor = max(self._hi_raised.floor, self._dominated.raised.floor if self._dominated.raised else -math.inf)
             plain = self._dominated.log10(pairs=pairs, more=self._hi_unraised, check=False)
-            self._dominated.raised = Raised(floor, log10, plain)
+            zeros = self._hi_raised.zeros or bool(self._dominated.raised and self._dominated.raised.zeros)
+            self._dominated.raised = Raised(floor, log10, plain, zeros)
         return log10, self._dominated.device
 
     def _subtraction(self, lo: Pairs) -> tuple[float, float, str] | None:
@@ -226,7 +227,7 @@ class MetricEngine:
                 log10_m, margin, dev = out
                 return MetricOutcome(log10_m, True, 0, changed, "none needed", dev, margin, ROUTE_SUBTRACTION)
         log10_m, dev = self._difference(lo, delta() if callable(delta) else delta)
-        notes, exact = _raised_notes(self._dominated), _tight(self._dominated)
+        notes, exact = route_notes(self._dominated), is_tight(self._dominated)
         return MetricOutcome(
             log10_m, exact, 0, changed, "none needed", dev, self.metric_margin, ROUTE_DIFFERENCE, notes
         )
@@ -339,7 +340,7 @@ class MetricEngine:
             for (rows, a), (_, b) in zip(a_rows, b_rows):
                 hilo_mantissas(a, b, exponents[n], tuple(o[rows] for o in outs[n]))
 
-        in_threads(form, {n: n for n in changes}, _sizes(changes))
+        in_threads(form, {n: n for n in changes}, change_sizes(changes))
         for n, (m, e) in self.base_pairs.items():
             c = changes.get(n)
             if c is None:  # unchanged: hi = lo = |base|, delta = 0
@@ -347,7 +348,7 @@ class MetricEngine:
                 pairs["delta"][n] = (self._buffer("zero", n), ZERO_EXPONENT, LAM_ZERO)
                 continue
             for kind, out, fn in zip(("hi", "lo", "delta"), outs[n], (abs_max_of, abs_min_of, abs_gap)):
-                pairs[kind][n] = (out, exponents[n], _rows_lam(fn, c, exponents[n]))
+                pairs[kind][n] = (out, exponents[n], rows_lam(fn, c, exponents[n]))
         return self._run_general(pairs)
 
     def metric_changes(self, changes: dict[str, Change]) -> MetricOutcome:
@@ -363,7 +364,9 @@ class MetricEngine:
             for n, c in changes.items()
         }
         compared = in_threads(
-            lambda n: compare(changes[n].base, changes[n].new, splits[n]), {n: n for n in changes}, _sizes(changes)
+            lambda n: compare(changes[n].base, changes[n].new, splits[n]),
+            {n: n for n in changes},
+            change_sizes(changes),
         )
         split_done = {n for n, split in splits.items() if split is not None and compared[n].zeroed}
         if all(r.flips == 0 and r.dominated for r in compared.values()):
@@ -390,7 +393,7 @@ class MetricEngine:
             if out is not None:
                 changed = sum(r.changed for r in compared.values())
                 dominating = all(r.dominating for r in compared.values())
-                notes, exact = _raised_notes(self._general), dominating and _tight(self._general)
+                notes, exact = route_notes(self._general), dominating and is_tight(self._general)
                 return MetricOutcome(
                     out[0], exact, 0, changed, "none needed", out[1], self.metric_margin, ROUTE_HILO, notes
                 )
@@ -426,7 +429,7 @@ class MetricEngine:
             if dominated:
                 return self._below_base(vb, changed)
             log10_m, dev = self.general_log10(va, vb)
-            notes, exact = _raised_notes(self._general), dominating and _tight(self._general)
+            notes, exact = route_notes(self._general), dominating and is_tight(self._general)
             return MetricOutcome(log10_m, exact, 0, changed, "none needed", dev, self.metric_margin, ROUTE_HILO, notes)
         # theory.md section 3: with mid zero where the signs flip, (base, mid) and (mid, vb) are same-sign pairs.
         # mid = the entrywise smaller magnitude elsewhere, so that both models dominate it and both metrics are
@@ -441,9 +444,9 @@ class MetricEngine:
         }
         first = self._below_base(mid, changed, upper=0.0)  # upper=0: the difference stream, whose margin covers both
         second, dev = self.general_log10(mid, vb)  # vb dominates mid: the hi/lo stream is exact
-        notes = list(dict.fromkeys(first.notes + _raised_notes(self._general)))
+        notes = list(dict.fromkeys(first.notes + route_notes(self._general)))
         return MetricOutcome(
-            _log10_add(first.log10_metric, second),
+            log10_add(first.log10_metric, second),
             False,
             flips,
             changed,

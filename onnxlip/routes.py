@@ -30,7 +30,7 @@ ROUTE_UNCHANGED = "no parameter changed"
 MAX_CONDITION = 2.0
 
 
-def _log10_add(x: float, y: float) -> float:
+def log10_add(x: float, y: float) -> float:
     if x == -math.inf or y == -math.inf:
         return max(x, y)
     top = max(x, y)
@@ -53,11 +53,11 @@ def subtraction_metric(log10_a: float, log10_b: float, margin: float) -> tuple[f
     return log10_a + math.log10(share), max(rounding, margin)
 
 
-def _sizes(changes: dict[str, Change]) -> dict[str, int]:
+def change_sizes(changes: dict[str, Change]) -> dict[str, int]:
     return {n: c.new.size for n, c in changes.items()}
 
 
-def _remembered_lam(memo: dict[str, float], param, name: str, exponent: int) -> float:
+def remembered_lam(memo: dict[str, float], param, name: str, exponent: int) -> float:
     if name not in memo:
         memo[name] = param.true_lam(exponent)
     return memo[name]
@@ -68,7 +68,7 @@ def lam_of(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...], expone
     return lambda: true_lam(fn_blocks(fn, arrays), exponent)
 
 
-def _rows_lam(fn: Callable[..., np.ndarray], change: Change, exponent: int) -> Callable[[], float]:
+def rows_lam(fn: Callable[..., np.ndarray], change: Change, exponent: int) -> Callable[[], float]:
     """lam_of for a change's base and new values formed row block by row block (engine._general_changes)."""
 
     def lam() -> float:
@@ -92,14 +92,14 @@ class MetricOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-def _raised_notes(compiled: CompiledCompanion | None) -> list[str]:
+def route_notes(compiled: CompiledCompanion | None) -> list[str]:
     """The note of a route whose last run raised tiny entries (CompiledCompanion._raised_log10)."""
     if compiled is None or compiled.raised is None:
         return []
     return [raised_note("the path-metric", compiled.raised)]
 
 
-def _hi_inputs(found: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+def hi_inputs(found: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     """The base's companion values as the difference stream's "hi::" inputs, with their lams for range_guard."""
     hi = {}
     for t, (m, e) in found.items():
@@ -108,6 +108,6 @@ def _hi_inputs(found: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.
     return hi
 
 
-def _tight(compiled: CompiledCompanion | None) -> bool:
+def is_tight(compiled: CompiledCompanion | None) -> bool:
     """The route's last value is the metric it computes (to 1e-7), not a looser upper bound of it."""
     return compiled is None or compiled.raised is None or compiled.raised.tight

@@ -206,7 +206,7 @@ def rounding_note(engine, graph, observed: float, log10_bound: float, metric, ra
     run in float32. The a priori rounding of one forward pass (direct summation, as rounding.py assumes for the
     companion) is at most margin * ||Phi||_1 * max(||x||_inf, 1) in l1, and ||Phi(b)|| <= ||Phi(a)|| + metric."""
     from .rounding import relative_error_bound
-    from .routes import _log10_add
+    from .routes import log10_add
 
     text = (
         f"the largest observed difference ({observed:.4g}) exceeds the certified bound "
@@ -217,12 +217,12 @@ def rounding_note(engine, graph, observed: float, log10_bound: float, metric, ra
         log10_a = engine.log10_base()  # (one companion run; it may itself be refused by range_guard)
     except OnnxlipError:
         return text
-    log10_sum = _log10_add(_log10_add(log10_a, log10_a), metric.log10_path_metric)
+    log10_sum = log10_add(log10_add(log10_a, log10_a), metric.log10_path_metric)
     margin = relative_error_bound(graph)
     log10_z = math.log10(margin) + log10_sum + math.log10(max(radius, 1.0)) if margin > 0 else -math.inf
     text += f", whose rounding in the two forward passes is at most about {_plain(log10_z)} here (an a priori "
     text += "estimate for float32)"
-    if math.log10(observed) > _log10_add(log10_bound, log10_z):
+    if math.log10(observed) > log10_add(log10_bound, log10_z):
         text += "; that does not explain the excess: please report it"
     return text
 
