@@ -4,6 +4,7 @@ from .api import (
     BoundResult,
     PathMetricResult,
     PathNormResult,
+    VariantError,
     bound,
     bound_many,
     path_metric,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BoundResult",
+    "VariantError",
     "CheckResult",
     "PathMetricResult",
     "PathNormResult",

@@ -88,6 +88,19 @@ class BoundResult:
 
 
 @dataclass
+class VariantError:
+    """A variant bound_many(..., errors="report") could not compare with the base (unusable file, another
+    architecture, NaN weights, ...): `error` is the message that would have been raised."""
+
+    variant: str
+    error: str
+    exit_code: int = 2
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Analysed:
     """A model imported once: its proto (for sampling) and IR."""
 
@@ -319,8 +332,13 @@ def bound_many(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     device: str = "auto",
     progress=None,
-) -> list[BoundResult]:
-    """One BoundResult per variant, against one base model (imported once)."""
+    errors: str = "raise",
+) -> list[BoundResult | VariantError]:
+    """One BoundResult per variant, against one base model (imported once). `errors="report"`: a variant that
+    cannot be compared (OnnxlipError) gives a VariantError in its place and the others are still compared; with
+    "raise" (the default) its error is raised. Errors of the base or the arguments are always raised."""
+    if errors not in ("raise", "report"):
+        raise OnnxlipError(f"errors must be 'raise' or 'report', not {errors!r}")
     input_bound = real_arg("the input bound", input_bound, minimum=0)
     samples = int_arg("samples (--samples)", samples)
     # finite: inf with a huge --samples would never end
@@ -332,47 +350,55 @@ def bound_many(
     # variant files that differ from the base file only in initializer values reuse the base's import
     reader = VariantReader(base, ref.graph, ref.file) if isinstance(base, (str, os.PathLike)) and variants else None
     engine = MetricEngine(ref.graph, device)
-    results = []
+    sampling = (input_bound, seed, sample_seconds)
+    results: list[BoundResult | VariantError] = []
     for variant in variants:
-        changes = reader.changes(variant) if reader and isinstance(variant, (str, os.PathLike)) else None
-        if changes is not None:  # the same graph as the base: its IR serves, with the changed values
-            # the skeleton: equal to the base file's outside the weights' data (VariantReader checked it)
-            other = Analysed(None, ref.graph, model_label(variant), source=variant, skeleton=ref.skeleton)
-            metric = metric_result(engine.metric_changes(changes))
-            # (in the parameters' layout, as the full import compares them: a transB Gemm's file rows are outputs)
-            rescaled = not metric.exact and rescaled_pairs(
-                (c.layout(c.base), c.layout(c.new)) for c in changes.values()
-            )
-        else:
-            other = _analysed(variant, output, input_shapes)
-            metric = metric_between(ref, other, device, engine)
-            rescaled = not metric.exact and rescaled_pairs(_aligned_pairs(ref, other))
-        if rescaled:
-            metric = in_canonical_scaling(base, variant, metric, output, input_shapes, device)
-        log10_bound = certified_log10_bound(metric, input_bound)
-        observed, tried, sampling_notes = samplers.observe(other, input_bound, seed, sample_seconds)
-        if observed is not None and observed > 0 and math.log10(observed) > log10_bound:
-            sampling_notes.append(rounding_note(engine, ref.graph, observed, log10_bound, metric, input_bound))
-        results.append(
-            BoundResult(
-                metric.path_metric,
-                metric.log10_path_metric,
-                metric.exact,
-                metric.sign_flips,
-                metric.sign_flip_handling,
-                metric.changed_parameters,
-                float(input_bound),
-                plain_value(log10_bound),
-                log10_bound,
-                observed,
-                tried,
-                metric.device,
-                other.label,
-                metric.rounding_margin,
-                metric.route,
-                list(dict.fromkeys(ref.graph.warnings + other.graph.warnings + metric.notes + sampling_notes)),
-            )
-        )
+        try:
+            results.append(_bound_one(base, variant, ref, reader, engine, samplers, sampling, output, input_shapes))
+        except OnnxlipError as exc:
+            if errors == "raise":
+                raise
+            results.append(VariantError(model_label(variant), str(exc)))
         if progress is not None:
             progress()
     return results
+
+
+def _bound_one(base, variant, ref, reader, engine, samplers, sampling, output, input_shapes) -> BoundResult:
+    input_bound, seed, sample_seconds = sampling
+    device = engine.device
+    changes = reader.changes(variant) if reader and isinstance(variant, (str, os.PathLike)) else None
+    if changes is not None:  # the same graph as the base: its IR serves, with the changed values
+        # the skeleton: equal to the base file's outside the weights' data (VariantReader checked it)
+        other = Analysed(None, ref.graph, model_label(variant), source=variant, skeleton=ref.skeleton)
+        metric = metric_result(engine.metric_changes(changes))
+        # (in the parameters' layout, as the full import compares them: a transB Gemm's file rows are outputs)
+        rescaled = not metric.exact and rescaled_pairs((c.layout(c.base), c.layout(c.new)) for c in changes.values())
+    else:
+        other = _analysed(variant, output, input_shapes)
+        metric = metric_between(ref, other, device, engine)
+        rescaled = not metric.exact and rescaled_pairs(_aligned_pairs(ref, other))
+    if rescaled:
+        metric = in_canonical_scaling(base, variant, metric, output, input_shapes, device)
+    log10_bound = certified_log10_bound(metric, input_bound)
+    observed, tried, sampling_notes = samplers.observe(other, input_bound, seed, sample_seconds)
+    if observed is not None and observed > 0 and math.log10(observed) > log10_bound:
+        sampling_notes.append(rounding_note(engine, ref.graph, observed, log10_bound, metric, input_bound))
+    return BoundResult(
+        metric.path_metric,
+        metric.log10_path_metric,
+        metric.exact,
+        metric.sign_flips,
+        metric.sign_flip_handling,
+        metric.changed_parameters,
+        float(input_bound),
+        plain_value(log10_bound),
+        log10_bound,
+        observed,
+        tried,
+        metric.device,
+        other.label,
+        metric.rounding_margin,
+        metric.route,
+        list(dict.fromkeys(ref.graph.warnings + other.graph.warnings + metric.notes + sampling_notes)),
+    )

@@ -29,6 +29,7 @@ from .cli_common import (
     _shapes,
     _threshold,
     app,
+    err,
     out,
 )
 from .errors import OnnxlipError, grouped_issues
@@ -154,34 +155,55 @@ def bound(
                 input_shapes=_shapes(input_shape),
                 device=device,
                 progress=lambda: bar.advance(task),
+                # one unusable variant of a sweep does not cost the others' rows (exit 2 after all of them)
+                errors="report" if len(variants) > 1 else "raise",
             )
-        exceeded = max_bound is not None and any(_exceeds(r.log10_bound, max_bound) for r in results)
+        good = [r for r in results if isinstance(r, api.BoundResult)]
+        failed = [r for r in results if isinstance(r, api.VariantError)]
+        exceeded = max_bound is not None and any(_exceeds(r.log10_bound, max_bound) for r in good)
         if as_json:
             payload = [r.to_json() for r in results]
             for p, v, r in zip(payload, variants, results):
                 p["variant"] = str(v)
-                if max_bound is not None:
+                if max_bound is not None and isinstance(r, api.BoundResult):
                     p["exceeded"] = _exceeds(r.log10_bound, max_bound)
             if len(variants) == 1:
                 obj = payload[0] | {"base": str(base)}
             else:
                 obj = {"base": str(base), "results": payload}
+                if failed:
+                    obj["unusable_variants"] = [
+                        str(v) for v, r in zip(variants, results) if isinstance(r, api.VariantError)
+                    ]
+                    obj["exit_code"] = 2
             if max_bound is not None:
                 obj["max_bound"], obj["exceeded"] = max_bound, exceeded
             _emit_json(obj)
         else:
-            _print_bounds(base, variants, results, max_bound)
+            if good:
+                _print_bounds(base, variants, results, max_bound)
+            for v, r in zip(_short_labels(variants), results):
+                if isinstance(r, api.VariantError):
+                    message = r.error if r.variant in r.error else f"{v}: {r.error}"  # errors name their file
+                    err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
+        if failed:
+            raise typer.Exit(2)
         if exceeded:
             raise typer.Exit(1)
 
 
 def _print_bounds(base, variants, results, max_bound) -> None:
-    r0 = results[0]
+    good = [r for r in results if isinstance(r, api.BoundResult)]
+    r0 = good[0]
     table = Table(title=f"certified bound on ||R_base(x) - R_variant(x)||_1 for all ||x||_inf <= {r0.input_bound:g}")
     table.add_column("variant", overflow="fold", min_width=12)
     for col in ("bound", "metric", "kind", "changed", "flips", "observed"):
         table.add_column(col, justify="right", no_wrap=True)  # a number folded over two lines reads wrong
-    for v, r in zip(_short_labels(variants), results):
+    labels = _short_labels(variants)
+    for v, r in zip(labels, results):
+        if isinstance(r, api.VariantError):
+            table.add_row(v, Text("error", style="bold red"), *["-"] * 5)
+            continue
         over = max_bound is not None and _exceeds(r.log10_bound, max_bound)
         bound_txt = _fmt(r.bound, r.log10_bound)
         observed = "-" if r.observed_max_l1_diff is None else f"{r.observed_max_l1_diff:.4g} ({r.samples})"
@@ -195,21 +217,26 @@ def _print_bounds(base, variants, results, max_bound) -> None:
             observed,
         )
     out.print(table)
-    margin = max(r.rounding_margin for r in results)
+    margin = max(r.rounding_margin for r in good)
     out.print(
         f"base: {base}   device: {r0.device}   rounding margin included: {margin:.2g} (relative)",
         highlight=False,
     )
-    if any(r.sign_flips for r in results):
-        out.print("sign flips: " + next(r.sign_flip_handling for r in results if r.sign_flips), highlight=False)
+    if any(r.sign_flips for r in good):
+        out.print("sign flips: " + next(r.sign_flip_handling for r in good if r.sign_flips), highlight=False)
     if max_bound is not None:
-        over = [(v, r) for v, r in zip(_short_labels(variants), results) if _exceeds(r.log10_bound, max_bound)]
+        over = [
+            (v, r)
+            for v, r in zip(labels, results)
+            if isinstance(r, api.BoundResult) and _exceeds(r.log10_bound, max_bound)
+        ]
         if over:
             failed = ", ".join(f"{v} ({_fmt(r.bound, r.log10_bound)})" for v, r in over)
             out.print(f"GATE FAILED: --max-bound {max_bound:g} exceeded by {failed}", highlight=False)
         else:
-            out.print(f"gate passed: every bound is <= --max-bound {max_bound:g}", highlight=False)
-    for note in dict.fromkeys(n for r in results for n in r.notes):
+            checked = "every bound" if len(good) == len(results) else "every bound computed"
+            out.print(f"gate passed: {checked} is <= --max-bound {max_bound:g}", highlight=False)
+    for note in dict.fromkeys(n for r in good for n in r.notes):
         out.print(f"note: {note}", highlight=False)
 
 

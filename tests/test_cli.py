@@ -305,3 +305,52 @@ def test_output_and_out_are_told_apart(tmp_path):
     assert code == 2 and "not the file to write" in obj["error"]
     code, obj = _json(["pathnorm", "models/digits_mlp.onnx", "--output", "add_result3"])
     assert code == 2 and "'add_result2'" in obj["error"]  # the close names it computes
+
+
+def test_bound_sweep_reports_an_unusable_variant_and_compares_the_rest(pair, tmp_path):
+    """One corrupt and one other-architecture variant among good ones: rows for all, exit 2, and the good rows equal
+    a sweep without the bad files (the engine's state survives a variant that failed half way)."""
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(pair[1].read_bytes()[:200])
+    other = tmp_path / "other.onnx"
+    rng = np.random.default_rng(1)
+    onnx.save(gemm_chain([rng.normal(size=(4, 5)), rng.normal(size=(5, 3))], [np.zeros(5), np.zeros(3)]), str(other))
+    nan = tmp_path / "nan.onnx"
+    model = onnx.load(str(pair[2]))
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w.flat[3] = np.nan
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, model.graph.initializer[0].name))
+    onnx.save(model, str(nan))
+    args = ["bound", pair[0], pair[1], truncated, other, nan, pair[2], "--samples", "0", "--max-bound", "1e9"]
+    code, obj = _json(args)
+    assert code == 2 and obj["exit_code"] == 2
+    assert obj["unusable_variants"] == [str(truncated), str(other), str(nan)]
+    rows = obj["results"]
+    assert [set(r) >= {"variant", "error", "exit_code"} for r in rows] == [False, True, True, True, False]
+    assert "truncated" in rows[1]["error"] and "nan" in rows[3]["error"].lower()
+    clean = _json(["bound", pair[0], pair[1], pair[2], "--samples", "0", "--max-bound", "1e9"])[1]["results"]
+    for got, want in zip((rows[0], rows[4]), clean):
+        assert got == want
+    code, out, err = cli(*args)  # the table: rows for all, the errors on stderr
+    assert code == 2
+    assert out.count("error") == 3 and "gate passed: every bound computed" in out
+    assert err.count("error:") == 3 and "truncated.onnx" in err
+
+
+def test_bound_single_unusable_variant_still_fails_at_once(pair, tmp_path):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(pair[1].read_bytes()[:200])
+    code, obj = _json(["bound", pair[0], truncated, "--samples", "0"])
+    assert code == 2 and "truncated" in obj["error"] and "results" not in obj
+
+
+def test_bound_many_errors_argument(pair, tmp_path):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(pair[1].read_bytes()[:200])
+    with pytest.raises(onnxlip.OnnxlipError, match="truncated"):
+        onnxlip.bound_many(pair[0], [pair[1], truncated], samples=0)
+    got = onnxlip.bound_many(pair[0], [truncated, pair[1]], samples=0, errors="report")
+    assert isinstance(got[0], onnxlip.VariantError) and got[0].exit_code == 2
+    assert got[1] == onnxlip.bound_many(pair[0], [pair[1]], samples=0)[0]
+    with pytest.raises(onnxlip.OnnxlipError, match="errors must be"):
+        onnxlip.bound_many(pair[0], [pair[1]], samples=0, errors="ignore")
