@@ -18,6 +18,7 @@ from .checking import CheckResult
 from .checking import check as check_model
 from .cli_common import (
     DeviceOpt,
+    FlagHelpCommand,
     JsonOpt,
     OutputOpt,
     ShapeOpt,
@@ -35,7 +36,10 @@ from .cli_common import (
 from .errors import OnnxlipError, grouped_issues
 
 
-@app.command(short_help="Is the model supported? Its ops, inputs, parameters and every problem (exit 2 if not).")
+@app.command(
+    cls=FlagHelpCommand,
+    short_help="Is the model supported? Its ops, inputs, parameters and every problem (exit 2 if not).",
+)
 def check(
     model: Path = typer.Argument(..., help="ONNX file."),
     output: Optional[List[str]] = OutputOpt,
@@ -72,7 +76,7 @@ def _print_check(model, result: CheckResult) -> None:
         out.print(Text.assemble(("warning:", "yellow"), f" {w}"), highlight=False)
 
 
-@app.command(short_help="L^q path-norm ||Phi(theta)||_q of the model (value and log10).")
+@app.command(cls=FlagHelpCommand, short_help="L^q path-norm ||Phi(theta)||_q of the model (value and log10).")
 def pathnorm(
     model: Path = typer.Argument(..., help="ONNX file."),
     q: float = typer.Option(1.0, "--q", help="Exponent of the L^q path-norm, from 0.001 to 1e6."),
@@ -103,7 +107,8 @@ def pathnorm(
 
 
 @app.command(
-    short_help="Certified bound on how far variants can drift from a base model, for every input in a box (CI gate)."
+    cls=FlagHelpCommand,
+    short_help="Certified bound on how far variants can drift from a base model, for every input in a box (CI gate).",
 )
 def bound(
     models: List[Path] = typer.Argument(

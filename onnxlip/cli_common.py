@@ -21,7 +21,27 @@ from .loading import refuse_overwrite
 
 FLAG = " "  # the metavar of on/off options: typer's rich help would show "<bool>", as if they took a value
 
+
+def _flag_help(option):
+    if option is not None:
+        option.metavar = FLAG  # --help takes no value either
+    return option
+
+
+class FlagHelpCommand(typer.core.TyperCommand):
+    """A command whose --help shows no "<bool>" (typer's rich help gives the help option that metavar)."""
+
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
+
+
+class FlagHelpGroup(typer.core.TyperGroup):
+    def get_help_option(self, ctx):
+        return _flag_help(super().get_help_option(ctx))
+
+
 app = typer.Typer(
+    cls=FlagHelpGroup,
     help="Path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks.\n\n"
     "Every command takes --json for CI (one JSON object on stdout). Exit codes: 0 ok, 1 a threshold you "
     "set was exceeded, 2 unusable input or unsupported model, 3 an internal error (a bug: please report it).",

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .cli_common import (
     FLAG,
+    FlagHelpCommand,
     JsonOpt,
     OutputOpt,
     ShapeOpt,
@@ -27,6 +28,7 @@ from .cli_common import (
 
 @app.command(
     "lipschitz",
+    cls=FlagHelpCommand,
     short_help="Certified upper and observed lower bounds on the Lipschitz constant with respect to the input.",
 )
 def lipschitz_cmd(

@@ -12,6 +12,7 @@ from rich.table import Table
 from .cli_common import (
     FLAG,
     DeviceOpt,
+    FlagHelpCommand,
     JsonOpt,
     OutputOpt,
     ShapeOpt,
@@ -27,7 +28,11 @@ from .cli_common import (
 from .errors import OnnxlipError
 
 
-@app.command("scores", short_help="Path-magnitude score of every weight and bias (rescaling-invariant), as an .npz.")
+@app.command(
+    "scores",
+    cls=FlagHelpCommand,
+    short_help="Path-magnitude score of every weight and bias (rescaling-invariant), as an .npz.",
+)
 def scores_cmd(
     model: Path = typer.Argument(..., help="ONNX file."),
     out_file: Optional[Path] = typer.Option(
@@ -92,7 +97,9 @@ def scores_cmd(
 
 
 @app.command(
-    "prune", short_help="Prune by path-magnitude or magnitude; writes the pruned model and its certified bound."
+    "prune",
+    cls=FlagHelpCommand,
+    short_help="Prune by path-magnitude or magnitude; writes the pruned model and its certified bound.",
 )
 def prune_cmd(
     model: Path = typer.Argument(..., help="ONNX file."),
@@ -230,6 +237,7 @@ def _plot_sweep(results, path: Path) -> None:
 
 @app.command(
     "rescale",
+    cls=FlagHelpCommand,
     short_help="A functionally identical model with random neuron-wise rescaling (the attack on magnitude pruning).",
 )
 def rescale_cmd(

@@ -131,6 +131,13 @@ def test_help_teaches():
     assert code == 0 and "--input-bound" in out and "--max-bound" in out and "exact" in out
 
 
+@pytest.mark.parametrize("command", ["", "check", "pathnorm", "bound", "scores", "prune", "rescale", "lipschitz"])
+def test_help_shows_no_value_for_flags(command):
+    """On/off options (--help, --json, ...) take no value: typer's rich help would show "<bool>" beside them."""
+    code, out, err = cli(*[c for c in [command] if c], "--help")
+    assert code == 0 and "--help" in out and "<bool>" not in out
+
+
 def test_cli_turns_numpys_hugepage_advice_off(monkeypatch):
     from onnxlip.cli import no_hugepage_advice
 
