@@ -201,7 +201,10 @@ def _merge(src: Node, aff: Node, shape: tuple[int, ...]) -> Node | None:
     # kept as factors: value = float64(wv) * factor, formed only where a float64 copy is needed (ir.Param)
     params = {"weight": _derived(w, None, [w, scale_p], factors=(wv, factor), origin=origin)}
     if old_b is not None or bias_p is not None:
-        params["bias"] = _derived(old_b or bias_p, s * b_vec + c, [old_b, scale_p, bias_p])
+        bias = s * b_vec + c
+        if src.op == "dense" and src.attrs.get("side", "right") == "left":
+            bias = bias.reshape(channels, 1)  # a dense bias broadcasts as stored: the channels of W @ x are rows
+        params["bias"] = _derived(old_b or bias_p, bias, [old_b, scale_p, bias_p])
     return replace(src, outputs=list(aff.outputs), params=params)
 
 

@@ -240,3 +240,72 @@ def test_an_activation_inside_the_network_gets_no_cut_hint(tmp_path):
     onnx.save(inside, str(bad))
     with pytest.raises(onnxlip.UnsupportedModelError, match="tanh.onnx: the model has 1 unsupported"):
         onnxlip.bound_many(str(base), [str(base), str(bad)], samples=0)
+
+
+def _left_dense(rank: int, gemm: bool, after: str) -> onnx.ModelProto:
+    """W @ x (a constant on the left: channels are rows) followed by an (M, 1) Add or Mul, a Relu and a right-side
+    MatMul. The output's last axis has M entries too when rank is 2, where a bias folded along the columns still
+    runs and gives wrong numbers silently."""
+    rng = np.random.default_rng(rank)
+    m, k = 3, 2
+    lead = (2,) * (rank - 2)
+    x_shape = (*lead, k, m)
+    w = rng.normal(size=(m, k)).astype(np.float32)
+    c = rng.normal(size=(m, 1)).astype(np.float32)
+    out_w = rng.normal(size=(m, 3)).astype(np.float32)
+    if gemm:
+        linear = helper.make_node("Gemm", ["W", "x", "C0"], ["h0"])
+        inits = [numpy_helper.from_array(rng.normal(size=(m, 1)).astype(np.float32), "C0")]
+    else:
+        linear = helper.make_node("MatMul", ["W", "x"], ["h0"])
+        inits = []
+    nodes = [
+        linear,
+        helper.make_node(after, ["h0", "C"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "V"], ["y"]),
+    ]
+    inits += [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (c, "C"), (out_w, "V"))]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return make_model([*nodes], [x], [y], inits)
+
+
+def _merged(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The oracle's view of onnxlip's convention: a Gemm bias and the Add right after it are one bias (C0 + C; an
+    affine chain without a ReLU between is one layer), where the oracle would count two bias neurons."""
+    inits = {t.name: t for t in model.graph.initializer}
+    if "C0" not in inits or model.graph.node[1].op_type != "Add":
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    c0, c = (numpy_helper.to_array(inits[n]) for n in ("C0", "C"))
+    inits["C0"].CopyFrom(numpy_helper.from_array(c0 + c, "C0"))
+    inits["C"].CopyFrom(numpy_helper.from_array(np.zeros_like(c), "C"))
+    return out
+
+
+@pytest.mark.parametrize(
+    "rank,gemm,after",
+    [(2, False, "Add"), (2, True, "Add"), (2, False, "Mul"), (3, False, "Add"), (4, False, "Mul"), (2, True, "Mul")],
+)
+def test_bias_folded_into_a_left_side_dense_layer_stays_on_its_rows(rank, gemm, after):
+    """A bias or scale after W @ x is per row: it was folded as a vector along the last axis (path-norm 49.09
+    instead of 48.41, a certified bound of 0.18 where the outputs differ by 60, or onnxruntime refusing the graph)."""
+    if gemm and rank != 2:
+        pytest.skip("Gemm is 2-D")
+    model = _left_dense(rank, gemm, after)
+    assert onnxlip.path_norm(model).path_norm == pytest.approx(oracle.path_norm(_merged(model)), rel=1e-6)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    c = next(t for t in changed.graph.initializer if t.name == "C")
+    value = numpy_helper.to_array(c).copy()
+    value[2] = 0.0  # one row's bias (or scale) zeroed: the variant is dominated, the metric exact
+    c.CopyFrom(numpy_helper.from_array(value, "C"))
+    got = onnxlip.path_metric(model, changed)
+    want = oracle.path_metric(_merged(model), _merged(changed))
+    assert got.exact and got.path_metric == pytest.approx(want, rel=1e-6)
+    if after == "Add" and not gemm:  # C is a bias of its own (else it is folded into W's or C0's scores)
+        scores = onnxlip.scores(model)
+        assert scores.absolute("C")[2, 0] == pytest.approx(got.path_metric, rel=1e-6)
