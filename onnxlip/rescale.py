@@ -319,7 +319,8 @@ def rescale_layers(proto: onnx.ModelProto, choose: Chooser) -> tuple[int, int, i
         neurons += int(np.count_nonzero(lam != 1.0))
         layers += 1
     for name, count in nonzero.items():
-        _check_representable(name, g.values[name], count, subnormal[name])
+        if g.values[name] is not original[name]:  # untouched constants (a Clip's -inf bound) stay as they are
+            _check_representable(name, g.values[name], count, subnormal[name])
     for name, init in g.inits.items():
         if g.values[name] is not original[name]:  # rescaled (an untouched tensor stays as stored)
             init.CopyFrom(replaced_tensor(init, g.values[name]))

@@ -233,3 +233,35 @@ def test_float16_weights_are_not_rescaled_into_subnormals():
     x = rng.standard_normal((4, 8)).astype(np.float16)
     a, b = (np.asarray(_outputs(m, x)[0], np.float64) for m in (model, out))
     assert np.abs(a - b).max() <= 2e-3 * np.abs(a).max()  # float16 rounding of the rescaled weights
+
+
+def test_an_infinite_constant_the_rescaling_does_not_touch_is_no_overflow():
+    """A Clip(z, -inf, 6) after the last layer: every other command accepts the model, and rescale refused it
+    ("rescaling makes entries of 'lo' overflow") because it checked every float initializer, not the rescaled."""
+    from onnx import TensorProto, helper
+
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "W1": rng.normal(size=(2, 3)).astype(np.float32),
+        "B1": rng.normal(size=3).astype(np.float32),
+        "W2": rng.normal(size=(3, 2)).astype(np.float32),
+        "lo": np.array(-np.inf, np.float32),
+        "hi": np.array(6.0, np.float32),
+    }
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "B1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "W2"], ["z"]),
+        helper.make_node("Clip", ["z", "lo", "hi"], ["y"]),
+    ]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 2])]
+    inits = [numpy_helper.from_array(v, n) for n, v in arrays.items()]
+    model = make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 2])], inits)
+    out, result = rescale(model, seed=0, factors=[0.25, 8.0])
+    assert result.rescaled_neurons == 3
+    x = rng.normal(size=(4, 2)).astype(np.float32)
+    np.testing.assert_allclose(_outputs(out, x)[0], _outputs(model, x)[0], rtol=1e-5, atol=1e-6)
+    lo = next(t for t in out.graph.initializer if t.name == "lo")
+    assert numpy_helper.to_array(lo) == -np.inf
