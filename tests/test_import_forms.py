@@ -222,6 +222,10 @@ def test_sklearn_pipeline_with_a_scaler(scaler, tmp_path):
     from onnxlip.rescale import rescale
 
     assert rescale(str(path), seed=0)[1].rescaled_neurons > 0
+    if scaler == "standard":  # the Scaler's bias -offset * scale is derived from both attributes: said so
+        tensors = onnxlip.scores(str(path)).tensors
+        offset = next(t for n, t in tensors.items() if n.endswith("::offset"))
+        assert offset.folded and any(s.endswith("::scale") for s in offset.sources)
 
 
 def test_an_activation_inside_the_network_gets_no_cut_hint(tmp_path):

@@ -356,7 +356,10 @@ def import_scaler(node, ctx):
     key = node.output[0]
     params = {
         "scale": ctx.param(f"{key}::scale", np.broadcast_to(scale, (features,)).copy(), ()),
-        "bias": ctx.param(f"{key}::offset", np.broadcast_to(-offset * scale, (features,)).copy(), ()),
+        # the bias -offset * scale is derived from both attributes (as a BatchNorm's c from beta, mean, gamma, var)
+        "bias": ctx.param(
+            f"{key}::offset", np.broadcast_to(-offset * scale, (features,)).copy(), (f"{key}::offset", f"{key}::scale")
+        ),
     }
     ctx.add("affine", [x], params=params)
 
