@@ -101,6 +101,16 @@ def fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] |
                 )
             if any(d <= 0 for d in shape):
                 raise ShapeError(f"--input-shape for {inp.name!r} must be positive, got {shape}")
+            declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
+            # a fixed batch may be overridden (batch 1 analyses one sample: batch_notes); any other fixed axis not:
+            # the model would not run, and its bound would be the one of another model
+            clash = [a for a, d in enumerate(declared) if a > 0 and d is not None and d != shape[a]]
+            if ttype.HasField("shape") and clash:
+                fixed = "x".join("?" if d is None else str(d) for d in declared)
+                raise ShapeError(
+                    f"--input-shape {inp.name}={'x'.join(map(str, shape))} contradicts the model's fixed shape "
+                    f"{fixed} (axis {', '.join(map(str, clash))}); --input-shape only fills in unknown dimensions"
+                )
             out[inp.name] = shape
             continue
         if not ttype.HasField("shape"):

@@ -174,6 +174,19 @@ def test_unknown_dynamic_dimensions_need_input_shape(tmp_path):
     assert code == 2 and "NAME=D1xD2" in err
 
 
+def test_input_shape_may_not_contradict_a_fixed_dimension(tmp_path):
+    """--input-shape fills in unknown dimensions: giving a 9x9 map to a model declared 8x8 certified a bound (and a
+    path-norm) of a model onnxruntime cannot run, exit 0. A fixed batch may still be set to 1 (one sample)."""
+    m = _conv_model(["N", 3, 5, 5])
+    with pytest.raises(ShapeError, match=r"contradicts the model's fixed shape \?x3x5x5 \(axis 2, 3\)"):
+        onnxlip.path_norm(m, input_shapes={"x": [1, 3, 6, 6]})
+    path = _save(m, tmp_path / "fixed.onnx")
+    code, out, err = cli("bound", path, path, "--input-shape", "x=1x3x6x5")
+    assert code == 2 and "contradicts" in err and "axis 2" in err
+    batch3 = _conv_model([3, 3, 5, 5])
+    assert onnxlip.path_norm(batch3, input_shapes={"x": [1, 3, 5, 5]}).path_norm == onnxlip.path_norm(m).path_norm
+
+
 def test_batch_dimension_defaults_to_one():
     r_dyn = onnxlip.path_norm(_conv_model(["N", 3, 5, 5]))
     r_fix = onnxlip.path_norm(_conv_model([1, 3, 5, 5]))
