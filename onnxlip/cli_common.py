@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -156,8 +157,8 @@ def _guard(as_json: bool):
     except KeyboardInterrupt:
         _fail(as_json, "interrupted", 130)
     except Exception as exc:  # noqa: BLE001 - never show a traceback to a user unless asked
-        if os.environ.get("ONNXLIP_DEBUG"):
-            raise
+        if os.environ.get("ONNXLIP_DEBUG"):  # the traceback on stderr, and still exit 3 (a bare raise exits 1)
+            traceback.print_exc()
         _fail(as_json, f"internal error: {type(exc).__name__}: {exc} (set ONNXLIP_DEBUG=1 for a traceback)", 3)
 
 

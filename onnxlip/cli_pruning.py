@@ -143,6 +143,7 @@ def prune_cmd(
         if plot is not None:
             if sweep is None:
                 raise OnnxlipError("--plot draws a --sweep; with one --sparsity there is no curve to draw")
+            _plot_format(plot)  # before the sweep: matplotlib present, a format it writes, the exact file named
             _refuse_overwrite(plot, [model])
         if sweep is not None:
             if out_file is not None:
@@ -192,6 +193,7 @@ def prune_cmd(
             _emit_json(
                 {"model": str(model)}
                 | (results[0].to_json() if sweep is None else {"results": [r.to_json() for r in results]})
+                | ({"plot": str(plot)} if plot is not None else {})
             )
             return
         table = Table(title=f"pruning {model}: certified bound for ||x||_inf <= {input_bound:g} ({scope} scope)")
@@ -214,14 +216,29 @@ def prune_cmd(
             out.print(f"wrote {plot}", highlight=False)
 
 
-def _plot_sweep(results, path: Path) -> None:
+def _plot_format(path: Path) -> str:
+    """The image format --plot's extension names; OnnxlipError without matplotlib or for a name matplotlib would
+    change (no extension: it appends .png, and the file written is not the one checked against the inputs)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise OnnxlipError("--plot needs matplotlib: pip install 'onnxlip[plot]'") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = path.suffix[1:].lower()
+    if fmt not in formats:
+        raise OnnxlipError(
+            f"--plot {path}: give a file name ending in an image format matplotlib writes "
+            f"({', '.join(sorted(formats))})"
+        )
+    return fmt
+
+
+def _plot_sweep(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for criterion in dict.fromkeys(r.criterion for r in results):
         rows = [r for r in results if r.criterion == criterion]
@@ -231,7 +248,7 @@ def _plot_sweep(results, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=_plot_format(path))
     plt.close(fig)
 
 

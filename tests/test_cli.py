@@ -361,3 +361,22 @@ def test_bound_many_errors_argument(pair, tmp_path):
     assert got[1] == onnxlip.bound_many(pair[0], [pair[1]], samples=0)[0]
     with pytest.raises(onnxlip.OnnxlipError, match="errors must be"):
         onnxlip.bound_many(pair[0], [pair[1]], samples=0, errors="ignore")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_internal_error_exits_3_also_with_its_traceback_shown(monkeypatch, capsys, debug):
+    """ONNXLIP_DEBUG=1 re-raised the exception: Python exited 1, the code of a threshold exceeded."""
+    import typer
+
+    from onnxlip.cli_common import _guard
+
+    if debug:
+        monkeypatch.setenv("ONNXLIP_DEBUG", "1")
+    else:
+        monkeypatch.delenv("ONNXLIP_DEBUG", raising=False)
+    with pytest.raises(typer.Exit) as info:
+        with _guard(as_json=False):
+            raise ValueError("boom")
+    assert info.value.exit_code == 3
+    err = capsys.readouterr().err
+    assert "internal error: ValueError: boom" in err and ("Traceback" in err) == debug

@@ -69,12 +69,28 @@ def test_path_magnitude_prunes_the_smallest_scores_first():
     assert r.path_metric == pytest.approx(smallest * 10**scores.log10_path_norm, rel=1e-5, abs=1e-9)
 
 
+def test_plot_names_the_file_it_writes(tmp_path):
+    """matplotlib appends .png to a name without an extension: '--plot weird' for an input 'weird.png' wrote over the
+    input model; an unknown extension failed after the whole sweep, as an internal error (exit 3)."""
+    pytest.importorskip("matplotlib")
+    model = tmp_path / "weird.png"
+    model.write_bytes(open("models/digits_cnn.onnx", "rb").read())
+    before = model.read_bytes()
+    for plot in (tmp_path / "weird", tmp_path / "x.xyz"):
+        code, out, err = cli("prune", model, "--sweep", "0.5", "--plot", plot)
+        assert code == 2 and "image format" in err
+    assert model.read_bytes() == before and not (tmp_path / "x.xyz").exists()
+    code, out, err = cli("prune", "models/digits_cnn.onnx", "--sweep", "0.5", "--plot", tmp_path / "s.SVG")
+    assert code == 0 and (tmp_path / "s.SVG").read_bytes().lstrip().startswith(b"<?xml")
+
+
 def test_sweep_cli_and_plot(tmp_path):
     pytest.importorskip("matplotlib")  # the optional 'plot' extra (installed by the 'test' extra)
     code, out, err = cli(
         "prune", "models/digits_cnn.onnx", "--sweep", "0.2,0.5", "--json", "--plot", tmp_path / "sweep.png"
     )
     assert code == 0, err
+    assert json.loads(out)["plot"] == str(tmp_path / "sweep.png")
     rows = json.loads(out)["results"]
     assert [(r["criterion"], r["requested_sparsity"]) for r in rows] == [
         ("path-magnitude", 0.2),
