@@ -4,6 +4,7 @@ unsupported model, 3 internal error. With --json, stdout holds exactly one JSON 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -288,6 +289,8 @@ def no_hugepage_advice() -> bool:
 
 
 def main() -> None:  # console-script entry point
+    if hasattr(signal, "SIGPIPE"):  # `onnxlip ... | head`: end quietly when the reader leaves, as Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (typer turned the broken pipe into exit 1, "exceeded")
     no_hugepage_advice()
     if not os.environ.get("ONNXLIP_DEBUG"):  # library warnings (numpy, onnx) are not the user's messages
         warnings.simplefilter("ignore")

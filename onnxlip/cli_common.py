@@ -68,7 +68,10 @@ def versions() -> str:
 
 def _print_version(value: bool) -> None:
     if value:
-        print(versions())
+        try:
+            print(versions(), flush=True)
+        except OSError as exc:
+            _stdout_failed(StdoutError(exc))
         raise typer.Exit(0)
 
 
@@ -83,10 +86,32 @@ def _main(
 
 def _width(stream) -> int | None:
     """Rich's width: the terminal's, COLUMNS when set, else 160 when the output is a file or a CI log (rich's 80
-    would cut the bound and sweep tables' columns)."""
-    if os.environ.get("COLUMNS") or stream.isatty():
+    would cut the bound and sweep tables' columns). Never below 80: narrower, rich crops numbers and drops the
+    variant column (the terminal wraps the lines instead)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.strip().isdigit() and int(columns) < 80:
+        return 80
+    if columns or (stream is not None and not isinstance(stream, _Closed) and stream.isatty()):
         return None
     return 160
+
+
+class _Closed:
+    """Stands in for a standard stream the process was started without (`>&-`): writes go nowhere."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+for _name in ("stdout", "stderr"):  # a closed stream is None in Python: printing to it would raise
+    if getattr(sys, _name) is None:
+        setattr(sys, _name, _Closed())
 
 
 # markup off: model paths, tensor and node names and messages are printed as they are (rich would read "[x]" in a
@@ -147,6 +172,8 @@ def _guard(as_json: bool):
         yield
     except typer.Exit:
         raise
+    except StdoutError as exc:
+        _stdout_failed(exc)
     except OnnxlipError as exc:
         _fail(as_json, str(exc), 2, getattr(exc, "issues", None), getattr(exc, "hint", None))
     except OSError as exc:  # an output file that cannot be written (missing folder, permissions, full disk)
@@ -163,6 +190,8 @@ def _guard(as_json: bool):
 
 
 def _fail(as_json: bool, message: str, code: int, issues=None, hint=None):
+    if as_json and isinstance(sys.stdout, _Closed):
+        as_json = False  # no stdout to carry the JSON: the message goes to stderr
     if as_json:
         payload = {"error": message, "exit_code": code}
         if issues:
@@ -188,7 +217,24 @@ def _emit_json(obj: dict) -> None:
     from .api import _jsonable
 
     # strict JSON: a non-finite number anywhere (e.g. log10 of a zero path-norm) as "inf"/"-inf", NaN as null
-    print(json.dumps(_jsonable({**obj, "onnxlip_version": __version__}), allow_nan=False))
+    text = json.dumps(_jsonable({**obj, "onnxlip_version": __version__}), allow_nan=False)
+    try:
+        print(text, flush=True)
+    except OSError as exc:  # stdout full or gone: the JSON cannot be delivered, and saying so there fails too
+        raise StdoutError(exc) from None
+
+
+class StdoutError(Exception):
+    """Standard output cannot be written (a full disk, a closed stream): reported on stderr, exit 2."""
+
+
+def _stdout_failed(exc: BaseException) -> None:
+    inner = exc.args[0] if exc.args else exc
+    try:
+        print(f"error: cannot write to standard output: {getattr(inner, 'strerror', None) or inner}", file=sys.stderr)
+    except Exception:  # noqa: BLE001 - stderr gone too: the exit code is all that is left
+        pass
+    raise typer.Exit(2)
 
 
 def _progress(total: int, label: str) -> Progress:

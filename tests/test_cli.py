@@ -380,3 +380,38 @@ def test_an_internal_error_exits_3_also_with_its_traceback_shown(monkeypatch, ca
     assert info.value.exit_code == 3
     err = capsys.readouterr().err
     assert "internal error: ValueError: boom" in err and ("Traceback" in err) == debug
+
+
+def _shell(command: str, **env):
+    import os
+    import subprocess
+    import sys
+
+    run_env = dict(os.environ, **env)
+    cmd = f"{sys.executable} -m onnxlip.cli {command}"
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=run_env)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("command", ["pathnorm models/digits_mlp.onnx --output add_result2 --json", "--version"])
+def test_a_full_stdout_is_exit_2_with_a_message_not_a_traceback(command):
+    proc = _shell(f"{command} > /dev/full")
+    assert proc.returncode == 2 and "cannot write to standard output" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_closed_standard_streams():
+    """Started with stdout or stderr closed, the CLI crashed at import (sys.stdout is None): exit 1, a traceback."""
+    proc = _shell("pathnorm models/digits_cnn.onnx --json >&-")
+    assert proc.returncode == 0 and proc.stderr == ""
+    proc = _shell("pathnorm nope.onnx --json >&-")
+    assert proc.returncode == 2 and "no such file" in proc.stderr  # no stdout for the JSON: stderr says it
+    proc = _shell("pathnorm nope.onnx --json 2>&-")
+    assert proc.returncode == 2 and json.loads(proc.stdout)["exit_code"] == 2
+
+
+def test_a_narrow_terminal_crops_no_number():
+    """At COLUMNS=40 rich cropped the observed column to '4' for '41.18 (16)' and dropped the variant names."""
+    proc = _shell("bound models/digits_cnn.onnx models/digits_cnn_pruned.onnx --samples 0", COLUMNS="40")
+    assert proc.returncode == 0
+    assert "digits_cnn_pruned" in proc.stdout and "23366.4" in proc.stdout and "<= 1" in proc.stdout
