@@ -143,8 +143,8 @@ def prune_cmd(
         if plot is not None:
             if sweep is None:
                 raise OnnxlipError("--plot draws a --sweep; with one --sparsity there is no curve to draw")
-            _plot_format(plot)  # before the sweep: matplotlib present, a format it writes, the exact file named
             _refuse_overwrite(plot, [model])
+            _plot_format(plot)  # before the sweep: matplotlib present, a format it writes, the exact file named
         if sweep is not None:
             if out_file is not None:
                 raise OnnxlipError("-o writes the model of one --sparsity; a --sweep writes none (--plot draws it)")
