@@ -58,10 +58,22 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         if not proto.HasField("graph") or not proto.graph.node:
             label = model_label(model)
             raise ModelLoadError(f"{label}: the ModelProto holds no graph (no nodes); nothing to analyse")
+        unloaded = [t.name for t in external_data_helper._get_all_tensors(proto) if _unloaded(t)]
+        if unloaded:  # onnx would read them relative to the current folder: whatever files happen to lie there
+            raise ModelLoadError(
+                f"{model_label(model)}: initializer {unloaded[0]!r}"
+                + (f" and {len(unloaded) - 1} more" if len(unloaded) > 1 else "")
+                + " keep their data in external files that this ModelProto does not hold; pass the model's path, "
+                "or load it with onnx.load(path) (which reads the external data)"
+            )
     else:
         proto = _load_file(Path(model))
     _check_versions(proto)
     return proto
+
+
+def _unloaded(tensor: onnx.TensorProto) -> bool:
+    return external_data_helper.uses_external_data(tensor) and not tensor.HasField("raw_data")
 
 
 def load_with_arrays(model: ModelLike) -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray | None]:

@@ -273,6 +273,25 @@ def test_valid_external_data_loads(tmp_path):
         size_threshold=0,
     )
     assert onnxlip.path_norm(tmp_path / "m.onnx").path_norm == expected
+    assert onnxlip.path_norm(onnx.load(str(tmp_path / "m.onnx"))).path_norm == expected  # data read by onnx
+
+
+def test_a_modelproto_without_its_external_data_is_refused(tmp_path, monkeypatch):
+    """onnx.load(path, load_external_data=False) gives a ModelProto whose weights onnx would read relative to the
+    current folder: another folder's m.bin (weights doubled) gave another path-norm, silently."""
+    m = _mlp()
+    expected = onnxlip.path_norm(m).path_norm
+    onnx.save(m, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin", size_threshold=0)
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    raw = np.fromfile(tmp_path / "m.bin", dtype=np.float32) * 2
+    raw.tofile(other / "m.bin")
+    monkeypatch.chdir(other)
+    for call in (lambda: onnxlip.path_norm(proto), lambda: onnxlip.bound(proto, tmp_path / "m.onnx", samples=0)):
+        with pytest.raises(ModelLoadError, match="external files that this ModelProto does not hold"):
+            call()
+    assert onnxlip.path_norm(tmp_path / "m.onnx").path_norm == expected
 
 
 def test_unsupported_ops_are_all_reported():
