@@ -26,6 +26,7 @@ from .cli_common import (
     out,
 )
 from .errors import OnnxlipError
+from .loading import write_output
 
 
 @app.command(
@@ -70,8 +71,7 @@ def scores_cmd(
                     f"{lost} nonzero score(s) lie below float64's range relative to the path-norm and read as 0 (or "
                     "lose precision) in the file; --log10 writes every score's log10 exactly"
                 )
-            with open(out_file, "wb") as f:  # exactly the named file (np.savez(path) would add ".npz")
-                np.savez(f, **arrays, __log10_path_norm__=np.array(result.log10_path_norm))
+            write_output(out_file, lambda path: _savez(path, arrays, result.log10_path_norm))
         if as_json:
             obj = {"model": str(model)} | result.to_json()
             obj["file"] = None if out_file is None else str(out_file)
@@ -216,6 +216,11 @@ def prune_cmd(
             out.print(f"wrote {plot}", highlight=False)
 
 
+def _savez(path: str, arrays: dict, log10_path_norm: float) -> None:
+    with open(path, "wb") as f:  # exactly the named file (np.savez(path) would add ".npz")
+        np.savez(f, **arrays, __log10_path_norm__=np.array(log10_path_norm))
+
+
 def _plot_format(path: Path) -> str:
     """The image format --plot's extension names; OnnxlipError without matplotlib or for a name matplotlib would
     change (no extension: it appends .png, and the file written is not the one checked against the inputs)."""
@@ -248,7 +253,7 @@ def _plot_sweep(results, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format=_plot_format(path))
+    write_output(path, lambda name: fig.savefig(name, dpi=120, format=_plot_format(path)))
     plt.close(fig)
 
 

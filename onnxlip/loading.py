@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import secrets
 from pathlib import Path
 from typing import Union
 
@@ -179,12 +180,22 @@ def check_output_path(target) -> None:
 
 
 def write_output(target, write) -> None:
-    """Run `write(path)` for the output file, with OSError (permissions, a full disk) as OnnxlipError."""
+    """Run `write(path)` for the output file, with OSError (permissions, a full disk) as OnnxlipError. The file
+    is written beside the target under a temporary name and renamed over it once complete: a failure (a full
+    disk, Ctrl-C) leaves the target as it was, never a truncated file."""
     check_output_path(target)
+    name = os.fspath(target)
+    folder, base = os.path.split(name)
+    temporary = os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        write(os.fspath(target))
+        write(temporary)
+        os.replace(temporary, name)
     except OSError as exc:
-        raise OnnxlipError(f"cannot write {exc.filename or target}: {exc.strerror or exc}") from None
+        shown = target if exc.filename in (None, temporary) else exc.filename
+        raise OnnxlipError(f"cannot write {shown}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
 
 
 def _check_file(path: Path) -> None:

@@ -325,9 +325,9 @@ def prune_sweep(
         if criterion == "path-magnitude":
             path_scores = _PrunedShare(scores, log2_factor)
         for sparsity, masks in zip(sparsities, masks_for_many(scores, sparsities, scope)):
-            if out_path is not None:
-                write_output(out_path, lambda path, masks=masks: onnx.save(apply_masks(m.full_proto(), masks), path))
             metric = _pruned_metric(m, masks, engine, path_scores, device)
+            if out_path is not None:  # once its bound is known: a failure before leaves no file
+                write_output(out_path, lambda path, masks=masks: onnx.save(apply_masks(m.full_proto(), masks), path))
             zeros = _zeros(tensors, masks, base_zeros)
             log10_bound = certified_log10_bound(metric, input_bound)
             results.append(

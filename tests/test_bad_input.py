@@ -719,3 +719,34 @@ def test_scores_writes_exactly_the_named_file(tmp_path):
     assert set(np.load(tmp_path / "m")) >= {"__log10_path_norm__"}
     code, out, err = cli("scores", model, "-o", model)
     assert code == 2 and "overwrite" in err
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_write_leaves_the_previous_output_as_it_was(tmp_path, failure):
+    """Outputs were written in place: a full disk left a truncated model where a good one had been."""
+    from onnxlip.loading import write_output
+
+    target = tmp_path / "keep.onnx"
+    target.write_bytes(b"the previous good file")
+
+    def write(path):
+        with open(path, "wb") as f:
+            f.write(b"half of a")
+        raise failure
+
+    with pytest.raises(OnnxlipError if isinstance(failure, OSError) else KeyboardInterrupt):
+        write_output(target, write)
+    assert target.read_bytes() == b"the previous good file" and sorted(tmp_path.iterdir()) == [target]
+    write_output(target, lambda path: open(path, "wb").write(b"new"))
+    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_prune_output_on_a_full_disk_keeps_the_previous_file(tmp_path):
+    keep = tmp_path / "keep.onnx"
+    code, _, err = cli("prune", "models/digits_cnn.onnx", "--sparsity", "0.3", "-o", keep)
+    assert code == 0
+    before = keep.read_bytes()
+    cmd = f"ulimit -f 8; {sys.executable} -m onnxlip.cli prune models/digits_cnn.onnx --sparsity 0.6 -o {keep}"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
+    assert proc.returncode == 2 and "cannot write" in proc.stderr and str(keep) in proc.stderr
+    assert keep.read_bytes() == before and sorted(tmp_path.iterdir()) == [keep]
