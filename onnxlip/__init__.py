@@ -1,5 +1,11 @@
 """onnxlip: path-norms, path-metrics and certified Lipschitz bounds of exported ONNX ReLU networks."""
 
+import os as _os
+
+# onnxruntime 1.31 writes a device id and a usage database under ~/.cache/Microsoft on import (its telemetry); an
+# audit tool should not. Set before onnxruntime is first imported; a user's own setting stands.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from .api import (
     BoundResult,
     PathMetricResult,

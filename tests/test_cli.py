@@ -415,3 +415,16 @@ def test_a_narrow_terminal_crops_no_number():
     proc = _shell("bound models/digits_cnn.onnx models/digits_cnn_pruned.onnx --samples 0", COLUMNS="40")
     assert proc.returncode == 0
     assert "digits_cnn_pruned" in proc.stdout and "23366.4" in proc.stdout and "<= 1" in proc.stdout
+
+
+def test_no_onnxruntime_telemetry_files_in_home(tmp_path):
+    """onnxruntime writes ~/.cache/Microsoft/DeveloperTools/.onnxruntime/{deviceid,onnxruntime.db} on import unless
+    ORT_DISABLE_TELEMETRY is set; onnxlip sets it (an audit tool leaves no trace in the user's home)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"} | {"HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "onnxlip.cli", "pathnorm", "models/digits_cnn.onnx", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and list(tmp_path.iterdir()) == []
