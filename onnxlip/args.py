@@ -50,7 +50,7 @@ def output_arg(output) -> list[str] | None:
     for name in names:
         if not isinstance(name, str) or not name:
             raise OnnxlipError(f"output must name tensors by their (non-empty) names, got {name!r}")
-    return names
+    return list(dict.fromkeys(names))  # a tensor named twice is one output (it doubled every path-norm and bound)
 
 
 def models_arg(variants, what: str = "variants") -> list:

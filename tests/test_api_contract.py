@@ -244,6 +244,15 @@ def test_one_output_name_as_a_plain_string():
     assert onnxlip.scores(MLP, output="add_result2").outputs == ["add_result2"]
 
 
+def test_an_output_named_twice_is_one_output():
+    """--output add_result2 --output add_result2 doubled the path-norm and the bound (and sqrt(2) the Lipschitz)."""
+    want = onnxlip.path_norm(MLP, output=["add_result2"])
+    got = onnxlip.path_norm(MLP, output=["add_result2", "add_result2"])
+    assert got.log10_path_norm == want.log10_path_norm and got.outputs == ["add_result2"]
+    code, out, err = cli("pathnorm", MLP, "--output", "add_result2", "--output", "add_result2", "--json")
+    assert code == 0 and json.loads(out)["log10_path_norm"] == want.log10_path_norm
+
+
 def test_q_must_not_be_a_bool():
     with pytest.raises(OnnxlipError, match="q must be a number"):
         onnxlip.path_norm(CNN, True)
