@@ -57,6 +57,7 @@ from .routes import (
     route_notes,
     rows_lam,
     subtraction_metric,
+    triangle_cap,
 )
 from .variants import Change
 
@@ -129,6 +130,13 @@ class MetricEngine:
             extra = {t: env[t] for t in metric_inputs(self.graph)}
             self._values = CompiledCompanion(self.graph, em, outs, self.device, extra=extra, spin=False)
         return self._values
+
+    def values_session(self) -> CompiledCompanion:
+        return self._values_session()
+
+    def scratch(self, name: str) -> np.ndarray:
+        """A float32 buffer of the parameter's shape that no route is reading (for routes.triangle_cap)."""
+        return self._buffer("lo", name)
 
     def log10_norm(self, pairs: Pairs) -> tuple[float, str]:
         """log10 ||Phi||_1 of the parameters given as (mantissa, exponent) pairs, one companion run."""
@@ -394,14 +402,18 @@ class MetricEngine:
                 changed = sum(r.changed for r in compared.values())
                 dominating = all(r.dominating for r in compared.values())
                 notes, exact = route_notes(self._general), dominating and is_tight(self._general)
-                return MetricOutcome(
+                outcome = MetricOutcome(
                     out[0], exact, 0, changed, "none needed", out[1], self.metric_margin, ROUTE_HILO, notes
                 )
-        vb = {
+                return triangle_cap(self, outcome, lambda: self._changed_values(changes))
+        vb = self._changed_values(changes)
+        return self.metric(vb, {n: compared.get(n, UNCHANGED) for n in self.base})
+
+    def _changed_values(self, changes: dict[str, Change]) -> dict[str, np.ndarray]:
+        return {
             n: changes[n].value(n, self._buffer("value", n, np.float64)) if n in changes else a
             for n, a in self.base.items()
         }
-        return self.metric(vb, {n: compared.get(n, UNCHANGED) for n in self.base})
 
     def _below_base(self, vb: dict[str, np.ndarray], changed: int, upper=None) -> MetricOutcome:
         """The exact metric between the base and values it dominates entrywise (|vb| <= |base|, same signs)."""
@@ -430,7 +442,10 @@ class MetricEngine:
                 return self._below_base(vb, changed)
             log10_m, dev = self.general_log10(va, vb)
             notes, exact = route_notes(self._general), dominating and is_tight(self._general)
-            return MetricOutcome(log10_m, exact, 0, changed, "none needed", dev, self.metric_margin, ROUTE_HILO, notes)
+            outcome = MetricOutcome(
+                log10_m, exact, 0, changed, "none needed", dev, self.metric_margin, ROUTE_HILO, notes
+            )
+            return triangle_cap(self, outcome, lambda: vb)
         # theory.md section 3: with mid zero where the signs flip, (base, mid) and (mid, vb) are same-sign pairs.
         # mid = the entrywise smaller magnitude elsewhere, so that both models dominate it and both metrics are
         # exact: the sum is symmetric in the two models, and never above the split at the base with its flipped
@@ -445,7 +460,7 @@ class MetricEngine:
         first = self._below_base(mid, changed, upper=0.0)  # upper=0: the difference stream, whose margin covers both
         second, dev = self.general_log10(mid, vb)  # vb dominates mid: the hi/lo stream is exact
         notes = list(dict.fromkeys(first.notes + route_notes(self._general)))
-        return MetricOutcome(
+        outcome = MetricOutcome(
             log10_add(first.log10_metric, second),
             False,
             flips,
@@ -456,3 +471,4 @@ class MetricEngine:
             ROUTE_HILO,
             notes,
         )
+        return triangle_cap(self, outcome, lambda: vb)

@@ -23,6 +23,7 @@ ROUTE_DIFFERENCE = "difference stream"
 ROUTE_SUBTRACTION = "subtraction"
 ROUTE_HILO = "hi/lo difference stream"
 ROUTE_UNCHANGED = "no parameter changed"
+ROUTE_TRIANGLE = "triangle inequality"
 # A dominated pair's metric d = ||Phi(a)|| - ||Phi(b)|| may be formed by subtracting two float32 companion runs
 # when that is well conditioned: (||Phi(a)|| + ||Phi(b)||) / d <= 2, so the float32 errors of both runs weigh at
 # most twice their own size against d. The trap of theory.md section 3 (d << ||Phi||) never takes this route,
@@ -111,3 +112,47 @@ def hi_inputs(found: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.n
 def is_tight(compiled: CompiledCompanion | None) -> bool:
     """The route's last value is the metric it computes (to 1e-7), not a looser upper bound of it."""
     return compiled is None or compiled.raised is None or compiled.raised.tight
+
+
+def triangle_cap(engine, outcome: MetricOutcome, values: Callable[[], dict[str, np.ndarray]]) -> MetricOutcome:
+    """The smaller certified upper bound of `outcome` (an upper bound of the metric: not exact) and of
+    ||Phi(a)||_1 + ||Phi(b)||_1 >= ||Phi(a) - Phi(b)||_1 (triangle inequality), for models far apart (another
+    training run, shuffled weights), where the hi/lo bound can exceed it. Phi(a) + Phi(b) >= Phi(a), so the
+    variant's path-norm (`values()`: its parameters by name; one companion run) is computed only when the outcome
+    is at least Phi(a). Each sum carries the companion's rounding margin, and so does theirs."""
+    from .blockwise import exponent_of, mantissas, same
+    from .errors import UnderflowError
+
+    if outcome.exact or not math.isfinite(outcome.log10_metric):
+        return outcome
+    try:
+        log10_a = engine.log10_base()
+        if outcome.log10_metric < log10_a:
+            return outcome
+        pairs = {}
+        for n, b in values().items():
+            top = float(np.max(np.abs(b))) if b.size else 0.0
+            e = exponent_of(top) if top > 0 else 0
+            pairs[n] = (*mantissas(same, (b,), e, engine.scratch(n)), lam_of(same, (b,), e))
+        log10_b, device = engine.log10_norm(pairs)
+    except UnderflowError:  # range_guard cannot certify a companion sum: the outcome stands
+        return outcome
+    log10_sum, margin = log10_add(log10_a, log10_b), engine.norm_margin
+    if log10_sum - math.log10(1 - margin) >= outcome.log10_metric - math.log10(1 - outcome.rounding_margin):
+        return outcome
+    note = (
+        f"the models are far apart: ||Phi(a)||_1 + ||Phi(b)||_1 = 10^{log10_sum:.4f} (triangle inequality) is "
+        f"smaller than the hi/lo upper bound 10^{outcome.log10_metric:.4f}, and is the metric's bound given"
+    )
+    notes = route_notes(engine.values_session()) + [note]
+    return MetricOutcome(
+        log10_sum,
+        False,
+        outcome.sign_flips,
+        outcome.changed,
+        outcome.sign_flip_handling,
+        device,
+        margin,
+        ROUTE_TRIANGLE,
+        notes,
+    )

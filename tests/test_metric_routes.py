@@ -156,3 +156,42 @@ def test_engines_are_freed_without_the_cycle_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def _far_pair(tmp_path, flips: bool):
+    """Two gemm chains far apart: the second's magnitudes shuffled (and, with flips, some signs flipped)."""
+    from tests.helpers import gemm_chain
+
+    rng = np.random.default_rng(3)
+    ws = [rng.normal(size=(4, 6)), rng.normal(size=(6, 6)), rng.normal(size=(6, 2))]
+    bs = [rng.normal(size=6), rng.normal(size=6), rng.normal(size=2)]
+    other_ws = [np.sign(w) * rng.permutation(np.abs(w).ravel()).reshape(w.shape) for w in ws]
+    if flips:
+        other_ws[1][0] *= -1
+    a, b = gemm_chain(ws, bs), gemm_chain(other_ws, bs)
+    paths = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for m, p in zip((a, b), paths):
+        __import__("onnx").save(m, str(p))
+    return a, b, paths
+
+
+@pytest.mark.parametrize("flips", [False, True])
+def test_far_apart_models_get_the_triangle_bound_when_it_is_smaller(tmp_path, flips):
+    """||Phi(a) - Phi(b)||_1 <= ||Phi(a)||_1 + ||Phi(b)||_1: for models far apart the hi/lo (or sign-split) upper
+    bound exceeded it (the digits CNN with shuffled magnitudes: 172593 against 134632)."""
+    from onnxlip.routes import ROUTE_TRIANGLE
+
+    a, b, (pa, pb) = _far_pair(tmp_path, flips)
+    norms = onnxlip.path_norm(a).path_norm + onnxlip.path_norm(b).path_norm
+    truth = O.path_metric(a, b)
+    for base in (pa, a):  # the variant-file fast path and the full import
+        r = onnxlip.path_metric(base, pb) if base is a else onnxlip.bound(base, pb, samples=64)
+        assert not r.exact and r.path_metric <= norms * (1 + 1e-6)  # never above the triangle bound
+        if not flips:  # here the hi/lo bound is above it (with a sign flip the split is below: 381 against 481)
+            assert r.route == ROUTE_TRIANGLE and r.path_metric == pytest.approx(norms, rel=1e-6)
+            assert any("triangle inequality" in n for n in r.notes)
+        assert r.path_metric / (1 - r.rounding_margin) >= truth
+    r = onnxlip.bound(pa, pb, samples=64)
+    assert r.observed_max_l1_diff <= r.bound
+    near = onnxlip.path_metric(a, a)  # an upper bound below Phi(a) never pays for the variant's run
+    assert near.route != ROUTE_TRIANGLE
