@@ -44,7 +44,15 @@ def lipschitz_cmd(
         help="Table of every linear operator's l2 norm: power-"
         "iteration estimate and certified value; the largest ones dominate the bound.",
     ),
-    lower_seconds: float = typer.Option(2.0, "--lower-seconds", help="Time budget of the lower-bound search."),
+    lower_seconds: float = typer.Option(
+        2.0, "--lower-seconds", help="Time budget of the lower-bound search; 0 to skip it."
+    ),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        help="Seed of the lower-bound search's inputs (the search is time-limited: a faster machine tries more pairs, "
+        "so the observed figure can differ between runs).",
+    ),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
     device: str = typer.Option(
@@ -70,6 +78,7 @@ def lipschitz_cmd(
                 norm,
                 per_layer=per_layer,
                 lower_seconds=lower_seconds,
+                seed=seed,
                 output=output,
                 input_shapes=_shapes(input_shape),
                 device=device,
@@ -111,5 +120,13 @@ def lipschitz_cmd(
                 out.print(layers)
             for note in result.notes:
                 out.print(f"note: {note}", highlight=False)
+            if max_lipschitz is not None:  # said in words: CI logs keep no colour
+                upper = _fmt(result.upper.value, result.upper.log10)
+                if exceeded:
+                    out.print(
+                        f"GATE FAILED: the certified upper bound {upper} exceeds --max-lipschitz {max_lipschitz:g}"
+                    )
+                else:
+                    out.print(f"gate passed: the certified upper bound {upper} is <= --max-lipschitz {max_lipschitz:g}")
         if exceeded:
             raise typer.Exit(1)

@@ -365,6 +365,8 @@ def lipschitz(
     if math.isnan(lower):
         lower, method = None, "none: the model's float32 outputs are not finite (Inf or NaN) on sampled inputs"
         notes.append(f"no lower bound was measured: {method[6:]}")
+    elif tried == 0:  # (--lower-seconds 0): no pair, no figure (0.0 would read as a measured lower bound)
+        lower, method = None, "none: no input pair was tried (lower_seconds is 0)"
     return LipschitzResult(
         norm,
         upper,

@@ -95,6 +95,13 @@ def test_cli_contract(tmp_path):
         "lipschitz", "models/digits_cnn.onnx", "--max-lipschitz", str(upper * 0.5), "--json", "--lower-seconds", "0.2"
     )
     assert code == 1 and json.loads(out)["exceeded"] is True
+    for factor, code_want, words in ((0.5, 1, "GATE FAILED"), (2.0, 0, "gate passed")):  # said in the table too
+        gate = str(upper * factor)
+        code, out, err = cli("lipschitz", "models/digits_cnn.onnx", "--max-lipschitz", gate, "--lower-seconds", "0.2")
+        assert code == code_want and words in out
+    code, out, err = cli("lipschitz", "models/digits_cnn.onnx", "--lower-seconds", "0", "--seed", "3", "--json")
+    lower = json.loads(out)["lower"]  # no pair tried: no figure (it read 0.0, as if measured)
+    assert code == 0 and lower["value"] is None and lower["pairs"] == 0
     code, out, err = cli("lipschitz", "models/digits_cnn.onnx", "--norm", "3")
     assert code == 2 and "--norm" in err
     for norm in ("1", "inf"):
