@@ -158,8 +158,9 @@ def in_canonical_scaling(a: ModelLike, b: ModelLike, metric, output, input_shape
     log10_given = certified_log10_bound(metric, 1.0)
     given = f"{10**log10_given:.6g}" if log10_given < 300 else f"10^{log10_given:.2f}"
     note = (
-        "the models differ by a neuron rescaling, under which the path-lifting is invariant: the metric was "
-        f"computed in canonical neuron scaling (compared as given, its certified upper bound was {given})"
+        "the models look rescaled neuron by neuron (the path-lifting is invariant under that): the metric was "
+        f"computed with both in canonical neuron scaling, which gave a smaller certified bound (compared as given: "
+        f"{given})"
     )
     # what changed, and what changed sign, between the models as given (the canonical scaling keeps every sign)
     changed, flips = metric.changed_parameters, metric.sign_flips

@@ -245,7 +245,7 @@ def test_bound_and_path_metric_compare_rescaled_copies_in_canonical_scaling(tmp_
         for r in (from_files, from_protos):
             # (as given: the triangle bound 2 ||Phi||_1)
             assert r.route.startswith("canonical scaling") and r.log10_bound < as_given - 0.5
-            assert r.changed_parameters > 0 and any("neuron rescaling" in n for n in r.notes)
+            assert r.changed_parameters > 0 and any("canonical neuron scaling" in n for n in r.notes)
         assert from_files.log10_bound == from_protos.log10_bound
         assert from_files.observed_max_l1_diff <= from_files.bound
         if factors == TWO_FACTORS:
