@@ -54,14 +54,22 @@ app = typer.Typer(
 
 def versions() -> str:
     """onnxlip's version and those of the libraries its numbers depend on (for CI logs and audit trails)."""
+    from importlib import metadata
+
     import numpy
     import onnx
     import onnxruntime
 
     from . import __version__
 
+    build = "onnxruntime"
+    try:  # which wheel provides the module (both install `onnxruntime`)
+        metadata.version("onnxruntime-gpu")
+        build = "onnxruntime-gpu"
+    except metadata.PackageNotFoundError:
+        pass
     return (
-        f"onnxlip {__version__} (onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, "
+        f"onnxlip {__version__} ({build} {onnxruntime.__version__}, onnx {onnx.__version__}, "
         f"numpy {numpy.__version__}, Python {sys.version.split()[0]})"
     )
 

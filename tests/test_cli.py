@@ -162,7 +162,14 @@ def test_version_names_the_libraries_behind_the_numbers():
 
     code, out, _ = cli("--version")
     assert code == 0
-    assert out.startswith(f"onnxlip {onnxlip.__version__} (") and f"onnxruntime {onnxruntime.__version__}" in out
+    assert out.startswith(f"onnxlip {onnxlip.__version__} (") and f" {onnxruntime.__version__}," in out
+    from importlib import metadata
+
+    try:  # the wheel that provides the module: the GPU build or the plain one
+        metadata.version("onnxruntime-gpu")
+        assert f"(onnxruntime-gpu {onnxruntime.__version__}," in out
+    except metadata.PackageNotFoundError:
+        assert f"(onnxruntime {onnxruntime.__version__}," in out
     code, out, _ = cli("pathnorm", "models/digits_cnn.onnx", "--json")
     assert code == 0 and json.loads(out)["onnxlip_version"] == onnxlip.__version__
 
