@@ -122,8 +122,8 @@ class ScoresResult:
                 "tensors": {
                     n: {
                         "shape": list(t.shape),
-                        "log10_sum": _finite(t.log10_sum),
-                        "log10_max": _finite(t.log10_max),
+                        "log10_sum": t.log10_sum,  # -inf (an all-zero tensor) as "-inf", as everywhere
+                        "log10_max": t.log10_max,
                         "sources": list(t.sources),
                     }
                     for n, t in self.tensors.items()
@@ -133,10 +133,6 @@ class ScoresResult:
 
 
 _FLOAT64_MIN_LOG2 = -1022  # log2 of float64's smallest normal number
-
-
-def _finite(x: float):
-    return x if math.isfinite(x) else None
 
 
 def _relative(mant: np.ndarray, shift: float) -> np.ndarray:

@@ -266,6 +266,10 @@ def test_scores_to_json_is_strict_json_like_every_result(tmp_path):
         obj = result.to_json()
         json.dumps(obj, allow_nan=False)
         assert obj["log10_path_norm"] == "-inf"
+    tensors = onnxlip.scores(model).to_json()["tensors"]  # a zero score sum is "-inf" there too (it was null)
+    assert {t["log10_sum"] for t in tensors.values()} == {"-inf"} and {t["log10_max"] for t in tensors.values()} == {
+        "-inf"
+    }
     code, out, _ = cli("scores", model, "--json")
     assert code == 0 and json.loads(out)["log10_path_norm"] == onnxlip.scores(model).to_json()["log10_path_norm"]
 
