@@ -42,7 +42,7 @@ from .errors import OnnxlipError, grouped_issues
     short_help="Is the model supported? Its ops, inputs, parameters and every problem (exit 2 if not).",
 )
 def check(
-    model: Path = typer.Argument(..., help="ONNX file."),
+    model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
     as_json: bool = JsonOpt,
@@ -79,7 +79,7 @@ def _print_check(model, result: CheckResult) -> None:
 
 @app.command(cls=FlagHelpCommand, short_help="L^q path-norm ||Phi(theta)||_q of the model (value and log10).")
 def pathnorm(
-    model: Path = typer.Argument(..., help="ONNX file."),
+    model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
     q: float = typer.Option(1.0, "--q", help="Exponent of the L^q path-norm, from 0.001 to 1e6."),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
@@ -116,6 +116,7 @@ def bound(
         ...,
         help="BASE VARIANT [VARIANT ...]: one base model and the changed "
         "models (pruned, quantized, fine-tuned) to compare with it.",
+        metavar="MODELS",
     ),
     input_bound: float = typer.Option(
         1.0, "--input-bound", "-R", help="R: the bound holds for every input with ||x||_inf <= R."

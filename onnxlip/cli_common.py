@@ -131,14 +131,21 @@ OutputOpt = typer.Option(
     None,
     "--output",
     help="Analyse the sub-network up to this tensor (repeatable), e.g. the logits before a Softmax/ArgMax/ZipMap tail.",
+    metavar="TENSOR",
 )
 ShapeOpt = typer.Option(
     None,
     "--input-shape",
     help="Fix an input's shape, NAME=1x3x224x224 (repeatable); needed "
     "when a non-batch dimension is dynamic. The batch dimension defaults to 1.",
+    metavar="NAME=DIMS",
 )
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when its provider really loads, else CPU), cpu or cuda.")
+DeviceOpt = typer.Option(
+    "auto",
+    "--device",
+    help="auto (CUDA when its provider really loads, else CPU), cpu or cuda.",
+    metavar="auto|cpu|cuda",
+)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.", metavar=FLAG)
 
 

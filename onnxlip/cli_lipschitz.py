@@ -32,8 +32,8 @@ from .cli_common import (
     short_help="Certified upper and observed lower bounds on the Lipschitz constant with respect to the input.",
 )
 def lipschitz_cmd(
-    model: Path = typer.Argument(..., help="ONNX file."),
-    norm: str = typer.Option("2", "--norm", help="2, 1 or inf: the norm on inputs and outputs."),
+    model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
+    norm: str = typer.Option("2", "--norm", help="2, 1 or inf: the norm on inputs and outputs.", metavar="2|1|inf"),
     max_lipschitz: Optional[float] = typer.Option(
         None, "--max-lipschitz", help="CI gate: exit 1 when the certified upper bound exceeds this value."
     ),
@@ -60,6 +60,7 @@ def lipschitz_cmd(
         "--device",
         help="auto, cpu or cuda for the path-norm bounds' companion run. The operator norms are certified in "
         "float64 numpy, and their power estimates and the lower-bound search run on the CPU.",
+        metavar="auto|cpu|cuda",
     ),
     as_json: bool = JsonOpt,
 ):

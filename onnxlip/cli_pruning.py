@@ -35,14 +35,16 @@ from .loading import write_output
     short_help="Path-magnitude score of every weight and bias (rescaling-invariant), as an .npz.",
 )
 def scores_cmd(
-    model: Path = typer.Argument(..., help="ONNX file."),
+    model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
     out_file: Optional[Path] = typer.Option(
         None,
         "-o",
         "--out",
         help="Write the scores to this .npz: one array "
         "per parameter tensor, keyed and shaped like the model's initializers, "
-        "as fractions of the path-norm (multiply by 10**log10_path_norm).",
+        "as fractions of the path-norm (multiply by 10**log10_path_norm, which the file also holds as "
+        "__log10_path_norm__).",
+        metavar="FILE",
     ),
     log10: bool = typer.Option(
         False,
@@ -102,15 +104,22 @@ def scores_cmd(
     short_help="Prune by path-magnitude or magnitude; writes the pruned model and its certified bound.",
 )
 def prune_cmd(
-    model: Path = typer.Argument(..., help="ONNX file."),
-    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction of the prunable weights to zero."),
-    out_file: Optional[Path] = typer.Option(None, "-o", "--out", help="Where to write the pruned model."),
+    model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
+    sparsity: Optional[float] = typer.Option(
+        None, "--sparsity", help="Fraction of the prunable weights to zero (this or --sweep)."
+    ),
+    out_file: Optional[Path] = typer.Option(
+        None, "-o", "--out", help="Where to write the pruned model.", metavar="FILE"
+    ),
     criterion: Optional[str] = typer.Option(
         None,
         "--criterion",
         help="path-magnitude (rescaling-invariant; the default) or magnitude. A --sweep without it runs both.",
+        metavar="path-magnitude|magnitude",
     ),
-    scope: str = typer.Option("global", "--scope", help="global: one threshold for all layers; layer: per tensor."),
+    scope: str = typer.Option(
+        "global", "--scope", help="global: one threshold for all layers; layer: per tensor.", metavar="global|layer"
+    ),
     include_biases: bool = typer.Option(
         False, "--include-biases", help="Also prune the biases of those layers.", metavar=FLAG
     ),
@@ -119,12 +128,14 @@ def prune_cmd(
         "--sweep",
         help="Comma-separated sparsities: a table (both criteria, unless --criterion names one) instead of one "
         "pruned file.",
+        metavar="S1,S2,...",
     ),
     plot: Optional[Path] = typer.Option(
         None,
         "--plot",
         help="With --sweep: draw bound versus sparsity (an image; its format from the file's extension, e.g. .png "
         "or .pdf; needs matplotlib, pip install 'onnxlip\\[plot]').",
+        metavar="IMAGE",
     ),
     input_bound: float = typer.Option(1.0, "--input-bound", "-R", help="R of the certified bound."),
     output: Optional[List[str]] = OutputOpt,
@@ -263,11 +274,15 @@ def _plot_sweep(results, path: Path) -> None:
     short_help="A functionally identical model with random neuron-wise rescaling (the attack on magnitude pruning).",
 )
 def rescale_cmd(
-    model: Path = typer.Argument(..., help="ONNX file."),
-    out_file: Path = typer.Option(..., "-o", "--out", help="Where to write the rescaled model."),
+    model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
+    out_file: Path = typer.Option(..., "-o", "--out", help="Where to write the rescaled model.", metavar="FILE"),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     factors: str = typer.Option(
-        "1,128,4096", "--factors", help="Comma-separated positive factors; each neuron draws one uniformly."
+        "1,128,4096",
+        "--factors",
+        help="Comma-separated positive factors; each neuron draws one uniformly (a neuron that draws 1 is not "
+        "counted as rescaled).",
+        metavar="F1,F2,...",
     ),
     as_json: bool = JsonOpt,
 ):
