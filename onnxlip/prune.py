@@ -121,8 +121,20 @@ def _criterion(
         return {n: np.abs(a) for n, a in tensors.items()}, 0.0
     if criterion != "path-magnitude":
         raise OnnxlipError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
-    values, log2_factor = compute_scores(m, device=device).comparable(list(tensors))
-    return {n: values[n].reshape(a.shape) for n, a in tensors.items()}, log2_factor
+    result = compute_scores(m, device=device)
+    # a shared initializer's score is the sum over its uses ("W", "W#1", ...: passes.unique_param_names), as the
+    # derivative of ||Phi||_1 in a tied weight is (theory.md section 4); the first use alone ranked tied weights
+    uses = {
+        n: [n] + [u for u in result.tensors if u.startswith(n + "#") and u[len(n) + 1 :].isdigit()] for n in tensors
+    }
+    values, log2_factor = result.comparable([u for names in uses.values() for u in names])
+    out = {}
+    for n, a in tensors.items():
+        total = values[uses[n][0]]
+        for u in uses[n][1:]:
+            total = total + values[u]  # (float32 where comparable kept it: a rounding of the sum, to rank by)
+        out[n] = total.reshape(a.shape)
+    return out, log2_factor
 
 
 def masks_for(scores: Mapping[str, np.ndarray], sparsity: float, scope: str) -> dict[str, np.ndarray]:

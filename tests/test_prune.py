@@ -281,3 +281,34 @@ def test_written_files_keep_initializer_doc_strings(tmp_path, sparsity):
         assert {i.name: i.doc_string for i in written.graph.initializer} == {
             i.name: i.doc_string for i in model.graph.initializer
         }
+
+
+def test_a_tied_weight_is_ranked_by_the_scores_of_all_its_uses():
+    """One MatMul weight used twice (a module applied twice): its path-magnitude criterion is the sum of both uses'
+    scores (the derivative of ||Phi||_1 in a tied weight); the first use alone was used before."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w_in, w, w_out = rng.normal(size=(3, 6)) * 3, rng.normal(size=(6, 6)), rng.normal(size=(6, 2))
+    nodes = [
+        helper.make_node("MatMul", ["x", "Win"], ["h0"]),
+        helper.make_node("Relu", ["h0"], ["r0"]),
+        helper.make_node("MatMul", ["r0", "W"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "W"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "Wout"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (("Win", w_in), ("W", w), ("Wout", w_out))]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])]
+    model = make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    m = analyse(model, None, None, keep_proto=True)
+    tensors = prunable_tensors(m)
+    assert set(tensors) == {"Win", "W", "Wout"}
+    got = criterion_scores(m, tensors, "path-magnitude")
+    s = onnxlip.scores(model)
+    both = s.tensors["W"].relative + s.tensors["W#1"].relative
+    ratio = got["W"].astype(np.float64) / both  # one common power of two for every tensor
+    assert np.allclose(ratio, ratio.flat[0], rtol=1e-6)
+    np.testing.assert_allclose(got["Win"] / s.tensors["Win"].relative, ratio.flat[0], rtol=1e-6)
+    assert not np.allclose(got["W"] / s.tensors["W"].relative, ratio.flat[0], rtol=1e-3)  # not the first use alone
