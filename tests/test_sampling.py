@@ -108,6 +108,10 @@ def test_a_model_onnxruntime_cannot_run_still_gets_its_bound(tmp_path):
     r = onnxlip.bound(paths[0], paths[1], samples=16)
     assert r.exact and r.bound > 0 and r.observed_max_l1_diff is None and r.samples == 0
     assert any("no sampled differences" in n and "Dilation" in n for n in r.notes)
+    # lipschitz likewise: its certified bounds, no lower figure (it refused the model, exit 2)
+    lip = onnxlip.lipschitz(paths[0], "1", lower_seconds=0.2)
+    assert lip.upper.certified and lip.lower["value"] is None and lip.lower["pairs"] == 0
+    assert any("no lower bound was measured" in n and "Dilation" in n for n in lip.notes)
     assert r.path_metric == onnxlip.bound(paths[0], paths[1], samples=0).path_metric
 
 
