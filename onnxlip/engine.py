@@ -134,6 +134,9 @@ class MetricEngine:
     def values_session(self) -> CompiledCompanion:
         return self._values_session()
 
+    def base_pairs_with_lams(self) -> Pairs:
+        return self._with_lams(self.base_pairs)
+
     def scratch(self, name: str) -> np.ndarray:
         """A float32 buffer of the parameter's shape that no route is reading (for routes.triangle_cap)."""
         return self._buffer("lo", name)
@@ -405,11 +408,14 @@ class MetricEngine:
                 outcome = MetricOutcome(
                     out[0], exact, 0, changed, "none needed", out[1], self.metric_margin, ROUTE_HILO, notes
                 )
-                return triangle_cap(self, outcome, lambda: self._changed_values(changes))
+                return triangle_cap(self, outcome, lambda: self._changed_values(changes, only=True))
         vb = self._changed_values(changes)
         return self.metric(vb, {n: compared.get(n, UNCHANGED) for n in self.base})
 
-    def _changed_values(self, changes: dict[str, Change]) -> dict[str, np.ndarray]:
+    def _changed_values(self, changes: dict[str, Change], only: bool = False) -> dict[str, np.ndarray]:
+        """The variant's parameters as float64 arrays (`only`: just the changed ones, the base not formed)."""
+        if only:
+            return {n: c.value(n, self._buffer("value", n, np.float64)) for n, c in changes.items()}
         return {
             n: changes[n].value(n, self._buffer("value", n, np.float64)) if n in changes else a
             for n, a in self.base.items()
@@ -445,7 +451,7 @@ class MetricEngine:
             outcome = MetricOutcome(
                 log10_m, exact, 0, changed, "none needed", dev, self.metric_margin, ROUTE_HILO, notes
             )
-            return triangle_cap(self, outcome, lambda: vb)
+            return triangle_cap(self, outcome, lambda: {n: b for n, b in vb.items() if b is not va[n]})
         # theory.md section 3: with mid zero where the signs flip, (base, mid) and (mid, vb) are same-sign pairs.
         # mid = the entrywise smaller magnitude elsewhere, so that both models dominate it and both metrics are
         # exact: the sum is symmetric in the two models, and never above the split at the base with its flipped
@@ -471,4 +477,4 @@ class MetricEngine:
             ROUTE_HILO,
             notes,
         )
-        return triangle_cap(self, outcome, lambda: vb)
+        return triangle_cap(self, outcome, lambda: {n: b for n, b in vb.items() if b is not va[n]})

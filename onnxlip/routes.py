@@ -118,8 +118,8 @@ def triangle_cap(engine, outcome: MetricOutcome, values: Callable[[], dict[str, 
     """The smaller certified upper bound of `outcome` (an upper bound of the metric: not exact) and of
     ||Phi(a)||_1 + ||Phi(b)||_1 >= ||Phi(a) - Phi(b)||_1 (triangle inequality), for models far apart (another
     training run, shuffled weights), where the hi/lo bound can exceed it. Phi(a) + Phi(b) >= Phi(a), so the
-    variant's path-norm (`values()`: its parameters by name; one companion run) is computed only when the outcome
-    is at least Phi(a). Each sum carries the companion's rounding margin, and so does theirs."""
+    variant's path-norm (`values()`: the parameters it changes, by name; one companion run) is computed only when
+    the outcome is at least Phi(a). Each sum carries the companion's rounding margin, and so does theirs."""
     from .blockwise import exponent_of, mantissas, same
     from .errors import UnderflowError
 
@@ -129,8 +129,9 @@ def triangle_cap(engine, outcome: MetricOutcome, values: Callable[[], dict[str, 
         log10_a = engine.log10_base()
         if outcome.log10_metric < log10_a:
             return outcome
-        pairs = {}
-        for n, b in values().items():
+        changed = values()
+        pairs = engine.base_pairs_with_lams()  # the unchanged parameters' mantissas are the base's
+        for n, b in changed.items():
             top = float(np.max(np.abs(b))) if b.size else 0.0
             e = exponent_of(top) if top > 0 else 0
             pairs[n] = (*mantissas(same, (b,), e, engine.scratch(n)), lam_of(same, (b,), e))
