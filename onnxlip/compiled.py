@@ -226,8 +226,9 @@ class Raised:
         return self.log10 - self.log10_unraised <= RAISE_TOLERANCE_LOG10
 
 
-def raised_note(what: str, raised: Raised) -> str:
-    """The note for a result computed with tiny entries raised."""
+def raised_note(what: str, raised: Raised, log10_total: float | None = None) -> str:
+    """The note for a result computed with tiny entries raised (`log10_total`: the result the raised run is one
+    term of, e.g. the second metric of a sign-flip split)."""
     text = (
         f"{what} was computed with every nonzero entry below 2**{raised.floor} of its tensor's largest raised to "
         "that value"
@@ -242,6 +243,11 @@ def raised_note(what: str, raised: Raised) -> str:
     )
     if raised.tight:
         return text + ", and it agrees with the unraised run's to 1e-7 relative"
+    if log10_total is not None and raised.log10 - log10_total < -7:
+        return (
+            text + f"; the raised run is a term of 10**{raised.log10:.6g} in a result of 10**{log10_total:.6g}, so "
+            "the raising changes the result by less than 1e-7 relative"
+        )
     unraised = (
         f"gives 10**{raised.log10_unraised:.6g} against 10**{raised.log10:.6g}"
         if math.isfinite(raised.log10_unraised)

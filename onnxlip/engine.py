@@ -465,9 +465,10 @@ class MetricEngine:
         }
         first = self._below_base(mid, changed, upper=0.0)  # upper=0: the difference stream, whose margin covers both
         second, dev = self.general_log10(mid, vb)  # vb dominates mid: the hi/lo stream is exact
-        notes = list(dict.fromkeys(first.notes + route_notes(self._general)))
+        total = log10_add(first.log10_metric, second)
+        notes = list(dict.fromkeys(first.notes + route_notes(self._general, total)))
         outcome = MetricOutcome(
-            log10_add(first.log10_metric, second),
+            total,
             False,
             flips,
             changed,

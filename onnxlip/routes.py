@@ -93,11 +93,13 @@ class MetricOutcome:
     notes: list[str] = field(default_factory=list)
 
 
-def route_notes(compiled: CompiledCompanion | None) -> list[str]:
-    """The note of a route whose last run raised tiny entries (CompiledCompanion._raised_log10)."""
+def route_notes(compiled: CompiledCompanion | None, log10_total: float | None = None) -> list[str]:
+    """The note of a route whose last run raised tiny entries (CompiledCompanion._raised_log10); `log10_total`:
+    the result that run is one term of."""
     if compiled is None or compiled.raised is None:
         return []
-    return [raised_note("the path-metric", compiled.raised)]
+    what = "the path-metric" if log10_total is None else "a term of the path-metric"
+    return [raised_note(what, compiled.raised, log10_total)]
 
 
 def hi_inputs(found: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
