@@ -159,10 +159,7 @@ def prune_cmd(
         if sweep is not None:
             if out_file is not None:
                 raise OnnxlipError("-o writes the model of one --sparsity; a --sweep writes none (--plot draws it)")
-            try:
-                levels = [float(v) for v in sweep.split(",") if v.strip()]
-            except ValueError:
-                raise OnnxlipError(f"--sweep {sweep!r} is not a comma-separated list of numbers") from None
+            levels = _numbers("--sweep", sweep)
             runs = len(levels) * (1 if criterion is not None else 2)
             with _progress(runs, "pruning") as bar:
                 task = bar.add_task("sweep", total=runs)
@@ -225,6 +222,17 @@ def prune_cmd(
             out.print(f"wrote {out_file}", highlight=False)
         if plot is not None:
             out.print(f"wrote {plot}", highlight=False)
+
+
+def _numbers(option: str, text: str) -> list[float]:
+    """A comma-separated list of numbers; OnnxlipError for an empty item ("1,,2": a typo, not a list of two)."""
+    items = [v.strip() for v in text.split(",")]
+    try:
+        if not items or any(not v for v in items):
+            raise ValueError
+        return [float(v) for v in items]
+    except ValueError:
+        raise OnnxlipError(f"{option} {text!r} is not a comma-separated list of numbers") from None
 
 
 def _savez(path: str, arrays: dict, log10_path_norm: float) -> None:
@@ -292,14 +300,16 @@ def rescale_cmd(
     from .rescale import rescale
 
     with _guard(as_json):
-        try:
-            values = [float(f) for f in factors.split(",") if f.strip()]
-        except ValueError:
-            raise OnnxlipError(f"--factors {factors!r} is not a comma-separated list of numbers") from None
+        values = _numbers("--factors", factors)
         _refuse_overwrite(out_file, [model])
         _, result = rescale(model, seed=seed, factors=values, out_path=out_file)
         notes = []
-        if result.rescaled_neurons == 0:
+        if result.rescaled_neurons == 0 and result.rescaled_layers > 0:  # every neuron drew the factor 1
+            notes.append(
+                f"no neuron was rescaled: every neuron of the {result.rescaled_layers} rescalable layers drew the "
+                "factor 1, so the written model equals the input; give --factors other than 1"
+            )
+        elif result.rescaled_neurons == 0:
             notes.append(
                 "no neuron was rescaled: the written model equals the input (no ReLU, LeakyReLU or PReLU layer "
                 "between two layers with their own weights where rescaling is exact)"

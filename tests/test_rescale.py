@@ -82,6 +82,11 @@ def test_cli(tmp_path):
     assert code == 2 and "overwrite" in err
     code, out, err = cli("rescale", "models/digits_cnn.onnx", "-o", tmp_path / "s.onnx", "--factors", "1,-2")
     assert code == 2 and "positive" in err
+    code, out, err = cli("rescale", "models/digits_cnn.onnx", "-o", tmp_path / "s.onnx", "--factors", "1,,2")
+    assert code == 2 and "comma-separated list of numbers" in err  # an empty item is a typo, not skipped
+    code, out, err = cli("rescale", "models/digits_cnn.onnx", "-o", tmp_path / "s.onnx", "--factors", "1", "--json")
+    (note,) = json.loads(out)["notes"]  # rescalable layers exist: every neuron drew 1 (it said there were none)
+    assert code == 0 and "drew the factor 1" in note
 
 
 @pytest.mark.parametrize("activation", ["LeakyRelu", "PRelu"])
