@@ -80,7 +80,12 @@ def _print_check(model, result: CheckResult) -> None:
 @app.command(cls=FlagHelpCommand, short_help="L^q path-norm ||Phi(theta)||_q of the model (value and log10).")
 def pathnorm(
     model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
-    q: float = typer.Option(1.0, "--q", help="Exponent of the L^q path-norm, from 0.001 to 1e6."),
+    q: float = typer.Option(
+        1.0,
+        "--q",
+        help="Exponent of the L^q path-norm, from 0.001 to 1e6. A large q needs the weights' q-th powers to fit "
+        "float32's range within each tensor (the digits models: q up to about 30-45); the error says when not.",
+    ),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
     device: str = DeviceOpt,
