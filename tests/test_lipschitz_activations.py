@@ -199,3 +199,20 @@ def _input_of_last_conv(path):
 
     convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
     return convs[-1].input[0]
+
+
+def test_hardsigmoid_refusal_does_not_point_to_lipschitz():
+    """Its message said 'accepted by `lipschitz` only', and lipschitz refused it with that very message."""
+    w = np.ones((2, 2), np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("HardSigmoid", ["h"], ["y"])]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])]
+    model = make_model(
+        nodes,
+        io,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    for call in (lambda: onnxlip.lipschitz(model, "2", lower_seconds=0), lambda: onnxlip.path_norm(model)):
+        with pytest.raises(onnxlip.OnnxlipError) as info:
+            call()
+        assert "HardSigmoid" in str(info.value) and "accepted by `lipschitz`" not in str(info.value)

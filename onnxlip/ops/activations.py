@@ -205,7 +205,12 @@ reject(
     "Einsum",
     "Hardmax",
 )
-reject("is piecewise linear, but not supported in the path-metric (accepted by `lipschitz` only)", "Abs", "HardSigmoid")
+reject("is piecewise linear, but not supported in the path-metric (accepted by `lipschitz` only)", "Abs")
+reject(
+    "is piecewise linear, but not supported by any command yet (it equals Clip(alpha x + beta, 0, 1), which the "
+    "path-metric reads: an export that writes it so can be analysed)",
+    "HardSigmoid",
+)
 reject(
     "outputs indices or labels, not values; analyse the logits before it with --output",
     "ArgMax",
