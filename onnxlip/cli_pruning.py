@@ -226,6 +226,8 @@ def prune_cmd(
 
 def _numbers(option: str, text: str) -> list[float]:
     """A comma-separated list of numbers; OnnxlipError for an empty item ("1,,2": a typo, not a list of two)."""
+    if not text.strip():
+        return []  # (the caller says what it needs at least one of)
     items = [v.strip() for v in text.split(",")]
     try:
         if not items or any(not v for v in items):
