@@ -312,3 +312,30 @@ def test_a_tied_weight_is_ranked_by_the_scores_of_all_its_uses():
     assert np.allclose(ratio, ratio.flat[0], rtol=1e-6)
     np.testing.assert_allclose(got["Win"] / s.tensors["Win"].relative, ratio.flat[0], rtol=1e-6)
     assert not np.allclose(got["W"] / s.tensors["W"].relative, ratio.flat[0], rtol=1e-3)  # not the first use alone
+
+
+def test_an_initializer_named_like_a_second_use_is_not_summed_into_another(tmp_path):
+    """A file may name two different initializers 'W' and 'W#1' (the IR's name for a second use of W): the tied
+    criterion summed them (different shapes: an internal error, exit 3; equal shapes: a wrong ranking)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(1)
+    arrays = {"W": rng.normal(size=(4, 6)), "W#1": rng.normal(size=(6, 2))}
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "W#1"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    model = make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    m = analyse(model, None, None, keep_proto=True)
+    got = criterion_scores(m, prunable_tensors(m), "path-magnitude")
+    s = onnxlip.scores(model)
+    for name in arrays:
+        ratio = got[name].astype(np.float64) / s.tensors[name].relative
+        assert np.allclose(ratio, ratio.flat[0], rtol=1e-6)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    code, out, err = cli("prune", path, "--sparsity", "0.5", "-o", tmp_path / "p.onnx", "--json")
+    assert code == 0, err
