@@ -59,13 +59,14 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         if not proto.HasField("graph") or not proto.graph.node:
             label = model_label(model)
             raise ModelLoadError(f"{label}: the ModelProto holds no graph (no nodes); nothing to analyse")
-        unloaded = [t.name for t in external_data_helper._get_all_tensors(proto) if _unloaded(t)]
-        if unloaded:  # onnx would read them relative to the current folder: whatever files happen to lie there
+        marked = [t.name for t in external_data_helper._get_all_tensors(proto) if _marked_external(t)]
+        if marked:  # onnx reads them relative to the current folder (even where the proto holds the bytes too)
             raise ModelLoadError(
-                f"{model_label(model)}: initializer {unloaded[0]!r}"
-                + (f" and {len(unloaded) - 1} more" if len(unloaded) > 1 else "")
-                + " keep their data in external files that this ModelProto does not hold; pass the model's path, "
-                "or load it with onnx.load(path) (which reads the external data)"
+                f"{model_label(model)}: "
+                + (f"initializer {marked[0]!r} is" if len(marked) == 1 else f"{len(marked)} initializers are")
+                + f" marked as external data ({marked[0]!r}, ...), which onnx would read from files relative to "
+                "the current folder; "
+                "pass the model's path, or load it with onnx.load(path) (which reads the external data in)"
             )
     else:
         proto = _load_file(Path(model))
@@ -73,8 +74,8 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     return proto
 
 
-def _unloaded(tensor: onnx.TensorProto) -> bool:
-    return external_data_helper.uses_external_data(tensor) and not tensor.HasField("raw_data")
+def _marked_external(tensor: onnx.TensorProto) -> bool:
+    return external_data_helper.uses_external_data(tensor)
 
 
 def load_with_arrays(model: ModelLike) -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray | None]:

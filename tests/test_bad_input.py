@@ -288,9 +288,14 @@ def test_a_modelproto_without_its_external_data_is_refused(tmp_path, monkeypatch
     raw = np.fromfile(tmp_path / "m.bin", dtype=np.float32) * 2
     raw.tofile(other / "m.bin")
     monkeypatch.chdir(other)
-    for call in (lambda: onnxlip.path_norm(proto), lambda: onnxlip.bound(proto, tmp_path / "m.onnx", samples=0)):
-        with pytest.raises(ModelLoadError, match="external files that this ModelProto does not hold"):
-            call()
+    marked = onnx.ModelProto()  # marked external but still holding its bytes: onnx reads the file all the same
+    marked.CopyFrom(m)
+    onnx.external_data_helper.convert_model_to_external_data(marked, location="m.bin", size_threshold=0)
+    for p in (proto, marked):
+        with pytest.raises(ModelLoadError, match="marked as external data"):
+            onnxlip.path_norm(p)
+        with pytest.raises(ModelLoadError, match="marked as external data"):
+            onnxlip.bound(p, tmp_path / "m.onnx", samples=0)
     assert onnxlip.path_norm(tmp_path / "m.onnx").path_norm == expected
 
 
