@@ -290,7 +290,7 @@ def test_a_modelproto_without_its_external_data_is_refused(tmp_path, monkeypatch
     monkeypatch.chdir(other)
     marked = onnx.ModelProto()  # marked external but still holding its bytes: onnx reads the file all the same
     marked.CopyFrom(m)
-    onnx.external_data_helper.convert_model_to_external_data(marked, location="m.bin", size_threshold=0)
+    onnx.external_data_helper.convert_model_to_external_data(marked, location="fresh.bin", size_threshold=0)
     for p in (proto, marked):
         with pytest.raises(ModelLoadError, match="marked as external data"):
             onnxlip.path_norm(p)
