@@ -6,6 +6,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Union
 
@@ -181,22 +182,45 @@ def check_output_path(target) -> None:
 
 
 def write_output(target, write) -> None:
-    """Run `write(path)` for the output file, with OSError (permissions, a full disk) as OnnxlipError. The file
-    is written beside the target under a temporary name and renamed over it once complete: a failure (a full
-    disk, Ctrl-C) leaves the target as it was, never a truncated file."""
+    """Run `write(path)` for the output file, with OSError (permissions, a full disk) as OnnxlipError. A regular
+    file (or a new one) is written beside the target under a temporary name and renamed over it once complete: a
+    failure (a full disk, Ctrl-C) leaves the target as it was, never a truncated file. A symbolic link is followed
+    (its target is the file replaced); a pipe or device, or a file whose folder takes no new files, is written in
+    place."""
     check_output_path(target)
-    name = os.fspath(target)
+    name = os.path.realpath(os.fspath(target))  # through symbolic links: the file they name is the output
+    if os.path.exists(name) and not os.path.isfile(name):  # a pipe, a device (/dev/stdout): write to it
+        _write_in_place(target, write, name)
+        return
     folder, base = os.path.split(name)
-    temporary = os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temporary = os.path.join(folder, f".{base[:100]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        write(temporary)
+        try:
+            write(temporary)
+        except PermissionError:
+            if os.path.lexists(temporary) or not os.access(name, os.W_OK):
+                raise
+            _write_in_place(target, write, name)  # a writable file in a folder that takes no new files
+            return
+        if os.path.exists(name):  # the replaced file's permissions stay
+            os.chmod(temporary, stat.S_IMODE(os.stat(name).st_mode))
         os.replace(temporary, name)
     except OSError as exc:
-        shown = target if exc.filename in (None, temporary) else exc.filename
-        raise OnnxlipError(f"cannot write {shown}: {exc.strerror or exc}") from None
+        raise OnnxlipError(f"cannot write {_shown(target, exc, temporary)}: {exc.strerror or exc}") from None
     finally:
         if os.path.lexists(temporary):
             os.unlink(temporary)
+
+
+def _write_in_place(target, write, name: str) -> None:
+    try:
+        write(name)
+    except OSError as exc:
+        raise OnnxlipError(f"cannot write {_shown(target, exc, name)}: {exc.strerror or exc}") from None
+
+
+def _shown(target, exc: OSError, ours: str):
+    return target if exc.filename in (None, ours) else exc.filename
 
 
 def _check_file(path: Path) -> None:

@@ -755,3 +755,55 @@ def test_prune_output_on_a_full_disk_keeps_the_previous_file(tmp_path):
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
     assert proc.returncode == 2 and "cannot write" in proc.stderr and str(keep) in proc.stderr
     assert keep.read_bytes() == before and sorted(tmp_path.iterdir()) == [keep]
+
+
+def test_outputs_through_links_pipes_long_names_and_closed_folders(tmp_path):
+    """The atomic write replaced a symbolic link by a regular file (its target kept the old contents) and a named
+    pipe by a file (the reader got nothing), refused a 250-character name (the temporary name was longer) and a
+    writable file in a folder that takes no new files, and dropped the replaced file's permissions."""
+    import stat
+    import threading
+
+    from onnxlip.loading import write_output
+
+    def writer(data):
+        return lambda path: open(path, "wb").write(data)
+
+    real = tmp_path / "real.bin"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(real)
+    write_output(link, writer(b"new"))
+    assert link.is_symlink() and real.read_bytes() == b"new"
+
+    fifo = tmp_path / "pipe.bin"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    reader.start()
+    write_output(fifo, writer(b"through the pipe"))
+    reader.join(10)
+    assert got == [b"through the pipe"] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+    long = tmp_path / ("x" * 250)
+    write_output(long, writer(b"long"))
+    assert long.read_bytes() == b"long"
+
+    kept = tmp_path / "mode.bin"
+    kept.write_bytes(b"old")
+    kept.chmod(0o640)
+    write_output(kept, writer(b"new"))
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_bytes() == b"new"
+
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    inside = closed / "out.bin"
+    inside.write_bytes(b"old")
+    closed.chmod(0o555)
+    try:
+        if os.access(closed, os.W_OK):  # root ignores the folder's mode: nothing to test
+            return
+        write_output(inside, writer(b"new"))
+        assert inside.read_bytes() == b"new"
+    finally:
+        closed.chmod(0o755)
