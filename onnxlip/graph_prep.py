@@ -104,7 +104,8 @@ def fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] |
             declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
             # a fixed batch may be overridden (batch 1 analyses one sample: batch_notes); any other fixed axis not:
             # the model would not run, and its bound would be the one of another model
-            clash = [a for a, d in enumerate(declared) if a > 0 and d is not None and d != shape[a]]
+            batch = 1 if len(shape) > 1 else 0  # a 1-D input has no batch axis
+            clash = [a for a, d in enumerate(declared) if a >= batch and d is not None and d != shape[a]]
             if ttype.HasField("shape") and clash:
                 fixed = "x".join("?" if d is None else str(d) for d in declared)
                 raise ShapeError(

@@ -183,6 +183,14 @@ def test_input_shape_may_not_contradict_a_fixed_dimension(tmp_path):
     path = _save(m, tmp_path / "fixed.onnx")
     code, out, err = cli("bound", path, path, "--input-shape", "x=1x3x6x5")
     assert code == 2 and "contradicts" in err and "axis 2" in err
+    vector = make_model(  # a 1-D input: its only axis is no batch ([9] for [4] gave path-norm 18 instead of 8)
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [],
+    )
+    with pytest.raises(ShapeError, match="contradicts"):
+        onnxlip.path_norm(vector, input_shapes={"x": [9]})
     batch3 = _conv_model([3, 3, 5, 5])
     assert onnxlip.path_norm(batch3, input_shapes={"x": [1, 3, 5, 5]}).path_norm == onnxlip.path_norm(m).path_norm
 
