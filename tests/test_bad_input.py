@@ -815,3 +815,21 @@ def test_outputs_through_links_pipes_long_names_and_closed_folders(tmp_path):
         assert inside.read_bytes() == b"new"
     finally:
         closed.chmod(0o755)
+
+
+def test_a_reshape_that_fixes_the_batch_is_named_when_the_batch_is_changed():
+    """Following the fixed-batch note (--input-shape x=1x...) for a model whose exporter wrote its batch of 2 into a
+    Reshape ended in onnxruntime's run-time error naming node ''; the import now names the Reshape and says why."""
+    w = np.ones((3, 4), np.float32)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"]),
+            helper.make_node("Reshape", ["h", "shape"], ["y"], name="flatten_batch2"),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([2, 4], np.int64), "shape")],
+    )
+    assert onnxlip.path_norm(model).path_norm > 0  # as exported: batch 2, with its note
+    with pytest.raises(ShapeError, match=r"'flatten_batch2' \(Reshape\) turns \[1, 4\] \(4 entries\) into \[2, 4\]"):
+        onnxlip.path_norm(model, input_shapes={"x": [1, 3]})

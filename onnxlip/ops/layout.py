@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..companion import Scaled
+from ..errors import ShapeError
 from .registry import define, define_adjoint, define_lipschitz, importer
 
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
@@ -82,7 +83,15 @@ def import_reshape(node, ctx):
                 _fail("Dropout in training mode is random; export the model in eval mode")
         if len(node.output) > 1 and node.output[1] and ctx.consumers_of(node.output[1]):
             _fail("Dropout with a mask output that the graph reads is not supported")
-    ctx.add("reshape", [node.input[0]], [node.output[0]], attrs={"shape": list(ctx.shape(node.output[0]))})
+    source, target = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+    if int(np.prod(source)) != int(np.prod(target)):  # onnx's shape inference does not check the count
+        raise ShapeError(  # a shape error, not an unsupported op: no --output cut helps
+            f"node {node.name or node.output[0]!r} ({node.op_type}) turns {list(source)} ({int(np.prod(source))} "
+            f"entries) into {list(target)} ({int(np.prod(target))}): its target shape is fixed in the model (an "
+            "exporter may have written the batch size into it), so the model runs only with the input shape it was "
+            "exported for (leave --input-shape out, or give that shape)"
+        )
+    ctx.add("reshape", [node.input[0]], [node.output[0]], attrs={"shape": list(target)})
 
 
 @importer("Transpose")
