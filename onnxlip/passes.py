@@ -116,27 +116,42 @@ def fold_zero_pads(graph: Graph) -> Graph:
 
 def fold_affine(graph: Graph) -> Graph:
     """Fold every foldable affine node into its producer, repeatedly (Conv -> BN -> Mul chains)."""
-    changed = True
-    while changed:
-        changed = False
-        producer, consumers = graph.producer(), graph.consumers()
-        for node in graph.nodes:
-            if node.op != "affine":
-                continue
-            src = producer.get(node.inputs[0])
-            t = node.inputs[0]
-            if src is None or src.op not in _FOLD_INTO or len(consumers.get(t, [])) != 1 or t in graph.outputs:
-                continue
-            if graph.shapes[node.output] != graph.shapes[t]:
-                continue  # the affine broadcasts to a larger shape: not a diagonal map
-            merged = _merge(src, node, graph.shapes[t])
-            if merged is None:
-                continue
-            nodes = [merged if n is src else n for n in graph.nodes if n is not node]
-            graph = replace(graph, nodes=nodes)
-            changed = True
-            break
-    return graph
+    while True:
+        graph, folded = _fold_affine_pass(graph)
+        if not folded:
+            return graph
+
+
+def _fold_affine_pass(graph: Graph) -> tuple[Graph, int]:
+    """One sweep in node (topological) order, merging each foldable affine node into the current form of its
+    producer: a chain folds within the sweep, in the order the former one-fold-per-rescan loop took (that loop
+    rebuilt the producer and consumer maps after every fold: quadratic, 43 s for a 2000-layer chain). A merge
+    changes no other tensor's consumers. Returns the graph and the number of folds."""
+    producer, consumers = graph.producer(), graph.consumers()
+    current: dict[int, Node] = {}  # id of a node of graph.nodes -> its merged form
+    position: dict[int, int] = {}  # id of a merged form -> id of the node whose place it takes
+    dropped: set[int] = set()
+    for node in graph.nodes:
+        if node.op != "affine":
+            continue
+        t = node.inputs[0]
+        src = producer.get(t)
+        if src is None or src.op not in _FOLD_INTO or len(consumers.get(t, [])) != 1 or t in graph.outputs:
+            continue
+        if graph.shapes[node.output] != graph.shapes[t]:
+            continue  # the affine broadcasts to a larger shape: not a diagonal map
+        merged = _merge(src, node, graph.shapes[t])
+        if merged is None:
+            continue
+        key = position.get(id(src), id(src))
+        current[key], position[id(merged)] = merged, key
+        dropped.add(id(node))
+        del producer[t]
+        for out in merged.outputs:
+            producer[out] = merged
+    if not dropped:
+        return graph, 0
+    return replace(graph, nodes=[current.get(id(n), n) for n in graph.nodes if id(n) not in dropped]), len(dropped)
 
 
 def _channel_vector(arr: np.ndarray | None, rank: int, axis: int, channels: int) -> np.ndarray | None:

@@ -83,3 +83,81 @@ def test_batchnorm_folded_weights_stay_factored_through_path_norm_and_scores():
     onnxlip.path_norm(m)
     onnxlip.scores(m)
     assert all(p._value is None for p in factored)  # neither formed the float64 weights
+
+
+def _fold_affine_by_rescans(graph):
+    """The former fold_affine: one fold, then rebuild the maps and rescan from the start (quadratic)."""
+    from dataclasses import replace
+
+    from onnxlip.passes import _FOLD_INTO, _merge
+
+    changed = True
+    while changed:
+        changed = False
+        producer, consumers = graph.producer(), graph.consumers()
+        for node in graph.nodes:
+            if node.op != "affine":
+                continue
+            src, t = producer.get(node.inputs[0]), node.inputs[0]
+            if src is None or src.op not in _FOLD_INTO or len(consumers.get(t, [])) != 1 or t in graph.outputs:
+                continue
+            if graph.shapes[node.output] != graph.shapes[t]:
+                continue
+            merged = _merge(src, node, graph.shapes[t])
+            if merged is None:
+                continue
+            graph = replace(graph, nodes=[merged if n is src else n for n in graph.nodes if n is not node])
+            changed = True
+            break
+    return graph
+
+
+def _folded_models():
+    yield from (F.build(family, seed).model for family in F.FAMILIES for seed in range(3))
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(0)  # a chain of affine ops after every layer, and affine after affine
+    nodes, inits, x = [], [], "x"
+    for i in range(6):
+        names = [f"w{i}", f"s{i}", f"b{i}", f"c{i}"]
+        arrays = [rng.normal(size=(4, 4)), rng.normal(size=4), rng.normal(size=4), rng.normal(size=(1, 4))]
+        inits += [numpy_helper.from_array(a.astype(np.float32), n) for n, a in zip(names, arrays)]
+        nodes += [
+            helper.make_node("MatMul", [x, names[0]], [f"m{i}"]),
+            helper.make_node("Mul", [f"m{i}", names[1]], [f"ms{i}"]),
+            helper.make_node("Add", [f"ms{i}", names[2]], [f"a{i}"]),
+            helper.make_node("Sub", [f"a{i}", names[3]], [f"z{i}"]),
+            helper.make_node("Relu", [f"z{i}"], [f"r{i}"]),
+        ]
+        x = f"r{i}"
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])]
+    yield make_model(nodes, io, [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4])], inits)
+
+
+def test_one_sweep_fold_equals_the_rescanning_fold(monkeypatch):
+    """fold_affine folds in one topological sweep (a 2000-layer chain: 43.6 s -> 1.7 s for `check`); it must give
+    the graph the one-fold-per-rescan loop gave, node for node and value for value."""
+    from onnxlip import passes
+
+    seen = []
+    original = passes.fold_affine
+    monkeypatch.setattr(passes, "fold_affine", lambda g: (seen.append(g), original(g))[1])
+    folds = 0
+    for model in _folded_models():
+        seen.clear()
+        analyse(model)
+        (before,) = seen
+        got, want = original(before), _fold_affine_by_rescans(before)
+        folds += len(before.nodes) - len(got.nodes)
+        assert [(n.op, n.inputs, n.outputs, n.attrs.keys()) for n in got.nodes] == [
+            (n.op, n.inputs, n.outputs, n.attrs.keys()) for n in want.nodes
+        ]
+        for a, b in zip(got.nodes, want.nodes):
+            assert a.params.keys() == b.params.keys()
+            for role in a.params:
+                pa, pb = a.params[role], b.params[role]
+                assert pa.name == pb.name and pa.sources == pb.sources
+                np.testing.assert_array_equal(pa.value, pb.value)
+    assert folds > 20  # the cases do fold
