@@ -14,7 +14,7 @@ from .companion import CompanionEmitter, Scaled, emit_pathnorm, log10_total, one
 from .errors import OnnxlipError, UnderflowError
 from .ir import Graph
 from .range_guard import UNDERFLOW_SLACK, GuardProgram, guard_program, log2_min_nonzero
-from .runtime import PRIORITY_ORDER_ABOVE, cuda_possible, make_session, run
+from .runtime import PRIORITY_ORDER_ABOVE, cuda_possible, make_session, no_reuse_planning, run
 
 GUARD_LOG2 = math.log2(UNDERFLOW_SLACK)  # range_guard's output must not exceed it
 
@@ -76,7 +76,10 @@ class CompiledCompanion:
     def _session(self, em: CompanionEmitter, device: str):
         model = em.model()
         priority = em.guarded and len(model.graph.node) > PRIORITY_ORDER_ABOVE  # (runtime.PRIORITY_ORDER_ABOVE)
-        return make_session(model, device, em.external, self._level, spin=self._spin, priority=priority)
+        reuse = not no_reuse_planning(self.graph, len(model.graph.node))
+        return make_session(
+            model, device, em.external, self._level, spin=self._spin, priority=priority, mem_reuse=reuse
+        )
 
     def _feeds(self, kinds, exponents, pairs, more) -> dict[str, np.ndarray]:
         feeds = {}

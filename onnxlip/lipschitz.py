@@ -26,7 +26,7 @@ from .errors import RuntimeFailure, UnderflowError
 from .loading import ModelLike
 from .range_guard import guard_program, log2_min_nonzero
 from .rounding import relative_error_bound
-from .runtime import cuda_possible, make_session, run
+from .runtime import cuda_possible, make_session, no_reuse_planning, run
 
 
 @dataclass
@@ -110,7 +110,9 @@ def _pathnorm_bounds(graph, values: dict, device: str) -> tuple[tuple[float, flo
     guard = guard_program(em, {}, [s.m for s in pieces], thorough=True)  # read entry by entry (maxima); one run
     n_values = len(em.outputs)
     em.add_outputs(guard.emit_fetch(em, cuda_possible(device)))
-    session, _ = make_session(em.model(), device, em.external)
+    model = em.model()
+    reuse = not no_reuse_planning(graph, len(model.graph.node))
+    session, _ = make_session(model, device, em.external, mem_reuse=reuse)
     feeds = ones_feeds(graph)
     vals = run(session, None, feeds)
     try:

@@ -44,6 +44,21 @@ LEVELS = {
 # to build, 0.8 s in priority order). Priority order ran ResNet-18's companion ~10% slower and built a deep scores
 # graph slower (12 s against 7 s), so only large guarded graphs get it (CompiledCompanion).
 PRIORITY_ORDER_ABOVE = 4000  # nodes
+# onnxruntime's memory-reuse planner grows about quadratically with the node count: a 1000-layer MLP's guarded
+# thorough companion (29k nodes) built in 10.9 s with it and 3.5 s without; a 1000-branch Concat's 28k nodes in
+# 9.1 s against 2.6 s. Deep graphs whose tensors are small anyway are built without it (no_reuse_planning).
+NO_REUSE_ABOVE = 4000  # nodes
+NO_REUSE_BYTES = 256 << 20  # when every tensor of the analysed graph, 16 bytes per entry, fits this
+
+
+def no_reuse_planning(graph, nodes: int) -> bool:
+    """Whether to build a session of `nodes` nodes over the IR `graph` without memory-reuse planning: deep graphs
+    only, and only where keeping every intermediate alive costs little (16 bytes per entry of every IR tensor:
+    the companion keeps a few float32 temporaries per tensor)."""
+    if nodes <= NO_REUSE_ABOVE:
+        return False
+    entries = sum(int(np.prod(shape)) for shape in graph.shapes.values())
+    return 16 * entries <= NO_REUSE_BYTES
 
 
 def session_options(
@@ -52,6 +67,7 @@ def session_options(
     prepack: bool = True,
     spin: bool = True,
     priority: bool = False,
+    mem_reuse: bool = True,
 ) -> ort.SessionOptions:
     """Quiet options; `external` constants are handed over in memory (no protobuf copy). `prepack=False` skips
     onnxruntime's weight prepacking (ConvTranspose, Gemm), which costs a one-shot graph more than it saves.
@@ -63,6 +79,8 @@ def session_options(
     opts.graph_optimization_level = LEVELS[level]
     if priority:
         opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if not mem_reuse:  # (NO_REUSE_ABOVE)
+        opts.enable_mem_reuse = False
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if not spin:
@@ -89,6 +107,7 @@ def make_session(
     spin: bool = True,
     certified: bool = True,
     priority: bool = False,
+    mem_reuse: bool = True,
 ) -> tuple[ort.InferenceSession, str]:
     """A session on the requested device; returns (session, "cuda" | "cpu"). `external`: constants the model
     declares as external data, passed in memory. onnxruntime copies them into the session while it loads the
@@ -110,7 +129,7 @@ def make_session(
             _preload_cuda_libraries()
             sess = ort.InferenceSession(
                 data,
-                session_options(external, level, prepack, spin, priority),
+                session_options(external, level, prepack, spin, priority, mem_reuse),
                 providers=[CUDA_PROVIDER if certified else CUDA_PROVIDER_FAST, "CPUExecutionProvider"],
                 enable_fallback=0,
             )
@@ -128,7 +147,7 @@ def make_session(
     try:
         sess = ort.InferenceSession(
             data,
-            session_options(external, level, prepack, spin, priority),
+            session_options(external, level, prepack, spin, priority, mem_reuse),
             providers=["CPUExecutionProvider"],
             enable_fallback=0,
         )

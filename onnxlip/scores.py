@@ -15,7 +15,7 @@ from .companion import LOG10_2, CompanionEmitter, Scaled, is_zero, log10_total, 
 from .errors import RuntimeFailure, ShapeError
 from .ir import Graph
 from .loading import ModelLike
-from .runtime import make_session, run
+from .runtime import make_session, no_reuse_planning, run
 
 # Session options for the one-shot scores graph. "fold" would evaluate the adjoint (which depends on the weights
 # only) while the session is built; "none" without weight prepacking builds in less than half the time and the
@@ -171,13 +171,17 @@ def scores(
     graph = analyse(model, output, input_shapes, keep_proto=False).graph
     em, n_outs, score_map = scores_graph(graph)
     layouts = {p.name: (p.shape, p.transposed, tuple(p.sources)) for p in graph.params()}
+    model = em.model()
+    reuse = not no_reuse_planning(graph, len(model.graph.node))
     feeds, outputs, notes = ones_feeds(graph), list(graph.outputs), list(graph.warnings)
     feeds_shapes = dict(graph.inputs)
     # from here on only the session's copies of the constants are needed: without the float64 IR parameters
     # (2x the model's parameter bytes) and our mantissas (1x) the peak memory stays within 3x params + activations
     del graph
     # not certified: the scores rank entries and steer metric routes, never bound anything (onnxlip/engine.py)
-    session, dev = make_session(em.model(), device, em.external, level=LEVEL, prepack=PREPACK, certified=False)
+    session, dev = make_session(
+        model, device, em.external, level=LEVEL, prepack=PREPACK, certified=False, mem_reuse=reuse
+    )
     try:
         values = run(session, None, feeds)
     except RuntimeFailure:
