@@ -341,7 +341,7 @@ def lipschitz(
     if not relu_network and norm != "2":
         raise OnnxlipError(
             f"the l{norm} bounds come from path-norms, which need a ReLU network; this model has "
-            "non-ReLU activations (Tanh, Sigmoid, Abs, GroupSort, ...): use --norm 2"
+            "non-ReLU activations (Tanh, Sigmoid, GroupSort, ...): use --norm 2"
         )
     notes: list[str] = []
     bounds = []

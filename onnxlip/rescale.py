@@ -23,7 +23,7 @@ from .loading import ModelLike, load_model, refuse_overwrite, replaced_tensor, w
 _PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
 _DEFAULT_FACTORS = (1.0, 128.0, 4096.0)
 # activations f with f(lam * z) = lam * f(z) for lam > 0 (per channel: a PRelu's slope is one per channel)
-_HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu"}
+_HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "Abs"}
 
 
 @dataclass

@@ -466,6 +466,20 @@ def activations(rng) -> Spec:
     return b.spec(b.gemm(h, 2))
 
 
+def signed_activations(rng) -> Spec:
+    """LeakyRelu and PRelu with slopes below 0 and above 1 (read with a ReLU(-x) edge), Abs."""
+    b = Builder(rng, "signed_activations")
+    x = b.input(1, 3, 3)
+    h = b.conv(x, 3, (2, 2), bias=True)
+    # per-channel PRelu slopes, fixed (not perturbed: a pair must agree on them)
+    h = b.op("PRelu", [h, b.const(rng.uniform(-1.0, 2.0, size=(3, 1, 1)), learned=False)])
+    h = b.op("Abs", [b.conv(h, 2, (1, 1), bias=_coin(rng))]) if _coin(rng) else b.relu(b.conv(h, 2, (1, 1)))
+    h = b.gemm(b.flatten(h), 3)
+    h = b.op("LeakyRelu", [h], alpha=float(rng.choice([-0.5, 1.5, 2.5])))
+    h = b.op("Abs", [b.gemm(h, 3)])
+    return b.spec(b.gemm(h, 2))
+
+
 def layout(rng) -> Spec:
     """Pad (zero, reflect or edge), Reshape, Transpose, Squeeze / Unsqueeze, Slice (negative steps too), Resize
     (nearest, linear or cubic), Div."""
@@ -530,6 +544,7 @@ FAMILIES = {
     "activations": activations,
     "layout": layout,
     "mixed": mixed,
+    "signed_activations": signed_activations,
 }
 
 

@@ -2,8 +2,9 @@
 style, theory.md section 2), computed on the framework side, independently of onnxlip.
 
 Reference: deep-copy the model to float64, replace every activation by its companion (ReLU -> identity,
-LeakyReLU(a) -> ((1-a)^q + a^q) x, ReLU6 = ReLU(x) - ReLU(x - 6) -> 2 x + 6^q, max -> sum, max-pool ->
-sum-pool, average pool keeps its weights 1/K as (1/K)^q), BatchNorm (eval) by the affine map
+LeakyReLU(a) -> (|1-c|^q + |c-a|^q + c^q) x with c = a clipped to [0, 1],
+ReLU6 = ReLU(x) - ReLU(x - 6) -> 2 x + 6^q, max -> sum, max-pool -> sum-pool, average pool keeps its weights
+1/K as (1/K)^q), BatchNorm (eval) by the affine map
 |a|^q x + |c|^q with a = gamma/sqrt(var+eps), c = beta - a*mean, every other weight and bias by |w|^q, feed
 all-ones and sum every output: the result is ||Phi||_q^q.
 
@@ -126,12 +127,14 @@ def _companion_module(module: nn.Module, q: float) -> nn.Module | None:
         return nn.Identity()
     if isinstance(module, nn.ReLU6):  # Clip(0, 6) = ReLU(x) - ReLU(x - 6): two ReLU neurons, bias path 6
         return _Scale(2.0, 6.0**q)
-    if isinstance(module, nn.LeakyReLU):  # (1 - a) ReLU(x) + a x
+    if isinstance(module, nn.LeakyReLU):  # (1 - c) ReLU(x) + (c - a) ReLU(-x) + c x, c = a clipped to [0, 1]
         a = module.negative_slope
-        return _Scale((1 - a) ** q + a**q)
-    if isinstance(module, nn.PReLU):  # (1 - a) ReLU(x) + a x per channel
+        c = min(max(a, 0.0), 1.0)
+        return _Scale(abs(1 - c) ** q + abs(c - a) ** q + c**q)
+    if isinstance(module, nn.PReLU):  # the same per channel
         a = module.weight.detach().double()
-        return _ChannelAffine((1 - a) ** q + a**q, torch.zeros_like(a))
+        c = a.clamp(0.0, 1.0)
+        return _ChannelAffine((1 - c).abs() ** q + (c - a).abs() ** q + c**q, torch.zeros_like(a))
     if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)):
         return _PoolCompanion(module, q)
     if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
@@ -188,8 +191,8 @@ def randomize(model: nn.Module, seed: int, gain: float = 1.5) -> nn.Module:
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * gain / math.sqrt(fan_in))
                 if m.bias is not None:
                     m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)
-            elif isinstance(m, nn.PReLU):  # learned slopes, one per channel, in [0, 1]
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen))
+            elif isinstance(m, nn.PReLU):  # learned slopes, one per channel, some outside [0, 1]
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 3.0 - 1.0)
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 n = m.num_features
                 m.weight.copy_(torch.randn(n, generator=gen) * 1.5)  # some negative gammas

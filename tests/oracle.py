@@ -6,7 +6,8 @@ time (a one-node model per node, its constant inputs as initializers):
 * linear / affine nodes: the zero input gives the bias vector, a basis vector e_i the i-th column of the weight
   matrix; every output element becomes an identity neuron with an edge for every non-zero weight (fixed weights,
   e.g. the 1/K of an average pool, are edges too);
-* Relu: a ReLU neuron (edge weight 1, bias 0); LeakyRelu(alpha) = (1 - alpha) * ReLU(x) + alpha * x;
+* Relu: a ReLU neuron (edge weight 1, bias 0); LeakyRelu(alpha) and PRelu = (1 - c) ReLU(x) + (c - alpha) ReLU(-x)
+  + c x with c = alpha clipped to [0, 1] (ReLU(-x): a ReLU neuron whose edge weight is -1); Abs = LeakyRelu(-1);
   Clip(lo, hi) = lo + ReLU(x - lo) - ReLU(x - hi);
 * Max / MaxPool / GlobalMaxPool / ReduceMax: max neurons whose candidates are found by probing (-1 everywhere,
   +1 at input i: output j selects i when it reads +1); Min(a, b) = -Max(-a, -b).
@@ -330,6 +331,8 @@ def expand(model) -> Dag:
             _expand_elementwise_relu(dag, node, tensors, lo=0.0, hi=None, alpha=slope.reshape(-1))
         elif op == "LeakyRelu":
             _expand_elementwise_relu(dag, node, tensors, lo=0.0, hi=None, alpha=float(_attr(node, "alpha", 0.01)))
+        elif op == "Abs":
+            _expand_elementwise_relu(dag, node, tensors, lo=0.0, hi=None, alpha=-1.0)
         elif op == "Clip":
             lo = float(consts[node.input[1]]) if len(node.input) > 1 and node.input[1] else None
             hi = float(consts[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
@@ -400,9 +403,14 @@ def _expand_elementwise_relu(dag: Dag, node, tensors, lo, hi, alpha) -> None:
             a = float(alpha[j]) if np.ndim(alpha) else alpha  # (PRelu: one slope per entry)
             if a == 0.0:
                 out[j] = dag.new(RELU, 0.0, [n], [1.0])
-            else:  # (1 - a) ReLU(x) + a x
-                r = dag.new(RELU, 0.0, [n], [1.0])
-                out[j] = dag.new(IDENT, 0.0, [r, n], [1.0 - a, a])
+                continue
+            c = min(max(a, 0.0), 1.0)  # (1 - c) ReLU(x) + (c - a) ReLU(-x) + c x
+            srcs, weights = [dag.new(RELU, 0.0, [n], [1.0]), n], [1.0 - c, c]
+            if c != a:
+                srcs.append(dag.new(RELU, 0.0, [n], [-1.0]))
+                weights.append(c - a)
+            keep = [k for k, w in enumerate(weights) if w != 0.0]
+            out[j] = dag.new(IDENT, 0.0, [srcs[k] for k in keep], [weights[k] for k in keep])
     tensors[node.output[0]] = out.reshape(x.shape)
 
 

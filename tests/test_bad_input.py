@@ -541,8 +541,8 @@ def test_many_unsupported_nodes_are_all_reported_readably(tmp_path):
 
 
 def test_prelu_pairs_need_equal_slopes(tmp_path):
-    """PRelu slopes are read as fixed edge weights: models whose slopes differ are refused with the reason, slopes
-    outside [0, 1] are refused, equal slopes pair."""
+    """PRelu slopes are read as fixed edge weights: models whose slopes differ are refused with the reason, equal
+    slopes pair, slopes outside [0, 1] are read (with a ReLU(-x) edge: the oracle's path-norm), NaN ones refused."""
 
     def model(slope):
         rng = np.random.default_rng(0)
@@ -567,8 +567,14 @@ def test_prelu_pairs_need_equal_slopes(tmp_path):
     assert onnxlip.bound(a, a, samples=8).bound == 0
     with pytest.raises(MismatchError, match="slope"):
         onnxlip.bound(a, _save(model([0.1, 0.25, 0.3]), tmp_path / "b.onnx"), samples=0)
-    code, out, _ = cli("check", _save(model([0.1, 1.5, 0.3]), tmp_path / "c.onnx"), "--json")
-    assert code == 2 and "outside [0, 1]" in json.loads(out)["errors"][0]["reason"]
+    from tests import oracle
+
+    wide = model([-0.7, 1.5, 0.3])
+    assert json.loads(cli("check", _save(wide, tmp_path / "c.onnx"), "--json")[1])["supported"]
+    for q in (1.0, 2.0):
+        assert onnxlip.path_norm(wide, q=q).path_norm == pytest.approx(oracle.path_norm(wide, q), rel=1e-6)
+    code, out, _ = cli("check", _save(model([0.1, float("nan"), 0.3]), tmp_path / "d.onnx"), "--json")
+    assert code == 2 and "not all finite" in json.loads(out)["errors"][0]["reason"]
 
 
 def test_a_fixed_batch_above_one_is_noted(tmp_path):

@@ -30,6 +30,7 @@ from tests.test_bad_input import cli
         "residual",
         "concat",
         "activations",
+        "signed_activations",
         "layout",
         "convtranspose",
         "global",

@@ -125,10 +125,37 @@ def test_monotone_and_abs_activations_carry_their_constants(op, constant):
     )
     assert result.upper.value == pytest.approx(expected, rel=1e-6)
     assert 0 < result.lower["value"] <= result.upper.value
+    if op == "Abs":  # a ReLU fragment, ReLU(x) + ReLU(-x): the path-norm bounds exist too
+        assert lipschitz(model, "inf", lower_seconds=0.2).upper.value > 0
+        assert onnxlip.bound(model, model, samples=0).bound == 0
+        return
     with pytest.raises(onnxlip.UnsupportedModelError):
         onnxlip.bound(model, model, samples=0)
     with pytest.raises(onnxlip.OnnxlipError, match="--norm 2"):
         lipschitz(model, "inf")
+
+
+@pytest.mark.parametrize("alpha", [-2.0, -0.5, 0.3, 2.5])
+def test_leaky_relu_slope_sets_its_lipschitz_constant(alpha):
+    """LeakyRelu(alpha) has slopes 1 and alpha: the l2 bound carries max(1, |alpha|) between the layer norms, and
+    the sampled lower bound stays below it."""
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("LeakyRelu", ["h"], ["a"], alpha=alpha),
+        helper.make_node("MatMul", ["a", "w2"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    result = lipschitz(model, "2", lower_seconds=0.3)
+    norms = [np.linalg.svd(w.astype(np.float64), compute_uv=False)[0] for w in (w1, w2)]
+    assert result.upper.value == pytest.approx(norms[0] * max(1.0, abs(alpha)) * norms[1], rel=1e-6)
+    assert 0 < result.lower["value"] <= result.upper.value * (1 + 1e-4)
 
 
 def test_torch_exported_one_lipschitz_network_certifies_one(tmp_path):

@@ -89,21 +89,24 @@ def test_cli(tmp_path):
     assert code == 0 and "drew the factor 1" in note
 
 
-@pytest.mark.parametrize("activation", ["LeakyRelu", "PRelu"])
+@pytest.mark.parametrize("activation", ["LeakyRelu", "PRelu", "LeakyRelu-2.5", "PRelu-wide", "Abs"])
 def test_leaky_and_parametric_relu_neurons_are_rescaled(tmp_path, activation):
-    """LeakyRelu and PRelu are positively homogeneous too: their neurons are rescaled, the function and the
-    path-norm stay."""
+    """LeakyRelu, PRelu (any slopes) and Abs are positively homogeneous too: their neurons are rescaled, the
+    function and the path-norm stay."""
     from onnx import TensorProto, helper
 
     from tests.helpers import make_model
 
     rng = np.random.default_rng(5)
     nodes, inits = [helper.make_node("Gemm", ["x", "W1", "b1"], ["z"], transB=1)], []
-    if activation == "PRelu":
+    if activation.startswith("PRelu"):
+        low, high = (-1.0, 2.0) if activation.endswith("wide") else (0.0, 1.0)
         nodes.append(helper.make_node("PRelu", ["z", "slope"], ["h"]))
-        inits.append(numpy_helper.from_array(rng.uniform(0, 1, 6).astype(np.float32), "slope"))
+        inits.append(numpy_helper.from_array(rng.uniform(low, high, 6).astype(np.float32), "slope"))
+    elif activation == "Abs":
+        nodes.append(helper.make_node("Abs", ["z"], ["h"]))
     else:
-        nodes.append(helper.make_node("LeakyRelu", ["z"], ["h"], alpha=0.2))
+        nodes.append(helper.make_node("LeakyRelu", ["z"], ["h"], alpha=2.5 if "-" in activation else 0.2))
     nodes.append(helper.make_node("Gemm", ["h", "W2", "b2"], ["y"], transB=1))
     inits += [
         numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "W1"),

@@ -1,8 +1,13 @@
 """Piecewise-linear activations written as ReLU-DAG fragments (theory.md section 1):
-Relu; LeakyRelu = (1-alpha)*ReLU(x) + alpha*x; Clip(lo, hi) = lo + ReLU(x - lo) - ReLU(x - hi) (with the
-missing side dropped); Max/Min against a constant are Clips. Each becomes the op `relu_combo`:
-y = k * x + const in the companion, with k and const fixed by the fragment. PRelu with per-channel slopes is
-the op `prelu`, the same fragment with one alpha per entry."""
+Relu; LeakyRelu(alpha) = (1 - c) ReLU(x) + (c - alpha) ReLU(-x) + c x with c = alpha clipped to [0, 1] (two edges
+for every alpha; the ReLU(-x) edge only when alpha < 0 or alpha > 1); Abs = ReLU(x) + ReLU(-x);
+Clip(lo, hi) = lo + ReLU(x - lo) - ReLU(x - hi) (with the missing side dropped); Max/Min against a constant are
+Clips. Each becomes the op `relu_combo`: y = k * x + const in the companion, with k and const fixed by the
+fragment. PRelu with per-channel slopes is the op `prelu`, the same fragment with one alpha per entry.
+
+The fragment is a choice: a path-norm belongs to a parameterisation, not to the function. The one taken has the
+fewest, smallest edges: for q = 1 its gain |1 - c| + |c - alpha| + |c| = max(1, |alpha|) for alpha >= 0 and
+1 + |alpha| for alpha < 0 is the least over all c. Both models of a pair are read the same way."""
 
 from __future__ import annotations
 
@@ -20,11 +25,24 @@ def _fail(msg: str):
     raise RuleError(msg)
 
 
+def leaky_parts(alpha):
+    """(ReLU(x), ReLU(-x), x) coefficients of the LeakyRelu fragment; alpha may be an array (PRelu slopes)."""
+    c = np.clip(alpha, 0.0, 1.0)
+    return 1.0 - c, c - alpha, c
+
+
+def combo_gain(node, q: float) -> float:
+    """The companion gain of a `relu_combo`: one |edge|**q per path through the fragment."""
+    coefs = list(node.attrs["relu_coefs"]) + [node.attrs.get("mirror", 0.0), node.attrs["skip"]]
+    return float(sum(abs(c) ** q for c in coefs if c != 0.0))
+
+
 def _combo_companion(node, em, xs, with_constants):
-    """Companion of y = sum_i c_i * ReLU(x - t_i) + skip * x + bias: every path into x is counted once per
-    edge (|c_i|**q + |skip|**q), every bias (-c_i t_i via the ReLU neurons, plus the output bias) once."""
+    """Companion of y = sum_i c_i * ReLU(x - t_i) + m * ReLU(-x) + skip * x + bias: every path into x is counted
+    once per edge (|c_i|**q + |m|**q + |skip|**q), every bias (-c_i t_i via the ReLU neurons, plus the output
+    bias) once."""
     q = em.q
-    gain = sum(abs(c) ** q for c in node.attrs["relu_coefs"]) + abs(node.attrs["skip"]) ** q
+    gain = combo_gain(node, q)
     y = em.scale_by(xs[0], gain) if gain != 1.0 else xs[0]
     if not with_constants:
         return [y]
@@ -40,13 +58,14 @@ def _combo_companion(node, em, xs, with_constants):
 define("relu_combo", _combo_companion, rounding_steps=lambda node, shapes: 4)  # gain, constant, sum, renorm
 
 
-def _combo(ctx, x, relu_coefs, thresholds, skip=0.0, bias=0.0, kind="relu"):
+def _combo(ctx, x, relu_coefs, thresholds, skip=0.0, bias=0.0, kind="relu", mirror=0.0):
     ctx.add(
         "relu_combo",
         [x],
         attrs={
             "relu_coefs": [float(c) for c in relu_coefs],
             "thresholds": [np.asarray(t, dtype=np.float64) for t in thresholds],
+            "mirror": float(mirror),
             "skip": float(skip),
             "bias": np.asarray(bias, dtype=np.float64),
             "kind": kind,
@@ -61,35 +80,44 @@ def import_relu(node, ctx):
 
 @importer("LeakyRelu")
 def import_leaky_relu(node, ctx):
-    alpha = float(ctx.attr("alpha", 0.01))
-    if not 0.0 <= alpha <= 1.0:
-        _fail(f"LeakyRelu with alpha={alpha} is not a nonnegative combination of ReLU and identity (needs 0<=alpha<=1)")
-    _combo(ctx, node.input[0], [1.0 - alpha], [0.0], skip=alpha, kind="leaky_relu")
+    _leaky(ctx, node.input[0], float(ctx.attr("alpha", 0.01)))
+
+
+def _leaky(ctx, x, alpha: float):
+    if not math.isfinite(alpha):
+        _fail(f"its slope {alpha} is not finite")
+    relu, mirror, skip = leaky_parts(alpha)
+    _combo(ctx, x, [float(relu)], [0.0], skip=float(skip), mirror=float(mirror), kind="leaky_relu")
+
+
+@importer("Abs")
+def import_abs(node, ctx):
+    """|x| = ReLU(x) + ReLU(-x): two ReLU neurons of one edge each, so a companion gain of 2 for every q."""
+    _combo(ctx, node.input[0], [1.0], [0.0], mirror=1.0, kind="abs")
 
 
 @importer("PRelu")
 def import_prelu(node, ctx):
-    """PRelu(x) = (1 - a) ReLU(x) + a x per entry, with the slopes a read as fixed edge weights (like LeakyRelu's
+    """PRelu(x) = LeakyRelu's fragment per entry, with the slopes a read as fixed edge weights (like LeakyRelu's
     alpha): models whose slopes differ are not paired (structure.align_params compares them)."""
     slope = ctx.const(node.input[1])
     if slope is None:
         _fail("its slope is computed at run time; it must be a constant")
     slope = np.asarray(slope, dtype=np.float64)
-    if not np.all((slope >= 0.0) & (slope <= 1.0)):
-        _fail("PRelu slopes outside [0, 1] are not a nonnegative combination of ReLU and identity")
+    if not np.all(np.isfinite(slope)):
+        _fail("its slopes are not all finite")
     shape = tuple(ctx.shape(node.input[0]))
     if tuple(np.broadcast_shapes(shape, slope.shape)) != shape:
         _fail("its slope broadcasts the input to a larger shape")
     if np.all(slope == slope.flat[0]):  # one slope: a LeakyRelu
-        alpha = float(slope.flat[0])
-        _combo(ctx, node.input[0], [1.0 - alpha], [0.0], skip=alpha, kind="leaky_relu")
+        _leaky(ctx, node.input[0], float(slope.flat[0]))
         return
     ctx.add("prelu", [node.input[0]], attrs={"slope": slope.reshape((1,) * (len(shape) - slope.ndim) + slope.shape)})
 
 
 def _prelu_gain(node, q: float) -> np.ndarray:
-    a = node.attrs["slope"]
-    return (1.0 - a) ** q + a**q  # per entry: the ReLU edge and the identity edge; 1 for q = 1
+    relu, mirror, skip = leaky_parts(node.attrs["slope"])
+    return np.abs(relu) ** q + np.abs(mirror) ** q + np.abs(skip) ** q  # per entry: its fragment's edges
 
 
 def _prelu_companion(node, em, xs, with_constants):
@@ -205,7 +233,6 @@ reject(
     "Einsum",
     "Hardmax",
 )
-reject("is piecewise linear, but not supported in the path-metric (accepted by `lipschitz` only)", "Abs")
 reject(
     "is piecewise linear, but not supported by any command yet (it equals Clip(alpha x + beta, 0, 1), which the "
     "path-metric reads: an export that writes it so can be analysed)",
@@ -240,8 +267,7 @@ reject(
 
 
 def _combo_adjoint(node, em, a, b):
-    q = em.q
-    gain = sum(abs(c) ** q for c in node.attrs["relu_coefs"]) + abs(node.attrs["skip"]) ** q
+    gain = combo_gain(node, em.q)
     return [em.scale_by(b[0], gain)]
 
 
@@ -258,8 +284,16 @@ define_adjoint("max", _max_adjoint)
 
 
 def _combo_lipschitz(node, shapes, l_in, norm):
-    # ReLU, LeakyReLU (0 <= alpha <= 1) and Clip have slopes in [0, 1] entrywise: 1-Lipschitz
-    return [l_in[0]]
+    # Clip (lo <= hi) has slopes 0 and 1. The other fragments have one ReLU at 0 and the mirror ReLU(-x): slope
+    # c0 + skip above 0 and skip - mirror below. An entrywise c-Lipschitz map is c-Lipschitz in every lp norm.
+    if node.attrs["kind"] == "clip":
+        return [l_in[0]]
+    (c0,), m, s = node.attrs["relu_coefs"], node.attrs.get("mirror", 0.0), node.attrs["skip"]
+    return [max(abs(c0 + s), abs(s - m)) * l_in[0]]
+
+
+def _prelu_lipschitz(node, shapes, l_in, norm):
+    return [max(1.0, float(np.max(np.abs(node.attrs["slope"])))) * l_in[0]]  # slopes 1 and a per entry
 
 
 def _max_lipschitz(node, shapes, l_in, norm):
@@ -270,5 +304,5 @@ def _max_lipschitz(node, shapes, l_in, norm):
 
 
 define_lipschitz("relu_combo", _combo_lipschitz)
-define_lipschitz("prelu", _combo_lipschitz)  # slopes in [0, 1]
+define_lipschitz("prelu", _prelu_lipschitz)
 define_lipschitz("max", _max_lipschitz)

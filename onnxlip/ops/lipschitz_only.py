@@ -2,7 +2,7 @@
 activations that are not ReLU-network pieces, so the path-metric, scores and pruning keep refusing them.
 
 - `unary_lipschitz`: an entrywise function with a known Lipschitz constant: Tanh 1, Sigmoid 1/4 (max of
-  s(1 - s)), Abs 1, Softsign 1, Elu (alpha <= 1) 1. Entrywise c-Lipschitz maps are c-Lipschitz in every lp norm.
+  s(1 - s)), Softsign 1, Elu (alpha <= 1) 1. Entrywise c-Lipschitz maps are c-Lipschitz in every lp norm.
 - `group_sort`: a sort within groups (GroupSort; MaxMin for groups of 2): a permutation of each group, so
   1-Lipschitz (indeed norm-preserving) in every lp norm. Imported from TopK/Sort within groups, and recognised by
   a pass from the Split -> Max, Min -> Concat and ReduceMax, ReduceMin -> Concat patterns (passes.py)."""
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .registry import define, define_lipschitz, lipschitz_importer
 
-_CONSTANTS = {"Tanh": 1.0, "Sigmoid": 0.25, "Abs": 1.0, "Softsign": 1.0}
+_CONSTANTS = {"Tanh": 1.0, "Sigmoid": 0.25, "Softsign": 1.0}
 
 
 def _no_companion(node, em, xs, with_constants):
@@ -34,7 +34,7 @@ define_lipschitz("unary_lipschitz", _times_constant)
 define_lipschitz("group_sort", _group_sort_lipschitz)
 
 
-@lipschitz_importer("Tanh", "Sigmoid", "Abs", "Softsign", "Elu")
+@lipschitz_importer("Tanh", "Sigmoid", "Softsign", "Elu")
 def import_unary(node, ctx):
     from ..importer import RuleError
 
