@@ -36,7 +36,7 @@ from .loading import write_output
 )
 def scores_cmd(
     model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
-    out_file: Optional[Path] = typer.Option(
+    out_file: Optional[str] = typer.Option(
         None,
         "-o",
         "--out",
@@ -108,7 +108,7 @@ def prune_cmd(
     sparsity: Optional[float] = typer.Option(
         None, "--sparsity", help="Fraction of the prunable weights to zero (this or --sweep)."
     ),
-    out_file: Optional[Path] = typer.Option(
+    out_file: Optional[str] = typer.Option(
         None, "-o", "--out", help="Where to write the pruned model.", metavar="FILE"
     ),
     criterion: Optional[str] = typer.Option(
@@ -130,7 +130,7 @@ def prune_cmd(
         "pruned file.",
         metavar="S1,S2,...",
     ),
-    plot: Optional[Path] = typer.Option(
+    plot: Optional[str] = typer.Option(
         None,
         "--plot",
         help="With --sweep: draw bound versus sparsity (an image; its format from the file's extension, e.g. .png "
@@ -242,7 +242,7 @@ def _savez(path: str, arrays: dict, log10_path_norm: float) -> None:
         np.savez(f, **arrays, __log10_path_norm__=np.array(log10_path_norm))
 
 
-def _plot_format(path: Path) -> str:
+def _plot_format(path: str) -> str:
     """The image format --plot's extension names; OnnxlipError without matplotlib or for a name matplotlib would
     change (no extension: it appends .png, and the file written is not the one checked against the inputs)."""
     try:
@@ -250,7 +250,7 @@ def _plot_format(path: Path) -> str:
     except ImportError:
         raise OnnxlipError("--plot needs matplotlib: pip install 'onnxlip[plot]'") from None
     formats = FigureCanvasBase.get_supported_filetypes()
-    fmt = path.suffix[1:].lower()
+    fmt = Path(path).suffix[1:].lower()
     if fmt not in formats:
         raise OnnxlipError(
             f"--plot {path}: give a file name ending in an image format matplotlib writes "
@@ -259,7 +259,7 @@ def _plot_format(path: Path) -> str:
     return fmt
 
 
-def _plot_sweep(results, path: Path) -> None:
+def _plot_sweep(results, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +285,7 @@ def _plot_sweep(results, path: Path) -> None:
 )
 def rescale_cmd(
     model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
-    out_file: Path = typer.Option(..., "-o", "--out", help="Where to write the rescaled model.", metavar="FILE"),
+    out_file: str = typer.Option(..., "-o", "--out", help="Where to write the rescaled model.", metavar="FILE"),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     factors: str = typer.Option(
         "1,128,4096",

@@ -174,8 +174,8 @@ def check_output_path(target) -> None:
         name = None
     if not isinstance(name, str) or not name or "\0" in name:
         raise OnnxlipError(f"cannot write {target!r}: not a usable file name")
-    if os.path.isdir(name):
-        raise OnnxlipError(f"cannot write {name}: it is a folder; give a file name")
+    if os.path.isdir(name) or name.endswith(("/", os.sep)):
+        raise OnnxlipError(f"cannot write {name}: it names a folder; give a file name")
     folder = os.path.dirname(name) or "."
     if not os.path.isdir(folder):
         raise OnnxlipError(f"cannot write {name}: the folder {folder} does not exist")

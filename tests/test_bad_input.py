@@ -385,6 +385,18 @@ def test_unwritable_output_is_a_clear_error(tmp_path, command):
     assert code == 2 and "cannot write" in err and "Traceback" not in err and "internal error" not in err
 
 
+@pytest.mark.parametrize("command", [["prune", "--sparsity", "0.3"], ["rescale"], ["scores"]])
+def test_an_output_path_ending_in_a_slash_names_a_folder(tmp_path, command):
+    """`-o newdir/` wrote a file named newdir (the CLI read the path as a pathlib.Path, which drops the slash)."""
+    target = f"{tmp_path}/newdir/"
+    code, _, err = cli(command[0], "models/digits_cnn.onnx", *command[1:], "-o", target)
+    assert code == 2 and "names a folder" in err and not os.path.exists(tmp_path / "newdir")
+    code, _, err = cli("prune", "models/digits_cnn.onnx", "--sweep", "0.2,0.4", "--plot", f"{tmp_path}/plots/")
+    assert code == 2 and "names a folder" in err and not os.path.exists(tmp_path / "plots")
+    with pytest.raises(OnnxlipError, match="names a folder"):
+        onnxlip.rescale("models/digits_cnn.onnx", out_path=target)
+
+
 # ---- damaged but parsable models: the node is named, the exit code is 2 ------------------------------------------
 def _small_conv(**conv_attrs):
     w = np.ones((4, 2, 3, 3), np.float32)
