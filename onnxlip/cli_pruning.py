@@ -66,7 +66,7 @@ def scores_cmd(
         result = compute_scores(model, output=output, input_shapes=_shapes(input_shape), device=device)
         if out_file is not None:
             _refuse_overwrite(out_file, [model])
-            arrays = {name: t.log10_relative if log10 else t.relative for name, t in result.tensors.items()}
+            arrays = result.initializer_scores(log10)  # keyed by initializer: a shared one's uses summed
             lost = 0 if log10 else sum(t.below_float64() for t in result.tensors.values())
             if lost:
                 result.notes.append(

@@ -122,18 +122,10 @@ def _criterion(
     if criterion != "path-magnitude":
         raise OnnxlipError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     result = compute_scores(m, device=device)
-    # a shared initializer's score is the sum over its uses ("W", "W#1", ...: passes.unique_param_names), as the
+    # a shared initializer's score is the sum over its uses ("W", "W#1", ...: ScoresResult.uses), as the
     # derivative of ||Phi||_1 in a tied weight is (theory.md section 4); the first use alone ranked tied weights
-    # (a use is a parameter named "n#k" that reads initializer n itself: a file may name another initializer "n#1")
-    uses = {
-        n: [n]
-        + [
-            u
-            for u, t in result.tensors.items()
-            if u.startswith(n + "#") and u[len(n) + 1 :].isdigit() and t.sources == (n,) and t.shape == a.shape
-        ]
-        for n, a in tensors.items()
-    }
+    groups = result.uses()
+    uses = {n: groups.get(n, [n]) for n in tensors}
     values, log2_factor = result.comparable([u for names in uses.values() for u in names])
     out = {}
     for n, a in tensors.items():

@@ -111,8 +111,36 @@ class ScoresResult:
             out[t.name] = t.mantissa * np.float32(2.0**-drop)
         return out, top
 
+    def uses(self) -> dict[str, list[str]]:
+        """Tensor names grouped by the initializer they score: a shared initializer's later uses ("W#1", ...:
+        passes.unique_param_names; a use reads W itself, so a file's own initializer named "W#1" stays apart)."""
+        groups: dict[str, list[str]] = {}
+        for n, t in self.tensors.items():
+            head, sep, tail = n.rpartition("#")
+            own = self.tensors.get(head)
+            if sep and tail.isdigit() and own is not None and t.sources == (head,) and t.shape == own.shape:
+                groups.setdefault(head, [head]).append(n)
+            else:
+                groups.setdefault(n, [n])
+        return groups
+
+    def initializer_scores(self, log10: bool = False) -> dict[str, np.ndarray]:
+        """score / ||Phi||_1 (or its log10) per initializer in float64. A shared initializer's score is the sum
+        over its uses: |w| times the derivative of ||Phi||_1 in w (theory.md section 4)."""
+        out = {}
+        for n, names in self.uses().items():
+            total = self.tensors[names[0]].log10_relative if log10 else self.tensors[names[0]].relative
+            for u in names[1:]:
+                if log10:  # log10(10**a + 10**b), exact in range at any depth
+                    total = np.logaddexp(total / LOG10_E, self.tensors[u].log10_relative / LOG10_E) * LOG10_E
+                else:
+                    total += self.tensors[u].relative
+            out[n] = total
+        return out
+
     def to_json(self) -> dict:
         # strict JSON like every result (a zero path-norm's log10 is "-inf", as the CLI prints it)
+        groups = self.uses()
         return _jsonable(
             {
                 "log10_path_norm": self.log10_path_norm,
@@ -125,6 +153,7 @@ class ScoresResult:
                         "log10_sum": t.log10_sum,  # -inf (an all-zero tensor) as "-inf", as everywhere
                         "log10_max": t.log10_max,
                         "sources": list(t.sources),
+                        "initializer": next(g for g, names in groups.items() if n in names),
                     }
                     for n, t in self.tensors.items()
                 },
@@ -133,6 +162,7 @@ class ScoresResult:
 
 
 _FLOAT64_MIN_LOG2 = -1022  # log2 of float64's smallest normal number
+LOG10_E = math.log10(math.e)
 
 
 def _relative(mant: np.ndarray, shift: float) -> np.ndarray:
@@ -216,4 +246,10 @@ def scores(
             exp - log2_norm,  # <= 1 in all: a score never exceeds the path-norm
             sources,
         )
+    for n, names in result.uses().items():
+        if len(names) > 1:
+            result.notes.append(
+                f"initializer {n!r} is read by {len(names)} ops (tensors {', '.join(names)}): its score in a file "
+                "written with -o is the sum over its uses, |w| times the derivative of the path-norm in w"
+            )
     return result

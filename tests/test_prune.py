@@ -283,13 +283,10 @@ def test_written_files_keep_initializer_doc_strings(tmp_path, sparsity):
         }
 
 
-def test_a_tied_weight_is_ranked_by_the_scores_of_all_its_uses():
-    """One MatMul weight used twice (a module applied twice): its path-magnitude criterion is the sum of both uses'
-    scores (the derivative of ||Phi||_1 in a tied weight); the first use alone was used before."""
+def _tied_model(w_in, w, w_out):
+    """x -> Win -> ReLU -> W -> ReLU -> W -> ReLU -> Wout: one MatMul weight used twice (a module applied twice)."""
     from onnx import TensorProto, helper
 
-    rng = np.random.default_rng(0)
-    w_in, w, w_out = rng.normal(size=(3, 6)) * 3, rng.normal(size=(6, 6)), rng.normal(size=(6, 2))
     nodes = [
         helper.make_node("MatMul", ["x", "Win"], ["h0"]),
         helper.make_node("Relu", ["h0"], ["r0"]),
@@ -301,7 +298,14 @@ def test_a_tied_weight_is_ranked_by_the_scores_of_all_its_uses():
     ]
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (("Win", w_in), ("W", w), ("Wout", w_out))]
     io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])]
-    model = make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    return make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+
+
+def test_a_tied_weight_is_ranked_by_the_scores_of_all_its_uses():
+    """One MatMul weight used twice (a module applied twice): its path-magnitude criterion is the sum of both uses'
+    scores (the derivative of ||Phi||_1 in a tied weight); the first use alone was used before."""
+    rng = np.random.default_rng(0)
+    model = _tied_model(rng.normal(size=(3, 6)) * 3, rng.normal(size=(6, 6)), rng.normal(size=(6, 2)))
     m = analyse(model, None, None, keep_proto=True)
     tensors = prunable_tensors(m)
     assert set(tensors) == {"Win", "W", "Wout"}
@@ -312,6 +316,36 @@ def test_a_tied_weight_is_ranked_by_the_scores_of_all_its_uses():
     assert np.allclose(ratio, ratio.flat[0], rtol=1e-6)
     np.testing.assert_allclose(got["Win"] / s.tensors["Win"].relative, ratio.flat[0], rtol=1e-6)
     assert not np.allclose(got["W"] / s.tensors["W"].relative, ratio.flat[0], rtol=1e-3)  # not the first use alone
+
+
+@pytest.mark.parametrize("log10", [False, True])
+def test_scores_file_of_a_tied_weight_has_the_initializer_names_and_the_derivative(tmp_path, log10):
+    """`scores -o` wrote one array per use ("W" and "W#1", a key no initializer has). The file now holds one array
+    per initializer: a shared one's score is |w| times the derivative of ||Phi||_1 in w, here checked by central
+    differences of the brute-force path-norm in |w|: exact for any step, as ||Phi||_1 is a polynomial of degree
+    at most 2 in one tied entry."""
+    from tests import oracle
+
+    rng = np.random.default_rng(3)
+    w_in, w, w_out = rng.normal(size=(3, 6)), rng.normal(size=(6, 6)), rng.normal(size=(6, 2))
+    path = tmp_path / "m.onnx"
+    onnx.save(_tied_model(w_in, w, w_out), str(path))
+    args = ["--log10"] if log10 else []
+    code, out, err = cli("scores", path, "-o", tmp_path / "s.npz", "--json", *args)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["tensors"]["W#1"]["initializer"] == "W" and "read by 2 ops" in result["notes"][0]
+    saved = np.load(tmp_path / "s.npz")
+    assert set(saved.files) == {"Win", "W", "Wout", "__log10_path_norm__"}
+    norm = 10.0 ** float(saved["__log10_path_norm__"])
+    w32 = np.abs(w.astype(np.float32).astype(np.float64))
+    for i, j in [(0, 0), (2, 5), (4, 1)]:
+        up, down = w32.copy(), w32.copy()
+        up[i, j], down[i, j] = 2 * w32[i, j], 0.0  # steps of +-|w_ij|: exact in float32
+        norms = [oracle.path_norm(_tied_model(np.abs(w_in), v, np.abs(w_out))) for v in (up, down)]
+        want = (norms[0] - norms[1]) / 2
+        got = (10.0 ** saved["W"][i, j] if log10 else saved["W"][i, j]) * norm
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_an_initializer_named_like_a_second_use_is_not_summed_into_another(tmp_path):
