@@ -201,6 +201,19 @@ def test_check_warns_about_weights_beyond_float32s_range_within_a_tensor():
     assert not onnxlip.check("models/digits_cnn.onnx").warnings
 
 
+def test_check_counts_weak_weights_block_by_block():
+    """The check reads a weight in blocks (a whole |W| and its nonzero copy held 3.3x a 404 MB model): weak entries
+    in several blocks are all counted, and the largest may lie in a later block than they do."""
+    w0 = np.full((700, 700), 1e-30, dtype=np.float32)  # ~490k entries: several blocks
+    w0[3, 5] = w0[400, 2] = w0[650, 699] = 1e-42  # float32 subnormals, < 2^-126 of the largest
+    w0[699, 699] = 1e10
+    w0[10, 10] = 0.0
+    ws = [w0, np.ones((700, 1), np.float32)]
+    r = onnxlip.check(gemm_chain(ws, [np.zeros(700), np.zeros(1)]))
+    # 1e-30 is below 2^-126 * 1e10 = 1.2e-28 too: every nonzero entry but the largest
+    assert r.supported and any(f"W0: {700 * 700 - 2} non-zero entries are below 2^-126" in w for w in r.warnings)
+
+
 def test_certified_log10_values_cover_the_host_rounding():
     """log10 of a companion result is formed in float64 (the sum, its log10, the exponent times log10(2)). At the
     exponents of deep networks (here up to 2**20000) one ulp of headroom is not enough: certified log10 values
