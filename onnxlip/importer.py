@@ -85,9 +85,15 @@ class ImportContext:
         return self.shapes[name]
 
     def param(
-        self, tensor: str, value: np.ndarray | None = None, sources: Iterable[str] | None = None, transposed=False
+        self,
+        tensor: str,
+        value: np.ndarray | None = None,
+        sources: Iterable[str] | None = None,
+        transposed=False,
+        reshaped: bool = False,
     ) -> Param:
-        """A learned parameter read from initializer `tensor` (or a value derived from it)."""
+        """A learned parameter read from initializer `tensor` (or a value derived from it). `reshaped`: the value
+        is the initializer reshaped in C order (transposed after that when `transposed`)."""
         arr = self.consts[tensor] if value is None else value
         src = tuple(sources) if sources is not None else self.origins.get(tensor, (tensor,))
         self.used_initializers.update(src)
@@ -96,7 +102,9 @@ class ImportContext:
         arr = np.asarray(arr)
         if arr.dtype not in (np.float32, np.float64):  # float16, int8 after folding, ...
             arr = arr.astype(np.float64)
-        return Param(tensor, arr, src, transposed, origin=tensor if self._unchanged(tensor, arr, transposed) else None)
+        origin = tensor if self._unchanged(tensor, arr, transposed) else None
+        file_shape = tuple(self.consts[tensor].shape) if reshaped else None
+        return Param(tensor, arr, src, transposed, origin=origin, file_shape=file_shape)
 
     def _unchanged(self, tensor: str, arr: np.ndarray, transposed: bool) -> bool:
         """Whether arr is initializer `tensor` itself (or, when transposed, its transposed view)."""

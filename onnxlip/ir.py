@@ -34,6 +34,9 @@ class Param:
     # `transposed`), times factors[1] when factored. None for anything computed (scaled, folded twice, cast).
     # It lets a variant file that differs only in initializer values reuse this import (onnxlip/variants.py).
     origin: str | None = None
+    # the initializer's shape where `value` is a C-order reshape of it (an Einsum or N-D MatMul weight lowered to a
+    # matrix or a grouped conv): scores are reported in this shape
+    file_shape: tuple[int, ...] | None = None
     _formed_factor: np.ndarray | None = field(default=None, repr=False)
 
     @property

@@ -200,7 +200,7 @@ def scores(
     parameter tensor (keys: the user's initializer names; folded tensors list their sources)."""
     graph = analyse(model, output, input_shapes, keep_proto=False).graph
     em, n_outs, score_map = scores_graph(graph)
-    layouts = {p.name: (p.shape, p.transposed, tuple(p.sources)) for p in graph.params()}
+    layouts = {p.name: (p.shape, p.transposed, tuple(p.sources), p.file_shape) for p in graph.params()}
     model = em.model()
     reuse = not no_reuse_planning(graph, len(model.graph.node))
     feeds, outputs, notes = ones_feeds(graph), list(graph.outputs), list(graph.warnings)
@@ -233,10 +233,12 @@ def scores(
     log2_norm = log10_norm / LOG10_2
     for name, (mant, exp) in zip(score_map, pairs[n_outs:]):
         total, top = float(mant.sum(dtype=np.float64)), float(mant.max()) if mant.size else 0.0
-        shape, transposed, sources = layouts[name]
+        shape, transposed, sources, file_shape = layouts[name]
         mant = mant.reshape(shape)
         if transposed:  # back to the layout of the user's initializer
             mant = mant.T
+        if file_shape is not None:  # a C-order reshape of the initializer (ir.Param.file_shape)
+            mant = mant.reshape(file_shape)
         result.tensors[name] = TensorScores(
             name,
             tuple(mant.shape),

@@ -73,11 +73,12 @@ LINEAR_OPS = {
     "Dropout",
     "Expand",
     "Tile",
+    "Einsum",
 }
 MAX_OPS = {"Max", "MaxPool", "GlobalMaxPool", "ReduceMax"}
 MIN_OPS = {"Min", "ReduceMin"}
 # ops that are linear only when at most one of their inputs is a run-time tensor
-ONE_DYNAMIC = {"Mul", "Div", "MatMul", "Gemm", "Conv", "ConvTranspose"}
+ONE_DYNAMIC = {"Mul", "Div", "MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
 
 INPUT, IDENT, RELU, MAX = 0, 1, 2, 3
 _FLOAT32_PROBE_SCALE = 2.0**64

@@ -230,7 +230,6 @@ reject(
     "InstanceNormalization",
     "GroupNormalization",
     "MeanVarianceNormalization",
-    "Einsum",
     "Hardmax",
 )
 reject(

@@ -159,10 +159,7 @@ def import_pad(node, ctx):
     mode = ctx.attr("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode in ("reflect", "edge", "wrap"):  # every output entry copies an input entry: a select
-        require_constant_inputs(node, ctx)
-        pads = ctx.attr("pads") if ctx.opset < 11 else ctx.const(node.input[1])
-        if pads is not None and np.any(np.asarray(pads) < 0):
-            _fail(f"negative pads (crops) in {mode!r} mode are not supported; crop with a Slice")
+        require_constant_inputs(node, ctx)  # (negative pads crop: the index map is onnxruntime's, crop first)
         ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx)})
         return
     if mode != "constant":
@@ -185,9 +182,25 @@ def import_pad(node, ctx):
             pads = full
     if value != 0.0:
         _fail(f"Pad with a non-zero constant ({value}) adds fixed neurons; only zero padding is supported")
-    if any(p < 0 for p in pads):
-        _fail("negative pads (cropping) are not supported; use Slice")
-    ctx.add("pad", [node.input[0]], attrs={"pads": [int(p) for p in pads], "mode": "constant"})
+    x, out, shape = node.input[0], node.output[0], ctx.shape(node.input[0])
+    crops, pads = [max(-int(p), 0) for p in pads], [max(int(p), 0) for p in pads]
+    if any(crops):  # negative pads crop (a slice), then the positive ones pad
+        if any(crops[i] + crops[rank + i] >= shape[i] for i in range(rank)):
+            _fail("its negative pads crop an axis away entirely")
+        axes = [i for i in range(rank) if crops[i] or crops[rank + i]]
+        ends = [shape[i] - crops[rank + i] for i in axes]
+        cropped = f"{out}::crop" if any(pads) else out
+        ctx.shapes[cropped] = tuple(d - crops[i] - crops[rank + i] for i, d in enumerate(shape))
+        ctx.add(
+            "slice",
+            [x],
+            [cropped],
+            {"starts": [crops[i] for i in axes], "ends": ends, "axes": axes, "steps": [1] * len(axes)},
+        )
+        if not any(pads):
+            return
+        x = cropped
+    ctx.add("pad", [x], [out], attrs={"pads": pads, "mode": "constant"})
 
 
 @importer("Resize", "Upsample", "Tile", "Expand", "DepthToSpace", "SpaceToDepth")

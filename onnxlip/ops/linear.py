@@ -279,10 +279,11 @@ def import_matmul(node, ctx):
         w, side, x, wname = ctx.const(a), "left", b, a
     else:
         _fail("MatMul multiplies two run-time tensors: not piecewise linear (one operand must be a weight)")
-    if w.ndim != 2:
-        _fail(f"its constant operand has {w.ndim} dimensions; only 2-D weight matrices are supported")
-    if len(ctx.shape(x)) < (1 if side == "right" else 2):
-        _fail("its run-time operand has too few dimensions")
+    if w.ndim != 2 or len(ctx.shape(x)) < (1 if side == "right" else 2):  # a vector, a batched constant
+        from .einsum import import_matmul_nd
+
+        import_matmul_nd(ctx, x, wname, side == "right")
+        return
     _add_dense(ctx, node, x, wname, w, side, None)
 
 
