@@ -467,7 +467,7 @@ def activations(rng) -> Spec:
 
 
 def signed_activations(rng) -> Spec:
-    """LeakyRelu and PRelu with slopes below 0 and above 1 (read with a ReLU(-x) edge), Abs."""
+    """LeakyRelu and PRelu with slopes below 0 and above 1 (read with a ReLU(-x) edge), Abs, HardSigmoid."""
     b = Builder(rng, "signed_activations")
     x = b.input(1, 3, 3)
     h = b.conv(x, 3, (2, 2), bias=True)
@@ -476,7 +476,8 @@ def signed_activations(rng) -> Spec:
     h = b.op("Abs", [b.conv(h, 2, (1, 1), bias=_coin(rng))]) if _coin(rng) else b.relu(b.conv(h, 2, (1, 1)))
     h = b.gemm(b.flatten(h), 3)
     h = b.op("LeakyRelu", [h], alpha=float(rng.choice([-0.5, 1.5, 2.5])))
-    h = b.op("Abs", [b.gemm(h, 3)])
+    h = b.op("Abs", [b.gemm(h, 2)])
+    h = b.op("HardSigmoid", [b.gemm(h, 2)], alpha=float(rng.choice([0.2, 0.7])), beta=float(rng.choice([0.5, 0.1])))
     return b.spec(b.gemm(h, 2))
 
 

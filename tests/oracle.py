@@ -8,6 +8,7 @@ time (a one-node model per node, its constant inputs as initializers):
   e.g. the 1/K of an average pool, are edges too);
 * Relu: a ReLU neuron (edge weight 1, bias 0); LeakyRelu(alpha) and PRelu = (1 - c) ReLU(x) + (c - alpha) ReLU(-x)
   + c x with c = alpha clipped to [0, 1] (ReLU(-x): a ReLU neuron whose edge weight is -1); Abs = LeakyRelu(-1);
+  HardSigmoid = ReLU(alpha x + beta) - ReLU(alpha x + beta - 1);
   Clip(lo, hi) = lo + ReLU(x - lo) - ReLU(x - hi);
 * Max / MaxPool / GlobalMaxPool / ReduceMax: max neurons whose candidates are found by probing (-1 everywhere,
   +1 at input i: output j selects i when it reads +1); Min(a, b) = -Max(-a, -b).
@@ -334,6 +335,16 @@ def expand(model) -> Dag:
             _expand_elementwise_relu(dag, node, tensors, lo=0.0, hi=None, alpha=float(_attr(node, "alpha", 0.01)))
         elif op == "Abs":
             _expand_elementwise_relu(dag, node, tensors, lo=0.0, hi=None, alpha=-1.0)
+        elif op == "HardSigmoid":  # ReLU(alpha x + beta) - ReLU(alpha x + beta - 1)
+            alpha, beta = float(_attr(node, "alpha", 0.2)), float(_attr(node, "beta", 0.5))
+            x = tensors[node.input[0]]
+            out = [
+                dag.new(
+                    IDENT, 0.0, [dag.new(RELU, beta, [n], [alpha]), dag.new(RELU, beta - 1.0, [n], [alpha])], [1, -1]
+                )
+                for n in x.reshape(-1).tolist()
+            ]
+            tensors[node.output[0]] = np.array(out, dtype=np.int64).reshape(x.shape)
         elif op == "Clip":
             lo = float(consts[node.input[1]]) if len(node.input) > 1 and node.input[1] else None
             hi = float(consts[node.input[2]]) if len(node.input) > 2 and node.input[2] else None

@@ -228,18 +228,35 @@ def _input_of_last_conv(path):
     return convs[-1].input[0]
 
 
-def test_hardsigmoid_refusal_does_not_point_to_lipschitz():
-    """Its message said 'accepted by `lipschitz` only', and lipschitz refused it with that very message."""
-    w = np.ones((2, 2), np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("HardSigmoid", ["h"], ["y"])]
-    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])]
+@pytest.mark.parametrize("alpha,beta", [(0.2, 0.5), (2.5, -0.3)])
+def test_hardsigmoid_is_a_relu_fragment_of_slope_alpha(alpha, beta):
+    """HardSigmoid = alpha ReLU(x - t1) - alpha ReLU(x - t2): its l2 constant is alpha times the layer's norm, and
+    the path-metric reads it (it was refused everywhere)."""
+    w = np.random.default_rng(0).normal(size=(3, 2)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("HardSigmoid", ["h"], ["y"], alpha=alpha, beta=beta),
+    ]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])]
     model = make_model(
         nodes,
         io,
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
         [numpy_helper.from_array(w, "W")],
     )
-    for call in (lambda: onnxlip.lipschitz(model, "2", lower_seconds=0), lambda: onnxlip.path_norm(model)):
-        with pytest.raises(onnxlip.OnnxlipError) as info:
-            call()
-        assert "HardSigmoid" in str(info.value) and "accepted by `lipschitz`" not in str(info.value)
+    result = onnxlip.lipschitz(model, "2", lower_seconds=0.3)
+    assert result.upper.value == pytest.approx(
+        alpha * np.linalg.svd(w.astype(np.float64), compute_uv=False)[0], rel=1e-6
+    )
+    assert 0 < result.lower["value"] <= result.upper.value * (1 + 1e-4)
+    # ||Phi||_1 of the fragment: alpha |w| per input edge pair, and the bias paths |beta| + |1 - beta| per output
+    want = 2 * alpha * np.abs(w.astype(np.float64)).sum() + 2 * (abs(beta) + abs(1 - beta))
+    assert onnxlip.path_norm(model).path_norm == pytest.approx(want, rel=1e-6)
+    bad = make_model(
+        [nodes[0], helper.make_node("HardSigmoid", ["h"], ["y"], alpha=-0.2)],
+        io,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    with pytest.raises(onnxlip.UnsupportedModelError, match="alpha"):
+        onnxlip.path_norm(bad)

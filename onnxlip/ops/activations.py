@@ -2,8 +2,9 @@
 Relu; LeakyRelu(alpha) = (1 - c) ReLU(x) + (c - alpha) ReLU(-x) + c x with c = alpha clipped to [0, 1] (two edges
 for every alpha; the ReLU(-x) edge only when alpha < 0 or alpha > 1); Abs = ReLU(x) + ReLU(-x);
 Clip(lo, hi) = lo + ReLU(x - lo) - ReLU(x - hi) (with the missing side dropped); Max/Min against a constant are
-Clips. Each becomes the op `relu_combo`: y = k * x + const in the companion, with k and const fixed by the
-fragment. PRelu with per-channel slopes is the op `prelu`, the same fragment with one alpha per entry.
+Clips; HardSigmoid = alpha ReLU(x - t1) - alpha ReLU(x - t2). Each becomes the op `relu_combo`: y = k * x + const
+in the companion, with k and const fixed by the fragment. PRelu with per-channel slopes is the op `prelu`, the
+same fragment with one alpha per entry.
 
 The fragment is a choice: a path-norm belongs to a parameterisation, not to the function. The one taken has the
 fewest, smallest edges: for q = 1 its gain |1 - c| + |c - alpha| + |c| = max(1, |alpha|) for alpha >= 0 and
@@ -88,6 +89,24 @@ def _leaky(ctx, x, alpha: float):
         _fail(f"its slope {alpha} is not finite")
     relu, mirror, skip = leaky_parts(alpha)
     _combo(ctx, x, [float(relu)], [0.0], skip=float(skip), mirror=float(mirror), kind="leaky_relu")
+
+
+@importer("HardSigmoid")
+def import_hard_sigmoid(node, ctx):
+    """max(0, min(1, alpha x + beta)) = alpha ReLU(x - t1) - alpha ReLU(x - t2), t1 = -beta/alpha and
+    t2 = (1 - beta)/alpha: a Clip of alpha x + beta with the scale moved through the ReLUs (alpha > 0)."""
+    alpha, beta = float(ctx.attr("alpha", 0.2)), float(ctx.attr("beta", 0.5))
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        _fail(f"its alpha {alpha} or beta {beta} is not finite")
+    if alpha <= 0.0:
+        _fail(f"HardSigmoid with alpha={alpha} <= 0 is not read (a constant or a decreasing clip); alpha > 0 is")
+    _combo(
+        ctx,
+        x=node.input[0],
+        relu_coefs=[alpha, -alpha],
+        thresholds=[-beta / alpha, (1.0 - beta) / alpha],
+        kind="hard_sigmoid",
+    )
 
 
 @importer("Abs")
@@ -233,11 +252,6 @@ reject(
     "Hardmax",
 )
 reject(
-    "is piecewise linear, but not supported by any command yet (it equals Clip(alpha x + beta, 0, 1), which the "
-    "path-metric reads: an export that writes it so can be analysed)",
-    "HardSigmoid",
-)
-reject(
     "outputs indices or labels, not values; analyse the logits before it with --output",
     "ArgMax",
     "ArgMin",
@@ -283,10 +297,13 @@ define_adjoint("max", _max_adjoint)
 
 
 def _combo_lipschitz(node, shapes, l_in, norm):
-    # Clip (lo <= hi) has slopes 0 and 1. The other fragments have one ReLU at 0 and the mirror ReLU(-x): slope
-    # c0 + skip above 0 and skip - mirror below. An entrywise c-Lipschitz map is c-Lipschitz in every lp norm.
+    # Clip (lo <= hi) has slopes 0 and 1, HardSigmoid 0 and alpha. The other fragments have one ReLU at 0 and the
+    # mirror ReLU(-x): slope c0 + skip above 0 and skip - mirror below. An entrywise c-Lipschitz map is
+    # c-Lipschitz in every lp norm.
     if node.attrs["kind"] == "clip":
         return [l_in[0]]
+    if node.attrs["kind"] == "hard_sigmoid":
+        return [node.attrs["relu_coefs"][0] * l_in[0]]
     (c0,), m, s = node.attrs["relu_coefs"], node.attrs.get("mirror", 0.0), node.attrs["skip"]
     return [max(abs(c0 + s), abs(s - m)) * l_in[0]]
 
