@@ -255,11 +255,12 @@ _HALF = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat
 
 def batch_notes(graph: onnx.GraphProto, inputs, user_shapes) -> list[str]:
     """A note for each input exported with a fixed batch above 1: the network then maps that many samples at once,
-    and its path-norms and bounds count all of them (the l1 norm of the outputs over the batch)."""
+    and its path-norms and bounds count all of them (the l1 norm of the outputs over the batch). A 1-D input's only
+    axis is no batch axis."""
     notes = []
     for i in graph.input:
         dims = i.type.tensor_type.shape.dim
-        if i.name not in inputs or i.name in user_shapes or not dims or dims[0].dim_value <= 1:
+        if i.name not in inputs or i.name in user_shapes or len(dims) < 2 or dims[0].dim_value <= 1:
             continue
         one = "x".join(["1"] + [str(d) for d in inputs[i.name][1:]])
         notes.append(

@@ -265,10 +265,10 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
     onnxruntime computes it). NaN when the model's float32 outputs are not finite on the sampled inputs."""
     import time
 
-    from .sampling import max_batch, sampler_for
+    from .sampling import max_batch, sample_shape, sampler_for
 
     sampler = sampler_for(m)
-    shapes = {n: s[1:] for n, s in m.graph.inputs.items()}
+    shapes = {n: sample_shape(s) for n, s in m.graph.inputs.items()}
     sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
     dim = sum(sizes.values())
     rng = np.random.default_rng(seed)

@@ -65,7 +65,11 @@ class Sampler:
             self.input_types = {i.name: i.type for i in inputs}
             # old exporters list initializers among the inputs (onnxruntime feeds their values): not data inputs
             data = [i for i in inputs if i.name in graph.inputs]
-            self.batched = all(not isinstance(i.shape[0], int) for i in data if i.shape)
+            # inputs whose one sample is the whole tensor (sample_shape): fed as they are, one sample per run
+            self.whole = {n: sample_shape(s) == tuple(s) for n, s in graph.inputs.items()}
+            self.batched = all(not isinstance(i.shape[0], int) for i in data if i.shape) and not any(
+                self.whole.values()
+            )
             self._checked = False  # the first batched run is checked against single runs (run)
         except ValueError as exc:  # e.g. a dimension name that is not UTF-8 (a damaged file)
             raise OnnxlipError(f"cannot read the model's input description: {exc}") from None
@@ -93,13 +97,17 @@ class Sampler:
             self.batched = False
         rows = []
         for i in range(n):
-            outs = run(self.session, list(self.graph.outputs), {k: v[i : i + 1] for k, v in feeds.items()})
+            outs = run(self.session, list(self.graph.outputs), self._one(feeds, i))
             rows.append(np.concatenate([np.asarray(o, np.float64).ravel() for o in outs]))
         return np.stack(rows)
 
+    def _one(self, feeds: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+        """The feeds of sample i alone: a batch of one, or the whole tensor where one sample is the whole input."""
+        return {k: v[i] if self.whole.get(k) else v[i : i + 1] for k, v in feeds.items()}
+
     def _same_as_alone(self, row: np.ndarray, feeds: dict[str, np.ndarray], i: int) -> bool:
         """Row i of a batched run equals the run of input i alone, to float32 rounding of other kernels."""
-        outs = run(self.session, list(self.graph.outputs), {k: v[i : i + 1] for k, v in feeds.items()})
+        outs = run(self.session, list(self.graph.outputs), self._one(feeds, i))
         alone = np.concatenate([np.asarray(o, np.float64).ravel() for o in outs])
         if alone.shape != row.shape:
             return False
@@ -122,13 +130,22 @@ def _inside(v: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
+def sample_shape(shape) -> tuple[int, ...]:
+    """The shape of one sample of an input analysed at `shape`: the input without its batch axis of 1, else the
+    whole tensor (a fixed batch B above 1 is analysed as one sample of B rows at once, and sampled so; a 1-D input
+    has no batch axis)."""
+    shape = tuple(int(d) for d in shape)
+    return shape[1:] if len(shape) >= 2 and shape[0] == 1 else shape
+
+
 def random_box_inputs(graph: Graph, n: int, radius: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """n inputs with ||x||_inf <= radius: half uniform in the box, half at random corners."""
+    """n inputs with ||x||_inf <= radius (each of sample_shape): half uniform in the box, half at random corners."""
     xs = {}
     for name, shape in graph.inputs.items():
-        uniform = rng.uniform(-radius, radius, size=(n, *shape[1:]))
-        corners = radius * rng.choice([-1.0, 1.0], size=(n, *shape[1:]))
-        pick = (np.arange(n) % 2 == 1).reshape((n,) + (1,) * (len(shape) - 1))
+        one = sample_shape(shape)
+        uniform = rng.uniform(-radius, radius, size=(n, *one))
+        corners = radius * rng.choice([-1.0, 1.0], size=(n, *one))
+        pick = (np.arange(n) % 2 == 1).reshape((n,) + (1,) * len(one))
         xs[name] = np.where(pick, corners, uniform)
     return xs
 

@@ -211,3 +211,31 @@ def test_samples_stay_inside_the_box_in_the_models_input_type(tmp_path):
     assert float(np.float16(radius)) > radius
     r = onnxlip.bound(model(1.0), model(2.0), radius, samples=256)
     assert r.observed_max_l1_diff is not None and r.observed_max_l1_diff <= r.bound
+
+
+@pytest.mark.parametrize("shape_in,shape_out", [([3, 4], [3, 2]), ([4], [2]), ([2, 4], ["M", 2])])
+def test_inputs_whose_sample_is_the_whole_tensor_are_sampled(shape_in, shape_out):
+    """A fixed batch above 1 is analysed as one sample of that many rows, and a 1-D input has no batch axis: the
+    samplers fed them a batch of one row (onnxruntime refused it), so `bound` gave no observed figure and
+    `lipschitz` no lower bound. Both now sample the whole tensor, and a 1-D input gets no fixed-batch note."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import make_model
+
+    w = np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32)
+
+    def model(scale):
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+        return make_model(
+            nodes,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)],
+            [numpy_helper.from_array(w * np.float32(scale), "W")],
+        )
+
+    r = onnxlip.bound(model(1.0), model(1.25), samples=64)
+    assert r.samples == 64 and 0 < r.observed_max_l1_diff <= r.bound
+    assert not any("no sampled" in n for n in r.notes)
+    assert any("fixed batch" in n for n in r.notes) == (len(shape_in) == 2)
+    lip = onnxlip.lipschitz(model(1.0), "2", lower_seconds=0.3)
+    assert lip.lower["pairs"] > 0 and 0 < lip.lower["value"] <= lip.upper.value * (1 + 1e-4)
