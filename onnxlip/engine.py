@@ -35,7 +35,7 @@ from .companion import (
     emit_metric,
     metric_inputs,
 )
-from .compiled import CompiledCompanion, Pairs, Raised
+from .compiled import CompiledCompanion, Pairs, Raised, thorough_first
 from .errors import OnnxlipError, UnderflowError
 from .ir import Graph
 from .range_guard import LAM_ZERO
@@ -121,14 +121,18 @@ class MetricEngine:
             self._base_exp = {n: e for n, (_, e) in self.base_pairs.items()}
         return self._base_exp
 
-    def _values_session(self) -> CompiledCompanion:
-        """The companion with fed weights; it also yields the companion values the difference stream reads."""
+    def _values_session(self, pairs: Pairs | None = None) -> CompiledCompanion:
+        """The companion with fed weights; it also yields the companion values the difference stream reads.
+        `pairs`: the ones its first run is for (compiled.thorough_first)."""
         if self._values is None:
             em = CompanionEmitter(1.0, {}, "value", fed=("value",), ones_fed=False, guarded=True)
             env = emit_companion(self.graph, em)
             outs = [env[t] for t in self.graph.outputs]
             extra = {t: env[t] for t in metric_inputs(self.graph)}
-            self._values = CompiledCompanion(self.graph, em, outs, self.device, extra=extra, spin=False)
+            thorough = pairs is not None and thorough_first(self.graph, em, (p[0] for p in pairs.values()))
+            self._values = CompiledCompanion(
+                self.graph, em, outs, self.device, extra=extra, spin=False, thorough=thorough
+            )
         return self._values
 
     def values_session(self) -> CompiledCompanion:
@@ -143,13 +147,13 @@ class MetricEngine:
 
     def log10_norm(self, pairs: Pairs) -> tuple[float, str]:
         """log10 ||Phi||_1 of the parameters given as (mantissa, exponent) pairs, one companion run."""
-        values = self._values_session()
+        values = self._values_session(pairs)
         return values.log10(pairs={"value": pairs}), values.device
 
     def _hi_feeds(self) -> dict[str, np.ndarray]:
         """The base's companion values that the difference stream reads, as its "hi::" inputs (one run)."""
         if self._hi is None:
-            values = self._values_session()
+            values = self._values_session(self.base_pairs)
             self._hi = hi_inputs(values.tensors({"value": self._with_lams(self.base_pairs)}, raise_to="bound"))
             # where range_guard refused them, they bound the true values from above (a raised run); the
             # difference stream is then an upper bound too, and its run with the unraised ones an estimate
@@ -186,9 +190,10 @@ class MetricEngine:
         """Difference stream between the base and a variant it dominates (exact, cancellation-free)."""
         if self._dominated is None:  # the base stream comes from the values session: no folding at build
             em = CompanionEmitter(1.0, {}, "hi", fed=("lo", "delta"), ones_fed=False, guarded=True)
-            self._dominated = CompiledCompanion(
-                self.graph, em, emit_metric(self.graph, em, hi_fed=True), self.device, spin=False
-            )
+            outs = emit_metric(self.graph, em, hi_fed=True)
+            hi = self._hi_feeds().items() if any(s is not None for s in outs) else ()  # its zeros: its sums'
+            thorough = thorough_first(self.graph, em, (m for _, m in hi if np.ndim(m) > 0))
+            self._dominated = CompiledCompanion(self.graph, em, outs, self.device, spin=False, thorough=thorough)
         more = self._hi_feeds() if not self._dominated.empty else None
         pairs = {"lo": lo, "delta": delta}
         log10 = self._dominated.log10(pairs=pairs, more=more, raise_to="bound")

@@ -36,6 +36,7 @@ import numpy as np
 from onnx import TensorProto, numpy_helper
 
 from .companion import CompanionEmitter
+from .runtime import near_producers
 
 UNDERFLOW_SLACK = 2.0**-20  # relative error allowed for underflow, on top of the rounding margin
 LAM_ZERO = 2.0**22  # lam of an all-zero tensor: it has no nonzero entry to bound
@@ -125,6 +126,7 @@ class GuardProgram:
         self.steps: list[tuple[Callable, int, tuple[int, ...]]] = []
         self.groups: list[int] = []  # slots holding log2 of each group's bound
         self._gathered = False  # emit_fetch gathered the fetched scalars into one vector
+        self.first_node = 0  # the emitter's nodes from here on were added after the guarded graph
 
     def const(self, value: float) -> int:
         self.slots.append(float(value))
@@ -149,9 +151,12 @@ class GuardProgram:
         # gathered): deep graphs gather on the CPU too
         self._gathered = (gather or len(self.fetch) > GATHER_ABOVE) and bool(self.fetch)
         if not self._gathered:
-            return list(self.fetch)
-        parts = [em.op("Reshape", [t, em.i64([1])], "gfetch") for t in self.fetch]
-        return [parts[0] if len(parts) == 1 else em.op("Concat", parts, "gfetch", axis=0)]
+            out = list(self.fetch)
+        else:
+            parts = [em.op("Reshape", [t, em.i64([1])], "gfetch") for t in self.fetch]
+            out = [parts[0] if len(parts) == 1 else em.op("Concat", parts, "gfetch", axis=0)]
+        em.nodes[:] = near_producers(em.nodes, self.first_node)
+        return out
 
     def log2_bound(self, fetched, fed: dict[str, float]) -> float:
         """log2 of the underflow error bound of a run, from the values of emit_fetch's outputs and `fed`: each fed
@@ -378,6 +383,7 @@ def guard_program(
     also measures its least nonzero entry (three more passes over it): without, a sum with exact zeros bounds its
     nonzero entries by propagation only, which a long run of such layers can drive below float32's range."""
     walk = _Walk(em, {m: n for m, n in summed.items() if m not in read}, thorough)
+    walk.p.first_node = len(em.nodes)
     for node in list(em.nodes):  # (the walk appends a few measuring nodes)
         walk.node(node)
     walk.finish(list(summed) + list(read))

@@ -61,6 +61,26 @@ def no_reuse_planning(graph, nodes: int) -> bool:
     return 16 * entries <= NO_REUSE_BYTES
 
 
+def near_producers(nodes: list, start: int) -> list:
+    """The nodes with each of nodes[start:] (measurements appended to a graph: range_guard's) moved to right after
+    the last producer of its inputs; the others keep their order. onnxruntime builds a session more slowly the
+    farther a node sits from its inputs' producers (a 1000-layer MLP's thorough guarded companion: 3.6 s with its
+    4000 measuring nodes at the end, 1.6 s placed so)."""
+    if start >= len(nodes):
+        return list(nodes)
+    anchor = {t: i for i, node in enumerate(nodes[:start]) for t in node.output}
+    after: dict[int, list] = {}
+    for node in nodes[start:]:
+        at = max((anchor.get(t, -1) for t in node.input), default=-1)
+        anchor.update(dict.fromkeys(node.output, at))
+        after.setdefault(at, []).append(node)
+    out = after.get(-1, [])
+    for i, node in enumerate(nodes[:start]):
+        out.append(node)
+        out.extend(after.get(i, ()))
+    return out
+
+
 def session_options(
     external: dict[str, np.ndarray] | None = None,
     level: str = "none",
@@ -182,10 +202,19 @@ def _release(external: dict[str, np.ndarray] | None) -> None:
         external.clear()
 
 
+DIRECT_RUN_ABOVE = 512  # fed inputs
+
+
 def run(session: ort.InferenceSession, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """session.run, with onnxruntime's failures (shapes or attributes it rejects only at run time, as in an
     inconsistent model) as OnnxlipError."""
     try:
+        core = getattr(session, "_sess", None)
+        if len(feeds) > DIRECT_RUN_ABOVE and core is not None:
+            # InferenceSession.run first looks each input up in a list of the fed names: 0.12 s a run with the
+            # 4000 inputs of a 1000-layer MLP's companion, growing with their square; its core reports missing
+            # or misshapen inputs itself
+            return core.run(names or [o.name for o in session.get_outputs()], feeds, None)
         return session.run(names, feeds)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own classes (Fail, InvalidArgument, ...)
         raise RuntimeFailure(

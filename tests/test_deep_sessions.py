@@ -1,0 +1,150 @@
+"""Deep graphs build as few onnxruntime sessions as their results need, laid out so that they build fast, with the
+same certified results: the thorough guard chosen before the first build (compiled.thorough_first), measuring
+nodes placed next to what they measure (runtime.near_producers), many-input runs (runtime.run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import onnxlip
+import onnxlip.compiled as compiled
+import onnxlip.runtime as runtime
+from onnxlip.api import analyse
+from onnxlip.companion import CompanionEmitter, emit_pathnorm
+from onnxlip.errors import RuntimeFailure
+from onnxlip.graph_builder import GraphBuilder
+from tests.helpers import chain_log10_pathnorm, gemm_chain, make_model
+from tests.test_range_guard import _conv_chain, _conv_chain_log10
+
+
+def _dead_channel_chain():
+    """30 convolutions whose output channel 1 is dead in every layer: its sums hold exact zeros layer after
+    layer, which only the thorough guard certifies (test_range_guard)."""
+    rng = np.random.default_rng(6)
+    ws = [rng.uniform(-1.0, 1.0, size=(4, 4, 3, 3)) * 1e-3 ** rng.random((4, 4, 3, 3)) for _ in range(30)]
+    bs = [rng.uniform(0.1, 1.0, size=4) for _ in range(30)]
+    for w, b in zip(ws, bs):
+        w[1], b[1] = 0.0, 0.0
+    return ws, bs
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[int]:
+    """The node counts of the sessions CompiledCompanion builds."""
+    seen: list[int] = []
+    make = compiled.make_session
+
+    def counting(model, *args, **kwargs):
+        seen.append(len(model.graph.node))
+        return make(model, *args, **kwargs)
+
+    monkeypatch.setattr(compiled, "make_session", counting)
+    return seen
+
+
+def test_deep_graphs_with_zeros_build_the_thorough_session_only(builds, monkeypatch):
+    """Counted deep (NO_REUSE_ABOVE lowered), the dead-channel chain's path-norm and metrics build each guarded
+    session once instead of twice (a refused session, then its thorough rebuild), with the same results."""
+    ws, bs = _dead_channel_chain()
+    base = _conv_chain(ws, bs)
+    pruned = [w.copy() for w in ws]
+    pruned[10][0, 2, 1, 1], pruned[20][3] = 0.0, 0.0  # a little pruned: the difference stream
+    heavy = [w * (np.random.default_rng(1).random(w.shape) < 0.2) for w in ws]  # most pruned: subtraction
+    variants = [_conv_chain(pruned, bs), _conv_chain(heavy, bs)]
+
+    def results():
+        out, counts = [onnxlip.path_norm(base).log10_path_norm], [len(builds)]
+        for v in variants:
+            m = onnxlip.path_metric(base, v)
+            out.append((m.log10_path_metric, m.route, m.rounding_margin, m.exact, m.notes))
+            counts.append(len(builds) - sum(counts))
+        return out, counts
+
+    shallow, shallow_builds = results()
+    builds.clear()
+    monkeypatch.setattr(runtime, "NO_REUSE_ABOVE", 100)
+    deep, deep_builds = results()
+    assert deep == shallow
+    assert deep[0] == pytest.approx(_conv_chain_log10(ws, bs), abs=1e-6)
+    assert [r[1] for r in deep[1:]] == ["difference stream", "subtraction"]
+    # each session once, not refused first and rebuilt: the path-norm's; the values and difference sessions; the
+    # values session
+    assert shallow_builds == [2, 4, 2] and deep_builds == [1, 2, 1]
+
+
+def test_thorough_first_only_for_deep_graphs_fed_zeros():
+    rng = np.random.default_rng(0)
+    ws = [rng.uniform(0.5, 1.0, size=(6, 6)) for _ in range(300)]
+    graph = analyse(gemm_chain(ws, [np.full(6, 0.1)] * 300)).graph
+    em = CompanionEmitter(1.0, {}, "value", fed=("value",), guarded=True)
+    emit_pathnorm(graph, em)
+    assert len(em.nodes) > runtime.NO_REUSE_ABOVE
+    dense = [np.ones((6, 6), np.float32)]
+    assert not compiled.thorough_first(graph, em, dense)
+    assert compiled.thorough_first(graph, em, dense + [np.eye(6, dtype=np.float32)])
+    small = analyse(gemm_chain(ws[:3], [np.full(6, 0.1)] * 3)).graph
+    em = CompanionEmitter(1.0, {}, "value", fed=("value",), guarded=True)
+    emit_pathnorm(small, em)
+    assert not compiled.thorough_first(small, em, [np.eye(6, dtype=np.float32)])
+
+
+def test_deep_mlp_path_norm_is_exact_with_its_guard_next_to_the_sums(monkeypatch):
+    """A 300-layer chain: one session, whose range_guard nodes (each sum's measurements and their gathering)
+    sit right after what they read, not after the whole graph (which built several times slower)."""
+    rng = np.random.default_rng(1)
+    ws = [rng.uniform(0.5, 1.0, size=(6, 6)) for _ in range(300)]
+    bs = [rng.uniform(0.1, 1.0, size=6) for _ in range(300)]
+    ws[150][0, 0] = 0.0  # fed zeros: the thorough guard from the start
+    seen: list[onnx.ModelProto] = []
+    make = compiled.make_session
+
+    def keep(model, *args, **kwargs):
+        seen.append(model)
+        return make(model, *args, **kwargs)
+
+    monkeypatch.setattr(compiled, "make_session", keep)
+    r = onnxlip.path_norm(gemm_chain(ws, bs))
+    assert r.log10_path_norm == pytest.approx(chain_log10_pathnorm(ws, bs), abs=1e-6)
+    assert len(seen) == 1
+    nodes = list(seen[0].graph.node)
+    at = {t: i for i, n in enumerate(nodes) for t in n.output}
+    guard = [(i, n) for i, n in enumerate(nodes) if n.output[0].startswith(("guard__", "gfetch__"))]
+    assert len(guard) > 1000
+    for i, node in guard:
+        if node.op_type == "Concat":
+            continue
+        producers = [at[t] for t in node.input if t in at]
+        assert producers and i - max(producers) <= 3, node
+
+
+def test_near_producers_keeps_the_order_and_moves_appended_nodes_up():
+    g = GraphBuilder()
+    a = g.op("Relu", ["x"], "a")
+    b = g.op("Relu", [a], "b")
+    c = g.op("Relu", [b], "c")
+    start = len(g.nodes)
+    late_a = g.op("ReduceMin", [a], "m", keepdims=0)
+    late_b = g.op("Add", [late_a, b], "m")
+    const = g.op("Identity", ["w"], "m")
+    both = g.op("Concat", [late_a, c], "m", axis=0)
+    order = [n.output[0] for n in runtime.near_producers(g.nodes, start)]
+    assert order == [const, a, late_a, b, late_b, c, both]
+    assert runtime.near_producers(g.nodes, len(g.nodes)) == g.nodes
+
+
+def test_runs_with_many_inputs_match_and_report_missing_ones():
+    n = runtime.DIRECT_RUN_ABOVE + 10
+    names = [f"i{k}" for k in range(n)]
+    nodes = [helper.make_node("Sum", names, ["s"])]
+    inputs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [2]) for t in names]
+    model = make_model(nodes, inputs, [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)], [])
+    session, _ = runtime.make_session(model, "cpu")
+    feeds = {t: np.full(2, k, np.float32) for k, t in enumerate(names)}
+    assert np.array_equal(runtime.run(session, None, feeds)[0], session.run(None, feeds)[0])
+    assert runtime.run(session, ["s"], feeds)[0][0] == sum(range(n))
+    del feeds[names[7]]
+    with pytest.raises(RuntimeFailure):
+        runtime.run(session, None, feeds)
