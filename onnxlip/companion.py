@@ -247,6 +247,14 @@ class CompanionEmitter(GraphBuilder):
         mant, e = math.frexp(factor)
         return Scaled(self.mul(x.m, self.f32(mant)), self.add_exp(x.e, self.exponent(e)))
 
+    def scale_by_power(self, x: Scaled, root: float, q: float) -> Scaled:
+        """x times root**q (root >= 0), without forming root**q in float64 (it may leave its range)."""
+        if q == 1.0 or root in (0.0, 1.0):
+            return self.scale_by(x, root)
+        log2 = q * math.log2(root)
+        e = math.floor(log2) + 1
+        return Scaled(self.mul(x.m, self.f32(2.0 ** (log2 - e))), self.add_exp(x.e, self.exponent(e)))
+
     def linear(
         self,
         terms: list[tuple[Scaled, Scaled]],

@@ -9,11 +9,12 @@ import math
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
 from onnxlip.errors import UnderflowError
 from tests import oracle
-from tests.helpers import chain_forward_backward, chain_log10_pathnorm, gemm_chain
+from tests.helpers import chain_forward_backward, chain_log10_pathnorm, gemm_chain, make_model
 from tests.test_bad_input import cli
 
 
@@ -235,3 +236,30 @@ def test_certified_log10_values_cover_the_host_rounding():
             one_ulp_short += Decimal(math.nextafter(got, math.inf)) < exact
             assert exact <= Decimal(log10_rounded_up(got)) <= exact + (abs(exact) + 1) * Decimal(1e-11)
     assert one_ulp_short > 0  # what a single ulp of headroom gave: below the exact value
+
+
+@pytest.mark.parametrize(
+    "op,attrs,q,terms",
+    [
+        ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, 600.0, [0.2 * 1.5, 0.2 * 1.5, 0.5, 0.5]),
+        ("HardSigmoid", {"alpha": 5.0, "beta": 0.5}, 600.0, [5.0 * 1.5, 5.0 * 1.5, 0.5, 0.5]),
+        ("LeakyRelu", {"alpha": 1e6}, 60.0, [(1e6 - 1) * 1.5, 1.5]),
+        ("LeakyRelu", {"alpha": 0.5}, 2000.0, [0.5 * 1.5, 0.5 * 1.5]),
+        ("Abs", {}, 2000.0, [1.5, 1.5]),
+    ],
+)
+def test_fixed_fragment_gains_at_large_q(op, attrs, q, terms):
+    """A fragment's fixed edges enter as |c|**q: formed in float64 they left its range at large q (HardSigmoid at
+    q = 600 gave a path-norm of 0, a slope of 1e6 at q = 60 an OverflowError). x -> 1.5 x -> op: the paths are
+    the fragment's edges times 1.5 (HardSigmoid's two ReLU neurons each carry alpha), and its bias paths."""
+    nodes = [helper.make_node("Mul", ["x", "w"], ["h"]), helper.make_node(op, ["h"], ["y"], **attrs)]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        [numpy_helper.from_array(np.array([[1.5]], np.float32), "w")],
+    )
+    logs = [q * math.log10(t) for t in terms]
+    top = max(logs)
+    want = (top + math.log10(math.fsum(10 ** (v - top) for v in logs))) / q
+    assert onnxlip.path_norm(model, q=q).log10_path_norm == pytest.approx(want, abs=1e-6)

@@ -32,10 +32,23 @@ def leaky_parts(alpha):
     return 1.0 - c, c - alpha, c
 
 
+def power_root(values, q: float):
+    """r with r**q = sum_i |values_i|**q (entrywise, broadcasting), formed without overflow or underflow: a fixed
+    edge's |c|**q left float64 at large q (HardSigmoid's 0.2**600 read as 0, a slope of 1e6 at q = 60 as inf).
+    For q = 1 it is the plain sum, as before."""
+    vs = [np.abs(np.asarray(v, dtype=np.float64)) for v in values]
+    if q == 1.0:
+        return sum(vs[1:], vs[0])
+    top = np.maximum.reduce(np.broadcast_arrays(*vs)) if len(vs) > 1 else vs[0]
+    safe = np.where(top > 0, top, 1.0)
+    return np.where(top > 0, top * sum((v / safe) ** q for v in vs) ** (1.0 / q), 0.0)
+
+
 def combo_gain(node, q: float) -> float:
-    """The companion gain of a `relu_combo`: one |edge|**q per path through the fragment."""
+    """The companion gain of a `relu_combo` as its q-th root (power_root): one |edge|**q per path through the
+    fragment."""
     coefs = list(node.attrs["relu_coefs"]) + [node.attrs.get("mirror", 0.0), node.attrs["skip"]]
-    return float(sum(abs(c) ** q for c in coefs if c != 0.0))
+    return float(power_root([c for c in coefs if c != 0.0] or [0.0], q))
 
 
 def _combo_companion(node, em, xs, with_constants):
@@ -43,17 +56,14 @@ def _combo_companion(node, em, xs, with_constants):
     once per edge (|c_i|**q + |m|**q + |skip|**q), every bias (-c_i t_i via the ReLU neurons, plus the output
     bias) once."""
     q = em.q
-    gain = combo_gain(node, q)
-    y = em.scale_by(xs[0], gain) if gain != 1.0 else xs[0]
+    y = em.scale_by_power(xs[0], combo_gain(node, q), q)
     if not with_constants:
         return [y]
-    thresholds = np.asarray(node.attrs["thresholds"], dtype=np.float64)
-    coefs = node.attrs["relu_coefs"]
-    const = sum(abs(c) ** q * np.abs(t) ** q for c, t in zip(coefs, thresholds)) + np.abs(node.attrs["bias"]) ** q
-    const = np.asarray(const, dtype=np.float64)
+    terms = [c * np.asarray(t, dtype=np.float64) for c, t in zip(node.attrs["relu_coefs"], node.attrs["thresholds"])]
+    const = power_root(terms + [node.attrs["bias"]], q)  # const**q: the bias paths' mass per entry
     if not np.any(const):
         return [y]
-    return [em.scaled_sum([y, em.constant(const, q=1.0, hint="clipc")])]
+    return [em.scaled_sum([y, em.constant(const, q=q, hint="clipc")])]
 
 
 define("relu_combo", _combo_companion, rounding_steps=lambda node, shapes: 4)  # gain, constant, sum, renorm
@@ -135,15 +145,15 @@ def import_prelu(node, ctx):
 
 
 def _prelu_gain(node, q: float) -> np.ndarray:
-    relu, mirror, skip = leaky_parts(node.attrs["slope"])
-    return np.abs(relu) ** q + np.abs(mirror) ** q + np.abs(skip) ** q  # per entry: its fragment's edges
+    """Per entry, the q-th root of its fragment's gain (power_root of its edges)."""
+    return power_root(leaky_parts(node.attrs["slope"]), q)
 
 
 def _prelu_companion(node, em, xs, with_constants):
     gain = _prelu_gain(node, em.q)
     if np.all(gain == 1.0):
         return [xs[0]]
-    g = em.constant(gain, q=1.0, hint="prelu")
+    g = em.constant(gain, hint="prelu")  # gain**q
     return [em.renorm(em.op("Mul", [xs[0].m, g.m], "prelu"), em.add_exp(xs[0].e, g.e))]
 
 
@@ -280,8 +290,7 @@ reject(
 
 
 def _combo_adjoint(node, em, a, b):
-    gain = combo_gain(node, em.q)
-    return [em.scale_by(b[0], gain)]
+    return [em.scale_by_power(b[0], combo_gain(node, em.q), em.q)]
 
 
 def _max_adjoint(node, em, a, b):
