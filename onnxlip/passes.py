@@ -229,4 +229,7 @@ def _derived(base: Param, value: np.ndarray | None, parts: list[Param | None], f
         if p is not None:
             sources += [s for s in p.sources if s not in sources]
     value = None if value is None else np.asarray(value, dtype=np.float64)
-    return Param(base.name, value, tuple(sources), base.transposed, factors, origin)
+    size = (value if value is not None else factors[0]).size
+    # a folded value keeps its base's layout: the initializer's shape stays with it (ir.Param.file_shape)
+    keep = base.file_shape is not None and size == int(np.prod(base.file_shape, dtype=np.int64))
+    return Param(base.name, value, tuple(sources), base.transposed, factors, origin, base.file_shape if keep else None)

@@ -113,12 +113,13 @@ class ScoresResult:
 
     def uses(self) -> dict[str, list[str]]:
         """Tensor names grouped by the initializer they score: a shared initializer's later uses ("W#1", ...:
-        passes.unique_param_names; a use reads W itself, so a file's own initializer named "W#1" stays apart)."""
+        passes.unique_param_names; a use reads W itself, first among its sources where a scale was folded into
+        it, so a file's own initializer named "W#1" stays apart)."""
         groups: dict[str, list[str]] = {}
         for n, t in self.tensors.items():
             head, sep, tail = n.rpartition("#")
             own = self.tensors.get(head)
-            if sep and tail.isdigit() and own is not None and t.sources == (head,) and t.shape == own.shape:
+            if sep and tail.isdigit() and own is not None and t.sources[:1] == (head,) and t.shape == own.shape:
                 groups.setdefault(head, [head]).append(n)
             else:
                 groups.setdefault(n, [n])

@@ -406,3 +406,24 @@ def test_torch_einsum_and_batched_matmul_export(tmp_path):
     names = {t.name for t in model.graph.initializer}
     scored = set(onnxlip.scores(model).tensors)
     assert scored <= names and len(scored) == 2, (scored, names)
+
+
+@pytest.mark.parametrize("eq,w_shape", [("bkl,kln->bn", (2, 3, 2)), ("bkl,nkl->bn", (2, 2, 3))])
+def test_scores_keep_the_initializers_shape_when_a_bias_is_folded_in(eq, w_shape):
+    """A per-channel bias Add after the lowered contraction is folded into it: the folded parameter lost the
+    initializer's shape, and the scores came as (6, 2) for a (2, 3, 2) weight ((2, 6) for the transposed form)."""
+    x_shape = [1, 2, 3]
+    n = w_shape[-1] if eq.startswith("bkl,kln") else w_shape[0]
+    nodes = [
+        helper.make_node("Einsum", ["x", "W"], ["h"], equation=eq),
+        helper.make_node("Add", ["h", "c"], ["hc"]),
+        helper.make_node("Relu", ["hc"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(_weight(w_shape, 1), "W"), numpy_helper.from_array(_weight((n,), 2), "c")]
+    model = make_model(nodes, [_vi("x", x_shape)], [_vi("y", None)], inits)
+    result = onnxlip.scores(model)
+    assert result.tensors["W"].shape == w_shape and result.initializer_scores()["W"].shape == w_shape
+    dropped = _w(model).copy()
+    dropped[1, 0, 1] = 0.0
+    want = O.path_metric(model, _with_w(model, dropped)) / O.path_norm(model)
+    assert _rel(result.tensors["W"].relative[1, 0, 1], want) <= 1e-5
