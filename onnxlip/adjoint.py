@@ -38,7 +38,11 @@ def scatter_add(em: CompanionEmitter, b: str, index: np.ndarray, in_shape) -> st
 
 
 def _ones_like(em: CompanionEmitter, shape) -> Scaled:
-    return Scaled(em.const(np.ones(shape, np.float32), "ones_out"), em.exponent(0))
+    zero_d = not tuple(shape)  # a 0-d output's seed: a mantissa all the same, not the shared scalar 1.0
+    name = em.const(np.ones(shape, np.float32), "ones_out", shared=not zero_d)
+    if zero_d:
+        em.scalar_mantissas.add(name)  # (range_guard reads other 0-d constants as scalar multipliers)
+    return Scaled(name, em.exponent(0))
 
 
 def emit_scores(

@@ -127,6 +127,9 @@ class CompanionEmitter(GraphBuilder):
         self.measured: dict[str, tuple[str, str, str, str]] = {}
         # guarded: constant mantissa -> its true lam (range_guard.true_lam), which the float32 constant may not show
         self.const_lams: dict[str, Callable[[], float]] = {}
+        # 0-d constants that are mantissas, not scalar multipliers (range_guard reads 0-d constants as the latter):
+        # the adjoint's seed at a 0-d output
+        self.scalar_mantissas: set[str] = set()
 
     # ---- parameters -------------------------------------------------------------------------------
     def weight(self, param: Param, kind: str | None = None) -> Scaled:

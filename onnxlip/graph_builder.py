@@ -31,10 +31,11 @@ class GraphBuilder:
     def fresh(self, hint: str) -> str:
         return f"{hint}__{next(self._ids)}"
 
-    def const(self, array: np.ndarray, hint: str = "c") -> str:
+    def const(self, array: np.ndarray, hint: str = "c", shared: bool = True) -> str:
+        """An initializer holding `array`; one-entry constants are shared between calls unless `shared` is False."""
         array = np.asarray(array)
         key = None
-        if array.size == 1 and array.ndim <= 1:
+        if shared and array.size == 1 and array.ndim <= 1:
             key = (array.dtype.str, array.shape, array.item())
             if key in self._scalar_cache:
                 return self._scalar_cache[key]

@@ -199,10 +199,10 @@ class _Walk:
             if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
                 continue
             dims = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
-            if not dims:  # a fed exponent: read from the feeds
-                self.scalar[vi.name] = self.p.fed[vi.name] = self.p.const(math.nan)
-            elif vi.name.startswith("ones::"):
+            if vi.name.startswith("ones::"):  # (a 0-d model input's ones too)
                 self._mantissa(vi.name, dims, self.p.const(0.0))
+            elif not dims:  # a fed exponent: read from the feeds
+                self.scalar[vi.name] = self.p.fed[vi.name] = self.p.const(math.nan)
             else:
                 self.p.fed[vi.name] = self.p.const(math.nan)
                 self._mantissa(vi.name, dims, self.p.fed[vi.name])
@@ -212,7 +212,7 @@ class _Walk:
             value = em.external.get(init.name)
             if value is None:
                 value = numpy_helper.to_array(init)
-            if len(init.dims) == 0:
+            if len(init.dims) == 0 and init.name not in em.scalar_mantissas:
                 self.scalar[init.name] = self.p.const(float(value))
             else:
                 known = em.const_lams.get(init.name)  # a parameter's lam, which its float32 mantissas may not show
@@ -253,7 +253,7 @@ class _Walk:
             if w is None:
                 return _UNKNOWN_K
             return int(np.prod(w[1:]) if node.op_type == "Conv" else w[0] * np.prod(w[2:]))
-        known = [self.dims[t] for t in node.input[:2] if t in self.dims]
+        known = [self.dims[t] for t in node.input[:2] if self.dims.get(t)]  # (0-d mantissas: no inner dimension)
         return max(max(d[-2:]) for d in known) if known else _UNKNOWN_K  # MatMul, Gemm: the inner dimension
 
     def node(self, node) -> None:

@@ -260,3 +260,34 @@ def test_hardsigmoid_is_a_relu_fragment_of_slope_alpha(alpha, beta):
     )
     with pytest.raises(onnxlip.UnsupportedModelError, match="alpha"):
         onnxlip.path_norm(bad)
+
+
+@pytest.mark.parametrize("act", ["Abs", "Clip", "Relu"])
+def test_a_0d_output_after_a_fragment_gets_the_bounds_of_its_1d_twin(act):
+    """The adjoint's all-ones seed at a 0-d output was the shared scalar constant 1.0, which range_guard reads as
+    a multiplier: after a fragment with gain != 1 (Abs, Clip) the lipschitz run failed (a TypeError, or in the CLI
+    onnxruntime's Reshape error). A ReduceSum with keepdims=0 or 1 computes the same function: same bounds."""
+    rng = np.random.default_rng(2)
+    w, c = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+
+    def model(keepdims):
+        nodes = [
+            helper.make_node("MatMul", ["x", "W"], ["h"]),
+            helper.make_node("Add", ["h", "c"], ["hc"]),
+            helper.make_node(act, ["hc", "lo"] if act == "Clip" else ["hc"], ["a"]),
+            helper.make_node("ReduceSum", ["a"], ["y"], keepdims=keepdims),
+        ]
+        inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(c, "c")]
+        inits += [numpy_helper.from_array(np.array(0.1, np.float32), "lo")] if act == "Clip" else []
+        return make_model(
+            nodes,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            inits,
+        )
+
+    for norm in ("1", "inf", "2"):
+        flat, kept = (lipschitz(model(k), norm, lower_seconds=0.1) for k in (0, 1))
+        assert flat.upper.value == pytest.approx(kept.upper.value, rel=1e-12)
+        assert 0 < flat.lower["value"] <= flat.upper.value * (1 + 1e-4)
+    assert onnxlip.scores(model(0)).log10_path_norm == pytest.approx(onnxlip.path_norm(model(1)).log10_path_norm)
