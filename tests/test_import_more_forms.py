@@ -292,6 +292,7 @@ REFUSED = [
     ("bi,ijk->bj", [1, 3], [3, 2, 2], "sums its constant operand 'W' over the index 'k' alone"),
     ("bijl,jkl->bik", [1, 2, 3, 2], [3, 4, 2], "interleave the contracted indices"),
     ("bI,Ij", [1, 3], [3, 2], "an implicit output and upper-case indices"),
+    ("bmk,bkn->bmn", [1, 3, 4], [3, 4, 2], "but ONNX shape inference gives [1, 3, 2]"),  # b broadcast from 1
 ]
 
 

@@ -129,7 +129,12 @@ def contract(ctx, x: str, xs: str, wname: str, ws: str, os_: str, where: str) ->
             if d != 1 and size.setdefault(c, d) != d:
                 _fail(f"{where} gives the index {c!r} the sizes {size[c]} and {d}")
     if any(d != size.get(c, 1) for c, d in zip(os_, out_shape)):
-        _fail(f"{where} does not give its output's shape {list(out_shape)}")
+        computed = [size.get(c, 1) for c in os_]
+        _fail(
+            f"{where} gives the output the shape {computed}, but ONNX shape inference gives {list(out_shape)} (an "
+            "index of size 1 in one operand broadcast against the other, which onnxruntime allows and shape "
+            "inference does not); export the operands with matching sizes"
+        )
     xk = [c for c, d in zip(xs, x_shape) if d != 1]  # size-1 axes take part in nothing: dropped
     wk = [c for c, d in zip(ws, w.shape) if d != 1]
     alone = [c for c in wk if c not in xk and c not in os_]
