@@ -1,5 +1,5 @@
-"""Parametric linear ops: conv, conv_transpose, dense (Gemm/MatMul) and affine (diagonal scale + bias:
-BatchNormalization and Mul/Div/Add/Sub with a constant). Each is a layer of identity neurons with learned
+"""Parametric linear ops: conv, conv_transpose, dense (Gemm/MatMul); the diagonal `affine` op is in affine.py.
+Each is a layer of identity neurons with learned
 edge weights and biases (theory.md section 1). Companion: the same op on |W|**q plus |b|**q (section 2);
 metric: L_{hi-lo}(a) + L_lo(d) + delta_b (section 3)."""
 
@@ -19,7 +19,7 @@ def _fail(msg: str):
 
 
 # ---- shared companion / metric glue -----------------------------------------------------------------------
-def _linear_rules(name, apply_factory, terms, weight_role: str = "weight", bias_role: str = "bias", bias_shape=None):
+def linear_rules(name, apply_factory, terms, weight_role: str = "weight", bias_role: str = "bias", bias_shape=None):
     """Register companion and metric rules for a linear op whose mantissa application is
     apply_factory(node, em) -> apply(x_m, w_scaled) -> tensor name."""
 
@@ -61,10 +61,6 @@ def _dense_apply(node, em):
     return lambda x, w: em.op("MatMul", [x, w.m], "matmul")
 
 
-def _affine_apply(node, em):
-    return lambda x, w: em.op("Mul", [x, w.m], "scale")
-
-
 def _channel_bias_shape(node):
     return (-1,) + (1,) * len(node.attrs["kernel_shape"])
 
@@ -79,10 +75,9 @@ def _dense_terms(node, shapes):
     return int(node.params["weight"].shape[0 if node.attrs.get("side", "right") == "right" else 1])
 
 
-_linear_rules("conv", _conv_apply, _kernel_terms, bias_shape=_channel_bias_shape)
-_linear_rules("conv_transpose", _conv_transpose_apply, _kernel_terms, bias_shape=_channel_bias_shape)
-_linear_rules("dense", _dense_apply, _dense_terms)
-_linear_rules("affine", _affine_apply, lambda node, shapes: 1, weight_role="scale")
+linear_rules("conv", _conv_apply, _kernel_terms, bias_shape=_channel_bias_shape)
+linear_rules("conv_transpose", _conv_transpose_apply, _kernel_terms, bias_shape=_channel_bias_shape)
+linear_rules("dense", _dense_apply, _dense_terms)
 
 
 # ---- padding arithmetic (shared with pooling) ---------------------------------------------------------------
@@ -107,7 +102,7 @@ def resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, dilations) -> li
     return begin + end
 
 
-def _const_or_fail(ctx, name: str, what: str) -> np.ndarray:
+def const_or_fail(ctx, name: str, what: str) -> np.ndarray:
     value = ctx.const(name)
     if value is None:
         _fail(f"its {what} ({name!r}) is computed at run time; onnxlip needs it to be a constant")
@@ -116,7 +111,7 @@ def _const_or_fail(ctx, name: str, what: str) -> np.ndarray:
 
 def _optional_bias(ctx, node, index: int):
     if len(node.input) > index and node.input[index]:
-        _const_or_fail(ctx, node.input[index], "bias")
+        const_or_fail(ctx, node.input[index], "bias")
         return ctx.param(node.input[index])
     return None
 
@@ -125,7 +120,7 @@ def _optional_bias(ctx, node, index: int):
 @importer("Conv")
 def import_conv(node, ctx):
     x = node.input[0]
-    weight = _const_or_fail(ctx, node.input[1], "weight")
+    weight = const_or_fail(ctx, node.input[1], "weight")
     kernel = list(weight.shape[2:])
     n = len(kernel)
     strides = list(ctx.attr("strides", [1] * n))
@@ -167,7 +162,7 @@ def _check_conv(x_shape, w_shape, group: int, strides, dilations, pads, transpos
 @importer("ConvTranspose")
 def import_conv_transpose(node, ctx):
     x = node.input[0]
-    weight = _const_or_fail(ctx, node.input[1], "weight")
+    weight = const_or_fail(ctx, node.input[1], "weight")
     kernel = list(weight.shape[2:])
     n = len(kernel)
     strides = list(ctx.attr("strides", [1] * n))
@@ -287,86 +282,8 @@ def import_matmul(node, ctx):
     _add_dense(ctx, node, x, wname, w, side, None)
 
 
-@importer("BatchNormalization")
-def import_batchnorm(node, ctx):
-    if int(ctx.attr("training_mode", 0)):
-        _fail("BatchNormalization in training mode (batch statistics) is not a fixed affine map; export in eval mode")
-    if len(node.output) > 1 and any(node.output[1:]):
-        _fail("BatchNormalization with running-statistics outputs is in training mode; export in eval mode")
-    x, scale, bias, mean, var = node.input[:5]
-    values = [
-        _const_or_fail(ctx, t, what)
-        for t, what in ((scale, "scale"), (bias, "bias"), (mean, "running mean"), (var, "running variance"))
-    ]
-    gamma, beta, mu, sigma2 = (v.astype(np.float64) for v in values)
-    eps = float(ctx.attr("epsilon", 1e-5))
-    if np.any(sigma2 + eps <= 0):
-        _fail("running variance + epsilon is not positive")
-    a = gamma / np.sqrt(sigma2 + eps)
-    c = beta - a * mu
-    rank = len(ctx.shape(x))
-    if a.ndim == 1:  # per channel (axis 1)
-        a = a.reshape((-1,) + (1,) * max(rank - 2, 0))
-        c = c.reshape((-1,) + (1,) * max(rank - 2, 0))
-    params = {
-        "scale": ctx.param(scale, a, ctx.origins.get(scale, (scale,)) + ctx.origins.get(var, (var,))),
-        "bias": ctx.param(bias, c, sum((ctx.origins.get(t, (t,)) for t in (bias, mean, scale, var)), ())),
-    }
-    ctx.add("affine", [x], attrs={"from": "BatchNormalization"}, params=params)
-
-
-@importer("Add", "Sub", "Mul", "Div")
-def import_arith(node, ctx):
-    a, b = node.input
-    op = node.op_type
-    if not ctx.is_const(a) and not ctx.is_const(b):
-        if op in ("Add", "Sub"):
-            ctx.add("add", [a, b], attrs={"coefs": [1.0, 1.0 if op == "Add" else -1.0]})
-            return
-        _fail(f"{op} of two run-time tensors is not piecewise linear")
-    const_first = ctx.is_const(a)
-    x, cname = (b, a) if const_first else (a, b)
-    c = ctx.const(cname).astype(np.float64)
-    if op == "Add":
-        params = {"bias": ctx.param(cname, c)}
-    elif op == "Sub" and not const_first:
-        params = {"bias": ctx.param(cname, -c)}
-    elif op == "Sub":  # c - x
-        params = {"scale": ctx.param(f"{cname}::neg1", -np.ones((1,)), ()), "bias": ctx.param(cname, c)}
-    elif op == "Mul":
-        params = {"scale": ctx.param(cname, c)}
-    elif const_first:
-        _fail("Div of a constant by a run-time tensor is not piecewise linear")
-    else:
-        if np.any(c == 0):
-            _fail("Div by a constant with zero entries")
-        params = {"scale": ctx.param(cname, 1.0 / c)}
-    ctx.add("affine", [x], params=params)
-
-
-@importer("ai.onnx.ml:Scaler")
-def import_scaler(node, ctx):
-    """scikit-learn's StandardScaler / MinMaxScaler as skl2onnx writes them: y = (x - offset) * scale per feature
-    (last axis), a diagonal affine op whose parameters are attributes."""
-    x = node.input[0]
-    features = ctx.shape(x)[-1]
-    scale, offset = (np.asarray(ctx.attr(a, [d]), dtype=np.float64) for a, d in (("scale", 1.0), ("offset", 0.0)))
-    for name, v in (("scale", scale), ("offset", offset)):
-        if v.size not in (1, features):
-            _fail(f"its {name} has {v.size} entries for {features} features")
-    key = node.output[0]
-    params = {
-        "scale": ctx.param(f"{key}::scale", np.broadcast_to(scale, (features,)).copy(), ()),
-        # the bias -offset * scale is derived from both attributes (as a BatchNorm's c from beta, mean, gamma, var)
-        "bias": ctx.param(
-            f"{key}::offset", np.broadcast_to(-offset * scale, (features,)).copy(), (f"{key}::offset", f"{key}::scale")
-        ),
-    }
-    ctx.add("affine", [x], params=params)
-
-
 # ---- adjoint and score rules (theory.md section 4) --------------------------------------------------------
-def _bias_scores(node, em, b_out, bias_shape):
+def bias_scores(node, em, b_out, bias_shape):
     """|bias| * (sum of the adjoint over the positions the bias is broadcast to)."""
     from ..adjoint import reduce_to
 
@@ -410,7 +327,7 @@ def _conv_scores(node, em, a, b):
     grad = correlate(em, a[0].m, b[0].m, x_shape, y_shape, p[: len(k)], g, s, d, k)
     w = em.weight(node.params["weight"])
     out = {"weight": Scaled(em.mul(w.m, grad), em.add_exp(w.e, a[0].e, b[0].e))}
-    out.update(_bias_scores(node, em, b[0], None))
+    out.update(bias_scores(node, em, b[0], None))
     return out
 
 
@@ -430,7 +347,7 @@ def _conv_transpose_scores(node, em, a, b):
     grad = correlate(em, b[0].m, a[0].m, y_shape, x_shape, p[: len(k)], g, s, d, k)  # (C_in, C_out/g, *k)
     w = em.weight(node.params["weight"])
     out = {"weight": Scaled(em.mul(w.m, grad), em.add_exp(w.e, a[0].e, b[0].e))}
-    out.update(_bias_scores(node, em, b[0], None))
+    out.update(bias_scores(node, em, b[0], None))
     return out
 
 
@@ -459,42 +376,13 @@ def _dense_scores(node, em, a, b):
         prod = em.op("MatMul", [b3, em.op("Transpose", [a3], "a3T", perm=[0, 2, 1])], "bxT")
         grad = em.op("ReduceSum", [prod, em.i64([0])], "wgrad", keepdims=0)
     out = {"weight": Scaled(em.mul(w.m, grad), em.add_exp(w.e, a[0].e, b[0].e))}
-    out.update(_bias_scores(node, em, b[0], None))
-    return out
-
-
-def _affine_adjoint(node, em, a, b):
-    from ..adjoint import reduce_to
-
-    x_shape, y_shape = em.shapes[node.inputs[0]], em.shapes[node.output]
-    if "scale" not in node.params:
-        return [Scaled(reduce_to(em, b[0].m, y_shape, x_shape), b[0].e)]
-    s = em.weight(node.params["scale"])
-
-    def apply(bm, wt):
-        return reduce_to(em, em.op("Mul", [bm, wt.m], "bs"), y_shape, x_shape)
-
-    return [em.linear([(b[0], s)], apply, None)]
-
-
-def _affine_scores(node, em, a, b):
-    from ..adjoint import reduce_to
-
-    out = {}
-    y_shape = em.shapes[node.output]
-    if "scale" in node.params:
-        p = node.params["scale"]
-        s = em.weight(p)
-        ab = em.op("Mul", [a[0].m, b[0].m], "ab")
-        out["scale"] = Scaled(em.mul(s.m, reduce_to(em, ab, y_shape, p.shape)), em.add_exp(s.e, a[0].e, b[0].e))
-    out.update(_bias_scores(node, em, b[0], None))
+    out.update(bias_scores(node, em, b[0], None))
     return out
 
 
 define_adjoint("conv", _conv_adjoint, _conv_scores)
 define_adjoint("conv_transpose", _conv_transpose_adjoint, _conv_transpose_scores)
 define_adjoint("dense", _dense_adjoint, _dense_scores)
-define_adjoint("affine", _affine_adjoint, _affine_scores)
 
 
 # ---- AutoLip rules (theory.md section 5): ||L x||_2 <= ||L|| ||x||_2 ------------------------------------------
@@ -502,14 +390,5 @@ def _normed(node, shapes, l_in, norm):
     return [norm * l_in[0]]
 
 
-def _affine_lipschitz(node, shapes, l_in, norm):
-    p = node.params.get("scale")
-    top = float(np.abs(p.value).max()) if p is not None else 1.0
-    # broadcasting to a larger shape copies entries: sqrt(copies) more in l2
-    copies = np.prod(shapes[node.output]) / np.prod(shapes[node.inputs[0]])
-    return [top * float(np.sqrt(max(copies, 1.0))) * l_in[0]]
-
-
 for _op in ("conv", "conv_transpose", "dense"):
     define_lipschitz(_op, _normed)
-define_lipschitz("affine", _affine_lipschitz)
