@@ -102,21 +102,23 @@ def test_conv_groupsort_network_certifies_one():
     assert 0.5 < result.lower["value"] <= result.upper.value
 
 
-@pytest.mark.parametrize("op,constant", [("Tanh", 1.0), ("Sigmoid", 0.25), ("Abs", 1.0)])
-def test_monotone_and_abs_activations_carry_their_constants(op, constant):
-    rng = np.random.default_rng(0)
+def _two_layers(seed: int, activation):
+    """x (1x6) -> MatMul w1 -> activation -> MatMul w2 (5x3), and the two weights."""
+    rng = np.random.default_rng(seed)
     w1, w2 = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node(op, ["h"], ["a"]),
-        helper.make_node("MatMul", ["a", "w2"], ["y"]),
-    ]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), activation, helper.make_node("MatMul", ["a", "w2"], ["y"])]
     model = make_model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
     )
+    return model, w1, w2
+
+
+@pytest.mark.parametrize("op,constant", [("Tanh", 1.0), ("Sigmoid", 0.25), ("Abs", 1.0)])
+def test_monotone_and_abs_activations_carry_their_constants(op, constant):
+    model, w1, w2 = _two_layers(0, helper.make_node(op, ["h"], ["a"]))
     result = lipschitz(model, "2", lower_seconds=0.5)
     expected = (
         np.linalg.svd(w1.astype(np.float64), compute_uv=False)[0]
@@ -139,19 +141,7 @@ def test_monotone_and_abs_activations_carry_their_constants(op, constant):
 def test_leaky_relu_slope_sets_its_lipschitz_constant(alpha):
     """LeakyRelu(alpha) has slopes 1 and alpha: the l2 bound carries max(1, |alpha|) between the layer norms, and
     the sampled lower bound stays below it."""
-    rng = np.random.default_rng(1)
-    w1, w2 = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("LeakyRelu", ["h"], ["a"], alpha=alpha),
-        helper.make_node("MatMul", ["a", "w2"], ["y"]),
-    ]
-    model = make_model(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )
+    model, w1, w2 = _two_layers(1, helper.make_node("LeakyRelu", ["h"], ["a"], alpha=alpha))
     result = lipschitz(model, "2", lower_seconds=0.3)
     norms = [np.linalg.svd(w.astype(np.float64), compute_uv=False)[0] for w in (w1, w2)]
     assert result.upper.value == pytest.approx(norms[0] * max(1.0, abs(alpha)) * norms[1], rel=1e-6)
