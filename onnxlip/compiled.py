@@ -41,6 +41,7 @@ class CompiledCompanion:
         away the session _thorough_session would switch to, where it would (see thorough_first)."""
         self.graph, self.em = graph, em
         self.raised: Raised | None = None  # the last call's raised run, if any (see _raised_run)
+        self.last_log10: float | None = None  # the last tensors() run's certified total (see tensors)
         self.unraised: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
         self.empty = all(s is None for s in outs)
         self.device = "cpu" if device == "auto" else device
@@ -98,10 +99,14 @@ class CompiledCompanion:
         feeds.update(more or {})
         return feeds
 
-    def _run(self, extra: bool, feeds: dict[str, np.ndarray], lams: dict, check: bool = True):
+    def _fetched(self, extra: bool | str) -> list[str]:
+        """The outputs a run fetches: the results (False), the extra tensors (True) or both ("both")."""
+        return self.names + self.extra_names if extra == "both" else self.extra_names if extra else self.names
+
+    def _run(self, extra: bool | str, feeds: dict[str, np.ndarray], lams: dict, check: bool = True):
         """Run; for guarded sessions, certify the run with range_guard (`lams`: see certify).
         UnderflowError when float32 underflow may have cost more than range_guard.UNDERFLOW_SLACK."""
-        names = self.extra_names if extra else self.names
+        names = self._fetched(extra)
         if self.guard is None or not check:
             return run(self.session, names, feeds)
         values = run(self.session, names + self.guard_names, feeds)
@@ -110,7 +115,7 @@ class CompiledCompanion:
         except UnderflowError:
             if not self._thorough_session():
                 raise
-            names = self.extra_names if extra else self.names
+            names = self._fetched(extra)
             values = run(self.session, names + self.guard_names, feeds)
             certify(self.guard, values[len(names) :], feeds, lams)
         return values[: len(names)]
@@ -194,11 +199,15 @@ class CompiledCompanion:
     def tensors(self, pairs: dict[str, Pairs], raise_to: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The `extra` tensors' (mantissa, exponent) for the fed parameter pairs. `raise_to="bound"`: where
         range_guard refuses the run, certified upper bounds of them from a raised run (_raised_run); `raised`
-        then gives its floor and `unraised` the run's own values, which underflow may have lowered."""
-        self.raised, self.unraised = None, None
+        then gives its floor and `unraised` the run's own values, which underflow may have lowered.
+        The same run's certified log10 total (what `log10` would give) is kept in `last_log10`, or None
+        where the run was raised."""
+        self.raised, self.unraised, self.last_log10 = None, None, None
         feeds, lams = self._feeds(None, None, pairs, None), self._lams(pairs, None)
         try:
-            values = self._run(True, feeds, lams)
+            values = self._run("both", feeds, lams)
+            self.last_log10 = _total(values[: len(self.names)])
+            values = values[len(self.names) :]
         except UnderflowError as refused:
             if raise_to is None:
                 raise

@@ -195,3 +195,40 @@ def test_far_apart_models_get_the_triangle_bound_when_it_is_smaller(tmp_path, fl
     assert r.observed_max_l1_diff <= r.bound
     near = onnxlip.path_metric(a, a)  # an upper bound below Phi(a) never pays for the variant's run
     assert near.route != ROUTE_TRIANGLE
+
+
+def test_the_base_norm_comes_from_the_run_that_gives_the_difference_streams_inputs(monkeypatch):
+    """A sweep's first difference stream runs the base's companion for its inputs; that run's certified total is
+    the base's norm, so the subtraction route later needs no run of its own for it."""
+    import onnxlip.compiled as compiled
+
+    spec, pruned, want, norm = _case("mixed", 2, 0.05)
+    base = analyse(spec.model)
+    engine = MetricEngine(base.graph, "cpu")
+    keep = {n: v != 0 for n, v in align_params(base.graph, analyse(pruned).graph).items()}
+    assert engine.pruned(keep).route == ROUTE_DIFFERENCE
+    runs = []
+    real = compiled.run
+    monkeypatch.setattr(compiled, "run", lambda *a, **k: runs.append(1) or real(*a, **k))
+    log10_base = engine.log10_base()
+    assert not runs
+    assert _rel(10**log10_base, norm) <= REL
+    assert log10_base == MetricEngine(base.graph, "cpu").log10_base()
+
+
+def test_pruning_counts_only_the_nonzero_entries_it_removes():
+    """Removed entries are counted from the mask where the base has no zero mantissa, from the values elsewhere:
+    pruning an entry that is already zero changes nothing."""
+    spec = F.build("gemm", 3)
+    vals = F.params_of(spec.model, spec.params)
+    name = max(vals, key=lambda n: vals[n].size)
+    with_zeros = vals[name].copy().reshape(-1)
+    with_zeros[::3] = 0.0
+    model = F._replace_inits(spec.model, {name: with_zeros.reshape(vals[name].shape)})
+    base = analyse(model)
+    engine = MetricEngine(base.graph, "cpu")
+    rng = np.random.default_rng(0)
+    keep = {n: rng.random(v.shape) < 0.7 for n, v in align_params(base.graph, base.graph).items()}
+    want = sum(int(np.count_nonzero((v != 0) & ~keep[n])) for n, v in align_params(base.graph, base.graph).items())
+    assert engine._nonzero(name) < with_zeros.size  # the case with zeros, beside others without
+    assert engine.pruned(keep).changed == want
