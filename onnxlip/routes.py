@@ -70,7 +70,7 @@ def lam_of(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...], expone
 
 
 def rows_lam(fn: Callable[..., np.ndarray], change: Change, exponent: int) -> Callable[[], float]:
-    """lam_of for a change's base and new values formed row block by row block (engine._general_changes)."""
+    """lam_of for a change's base and new values formed row block by row block (pair_routes._general_changes)."""
 
     def lam() -> float:
         base, new = (formed_rows(change.layout(v), change.factor) for v in (change.base, change.new))
