@@ -26,7 +26,7 @@ def _run(node, opset: int, x: np.ndarray, consts: dict[str, np.ndarray], scales_
     import onnx
     from onnx import helper
 
-    from .layout import run_reference
+    from .probe import run_reference
 
     probe = onnx.NodeProto()
     probe.CopyFrom(node)
@@ -166,7 +166,7 @@ def _transform(node) -> str:
 
 def _check_separable(node, ctx, shape, consts, mats) -> None:
     """The whole op on a random input (one batch entry and channel) equals the product of the axis maps."""
-    from .layout import run_onnxruntime
+    from .probe import run_onnxruntime
 
     small = list(shape)
     small[0] = 1
