@@ -8,7 +8,7 @@ import math
 import numbers
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -331,7 +331,7 @@ def bound_many(
     output: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     device: str = "auto",
-    progress=None,
+    progress: Callable[[], None] | None = None,
     errors: str = "raise",
 ) -> list[BoundResult | VariantError]:
     """One BoundResult per variant, against one base model (imported once). `errors="report"`: a variant that

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -180,7 +180,9 @@ _NORMED_OPS = ("conv", "conv_transpose", "dense")
 _NON_RELU_OPS = ("unary_lipschitz", "group_sort")
 
 
-def layer_norms(graph, estimate: bool = False, iters: int = 50, progress=None) -> dict[str, LayerNorm]:
+def layer_norms(
+    graph, estimate: bool = False, iters: int = 50, progress: Callable[[], None] | None = None
+) -> dict[str, LayerNorm]:
     """Certified l2 operator norm of every conv/dense op (opnorm: circular embedding, Gram + Cholesky), and with
     `estimate` a power-iteration estimate (all convs batched in one onnxruntime session)."""
     from . import opnorm
@@ -323,7 +325,7 @@ def lipschitz(
     output: Sequence[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     device: str = "auto",
-    progress=None,
+    progress: Callable[[], None] | None = None,
 ) -> LipschitzResult:
     """Upper bounds (path-norm and, for l2, AutoLip with certified operator norms) and a lower bound on the
     Lipschitz constant of the model with respect to its input, in the given norm ("2", "1" or "inf")."""
