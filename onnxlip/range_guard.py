@@ -226,17 +226,26 @@ class _Walk:
         self.pending[name] = []
 
     def value(self, name: str) -> int:
-        """The slot of a scalar tensor's value: replayed from its node when exact, else fetched from the run."""
-        slot = self.scalar.get(name)
-        if slot is not None:
-            return slot
-        op_type, ins = self.nodes_by_output.get(name, (None, ()))
-        if op_type in _REPLAY:
-            slot = self.p.step(_REPLAY[op_type], *(self.value(t) for t in ins))
-        else:
-            slot = self.p.fetched(name)
-        self.scalar[name] = slot
-        return slot
+        """The slot of a scalar tensor's value: replayed from its node when exact, else fetched from the run.
+        Iterative (an explicit stack): a deep network's exponents chain through thousands of scalar nodes."""
+        stack = [name]
+        while stack:
+            top = stack[-1]
+            if self.scalar.get(top) is not None:
+                stack.pop()
+                continue
+            op_type, ins = self.nodes_by_output.get(top, (None, ()))
+            if op_type not in _REPLAY:
+                self.scalar[top] = self.p.fetched(top)
+                stack.pop()
+                continue
+            missing = [t for t in ins if self.scalar.get(t) is None]
+            if missing:  # their slots first, in input order (the steps come out in the recursive order)
+                stack.extend(reversed(missing))
+                continue
+            self.scalar[top] = self.p.step(_REPLAY[op_type], *(self.scalar[t] for t in ins))
+            stack.pop()
+        return self.scalar[name]
 
     def log2_multiplier(self, scalar: str) -> int:
         """log2 of a scalar multiplier >= 0 (its exponent for the powers of two the companion uses)."""

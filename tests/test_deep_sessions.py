@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
 import onnxlip.compiled as compiled
@@ -148,3 +148,70 @@ def test_runs_with_many_inputs_match_and_report_missing_ones():
     del feeds[names[7]]
     with pytest.raises(RuntimeFailure):
         runtime.run(session, None, feeds)
+
+
+def _bias_free_chain(n: int, seed: int = 0):
+    """n x (MatMul -> Relu) without biases, then one Gemm with a bias: the exponents of range_guard chain through
+    thousands of scalar nodes (its replay recursed once per node: RecursionError, exit 3, from n = 190)."""
+    rng = np.random.default_rng(seed)
+    ws = [(rng.normal(size=(4, 4)) * 0.5).astype(np.float32) for _ in range(n)]
+    w_out, b_out = rng.normal(size=(2, 4)).astype(np.float32), np.array([0.5, -0.5], np.float32)
+    nodes, inits, cur = [], [], "x"
+    for i, w in enumerate(ws):
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        nodes += [helper.make_node("MatMul", [cur, f"W{i}"], [f"g{i}"]), helper.make_node("Relu", [f"g{i}"], [f"h{i}"])]
+        cur = f"h{i}"
+    inits += [numpy_helper.from_array(w_out, "Wout"), numpy_helper.from_array(b_out, "bout")]
+    nodes.append(helper.make_node("Gemm", [cur, "Wout", "bout"], ["y"], transB=1))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    return make_model(nodes, [x], [y], inits), ws, w_out, b_out
+
+
+def test_deep_bias_free_chain_with_a_biased_head():
+    model, ws, w_out, b_out = _bias_free_chain(1000)
+    mass, log10_scale = np.ones(4), 0.0  # ones @ |W0| @ ... @ |W999|, kept as mass * 10**log10_scale
+    for w in ws:
+        mass = mass @ np.abs(w.astype(np.float64))
+        top = mass.max()
+        log10_scale += np.log10(top)
+        mass /= top
+    heads = np.abs(w_out.astype(np.float64)) @ mass
+    want = log10_scale + np.log10(heads.sum() + np.abs(b_out).sum() * 10.0**-log10_scale)
+    assert onnxlip.path_norm(model).log10_path_norm == pytest.approx(want, abs=1e-6)
+    # one head entry zeroed: the metric is exactly the mass through it
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    cut = w_out.copy()
+    cut[0, 1] = 0.0
+    for init in pruned.graph.initializer:
+        if init.name == "Wout":
+            init.CopyFrom(numpy_helper.from_array(cut, "Wout"))
+    m = onnxlip.path_metric(model, pruned)
+    assert m.exact
+    assert m.log10_path_metric == pytest.approx(log10_scale + np.log10(abs(float(w_out[0, 1])) * mass[1]), abs=1e-6)
+
+
+@pytest.mark.parametrize("op, attrs, gain", [("Abs", {}, 2.0), ("LeakyRelu", {"alpha": -0.1}, 1.1)])
+def test_long_chains_of_activations_with_a_gain(op, attrs, gain):
+    """300 activations in a row, each multiplying every path's mass by its gain: the companion's mantissa was
+    scaled by a factor in [0.5, 1) per activation with nothing renormalising between them, until float32 could
+    not hold it and the model was refused (from 150 Abs). Scores relative to the path-norm are the ReLU chain's."""
+    rng = np.random.default_rng(4)
+    w1, w2 = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(2, 4)).astype(np.float32)
+
+    def chain(act, kw):
+        inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")]
+        nodes = [helper.make_node("Gemm", ["x", "W1"], ["h0"], transB=1)]
+        nodes += [helper.make_node(act, [f"h{i}"], [f"h{i + 1}"], **kw) for i in range(300)]
+        nodes.append(helper.make_node("Gemm", ["h300", "W2"], ["y"], transB=1))
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+        return make_model(nodes, [x], [y], inits)
+
+    relu, other = chain("Relu", {}), chain(op, attrs)
+    want = onnxlip.path_norm(relu).log10_path_norm + 300 * np.log10(gain)
+    assert onnxlip.path_norm(other).log10_path_norm == pytest.approx(want, abs=1e-5)
+    a, b = onnxlip.scores(relu), onnxlip.scores(other)
+    for name in ("W1", "W2"):
+        np.testing.assert_allclose(b.tensors[name].relative, a.tensors[name].relative, rtol=1e-4)
