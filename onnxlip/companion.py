@@ -243,20 +243,30 @@ class CompanionEmitter(GraphBuilder):
             acc = term if acc is None else self.op("Add", [acc, term], "sum")
         return self.renorm(acc, top) if renorm else Scaled(acc, top)
 
-    def scale_by(self, x: Scaled, factor: float) -> Scaled:
-        """x times a fixed positive float, keeping the mantissa bounded."""
+    def scale_by(self, x: Scaled, factor: float, renorm: bool = False) -> Scaled:
+        """x times a fixed positive float, keeping the mantissa bounded: a power of two goes to the exponent
+        alone; otherwise the mantissa is multiplied by a float in (0.5, 1) and, with `renorm`, renormalised (a
+        chain of such factors with nothing renormalising between them would shrink it out of float32's range)."""
         if factor == 1.0:
             return x
         mant, e = math.frexp(factor)
-        return Scaled(self.mul(x.m, self.f32(mant)), self.add_exp(x.e, self.exponent(e)))
+        return self._times(x, mant, e, renorm)
 
-    def scale_by_power(self, x: Scaled, root: float, q: float) -> Scaled:
-        """x times root**q (root >= 0), without forming root**q in float64 (it may leave its range)."""
+    def scale_by_power(self, x: Scaled, root: float, q: float, renorm: bool = False) -> Scaled:
+        """x times root**q (root >= 0), without forming root**q in float64 (it may leave its range); `renorm` as
+        for scale_by."""
         if q == 1.0 or root in (0.0, 1.0):
-            return self.scale_by(x, root)
+            return self.scale_by(x, root, renorm)
         log2 = q * math.log2(root)
         e = math.floor(log2) + 1
-        return Scaled(self.mul(x.m, self.f32(2.0 ** (log2 - e))), self.add_exp(x.e, self.exponent(e)))
+        return self._times(x, 2.0 ** (log2 - e), e, renorm)
+
+    def _times(self, x: Scaled, mant: float, e: int, renorm: bool) -> Scaled:
+        """x times mant * 2**e, mant in [0.5, 1)."""
+        if mant == 0.5:  # a power of two: exact in the exponent, the mantissa untouched
+            return Scaled(x.m, self.add_exp(x.e, self.exponent(e - 1)))
+        out = Scaled(self.mul(x.m, self.f32(mant)), self.add_exp(x.e, self.exponent(e)))
+        return self.renorm(out.m, out.e) if renorm else out
 
     def linear(
         self,

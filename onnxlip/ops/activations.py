@@ -56,12 +56,11 @@ def _combo_companion(node, em, xs, with_constants):
     once per edge (|c_i|**q + |m|**q + |skip|**q), every bias (-c_i t_i via the ReLU neurons, plus the output
     bias) once."""
     q = em.q
-    y = em.scale_by_power(xs[0], combo_gain(node, q), q)
-    if not with_constants:
-        return [y]
     terms = [c * np.asarray(t, dtype=np.float64) for c, t in zip(node.attrs["relu_coefs"], node.attrs["thresholds"])]
-    const = power_root(terms + [node.attrs["bias"]], q)  # const**q: the bias paths' mass per entry
-    if not np.any(const):
+    const = power_root(terms + [node.attrs["bias"]], q) if with_constants else None  # const**q: bias path mass
+    summed = const is not None and np.any(const)  # (the sum renormalises)
+    y = em.scale_by_power(xs[0], combo_gain(node, q), q, renorm=not summed)
+    if not summed:
         return [y]
     return [em.scaled_sum([y, em.constant(const, q=q, hint="clipc")])]
 
@@ -290,7 +289,7 @@ reject(
 
 
 def _combo_adjoint(node, em, a, b):
-    return [em.scale_by_power(b[0], combo_gain(node, em.q), em.q)]
+    return [em.scale_by_power(b[0], combo_gain(node, em.q), em.q, renorm=True)]
 
 
 def _max_adjoint(node, em, a, b):
