@@ -62,10 +62,14 @@ class PruneResult:
         return _jsonable(asdict(self))
 
 
-def prunable_tensors(m: Analysed, include_biases: bool = False, skipped: list[str] | None = None):
+def prunable_tensors(
+    m: Analysed, include_biases: bool = False, skipped: list[str] | None = None, fixed: list[str] | None = None
+):
     """The user's initializers that pruning may zero: weights of Conv/ConvTranspose/Gemm/MatMul (and their
     biases on request), as they are in the file ({name: array}). Weights that are no float initializer (computed
-    by a DequantizeLinear from quantized ones, or by a Constant node) stay; `skipped` collects their names."""
+    by a DequantizeLinear from quantized ones, or by a Constant node) stay; `skipped` collects their names. So do
+    initializers the model also reads as a fixed constant (a PRelu slope, a Max threshold: ir.Graph.fixed_sources):
+    zeroing them would change the network's fixed edges, which no path-metric covers; `fixed` collects those."""
     inits = None  # the file's initializers, read only for parameters the IR does not hold as in the file
     roles = ("weight", "bias") if include_biases else ("weight",)
     out: dict[str, np.ndarray] = {}
@@ -100,8 +104,15 @@ def prunable_tensors(m: Analysed, include_biases: bool = False, skipped: list[st
                 left.append(p.name)
     if skipped is not None:
         skipped.extend(left)
+    held = sorted(n for n in out if n in m.graph.fixed_sources)
+    for n in held:
+        del out[n]
+    if fixed is not None:
+        fixed.extend(held)
     if not out:
         why = f" ({', '.join(left[:6])} are computed, e.g. dequantized, not stored as floats)" if left else ""
+        if held:
+            why += f" ({', '.join(held[:6])} are also read as fixed constants, e.g. a PRelu slope)"
         raise OnnxlipError(
             f"the model has no prunable weights (Conv, ConvTranspose, Gemm or MatMul float initializers){why}"
         )
@@ -317,15 +328,20 @@ def prune_sweep(
         refuse_overwrite(out_path, [model])
     m = analyse(model, output, input_shapes, keep_proto=out_path is not None)  # no file to write: weights in place
     skipped: list[str] = []
-    tensors = prunable_tensors(m, include_biases, skipped)
-    notes = (
-        [
+    fixed: list[str] = []
+    tensors = prunable_tensors(m, include_biases, skipped, fixed)
+    notes = []
+    if skipped:
+        notes.append(
             f"{len(skipped)} weight tensor(s) are not float initializers of the file (e.g. dequantized from integers) "
             f"and are not pruned: {', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''}"
-        ]
-        if skipped
-        else []
-    )
+        )
+    if fixed:
+        notes.append(
+            f"{len(fixed)} tensor(s) are also read as fixed constants of the network (e.g. a PRelu slope or a Max "
+            f"threshold) and are not pruned: zeroing them would change the network itself, beyond what the "
+            f"path-metric bounds: {', '.join(fixed[:6])}{', ...' if len(fixed) > 6 else ''}"
+        )
     engine = MetricEngine(m.graph, device)
     total = sum(a.size for a in tensors.values())
     base_zeros = {n: int(np.count_nonzero(a == 0)) for n, a in tensors.items()}

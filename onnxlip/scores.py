@@ -205,7 +205,7 @@ def scores(
     model = em.model()
     reuse = not no_reuse_planning(graph, len(model.graph.node))
     feeds, outputs, notes = ones_feeds(graph), list(graph.outputs), list(graph.warnings)
-    feeds_shapes = dict(graph.inputs)
+    feeds_shapes, fixed_sources = dict(graph.inputs), set(graph.fixed_sources)
     # from here on only the session's copies of the constants are needed: without the float64 IR parameters
     # (2x the model's parameter bytes) and our mantissas (1x) the peak memory stays within 3x params + activations
     del graph
@@ -248,6 +248,13 @@ def scores(
             mant,
             exp - log2_norm,  # <= 1 in all: a score never exceeds the path-norm
             sources,
+        )
+    fixed = sorted({src for t in result.tensors.values() for src in t.sources if src in fixed_sources})
+    if fixed:
+        result.notes.append(
+            f"initializer(s) {', '.join(map(repr, fixed[:6]))} are also read as fixed constants of the network (e.g. a "
+            "PRelu slope): their scores count their uses as parameters only, and zeroing them changes the network "
+            "itself (prune leaves them)"
         )
     for n, names in result.uses().items():
         if len(names) > 1:

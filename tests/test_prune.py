@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
 from onnxlip.api import analyse
@@ -408,3 +408,57 @@ def test_a_tied_weight_with_a_scale_folded_into_each_use_is_still_one_initialize
         up[i, j], down[i, j] = 2 * a[i, j], 0.0  # ||Phi||_1 is of degree <= 2 in one tied entry: exact
         want = (oracle.path_norm(model(up.astype(np.float32))) - oracle.path_norm(model(down.astype(np.float32)))) / 2
         assert got[i, j] == pytest.approx(want, rel=1e-5)
+
+
+def _weight_also_prelu_slope(tmp_path):
+    """W1 is the first MatMul's weight and, read again, the slope of a later PRelu (one initializer, two roles)."""
+    w1 = np.array([[-0.5, 2.0, 2.5, 1.5]], np.float32)
+    w3 = np.full((4, 4), 1.0, np.float32)
+    w3[1:, 0] = -5.0
+    inits = [
+        numpy_helper.from_array(np.array([10.0, 0, 0, 0], np.float32), "c1"),
+        numpy_helper.from_array(w1, "W1"),
+        numpy_helper.from_array(w3, "W3"),
+        numpy_helper.from_array(np.ones((4, 2), np.float32), "W2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"]),
+        helper.make_node("Add", ["h0", "c1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "W3"], ["h2"]),
+        helper.make_node("PRelu", ["h2", "W1"], ["r2"]),
+        helper.make_node("MatMul", ["r2", "W2"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    path = tmp_path / "slope.onnx"
+    onnx.save(make_model(nodes, [x], [y], inits), path)
+    return path
+
+
+def test_a_weight_that_is_also_a_fixed_constant_is_not_pruned(tmp_path):
+    """Zeroing an entry of W1 would also zero a PRelu slope, a fixed edge of the network that no path-metric
+    covers: prune certified 7.5 where the written model moved by 17.5. Such tensors are left, with a note."""
+    path = _weight_also_prelu_slope(tmp_path)
+    out = tmp_path / "pruned.onnx"
+    r = onnxlip.prune(path, 0.5, criterion="magnitude", out_path=out)
+    assert any("fixed constants" in n and "W1" in n for n in r.notes)
+    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer}
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
+    assert np.array_equal(written["W1"], original["W1"])
+    assert not np.array_equal(written["W3"], original["W3"])
+    xs = np.linspace(-1.0, 1.0, 401, dtype=np.float32)[:, None, None]
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (path, out))
+    observed = max(float(np.abs(a.run(None, {"x": x})[0] - b.run(None, {"x": x})[0]).sum()) for x in xs)
+    assert 0 < observed <= r.bound
+    assert r.bound == pytest.approx(onnxlip.bound(path, out, samples=0).bound, rel=1e-12)
+    scores = onnxlip.scores(path)
+    assert any("fixed constants" in n and "'W1'" in n for n in scores.notes)
+
+
+def test_prunable_tensors_lists_the_fixed_constants_it_leaves(tmp_path):
+    path = _weight_also_prelu_slope(tmp_path)
+    m = analyse(path)
+    fixed: list[str] = []
+    tensors = prunable_tensors(m, fixed=fixed)
+    assert fixed == ["W1"] and "W1" not in tensors
