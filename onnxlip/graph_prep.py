@@ -22,7 +22,8 @@ _NONDETERMINISTIC = {
     "Multinomial",
     "Bernoulli",
 }
-_FOLD_LIMIT = 64 * 2**20  # do not materialise constants above 64 MiB
+FOLD_LIMIT = 64 * 2**20  # do not materialise constants above 64 MiB, unless the inputs were nearly as large
+_GROWTH = 4  # (see _fold_fits)
 _MAX_ENTRIES = 2**31  # a static tensor above this (8 GiB of float32 for one activation) is a damaged shape
 
 
@@ -323,7 +324,7 @@ def _fold_one(proto, node, consts, shapes):
         a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
     ):
         return None
-    if sum(consts[n].nbytes for n in names) > _FOLD_LIMIT:
+    if not _fold_fits(node, consts, shapes, names):
         return None
     if node.op_type == "DequantizeLinear":  # onnxruntime's arithmetic, at every opset (onnxlip/dequantize.py)
         folded = fold_dequantize(node, consts)
@@ -341,6 +342,31 @@ def _fold_one(proto, node, consts, shapes):
     m.ir_version = 8
     results = ReferenceEvaluator(m).run(None, {n: consts[n] for n in names})
     return [np.asarray(r) for r in results]
+
+
+def too_large_to_fold(node, consts, shapes) -> bool:
+    """A node of constant inputs that folding leaves because of its result's size (_fold_fits)."""
+    names = [n for n in node.input if n]
+    if not names or not all(n in consts for n in names):
+        return False
+    return not _fold_fits(node, consts, shapes, names)
+
+
+def _fold_fits(node, consts, shapes, names) -> bool:
+    """Whether folding the node keeps memory bounded: its outputs may hold up to _GROWTH times its inputs' bytes
+    (a big weight read through Transpose, Cast or DequantizeLinear), but no more than FOLD_LIMIT beyond that (a
+    ConstantOfShape, Expand or Tile of a few bytes can ask for gigabytes). Outputs of unknown shape: inputs up
+    to FOLD_LIMIT only."""
+    in_bytes = sum(consts[n].nbytes for n in names)
+    out_bytes = 0
+    for i, name in enumerate(o for o in node.output if o):
+        shape = shapes.get(name)
+        if node.op_type == "ConstantOfShape" and i == 0 and names:
+            shape = tuple(int(d) for d in np.asarray(consts[names[0]]).reshape(-1))
+        if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+            return in_bytes <= FOLD_LIMIT
+        out_bytes += math.prod(int(d) for d in shape) * 8  # (at most 8 bytes an entry: the types folded here)
+    return out_bytes <= max(FOLD_LIMIT, _GROWTH * in_bytes)
 
 
 def _constant_value(node) -> list[np.ndarray]:

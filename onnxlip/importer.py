@@ -12,12 +12,14 @@ from onnx import helper
 
 from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .graph_prep import (
+    FOLD_LIMIT,
     check_node_names,
     fixed_input_shapes,
     fold_constants,
     infer_shapes,
     initial_constants,
     needed_nodes,
+    too_large_to_fold,
 )
 from .ir import Graph, Node, Param
 from .loading import ModelLike, default_opset, load_model
@@ -194,6 +196,9 @@ def import_model(
         if len(nodes) == count:  # nothing folded: the shapes stand
             break
         shapes = infer_shapes(proto, nodes, inputs, consts)
+    for name in outputs:  # (folding may have made one a constant: a Transpose of a weight)
+        if name in consts:
+            raise OnnxlipError(f"output {name!r} is computed from constants only, not from the model's inputs")
 
     ctx = ImportContext(consts, shapes, opset, origins)
     ctx.initializers = initializers
@@ -211,7 +216,13 @@ def import_model(
             rule = LIPSCHITZ_IMPORTERS[node.op_type]
         where = node.name or (node.output[0] if node.output else "?")
         if rule is None:
-            issues.append(ModelIssue(where, node.op_type, _unsupported_reason(node)))
+            reason = _unsupported_reason(node)
+            if too_large_to_fold(node, consts, shapes):
+                reason = (
+                    "computes a constant from constants, which onnxlip does not fold: its result would be too large "
+                    f"(over {FOLD_LIMIT >> 20} MiB, and several times its inputs)"
+                )
+            issues.append(ModelIssue(where, node.op_type, reason))
             failed.update(node.output)
             continue
         try:
@@ -244,6 +255,12 @@ def import_model(
     ir.fixed_sources = set(ctx.fixed_sources)
     ir.warnings.extend(precision_notes(graph, nodes, inputs))
     ir.warnings.extend(batch_notes(graph, inputs, options.input_shapes or {}))
+    twice = [t for t in dict.fromkeys(outputs) if outputs.count(t) > 1]
+    if twice:  # (--output names tensors, each once: args.output_names)
+        ir.warnings.append(
+            f"the model lists output(s) {', '.join(map(repr, twice))} more than once: its output vector holds each "
+            f"copy, and every norm and bound counts them all; name the tensor with --output to count it once"
+        )
     ir = run_passes(ir, lipschitz=options.lipschitz)
     _check_finite(ir)
     return ir

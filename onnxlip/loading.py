@@ -313,6 +313,7 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def _check_versions(proto: onnx.ModelProto) -> None:
+    _check_names(proto)
     if proto.ir_version == 0:
         raise ModelLoadError("the model's IR version is not set (0): not a complete ONNX model; re-export it")
     if proto.ir_version < SUPPORTED_IR_VERSIONS[0]:
@@ -327,6 +328,21 @@ def _check_versions(proto: onnx.ModelProto) -> None:
             f"opset {opset} is newer than onnxlip reads (7 to 26, the newest onnxruntime 1.31 runs); export with "
             "an older opset"
         )
+
+
+def _check_names(proto: onnx.ModelProto) -> None:
+    """An initializer or graph input defined twice has no single meaning: onnxruntime uses the last initializer of
+    a name, onnx's helpers (and onnxlip's fast reader) the first, and onnxruntime refuses a repeated input."""
+    g = proto.graph
+    for what, names in (("initializer", [t.name for t in g.initializer]), ("graph input", [i.name for i in g.input])):
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise ModelLoadError(
+                    f"{what} {name!r} is defined twice in the model: the two may hold different values, and tools "
+                    "disagree on which one counts; re-export the model"
+                )
+            seen.add(name)
 
 
 def default_opset(proto: onnx.ModelProto) -> int | None:

@@ -9,6 +9,7 @@ that does not match the dims) raises WireError, and callers fall back to onnx's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,7 +144,7 @@ def _tensor(buf: memoryview, start: int, end: int) -> tuple[str, RawTensor] | No
         return None
     if any(d >= 2**40 for d in dims):
         raise WireError
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    count = math.prod(dims)  # Python ints: an int64 product of dims near 2**40 each wraps
     if raw[1] - raw[0] != count * dtype.itemsize:
         raise WireError
     return name, RawTensor(dtype, tuple(dims), raw[0], raw[1])
@@ -189,4 +190,4 @@ def strip(buf: memoryview) -> tuple[bytes, dict[str, RawTensor]]:
 
 def array(buf, t: RawTensor) -> np.ndarray:
     """The tensor's values in place (a view of buf)."""
-    return np.frombuffer(buf, t.dtype, int(np.prod(t.shape, dtype=np.int64)), t.start).reshape(t.shape)
+    return np.frombuffer(buf, t.dtype, math.prod(t.shape), t.start).reshape(t.shape)

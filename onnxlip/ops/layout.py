@@ -6,6 +6,8 @@ tensor."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..companion import Scaled
@@ -14,6 +16,7 @@ from .probe import run_onnxruntime, run_reference
 from .registry import define, define_adjoint, define_lipschitz, importer
 
 _FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+_MAX_MAP = 2**27  # entries of a copy op's index map (1 GiB of int64)
 
 
 def _fail(msg: str):
@@ -240,7 +243,12 @@ def _index_map(node, ctx, consts: dict[str, np.ndarray] | None = None) -> np.nda
     and pytorch_half_pixel at non-integer output lengths); otherwise the reference evaluator, in float64."""
     shape = ctx.shape(node.input[0])
     consts = consts if consts is not None else {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
-    size = int(np.prod(shape))
+    size, out_size = math.prod(shape), math.prod(ctx.shape(node.output[0]))
+    if max(size, out_size) > _MAX_MAP:  # the probe holds several arrays of this many entries (an Expand to
+        _fail(  # 40000 x 40000 took 24 GB before it was killed)
+            f"its {'output' if out_size >= size else 'input'} has {max(size, out_size):,} entries, more than onnxlip "
+            f"maps ({_MAX_MAP:,})"
+        )
 
     def probe(offset: int) -> np.ndarray:
         index = None

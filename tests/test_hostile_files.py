@@ -1,0 +1,121 @@
+"""Files built to mislead or exhaust the importer (found by the hostile-input hunt of session 13): names defined
+twice, dims whose product wraps, constants that unfold to gigabytes, copy maps of billions of entries, large
+weights read through Transpose or Cast. Each is a clear error (exit 2) or a correct result, never a wrong number,
+an exit 3 or a memory blow-up."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxlip
+from onnxlip.errors import ModelLoadError, OnnxlipError, UnsupportedModelError
+from tests.helpers import make_model
+from tests.test_bad_input import cli
+
+W = np.array([[1.0, -2.0], [3.0, 4.0], [-5.0, 6.0], [7.0, 8.0]], np.float32)
+
+
+def _matmul_relu(inits, inputs=None, outputs=None) -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    return make_model(nodes, inputs or [x], outputs or [y], inits)
+
+
+def test_an_initializer_defined_twice_is_refused(tmp_path):
+    """One copy as raw data, one as float_data: onnxruntime computes with the last (100 W), the fast reader took
+    the raw one, and `bound` certified 0 against the clean model (exit 0 under --max-bound 1)."""
+    dup = _matmul_relu([numpy_helper.from_array(W, "W"), helper.make_tensor("W", TensorProto.FLOAT, [4, 2], 100 * W)])
+    clean = _matmul_relu([numpy_helper.from_array(W, "W")])
+    onnx.save(dup, tmp_path / "dup.onnx")
+    onnx.save(clean, tmp_path / "clean.onnx")
+    for model in (tmp_path / "dup.onnx", dup):
+        with pytest.raises(ModelLoadError, match="'W' is defined twice"):
+            onnxlip.path_norm(model)
+    code, out, _ = cli("bound", tmp_path / "clean.onnx", tmp_path / "dup.onnx", "--max-bound", "1", "--json")
+    assert code == 2 and "defined twice" in json.loads(out)["error"]
+
+
+def test_a_graph_input_defined_twice_is_refused():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    with pytest.raises(ModelLoadError, match="graph input 'x' is defined twice"):
+        onnxlip.path_norm(_matmul_relu([numpy_helper.from_array(W, "W")], inputs=[x, x], outputs=[y]))
+
+
+def test_dims_whose_int64_product_wraps_are_a_load_error(tmp_path):
+    """dims (2**32+1)(2**32-1)(2**32+1)(2**32-1)3 wrap to 3 in int64: the 12 bytes of raw data matched them, and
+    every command ended in a ValueError (exit 3); a sweep lost all its variants."""
+    t = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT)
+    t.dims.extend([2**32 + 1, 2**32 - 1, 2**32 + 1, 2**32 - 1, 3])
+    t.raw_data = np.ones(3, np.float32).tobytes()
+    onnx.save(_matmul_relu([t]), tmp_path / "wrap.onnx")
+    onnx.save(_matmul_relu([numpy_helper.from_array(W, "W")]), tmp_path / "clean.onnx")
+    with pytest.raises(OnnxlipError, match="cannot be decoded"):
+        onnxlip.path_norm(tmp_path / "wrap.onnx")
+    code, out, _ = cli("bound", tmp_path / "clean.onnx", tmp_path / "wrap.onnx", tmp_path / "clean.onnx", "--json")
+    assert code == 2
+    rows = json.loads(out)["results"]
+    assert "error" in rows[0] and rows[1]["bound"] == 0
+
+
+def test_an_output_listed_twice_counts_twice_with_a_note():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    model = _matmul_relu([numpy_helper.from_array(W, "W")], inputs=[x], outputs=[y, y])
+    twice, once = onnxlip.path_norm(model), onnxlip.path_norm(model, output=["y"])
+    assert twice.path_norm == pytest.approx(2 * once.path_norm, rel=1e-12)
+    assert any("more than once" in n for n in twice.notes) and not once.notes
+
+
+@pytest.mark.parametrize("n", [5000, 46000])
+def test_a_constant_that_would_unfold_to_gigabytes_is_refused_without_forming_it(n):
+    """ConstantOfShape([n, n]) from 16 bytes: n = 46000 formed 8.4 GB before failing with a KeyError (exit 3)."""
+    nodes = [
+        helper.make_node("ConstantOfShape", ["s"], ["c"], value=numpy_helper.from_array(np.zeros(1, np.float32))),
+        helper.make_node("ReduceMax", ["c"], ["m"], keepdims=0),
+        helper.make_node("Add", ["x", "m"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = make_model(nodes, [x], [y], [numpy_helper.from_array(np.array([n, n], np.int64), "s")])
+    with pytest.raises(UnsupportedModelError, match="does not fold: its result would be too large"):
+        onnxlip.path_norm(model)
+
+
+def test_a_copy_map_of_billions_of_entries_is_refused():
+    """Expand of a 1x1 input to 40000 x 40000: the index map's probe took 24 GB before it was killed."""
+    nodes = [helper.make_node("Expand", ["x", "s"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = make_model(nodes, [x], [y], [numpy_helper.from_array(np.array([40000, 40000], np.int64), "s")])
+    with pytest.raises(UnsupportedModelError, match="1,600,000,000 entries"):
+        onnxlip.path_norm(model)
+
+
+@pytest.mark.parametrize("via", ["Transpose", "Cast"])
+def test_a_weight_above_the_fold_limit_read_through_a_copy_op(via):
+    """A 4200 x 4200 weight (70.6 MB, above the 64 MiB fold limit) read through Transpose, or stored as float16
+    and Cast: it was not folded, and the model was refused as multiplying two run-time tensors."""
+    n = 4200
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-1, 1, size=(n, n)).astype(np.float16 if via == "Cast" else np.float32)
+    if via == "Transpose":
+        read = helper.make_node("Transpose", ["W"], ["Wr"])
+        want_w = w.T.astype(np.float64)
+    else:
+        read = helper.make_node("Cast", ["W"], ["Wr"], to=TensorProto.FLOAT)
+        want_w = w.astype(np.float64)
+    nodes = [read, helper.make_node("MatMul", ["x", "Wr"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])
+    model = make_model(nodes, [x], [y], [numpy_helper.from_array(w, "W")])
+    assert onnxlip.path_norm(model).path_norm == pytest.approx(np.abs(want_w).sum(), rel=1e-6)
+    # the folded weight is a constant: naming it as the output is a clear error, not a KeyError (exit 3)
+    with pytest.raises(OnnxlipError, match="computed from constants only"):
+        onnxlip.path_norm(model, output=["Wr"])
