@@ -119,3 +119,28 @@ def test_a_weight_above_the_fold_limit_read_through_a_copy_op(via):
     # the folded weight is a constant: naming it as the output is a clear error, not a KeyError (exit 3)
     with pytest.raises(OnnxlipError, match="computed from constants only"):
         onnxlip.path_norm(model, output=["Wr"])
+
+
+@pytest.mark.parametrize(
+    "op, constants, reason",
+    [
+        ("Clip", [np.float32(np.nan), np.float32(1.0)], "its bounds hold NaN"),
+        ("Max", [np.array([[-np.inf, 0.0]], np.float32)], "its constant operand holds both finite and infinite"),
+        ("Clip", [np.float32(1.0), np.float32(-1.0)], "its lower bound exceeds its upper bound"),
+        ("Max", [np.full((1, 2), np.nan, np.float32)], "its constant operand holds NaN"),
+    ],
+)
+def test_activation_constants_that_are_refused_say_what_is_wrong(op, constants, reason):
+    """A NaN Clip bound was reported as 'clip bounds mix finite and infinite values', a NaN Max operand too."""
+    names = [f"k{i}" for i in range(len(constants))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node(op, ["h", *names], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    inits = [numpy_helper.from_array(W, "W")] + [
+        numpy_helper.from_array(np.asarray(c), n) for c, n in zip(constants, names)
+    ]
+    with pytest.raises(UnsupportedModelError, match=reason):
+        onnxlip.path_norm(make_model(nodes, [x], [y], inits))

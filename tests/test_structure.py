@@ -120,3 +120,42 @@ def test_a_global_max_pool_pairs_with_reduce_max(kernel, pads, pairs):
     else:
         with pytest.raises(MismatchError):
             onnxlip.bound(a, b, samples=0)
+
+
+def _activation_model(node: str, **attrs):
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.normal(size=(2, 4)).astype(np.float32), "W2"),
+    ]
+    extra = []
+    if node == "PRelu":
+        extra = ["slope"]
+        inits.append(numpy_helper.from_array(np.array([attrs.pop("slope")], np.float32), "slope"))
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1"], ["h"], transB=1),
+        helper.make_node(node, ["h", *extra], ["a"], **attrs),
+        helper.make_node("Gemm", ["a", "W2"], ["y"], transB=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    return make_model(nodes, [x], [y], inits)
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (("Abs", {}), ("LeakyRelu", {"alpha": -1.0})),
+        (("PRelu", {"slope": 0.2}), ("LeakyRelu", {"alpha": 0.2})),
+        (("Relu", {}), ("LeakyRelu", {"alpha": 0.0})),
+    ],
+)
+def test_activations_that_are_one_function_pair(a, b):
+    """Abs is LeakyRelu(alpha=-1): the same fragment, whose label differs (it was refused on it)."""
+    ma, mb = _activation_model(a[0], **a[1]), _activation_model(b[0], **b[1])
+    assert onnxlip.bound(ma, mb, samples=0).bound == 0.0
+
+
+def test_activations_that_differ_do_not_pair():
+    with pytest.raises(MismatchError):
+        onnxlip.bound(_activation_model("Abs"), _activation_model("LeakyRelu", alpha=-0.5), samples=0)

@@ -168,11 +168,15 @@ def _clip(ctx, x, lo, hi):
     # made a bias path of 3.4e38)
     lo = None if lo is None or np.all(np.asarray(lo, np.float64) <= -_FLOAT32_MAX) else np.asarray(lo, np.float64)
     hi = None if hi is None or np.all(np.asarray(hi, np.float64) >= _FLOAT32_MAX) else np.asarray(hi, np.float64)
+    what = "its constant operand holds" if ctx.node.op_type in ("Max", "Min") else "its bounds hold"
     for v in (lo, hi):
+        if v is not None and np.any(np.isnan(v)):
+            _fail(f"{what} NaN")
         if v is not None and not np.all(np.isfinite(v)):
-            _fail("clip bounds mix finite and infinite values")
+            _fail(f"{what} both finite and infinite values")
     if lo is not None and hi is not None and np.any(lo > hi):
-        _fail("clip lower bound exceeds upper bound")
+        # (the ONNX output is then the constant upper bound there: a fixed neuron, not read here)
+        _fail("its lower bound exceeds its upper bound (where it does, the output is the constant upper bound)")
     if lo is None and hi is None:
         ctx.add("reshape", [x], attrs={"shape": list(ctx.shape(ctx.node.output[0]))})
     elif hi is None:  # lo + ReLU(x - lo)
