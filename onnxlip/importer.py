@@ -356,6 +356,10 @@ def _output_hint(nodes, issues, shapes, inputs, consts) -> str | None:
 
 
 def _check_finite(ir: Graph) -> None:
-    bad = [p.name for p in ir.params() if not p.all_finite()]
+    bad = [p for p in ir.params() if not p.all_finite()]
     if bad:
-        raise OnnxlipError(f"parameter(s) {', '.join(sorted(set(bad))[:8])} contain NaN or Inf values")
+        names = sorted({p.name for p in bad})
+        # a folded parameter's NaN may come from any initializer folded into it (a Mul constant after a MatMul)
+        folded = sorted({s for p in bad for s in p.sources if s != p.name})
+        also = f" (formed from initializers {', '.join(folded[:8])})" if folded else ""
+        raise OnnxlipError(f"parameter(s) {', '.join(names[:8])}{also} contain NaN or Inf values")

@@ -144,3 +144,12 @@ def test_activation_constants_that_are_refused_say_what_is_wrong(op, constants, 
     ]
     with pytest.raises(UnsupportedModelError, match=reason):
         onnxlip.path_norm(make_model(nodes, [x], [y], inits))
+
+
+def test_a_nan_folded_into_a_weight_names_the_initializer_it_came_from():
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Mul", ["h", "c"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array([1.0, np.nan], np.float32), "c")]
+    with pytest.raises(OnnxlipError, match=r"parameter\(s\) W \(formed from initializers c\) contain NaN"):
+        onnxlip.path_norm(make_model(nodes, [x], [y], inits))
