@@ -309,7 +309,13 @@ def _fold_one(proto, node, consts, shapes):
     if node.domain not in ("", "ai.onnx"):
         return None
     if node.op_type == "Constant":
-        return _constant_value(node)
+        try:
+            return _constant_value(node)
+        except OnnxlipError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a value that does not decode (its data do not match its dims)
+            where = node.name or (node.output[0] if node.output else "?")
+            raise OnnxlipError(f"Constant node {where!r}: its value cannot be read: {exc}") from None
     if node.op_type in ("Shape", "Size") and node.input[0] in shapes and node.input[0] not in consts:
         shape = shapes[node.input[0]]
         if node.op_type == "Size":

@@ -153,3 +153,18 @@ def test_a_nan_folded_into_a_weight_names_the_initializer_it_came_from():
     inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.array([1.0, np.nan], np.float32), "c")]
     with pytest.raises(OnnxlipError, match=r"parameter\(s\) W \(formed from initializers c\) contain NaN"):
         onnxlip.path_norm(make_model(nodes, [x], [y], inits))
+
+
+def test_a_constant_whose_data_do_not_match_its_dims_is_a_clear_error():
+    """It was reported as 'Constant is not supported', with a second error for the Gemm reading it."""
+    value = onnx.TensorProto(name="v", data_type=TensorProto.FLOAT, dims=[4, 2])
+    value.raw_data = np.ones(3, np.float32).tobytes()
+    nodes = [
+        helper.make_node("Constant", [], ["W"], value=value),
+        helper.make_node("MatMul", ["x", "W"], ["h"]),
+        helper.make_node("Relu", ["h"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    with pytest.raises(OnnxlipError, match="Constant node 'W': its value cannot be read"):
+        onnxlip.path_norm(make_model(nodes, [x], [y], []))
