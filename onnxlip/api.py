@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .args import check_seed, int_arg, models_arg, output_arg, real_arg
+from .args import check_seed, int_arg, models_arg, output_arg, real_arg, seconds_arg
 from .canonical import in_canonical_scaling, rescaled_pairs
 from .companion import plain_value
 from .compiled import pathnorm_log10_power
@@ -146,9 +146,9 @@ def user_batch_notes(graph: Graph, input_shapes) -> list[str]:
         if dims and len(dims) > 1 and dims[0] > 1:
             one = "x".join(["1"] + [str(d) for d in dims[1:]])
             notes.append(
-                f"input_shapes gives input {name!r} a batch of {dims[0]}: path-norms and bounds are those of the "
-                f"network on {dims[0]} samples at once (each path counted {dims[0]} times); {name}={one} analyses "
-                "one sample"
+                f"--input-shape (input_shapes) gives input {name!r} a batch of {dims[0]}: path-norms and bounds are "
+                f"those of the network on {dims[0]} samples at once (each path counted {dims[0]} times); {name}={one} "
+                "analyses one sample"
             )
     return notes
 
@@ -342,7 +342,7 @@ def bound_many(
     input_bound = real_arg("the input bound", input_bound, minimum=0)
     samples = int_arg("samples (--samples)", samples)
     # finite: inf with a huge --samples would never end
-    sample_seconds = real_arg("sample_seconds (--sample-seconds)", sample_seconds, minimum=0)
+    sample_seconds = seconds_arg("sample_seconds (--sample-seconds)", sample_seconds)
     check_seed(seed)
     variants = models_arg(variants)
     ref = _analysed(base, output, input_shapes)

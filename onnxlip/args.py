@@ -30,6 +30,19 @@ def real_arg(name: str, value, *, minimum: float | None = None, finite: bool = T
     return v
 
 
+# the longest time budget an option may give (lower_seconds, sample_seconds): a finite but absurd one (1e300 s with a
+# huge number of samples) ran forever, as inf did; one day is far beyond any useful search and still ends
+MAX_SECONDS = 86400.0
+
+
+def seconds_arg(name: str, value) -> float:
+    """A time budget in seconds: a number from 0 to MAX_SECONDS (one day); OnnxlipError naming the limit for more."""
+    v = real_arg(name, value, minimum=0)
+    if v > MAX_SECONDS:
+        raise OnnxlipError(f"{name} must be at most {MAX_SECONDS:g} seconds (one day), got {value!r}")
+    return v
+
+
 def int_arg(name: str, value, *, minimum: int = 0) -> int:
     """An integer option; OnnxlipError for floats, bools, strings, None and values below `minimum`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:

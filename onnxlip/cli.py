@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
+from .args import MAX_SECONDS
 from .checking import CheckResult
 from .checking import check as check_model
 from .cli_common import (
@@ -28,11 +29,15 @@ from .cli_common import (
     _fmt,
     _guard,
     _progress,
+    _seconds,
     _shapes,
     _threshold,
     app,
     err,
+    int_option,
     out,
+    real_option,
+    styled,
 )
 from .errors import OnnxlipError, grouped_issues
 
@@ -60,7 +65,7 @@ def check(
 
 def _print_check(model, result: CheckResult) -> None:
     status = ("supported", "green") if result.supported else ("not supported", "red")
-    out.print(Text.assemble(f"{model}: ", status))
+    out.print(styled(f"{model}: ", status))
     table = Table(title="ops in the file")
     table.add_column("op")
     table.add_column("count", justify="right")
@@ -70,11 +75,11 @@ def _print_check(model, result: CheckResult) -> None:
     if result.supported:
         out.print(f"inputs: {result.inputs}   outputs: {result.outputs}   parameters: {result.num_parameters:,}")
     for line in grouped_issues(result.errors):
-        out.print(Text.assemble(("x", "red"), f" {line}"), highlight=False)
+        out.print(styled(("x", "red"), f" {line}"), highlight=False)
     if result.hint:
         out.print(result.hint, highlight=False)
     for w in result.warnings:
-        out.print(Text.assemble(("warning:", "yellow"), f" {w}"), highlight=False)
+        out.print(styled(("warning:", "yellow"), f" {w}"), highlight=False)
 
 
 @app.command(cls=FlagHelpCommand, short_help="L^q path-norm ||Phi(theta)||_q of the model (value and log10).")
@@ -83,6 +88,7 @@ def pathnorm(
     q: float = typer.Option(
         1.0,
         "--q",
+        parser=real_option,
         help="Exponent of the L^q path-norm, from 0.001 to 1e6. A large q needs the weights' q-th powers to fit "
         "float32's range within each tensor (the digits models: q up to about 30-45); the error says when not.",
     ),
@@ -124,17 +130,27 @@ def bound(
         metavar="MODELS",
     ),
     input_bound: float = typer.Option(
-        1.0, "--input-bound", "-R", help="R: the bound holds for every input with ||x||_inf <= R."
+        1.0,
+        "--input-bound",
+        "-R",
+        parser=real_option,
+        help="R: the bound holds for every input with ||x||_inf <= R.",
     ),
     samples: int = typer.Option(
         256,
         "--samples",
+        parser=int_option,
         help="Random inputs in the box for the observed difference (a sanity figure, not a certificate); 0 to skip.",
     ),
-    sample_seconds: float = typer.Option(1.0, "--sample-seconds", help="Time budget per variant for sampling."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
+    sample_seconds: float = typer.Option(
+        1.0,
+        "--sample-seconds",
+        parser=real_option,
+        help=f"Time budget per variant for sampling, in seconds (at most {MAX_SECONDS:g}, one day).",
+    ),
+    seed: int = typer.Option(0, "--seed", parser=int_option, help="Seed of the random inputs."),
     max_bound: Optional[float] = typer.Option(
-        None, "--max-bound", help="CI gate: exit 1 when a certified bound exceeds this value."
+        None, "--max-bound", parser=real_option, help="CI gate: exit 1 when a certified bound exceeds this value."
     ),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
@@ -151,6 +167,7 @@ def bound(
     compared without importing them again; use --samples 0 to skip the per-variant sampling."""
     with _guard(as_json):
         _threshold("--max-bound", max_bound)
+        sample_seconds = _seconds("--sample-seconds", sample_seconds)
         if len(models) < 2:
             raise OnnxlipError("bound needs a base model and at least one variant")
         base, variants = models[0], models[1:]
@@ -197,7 +214,7 @@ def bound(
             for v, r in zip(_short_labels(variants), results):
                 if isinstance(r, api.VariantError):
                     message = r.error if r.variant in r.error else f"{v}: {r.error}"  # errors name their file
-                    err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
+                    err.print(styled(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
         if failed:
             raise typer.Exit(2)
         if exceeded:

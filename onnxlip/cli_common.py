@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import stat
 import sys
+import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
+from .args import seconds_arg
+from .cli_console import SafeConsole, styled  # noqa: F401 (styled: for the commands)
 from .errors import OnnxlipError
 from .loading import refuse_overwrite
 
@@ -124,8 +128,8 @@ for _name in ("stdout", "stderr"):  # a closed stream is None in Python: printin
 
 # markup off: model paths, tensor and node names and messages are printed as they are (rich would read "[x]" in a
 # name as a style tag, drop it, or fail on "[/x]"); styles are given as rich Text
-out = Console(width=_width(sys.stdout), markup=False)
-err = Console(stderr=True, width=_width(sys.stderr), markup=False)
+out = SafeConsole(width=_width(sys.stdout), markup=False)
+err = SafeConsole(stderr=True, width=_width(sys.stderr), markup=False)
 
 OutputOpt = typer.Option(
     None,
@@ -136,7 +140,7 @@ OutputOpt = typer.Option(
 ShapeOpt = typer.Option(
     None,
     "--input-shape",
-    help="Fix an input's shape, NAME=1x3x224x224 (repeatable); needed "
+    help="Fix an input's shape, NAME=1x3x224x224 (repeatable, once per input); needed "
     "when a non-batch dimension is dynamic. The batch dimension defaults to 1.",
     metavar="NAME=DIMS",
 )
@@ -149,19 +153,74 @@ DeviceOpt = typer.Option(
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else.", metavar=FLAG)
 
 
+# numbers on the command line: plain ASCII literals. Python's float() and int() (and the option parser) also take
+# "1_0" (as 10) and other scripts' digits ("８"): a typo or a look-alike should be an error, not another value
+_REAL = re.compile(r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)", re.IGNORECASE)
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_BLANK = " \t\n\r"
+
+
+def _real_text(text: str) -> float | None:
+    """The float of a plain ASCII number ("0.5", "-1e3", ".5", "inf", "nan"), None for anything else."""
+    text = text.strip(_BLANK)
+    return float(text) if _REAL.fullmatch(text) else None
+
+
+def real_option(value):
+    """typer parser of a real-number option (see _REAL)."""
+    if not isinstance(value, str):  # the default
+        return value
+    number = _real_text(value)
+    if number is None:
+        raise typer.BadParameter(f"{value!r} is not a number (plain ASCII digits, e.g. 0.5, 1e-3 or inf)")
+    return number
+
+
+def int_option(value):
+    """typer parser of an integer option: plain ASCII digits, an optional sign."""
+    if not isinstance(value, str):  # the default
+        return value
+    if not _INTEGER.fullmatch(value.strip(_BLANK)):
+        raise typer.BadParameter(f"{value!r} is not an integer (plain ASCII digits, e.g. 0 or 256)")
+    return int(value.strip(_BLANK))
+
+
+def _numbers(option: str, text: str) -> list[float]:
+    """A comma-separated list of numbers; OnnxlipError for an empty item ("1,,2": a typo, not a list of two)."""
+    if not text.strip():
+        return []  # (the caller says what it needs at least one of)
+    values = [_real_text(v) for v in text.split(",")]
+    if any(v is None for v in values):
+        raise OnnxlipError(f"{option} {text!r} is not a comma-separated list of numbers (plain ASCII, e.g. 0.5,0.9)")
+    return values
+
+
 def _shapes(specs: Optional[List[str]]) -> dict[str, list[int]] | None:
+    """--input-shape NAME=D1xD2x... options as input_shapes; each dimension a positive integer in ASCII digits, each
+    input named once (the last of two was silently the one used)."""
     if not specs:
         return None
-    shapes = {}
+    shapes: dict[str, list[int]] = {}
     for spec in specs:
         name, sep, dims = spec.rpartition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError:
-            raise OnnxlipError(f"--input-shape {spec!r} is not NAME=D1xD2x...") from None
+        parts = dims.lower().split("x")
+        if not sep or not name or not all(re.fullmatch("[0-9]+", d) and int(d) > 0 for d in parts):
+            raise OnnxlipError(
+                f"--input-shape {spec!r} is not NAME=D1xD2x... with positive whole dimensions in plain digits "
+                "(e.g. input=1x3x224x224)"
+            )
+        if name in shapes:
+            raise OnnxlipError(
+                f"--input-shape gives input {name!r} twice ({name}={'x'.join(map(str, shapes[name]))} and {spec}); "
+                "give each input once"
+            )
+        shapes[name] = [int(d) for d in parts]
     return shapes
+
+
+def _seconds(option: str, value: float) -> float:
+    """A time budget option: finite, >= 0 and at most args.MAX_SECONDS (one day), as the Python API checks it."""
+    return seconds_arg(option, value)
 
 
 def _threshold(option: str, value: float | None) -> float | None:
@@ -215,7 +274,7 @@ def _fail(as_json: bool, message: str, code: int, issues=None, hint=None):
             payload["hint"] = hint.removeprefix("hint: ")
         _emit_json(payload)
     else:
-        err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
+        err.print(styled(("error:", "bold red"), f" {message}"), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -263,6 +322,65 @@ def _progress(total: int, label: str) -> Progress:
         transient=True,
         disable=0 <= total <= 1 or not err.is_terminal,
     )
+
+
+def _is_stdout(target) -> bool:
+    """Whether `target` names the file standard output writes to: /dev/stdout, /dev/fd/1, or the very file stdout
+    is redirected to."""
+    try:
+        return os.path.samestat(os.stat(target), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such file, or no stdout with a descriptor (a test's capture)
+        return False
+
+
+@contextmanager
+def _output_target(target: str | None, as_json: bool, option: str = "-o"):
+    """The path to give the writer of an output file named by `option`. A regular file (or a new one) is that path.
+    Standard output (-o /dev/stdout, or the file stdout is redirected to) takes the file's bytes and nothing else:
+    refused with --json (its one JSON object goes there), else the human report goes to stderr. Standard output and
+    other streams (a pipe, a terminal, /dev/fd/N) are written through a temporary file copied into them once the
+    command succeeded (a failure writes nothing)."""
+    if target is None:
+        yield None
+        return
+    to_stdout = _is_stdout(target)
+    if to_stdout and as_json:
+        raise OnnxlipError(
+            f"{option} {target} is standard output, where --json writes its JSON object; write the file elsewhere, "
+            "or leave out --json"
+        )
+    try:
+        stream = to_stdout or not stat.S_ISREG(os.stat(target).st_mode)
+    except OSError:
+        stream = False  # a new file (or one that cannot be read: the writer says why)
+    if not stream:
+        yield target
+        return
+    previous = out.file
+    if to_stdout:
+        out.file = sys.stderr  # the report must not be mixed into the file's bytes
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnxlip-") as folder:
+            temporary = os.path.join(folder, "output" + Path(target).suffix)
+            yield temporary
+            if not os.path.exists(temporary):  # (nothing was written)
+                return
+            with open(temporary, "rb") as data:
+                if to_stdout:
+                    try:
+                        sys.stdout.flush()
+                        shutil.copyfileobj(data, sys.stdout.buffer, 1 << 20)
+                        sys.stdout.buffer.flush()
+                    except OSError as exc:
+                        raise StdoutError(exc) from None
+                else:
+                    try:
+                        with open(target, "wb") as sink:
+                            shutil.copyfileobj(data, sink, 1 << 20)
+                    except OSError as exc:
+                        raise OnnxlipError(f"cannot write {target}: {exc.strerror or exc}") from None
+    finally:
+        out.file = previous
 
 
 def _refuse_overwrite(target: Path, inputs) -> None:

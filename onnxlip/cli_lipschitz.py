@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from .args import MAX_SECONDS
 from .cli_common import (
     FLAG,
     FlagHelpCommand,
@@ -19,10 +20,13 @@ from .cli_common import (
     _fmt,
     _guard,
     _progress,
+    _seconds,
     _shapes,
     _threshold,
     app,
+    int_option,
     out,
+    real_option,
 )
 
 
@@ -35,7 +39,10 @@ def lipschitz_cmd(
     model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
     norm: str = typer.Option("2", "--norm", help="2, 1 or inf: the norm on inputs and outputs.", metavar="2|1|inf"),
     max_lipschitz: Optional[float] = typer.Option(
-        None, "--max-lipschitz", help="CI gate: exit 1 when the certified upper bound exceeds this value."
+        None,
+        "--max-lipschitz",
+        parser=real_option,
+        help="CI gate: exit 1 when the certified upper bound exceeds this value.",
     ),
     per_layer: bool = typer.Option(
         False,
@@ -45,11 +52,15 @@ def lipschitz_cmd(
         "iteration estimate and certified value; the largest ones dominate the bound.",
     ),
     lower_seconds: float = typer.Option(
-        2.0, "--lower-seconds", help="Time budget of the lower-bound search; 0 to skip it."
+        2.0,
+        "--lower-seconds",
+        parser=real_option,
+        help=f"Time budget of the lower-bound search, in seconds (at most {MAX_SECONDS:g}, one day); 0 to skip it.",
     ),
     seed: int = typer.Option(
         0,
         "--seed",
+        parser=int_option,
         help="Seed of the lower-bound search's inputs (the search is time-limited: a faster machine tries more pairs, "
         "so the observed figure can differ between runs).",
     ),
@@ -72,6 +83,7 @@ def lipschitz_cmd(
 
     with _guard(as_json):
         _threshold("--max-lipschitz", max_lipschitz)
+        lower_seconds = _seconds("--lower-seconds", lower_seconds)
         with _progress(-1, "bounds (operator norms, then the lower-bound search)") as bar:
             task = bar.add_task("norms", total=None)
             result = lipschitz(

@@ -19,14 +19,20 @@ from .cli_common import (
     _emit_json,
     _fmt,
     _guard,
+    _numbers,
+    _output_target,
     _progress,
     _refuse_overwrite,
     _shapes,
     app,
+    int_option,
     out,
+    real_option,
 )
 from .errors import OnnxlipError
 from .loading import write_output
+
+NPZ_NORM_KEY = "__log10_path_norm__"  # the .npz key of the path-norm's log10, beside the initializers' scores
 
 
 @app.command(
@@ -43,7 +49,9 @@ def scores_cmd(
         help="Write the scores to this .npz: one array "
         "per parameter tensor, keyed and shaped like the model's initializers, "
         "as fractions of the path-norm (multiply by 10**log10_path_norm, which the file also holds as "
-        "__log10_path_norm__).",
+        f"{NPZ_NORM_KEY}; a model with an initializer of that name is refused, as are names np.load could not "
+        "give back exactly). -o /dev/stdout writes it to standard output (the report goes to stderr; not with "
+        "--json).",
         metavar="FILE",
     ),
     log10: bool = typer.Option(
@@ -62,18 +70,19 @@ def scores_cmd(
     the path-norm), from one forward and one adjoint run of the companion graph. Invariant under rescaling."""
     from .scores import scores as compute_scores
 
-    with _guard(as_json):
+    with _guard(as_json), _output_target(out_file, as_json) as target:
         result = compute_scores(model, output=output, input_shapes=_shapes(input_shape), device=device)
         if out_file is not None:
             _refuse_overwrite(out_file, [model])
             arrays = result.initializer_scores(log10)  # keyed by initializer: a shared one's uses summed
+            _check_npz_keys(arrays)
             lost = 0 if log10 else sum(t.below_float64() for t in result.tensors.values())
             if lost:
                 result.notes.append(
                     f"{lost} nonzero score(s) lie below float64's range relative to the path-norm and read as 0 (or "
                     "lose precision) in the file; --log10 writes every score's log10 exactly"
                 )
-            write_output(out_file, lambda path: _savez(path, arrays, result.log10_path_norm))
+            write_output(target, lambda path: _savez(path, arrays, result.log10_path_norm))
         if as_json:
             obj = {"model": str(model)} | result.to_json()
             obj["file"] = None if out_file is None else str(out_file)
@@ -106,10 +115,15 @@ def scores_cmd(
 def prune_cmd(
     model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
     sparsity: Optional[float] = typer.Option(
-        None, "--sparsity", help="Fraction of the prunable weights to zero (this or --sweep)."
+        None, "--sparsity", parser=real_option, help="Fraction of the prunable weights to zero (this or --sweep)."
     ),
     out_file: Optional[str] = typer.Option(
-        None, "-o", "--out", help="Where to write the pruned model.", metavar="FILE"
+        None,
+        "-o",
+        "--out",
+        help="Where to write the pruned model (/dev/stdout: to standard output, the report to stderr; not with "
+        "--json).",
+        metavar="FILE",
     ),
     criterion: Optional[str] = typer.Option(
         None,
@@ -137,7 +151,7 @@ def prune_cmd(
         "or .pdf; needs matplotlib, pip install 'onnxlip\\[plot]').",
         metavar="IMAGE",
     ),
-    input_bound: float = typer.Option(1.0, "--input-bound", "-R", help="R of the certified bound."),
+    input_bound: float = typer.Option(1.0, "--input-bound", "-R", parser=real_option, help="R of the certified bound."),
     output: Optional[List[str]] = OutputOpt,
     input_shape: Optional[List[str]] = ShapeOpt,
     device: str = DeviceOpt,
@@ -148,7 +162,11 @@ def prune_cmd(
     the certified bound between the original and the pruned model (exact metric)."""
     from .prune import prune_sweep
 
-    with _guard(as_json):
+    with (
+        _guard(as_json),
+        _output_target(out_file, as_json) as out_target,
+        _output_target(plot, as_json, "--plot") as plot_target,
+    ):
         if (sparsity is None) == (sweep is None):
             raise OnnxlipError("give either --sparsity S (with -o FILE) or --sweep S1,S2,...")
         if plot is not None:
@@ -189,14 +207,14 @@ def prune_cmd(
                 criteria=[criterion or "path-magnitude"],
                 scope=scope,
                 include_biases=include_biases,
-                out_path=out_file,
+                out_path=out_target,
                 input_bound=input_bound,
                 output=output,
                 input_shapes=_shapes(input_shape),
                 device=device,
             )
         if plot is not None:
-            _plot_sweep(results, plot)
+            _plot_sweep(results, plot_target)
         if as_json:
             _emit_json(
                 {"model": str(model)}
@@ -224,22 +242,51 @@ def prune_cmd(
             out.print(f"wrote {plot}", highlight=False)
 
 
-def _numbers(option: str, text: str) -> list[float]:
-    """A comma-separated list of numbers; OnnxlipError for an empty item ("1,,2": a typo, not a list of two)."""
-    if not text.strip():
-        return []  # (the caller says what it needs at least one of)
-    items = [v.strip() for v in text.split(",")]
-    try:
-        if not items or any(not v for v in items):
-            raise ValueError
-        return [float(v) for v in items]
-    except ValueError:
-        raise OnnxlipError(f"{option} {text!r} is not a comma-separated list of numbers") from None
+def _check_npz_keys(arrays: dict) -> None:
+    """OnnxlipError for initializer names a .npz cannot hold as keys that np.load gives back exactly: the metadata
+    key itself; a NUL (zip member names end there); text that is not Unicode or over the zip's 64 KiB name length;
+    and a name "N.npy" beside a name "N" (np.load looks "N.npy" up as the member file of "N", whose array it gives).
+    Every other name (slashes, "..", spaces, an empty name) is its own key in the file and in np.load's."""
+    for name in arrays:
+        if name == NPZ_NORM_KEY:
+            raise OnnxlipError(
+                f"the model has an initializer named {NPZ_NORM_KEY}, the key under which the .npz holds the "
+                "path-norm's log10; rename that initializer to write its scores"
+            )
+        if "\0" in name:
+            raise OnnxlipError(f"initializer name {name!r} holds a NUL character, which a .npz key cannot hold")
+        try:
+            size = len((name + ".npy").encode("utf-8"))
+        except UnicodeEncodeError:
+            raise OnnxlipError(
+                f"initializer name {name!r} is not valid Unicode text; a .npz key cannot hold it"
+            ) from None
+        if size > 0xFFFF:
+            raise OnnxlipError(
+                f"initializer name {name[:40]!r}... is {size - 4} bytes long; a .npz key holds at most {0xFFFF - 4}"
+            )
+    keys = set(arrays) | {NPZ_NORM_KEY}
+    for name in sorted(keys):
+        if name.endswith(".npy") and name[:-4] in keys:
+            raise OnnxlipError(
+                f"a .npz cannot hold both keys {name[:-4]!r} and {name!r}: np.load looks {name!r} up as the file "
+                f"of {name[:-4]!r} and would give that array; rename the initializer {name!r}"
+            )
 
 
 def _savez(path: str, arrays: dict, log10_path_norm: float) -> None:
-    with open(path, "wb") as f:  # exactly the named file (np.savez(path) would add ".npz")
-        np.savez(f, **arrays, __log10_path_norm__=np.array(log10_path_norm))
+    """The .npz np.savez writes (one uncompressed .npy member per key), for any key: np.savez(f, **arrays) took
+    keys named like its own parameters ("file", "allow_pickle") as those. Exactly the named file (np.savez(path)
+    would add ".npz"). The keys are checked by _check_npz_keys."""
+    import zipfile
+
+    from numpy.lib import format as npy_format
+
+    members = {**arrays, NPZ_NORM_KEY: np.array(log10_path_norm)}
+    with zipfile.ZipFile(path, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, value in members.items():
+            with archive.open(key + ".npy", "w", force_zip64=True) as member:  # (force_zip64: as np.savez, gh-10776)
+                npy_format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 def _plot_format(path: str) -> str:
@@ -285,8 +332,15 @@ def _plot_sweep(results, path: str) -> None:
 )
 def rescale_cmd(
     model: Path = typer.Argument(..., help="ONNX file.", metavar="MODEL"),
-    out_file: str = typer.Option(..., "-o", "--out", help="Where to write the rescaled model.", metavar="FILE"),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    out_file: str = typer.Option(
+        ...,
+        "-o",
+        "--out",
+        help="Where to write the rescaled model (/dev/stdout: to standard output, the report to stderr; not with "
+        "--json).",
+        metavar="FILE",
+    ),
+    seed: int = typer.Option(0, "--seed", parser=int_option, help="Random seed."),
     factors: str = typer.Option(
         "1,128,4096",
         "--factors",
@@ -301,11 +355,11 @@ def rescale_cmd(
     Path-norms, bounds and path-magnitude scores do not change; weight magnitudes do."""
     from .rescale import rescale
 
-    with _guard(as_json):
+    with _guard(as_json), _output_target(out_file, as_json) as target:
         values = _numbers("--factors", factors)
         _refuse_overwrite(out_file, [model])
-        _, result = rescale(model, seed=seed, factors=values, out_path=out_file)
-        notes = []
+        _, result = rescale(model, seed=seed, factors=values, out_path=target)
+        notes = list(result.notes)  # (the check of the written model's function: rescale_check)
         if result.rescaled_neurons == 0 and result.rescaled_layers > 0:  # every neuron drew the factor 1
             notes.append(
                 f"no neuron was rescaled: every neuron of the {result.rescaled_layers} rescalable layers drew the "

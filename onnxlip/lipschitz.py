@@ -19,7 +19,7 @@ import numpy as np
 
 from .adjoint import emit_scores
 from .api import _jsonable, analyse, log10_rounded_up
-from .args import check_seed, int_arg, real_arg
+from .args import check_seed, int_arg, seconds_arg
 from .companion import LOG10_2, CompanionEmitter, log10_total, ones_feeds, plain_value
 from .compiled import RAISE_FLOORS, Raised, certify, raised_note
 from .errors import RuntimeFailure, UnderflowError
@@ -334,7 +334,7 @@ def lipschitz(
     norm = str(norm)
     if norm not in ("2", "1", "inf"):
         raise OnnxlipError(f"--norm must be 2, 1 or inf, got {norm!r}")
-    lower_seconds = real_arg("lower_seconds (--lower-seconds)", lower_seconds, minimum=0)
+    lower_seconds = seconds_arg("lower_seconds (--lower-seconds)", lower_seconds)
     estimate_iters = int_arg("estimate_iters", estimate_iters, minimum=1)
 
     check_seed(seed)

@@ -188,10 +188,10 @@ def write_output(target, write) -> None:
     (its target is the file replaced); a pipe or device, or a file whose folder takes no new files, is written in
     place."""
     check_output_path(target)
+    if os.path.exists(target) and not os.path.isfile(target):  # a pipe, a device (/dev/stdout): write to it
+        _write_in_place(target, write, os.fspath(target))  # (by its own name: /dev/stdout on a pipe resolves to
+        return  # /proc/<pid>/fd/pipe:[N], which does not exist)
     name = os.path.realpath(os.fspath(target))  # through symbolic links: the file they name is the output
-    if os.path.exists(name) and not os.path.isfile(name):  # a pipe, a device (/dev/stdout): write to it
-        _write_in_place(target, write, name)
-        return
     folder, base = os.path.split(name)
     temporary = os.path.join(folder, f".{base[:100]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:

@@ -210,7 +210,14 @@ class BoundSamplers:
                 self.base = sampler_for(self.ref)
             observed, tried = observed_max_l1((self.base, sampler_for(other)), self.samples, radius, seed, seconds)
             if not math.isfinite(observed):  # Inf or NaN outputs: the forward passes overflowed float32
-                return None, tried, [_no_samples("their float32 outputs overflow (Inf or NaN) on the sampled inputs")]
+                return (
+                    None,
+                    0,
+                    [
+                        "no sampled differences (the certified bound does not need them): the models' float32 outputs "
+                        f"overflow (Inf or NaN) on the {tried} sampled input(s) run"
+                    ],
+                )
             return observed, tried, []
         except RuntimeFailure as exc:
             if self.base is None:
