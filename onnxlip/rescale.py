@@ -2,11 +2,14 @@
 weights and bias by lambda > 0 and its outgoing weights by 1/lambda. The function, the path-norms, the metrics
 and the path-magnitude scores do not change; plain weight magnitudes do. This is the attack that breaks
 magnitude pruning. It edits the ONNX file's own initializers (per channel for convolutions) and skips every
-neuron where the symmetry would not hold exactly (residual Adds, Concats, shared tensors, ...)."""
+neuron where the symmetry would not hold exactly (residual Adds, Concats, shared tensors, ...). Factors under which
+floating point cannot hold the rescaled model (weights or activations that overflow, flush to 0 or lose bits as
+subnormals) are refused: the weights are checked, and the model is run beside the input model
+(onnxlip/rescale_check.py)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,6 +21,7 @@ from .args import check_seed, real_arg
 from .errors import OnnxlipError
 from .graph_prep import initial_constants
 from .loading import ModelLike, load_model, refuse_overwrite, replaced_tensor, write_output
+from .rescale_check import check_function
 
 # channel-wise positively homogeneous ops a rescaled activation may pass through on its way to the next layer
 _PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
@@ -32,6 +36,11 @@ class RescaleResult:
     rescaled_layers: int
     skipped_layers: int
     output: str | None
+    # inputs on which the rescaled model's outputs were compared with the input model's in onnxruntime (0 where no
+    # neuron was rescaled, or where onnxruntime cannot run the input model: `notes` says so, and only the rescaled
+    # weights were checked)
+    checked_inputs: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         from .api import _jsonable  # here, not at import: onnxlip.api may import this module's users
@@ -81,12 +90,10 @@ def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
-def _check_representable(name: str, v: np.ndarray, nonzero: int, subnormal: int) -> None:
-    """The rescaled tensor holds what exact arithmetic gives, up to rounding: no entry overflowed to Inf, and none
-    underflowed to zero (the model would no longer be functionally identical, and its sparsity would change).
-    Subnormal float32 results are rounding (an absolute error below 2**-149; sklearn's MLPs hold weights of 1e-37);
-    in float16 a subnormal keeps 10 bits at most, so no entry may become one (factors of 4096 put float16 weights
-    off by 2.4%, the outputs by 7e-3 relative). `subnormal`: the tensor's subnormal entries before."""
+def _check_representable(name: str, v: np.ndarray, nonzero: int) -> None:
+    """The rescaled tensor `v` holds what exact arithmetic gives, up to rounding: no entry overflowed to Inf, and
+    none underflowed to zero (the model would no longer be functionally identical, and its sparsity would change).
+    `nonzero`: the tensor's nonzero entries before."""
     if not np.all(np.isfinite(v)):
         raise OnnxlipError(f"rescaling makes entries of {name!r} overflow {v.dtype}; choose factors closer to 1")
     if np.count_nonzero(v) != nonzero:
@@ -94,18 +101,23 @@ def _check_representable(name: str, v: np.ndarray, nonzero: int, subnormal: int)
             f"rescaling makes entries of {name!r} underflow {v.dtype} (the model would not compute the same "
             "function); choose factors closer to 1"
         )
-    if _subnormal(v) > subnormal:
+
+
+def _check_subnormals(name: str, v: np.ndarray, old: np.ndarray, neuron_max: np.ndarray) -> None:
+    """No entry of the rescaled tensor `v` (`old` before) that matters became a subnormal. A subnormal keeps fewer
+    bits than the type's precision (a float16 one 10 at most: factors of 4096 put float16 weights off by 2.4%, the
+    outputs by 7e-3 relative; the digits CNN's float32 biases rescaled by 1e-38 kept 15-20 of 24 bits), so an
+    entry may become one only where it is negligible: below one unit of roundoff u of the largest |entry| of its
+    neuron before rescaling (`neuron_max`, broadcastable to v; _neuron_max). Rounding such an entry, even to 0,
+    changes the neuron's sum less than rounding its largest entry does: scikit-learn MLPs hold weights of 1e-37
+    beside weights of 0.1, and dividing those by 4096 is harmless."""
+    info = np.finfo(v.dtype)
+    subnormal = (v != 0) & (np.abs(v) < info.tiny) & (v != old)  # (an entry left as it was lost nothing)
+    if np.any(subnormal & (np.abs(old.astype(np.float64)) >= info.eps / 2 * neuron_max)):
         raise OnnxlipError(
             f"rescaling makes entries of {name!r} {v.dtype} subnormals, which lose precision (the model would not "
             "compute the same function to its rounding); choose factors closer to 1"
         )
-
-
-def _subnormal(v: np.ndarray) -> int:
-    """Subnormal entries of a float16 (or narrower) tensor; 0 for wider ones (see _check_representable)."""
-    if v.dtype.itemsize > 2:
-        return 0
-    return int(np.count_nonzero((v != 0) & (np.abs(v) < np.finfo(v.dtype).tiny)))
 
 
 def _attr(node, name: str, default: int):
@@ -187,8 +199,9 @@ def _out_dim(g: _Graph, gemm) -> int:
 
 def _outgoing(g: _Graph, r: str, channels: int, axis: int):
     """How to divide the next layer's weights by lam per input channel (channels on `axis` of r), following r
-    through channel-wise homogeneous ops; None when the activation reaches anything else, or a layer that reads
-    another axis as its channels."""
+    through channel-wise homogeneous ops: (a function of lam that divides them, (the weight's name, the axis of its
+    output neurons)); None when the activation reaches anything else, or a layer that reads another axis as its
+    channels."""
     tensor, rank, flat = r, g.ranks.get(r), None
     if rank is None:
         return None
@@ -231,7 +244,7 @@ def _outgoing(g: _Graph, r: str, channels: int, axis: int):
                 g.values[w].dtype
             )
 
-        return divide
+        return divide, (w, 0)
     if node.op_type in ("Gemm", "MatMul") and g.private_init(node.input[1]) and g.values[node.input[1]].ndim == 2:
         # Gemm reads axis 1 of a 2-D input, MatMul the last axis: the rescaled one, or a flattened block of it
         if flat is None and axis != rank - 1 or (node.op_type == "Gemm" and flat is None and rank != 2):
@@ -251,7 +264,7 @@ def _outgoing(g: _Graph, r: str, channels: int, axis: int):
             factors = np.tile(lam, per_channel) if flat == "interleaved" else np.repeat(lam, per_channel)
             _mul(g, w, 1.0 / factors, 1 if trans else 0)
 
-        return divide
+        return divide, (w, 0 if trans else 1)
     return None
 
 
@@ -280,26 +293,43 @@ def _check_graph(proto: onnx.ModelProto) -> None:
 Chooser = Callable[[onnx.NodeProto, np.ndarray], np.ndarray]
 
 
-def _channel_max(g: _Graph, tensors, channels: int) -> np.ndarray:
+def _channel_max(values: dict[str, np.ndarray], tensors, channels: int) -> np.ndarray:
     """f[c] = max |entry| of channel c over the tensors the incoming step multiplies, in float64."""
     f = np.zeros(channels)
     for name, axis in tensors:
-        arr = np.moveaxis(np.abs(g.values[name].astype(np.float64)), axis, 0).reshape(channels, -1)
+        arr = np.moveaxis(np.abs(values[name].astype(np.float64)), axis, 0).reshape(channels, -1)
         f = np.maximum(f, arr.max(axis=1, initial=0.0))
     return f
 
 
-def rescale_layers(proto: onnx.ModelProto, choose: Chooser) -> tuple[int, int, int, dict[str, np.ndarray]]:
+def _neuron_max(values: dict[str, np.ndarray], name: str, group) -> np.ndarray:
+    """The largest |entry| of the neuron each entry of tensor `name` belongs to, over every tensor of its group
+    (tensors, channels): the tensors an incoming step multiplies (a weight's rows or output channels with their
+    bias, a BatchNorm's gamma and beta), or, for a weight only divided, its own output neurons."""
+    tensors, channels = group
+    f = _channel_max(values, tensors, channels)
+    ndim = values[name].ndim
+    shape = [1] * ndim
+    if ndim:
+        shape[dict(tensors)[name] % ndim] = channels
+    return f.reshape(shape)
+
+
+def rescale_layers(
+    proto: onnx.ModelProto, choose: Chooser, *, check: bool = True
+) -> tuple[int, int, int, dict[str, np.ndarray]]:
     """Rescale `proto` in place, ReLU layer by ReLU layer in node order, with the factors `choose` picks, at every
     neuron where the symmetry is exact. Returns (rescaled neurons, rescaled layers, skipped layers, the factors
-    applied keyed by the ReLU node's output name). OnnxlipError where an entry would overflow or underflow."""
+    applied keyed by the ReLU node's output name). OnnxlipError where an entry would overflow or underflow, or a
+    non-negligible one would become subnormal (_check_representable; `check=False`: not checked)."""
     _check_graph(proto)
     g = _Graph(proto)
     nonzero = {n: int(np.count_nonzero(v)) for n, v in g.values.items() if v.dtype.kind == "f"}
-    subnormal = {n: _subnormal(v) for n, v in g.values.items() if v.dtype.kind == "f"}
     original = dict(g.values)
     neurons = layers = skipped = 0
     applied: dict[str, np.ndarray] = {}
+    groups: dict[str, tuple] = {}  # tensor -> its neurons (_neuron_max): the incoming step's group first
+    divided: dict[str, tuple] = {}
     for node in list(proto.graph.node):
         if node.op_type not in _HOMOGENEOUS or not node.input or not node.output:
             continue
@@ -308,19 +338,25 @@ def rescale_layers(proto: onnx.ModelProto, choose: Chooser) -> tuple[int, int, i
         if inc is None or out is None:
             skipped += 1
             continue
-        lam = np.asarray(choose(node, _channel_max(g, inc[1], inc[0])), dtype=np.float64)
+        lam = np.asarray(choose(node, _channel_max(g.values, inc[1], inc[0])), dtype=np.float64)
         if lam.shape != (inc[0],) or not np.all(np.isfinite(lam) & (lam > 0)):
             raise OnnxlipError(f"rescaling factors of {node.output[0]!r} must be {inc[0]} positive finite numbers")
+        divide, (w, w_axis) = out
         with np.errstate(over="ignore", under="ignore"):  # checked below
             for name, axis in inc[1]:
                 _mul(g, name, lam, axis)
-            out(lam)
+            divide(lam)
+        groups.update(dict.fromkeys((name for name, _ in inc[1]), (inc[1], inc[0])))
+        divided[w] = ([(w, w_axis)], g.values[w].shape[w_axis])
         applied[node.output[0]] = lam
         neurons += int(np.count_nonzero(lam != 1.0))
         layers += 1
-    for name, count in nonzero.items():
-        if g.values[name] is not original[name]:  # untouched constants (a Clip's -inf bound) stay as they are
-            _check_representable(name, g.values[name], count, subnormal[name])
+    changed = [n for n in nonzero if g.values[n] is not original[n]] if check else []  # (not a Clip's -inf bound)
+    for name in changed:
+        _check_representable(name, g.values[name], nonzero[name])
+    for name in changed:
+        group = groups.get(name) or divided[name]
+        _check_subnormals(name, g.values[name], original[name], _neuron_max(original, name, group))
     for name, init in g.inits.items():
         if g.values[name] is not original[name]:  # rescaled (an untouched tensor stays as stored)
             init.CopyFrom(replaced_tensor(init, g.values[name]))
@@ -332,7 +368,9 @@ def rescale(
 ) -> tuple[onnx.ModelProto, RescaleResult]:
     """A functionally identical model with random positive rescaling of every ReLU (LeakyReLU, PReLU) neuron where
     it is exact.
-    Each neuron's factor is drawn uniformly from `factors`. Returns the model and a summary."""
+    Each neuron's factor is drawn uniformly from `factors`. Returns the model and a summary. Before anything is
+    written, the rescaled model is run in onnxruntime beside the input model (rescale_check): OnnxlipError
+    where its outputs are not the input model's to rounding (float overflow or subnormal activations)."""
     if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or not factors:
         raise OnnxlipError(f"rescaling factors must be a non-empty list of positive finite numbers, got {factors!r}")
     factors = np.asarray([real_arg("a rescaling factor", f) for f in factors], dtype=np.float64)
@@ -341,11 +379,13 @@ def rescale(
     check_seed(seed)
     if out_path is not None:
         refuse_overwrite(out_path, [model])
+    source = load_model(model)
     proto = onnx.ModelProto()
-    proto.CopyFrom(load_model(model))
+    proto.CopyFrom(source)
     rng = np.random.default_rng(seed)
-    neurons, layers, skipped, _ = rescale_layers(proto, lambda node, f: rng.choice(factors, size=len(f)))
-    result = RescaleResult(neurons, layers, skipped, None if out_path is None else str(out_path))
+    neurons, layers, skipped, applied = rescale_layers(proto, lambda node, f: rng.choice(factors, size=len(f)))
+    checked, notes = check_function(source, proto, applied) if neurons else (0, [])
+    result = RescaleResult(neurons, layers, skipped, None if out_path is None else str(out_path), checked, notes)
     if out_path is not None:
         write_output(out_path, lambda path: onnx.save(proto, path))
     return proto, result

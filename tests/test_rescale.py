@@ -273,3 +273,135 @@ def test_an_infinite_constant_the_rescaling_does_not_touch_is_no_overflow():
     np.testing.assert_allclose(_outputs(out, x)[0], _outputs(model, x)[0], rtol=1e-5, atol=1e-6)
     lo = next(t for t in out.graph.initializer if t.name == "lo")
     assert numpy_helper.to_array(lo) == -np.inf
+
+
+# ---- the rescaled model is run before it is written (activations that leave float range) -----------------------
+def _dense_relu_dense(first: onnx.NodeProto, inits: dict[str, np.ndarray], width: int) -> onnx.ModelProto:
+    """x (N, 4) -> `first` (to z, `width` channels) -> Relu -> Gemm(W2) -> y (N, 3), float32."""
+    from onnx import TensorProto, helper
+
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(7)
+    w2 = rng.choice([-1.0, 1.0], (width, 3)) * rng.uniform(0.5, 1.0, (width, 3))  # no weight near 0
+    nodes = [first, helper.make_node("Relu", ["z"], ["r"]), helper.make_node("Gemm", ["r", "W2"], ["y"])]
+    arrays = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in {**inits, "W2": w2}.items()]
+    io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])]
+    return make_model(nodes, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], arrays)
+
+
+def _wide_gemm() -> onnx.ModelProto:
+    from onnx import helper
+
+    rng = np.random.default_rng(8)
+    w1 = rng.choice([-1.0, 1.0], (4, 6)) * rng.uniform(0.5, 1.0, (4, 6))
+    return _dense_relu_dense(helper.make_node("Gemm", ["x", "W1"], ["z"]), {"W1": w1}, 6)
+
+
+def test_factors_that_keep_the_weights_but_overflow_the_activations_are_refused(tmp_path):
+    """Factors of 1e36 keep every weight of this model a normal float32 (the outgoing ones, 0.5-1, become 5e-37 to
+    1e-36), but its activations reach 4e36 on the box [-1, 1] and overflow on inputs of size 1024: refused
+    (rescale wrote it, and the model computed Inf and NaN there). 1e30 leaves headroom and is accepted."""
+    model = _wide_gemm()
+    with pytest.raises(onnxlip.OnnxlipError, match=r"NaN or Inf in its output 'y'.*\[-1024, 1024\].*factors closer"):
+        rescale(model, seed=0, factors=[1e36])
+    out, result = rescale(model, seed=0, factors=[1e30])
+    assert result.rescaled_neurons == 6 and result.checked_inputs == 5 and result.notes == []
+    x = np.random.default_rng(0).uniform(-1, 1, (8, 4)).astype(np.float32)
+    np.testing.assert_allclose(_outputs(out, x)[0], _outputs(model, x)[0], rtol=1e-5, atol=1e-6)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    code, out_json, err = cli("rescale", tmp_path / "m.onnx", "-o", tmp_path / "r.onnx", "--factors", "1e36", "--json")
+    assert code == 2 and "overflow" in json.loads(out_json)["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # nothing written, no temporary file left
+
+
+def test_factors_that_make_the_activations_subnormal_are_refused():
+    """A BatchNorm whose running variance is 1e30 puts out values of 1e-15: rescaled by 1e-30 (gamma 1e-30 and
+    the next weights of 1e30 are normal float32) they are subnormals of 1 or 2 units, and the outputs were off by
+    tens of percent. Refused; factors that keep them normal are accepted."""
+    from onnx import helper
+
+    bn = {"g": np.ones(4), "be": np.zeros(4), "mu": np.zeros(4), "va": np.full(4, 1e30)}
+    model = _dense_relu_dense(helper.make_node("BatchNormalization", ["x", "g", "be", "mu", "va"], ["z"]), bn, 4)
+    with pytest.raises(onnxlip.OnnxlipError, match=r"output 'y' differs from the input model's by .* factors closer"):
+        rescale(model, seed=0, factors=[1e-30])
+    out, result = rescale(model, seed=0, factors=[1e-10, 0.3, 7.0])
+    assert result.rescaled_neurons == 4 and result.checked_inputs == 5
+    x = np.random.default_rng(0).uniform(-1, 1, (8, 4)).astype(np.float32)
+    a, b = _outputs(model, x)[0], _outputs(out, x)[0]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_factors_of_1e38_are_refused_by_the_cli_and_nothing_is_written(tmp_path):
+    """Found by the output-file hunt: `--factors 1e38` exited 0 and wrote a digits CNN whose every output was NaN
+    (its float32 activations overflow; its last weights, divided by 1e38, were subnormals of a few bits)."""
+    target = tmp_path / "rs.onnx"
+    code, out, err = cli("rescale", "models/digits_cnn.onnx", "-o", target, "--factors", "1e38", "--json")
+    message = json.loads(out)["error"]
+    assert code == 2 and "fc.weight" in message and "subnormal" in message and "factors closer to 1" in message
+    assert list(tmp_path.iterdir()) == []
+    code, out, err = cli("rescale", "models/digits_cnn.onnx", "-o", target, "--factors", "1e38")
+    assert code == 2 and "factors closer to 1" in err and list(tmp_path.iterdir()) == []
+
+
+def test_float32_entries_that_matter_are_not_made_subnormal():
+    """Factors of 1e-38 made every BatchNorm bias (0.005-0.2) and conv2 bias of the digits CNN a float32 subnormal
+    of 15-20 bits (outputs off by up to 1e-6 relative), with no word: refused, as float16 subnormals are. Entries
+    negligible in their neuron may become subnormals (the digits MLP's weights of 1e-37 beside 0.1: see CASES)."""
+    with pytest.raises(onnxlip.OnnxlipError, match=r"'bn\.bias' float32 subnormals.*factors closer to 1"):
+        rescale("models/digits_cnn.onnx", seed=0, factors=[1e-38])
+    model, result = rescale("models/digits_mlp.onnx", seed=0)
+    tiny = np.finfo(np.float32).tiny
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("coefficient")]
+    assert any(np.any((w != 0) & (np.abs(w) < tiny)) for w in weights) and result.checked_inputs == 5
+
+
+@pytest.mark.parametrize("path", ["models/digits_cnn.onnx", "models/digits_mlp.onnx"])
+def test_ordinary_factors_pass_the_run(path):
+    """The defaults (powers of two: outputs bit for bit the input model's), odd factors (rounding) and wide ones
+    are run on 5 inputs and accepted."""
+    for factors in [(1.0, 128.0, 4096.0), (0.013, 0.7, 3.3, 91.0), (1e-3, 1e3)]:
+        _, result = rescale(path, seed=4, factors=factors)
+        assert result.rescaled_neurons > 0 and result.checked_inputs == 5 and result.notes == [], factors
+
+
+def test_a_model_onnxruntime_cannot_run_is_rescaled_with_a_note(tmp_path):
+    """An op onnxruntime has no kernel for after the last layer: the weights are checked, the run is not done,
+    and the result says so (rescale never needed onnxruntime before)."""
+    from onnx import helper
+
+    model = _wide_gemm()
+    model.graph.node[-1].output[0] = "y0"
+    model.graph.node.append(helper.make_node("Frobnicate", ["y0"], ["y"], domain="example.custom"))
+    model.opset_import.append(helper.make_opsetid("example.custom", 1))
+    out, result = rescale(model, seed=0, factors=[0.5, 8.0])
+    assert result.rescaled_neurons > 0 and result.checked_inputs == 0
+    (note,) = result.notes
+    assert "not run" in note and "onnxruntime" in note
+    # the CLI shows it, in its JSON and in words
+    from tests.test_bad_input import cli
+
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    code, stdout, _ = cli("rescale", path, "-o", tmp_path / "r.onnx", "--factors", "0.5,8", "--json")
+    assert code == 0 and note in json.loads(stdout)["notes"]
+    code, stdout, _ = cli("rescale", path, "-o", tmp_path / "r2.onnx", "--factors", "0.5,8")
+    assert code == 0 and "not run" in stdout
+
+
+def test_a_rescaling_that_is_not_exact_is_caught_by_the_run(monkeypatch):
+    """The run's second net: with each factor replaced by its mantissa (within [1, 2), no range problem) the
+    outputs must still be the input model's to rounding. A rescaling that forgets to divide the next layer (a
+    simulated bug) is refused, not written."""
+    import importlib
+
+    module = importlib.import_module("onnxlip.rescale")
+    real = module._outgoing
+
+    def forgets_to_divide(*args):
+        found = real(*args)
+        return None if found is None else (lambda lam: None, found[1])
+
+    monkeypatch.setattr(module, "_outgoing", forgets_to_divide)
+    with pytest.raises(onnxlip.OnnxlipError, match="not exact.*please report it"):
+        rescale("models/digits_cnn.onnx", seed=0, factors=[0.7, 3.3])
