@@ -18,7 +18,7 @@ from .canonical import in_canonical_scaling, rescaled_pairs
 from .companion import plain_value
 from .compiled import pathnorm_log10_power
 from .engine import MetricEngine
-from .errors import OnnxlipError
+from .errors import OnnxlipError, public
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, check_model_arg, load_model, load_with_arrays, model_label
@@ -198,6 +198,7 @@ def naming(model) -> Iterator[None]:
 
 
 # ---- path-norm -----------------------------------------------------------------------------------------
+@public
 def path_norm(
     model: ModelLike,
     q: float = 1.0,
@@ -272,6 +273,7 @@ def log10_rounded_up(log10: float) -> float:
 HOST_LOG10_ALLOWANCE = 1e-12  # relative to max(1, |log10|): a few ulps of float64 work are ~1e-15 of it
 
 
+@public
 def path_metric(
     a: ModelLike,
     b: ModelLike,
@@ -294,6 +296,7 @@ def _aligned_pairs(a: Analysed, b: Analysed):
 
 
 # ---- bound ---------------------------------------------------------------------------------------------
+@public
 def bound(
     a: ModelLike,
     b: ModelLike,
@@ -320,6 +323,7 @@ def bound(
     )[0]
 
 
+@public
 def bound_many(
     base: ModelLike,
     variants: Sequence[ModelLike],

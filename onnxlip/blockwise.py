@@ -75,6 +75,16 @@ def compare(a: np.ndarray, b: np.ndarray, split: tuple[np.ndarray, np.ndarray, n
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    """A forked child inherits the pool but not its threads, and jobs queued there never ran (a multiprocessing
+    worker hung after its parent had used the pool): the child makes its own."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def in_threads(fn: Callable, jobs: dict, sizes: dict[str, int]) -> dict:
     """{key: fn(job)} for independent jobs over whole arrays, run by a few threads, the largest first (numpy
     releases the GIL in its loops: two cores form ResNet-18's mantissas in 16 ms instead of 34). Small totals run

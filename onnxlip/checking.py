@@ -13,7 +13,7 @@ import onnx
 from .api import _jsonable, user_batch_notes
 from .args import output_arg
 from .blockwise import abs_max, formed_rows
-from .errors import ModelIssue, UnsupportedModelError
+from .errors import ModelIssue, UnsupportedModelError, public
 from .importer import ImportOptions, import_model
 from .loading import ModelLike, load_with_arrays
 from .range_guard import min_nonzero_abs
@@ -37,6 +37,7 @@ class CheckResult:
         return _jsonable(d)
 
 
+@public
 def check(
     model: ModelLike, *, output: Sequence[str] | None = None, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> CheckResult:

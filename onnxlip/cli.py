@@ -314,6 +314,9 @@ def no_hugepage_advice() -> bool:
 def main() -> None:  # console-script entry point
     if hasattr(signal, "SIGPIPE"):  # `onnxlip ... | head`: end quietly when the reader leaves, as Unix tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (typer turned the broken pipe into exit 1, "exceeded")
+    # SIGTERM (timeout, kill, docker stop, a cancelled CI job) ends the command as Ctrl-C does: through the cleanup
+    # that removes temporary output files (it left them behind), with the shell's code for it, 128 + 15
+    signal.signal(signal.SIGTERM, _terminated)
     no_hugepage_advice()
     if not os.environ.get("ONNXLIP_DEBUG"):  # library warnings (numpy, onnx) are not the user's messages
         warnings.simplefilter("ignore")
@@ -323,6 +326,10 @@ def main() -> None:  # console-script entry point
         app()
     except SystemExit as exc:
         sys.exit(exc.code)
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _json_main() -> int:

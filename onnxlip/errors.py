@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 
 class OnnxlipError(Exception):
     """Base class: the input cannot be analysed. The message says why, for a human."""
+
+
+def public(fn):
+    """For the API's entry points: an OnnxlipError leaves without the frames it was raised through, or the
+    exceptions chained to it. Their locals held the memory-mapped model files (one descriptor and the file's pages
+    each) for as long as the caller kept the exception: 80 failed futures of a thread pool kept 160 descriptors.
+    ONNXLIP_DEBUG=1 keeps them, for a traceback."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxlipError as exc:
+            if os.environ.get("ONNXLIP_DEBUG"):
+                raise
+            exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+            raise exc from None
+
+    return call
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from .api import _jsonable, analyse, log10_rounded_up
 from .args import check_seed, int_arg, seconds_arg
 from .companion import LOG10_2, CompanionEmitter, log10_total, ones_feeds, plain_value
 from .compiled import RAISE_FLOORS, Raised, certify, raised_note
-from .errors import RuntimeFailure, UnderflowError
+from .errors import RuntimeFailure, UnderflowError, public
 from .loading import ModelLike
 from .range_guard import guard_program, log2_min_nonzero
 from .rounding import relative_error_bound
@@ -314,6 +314,7 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
     return best, tried
 
 
+@public
 def lipschitz(
     model: ModelLike,
     norm: str = "2",

@@ -27,7 +27,7 @@ from .args import real_arg
 from .blockwise import BLOCK
 from .companion import plain_value
 from .engine import MetricEngine
-from .errors import OnnxlipError
+from .errors import OnnxlipError, public
 from .importer import ImportOptions, import_model
 from .ir import Graph, Param
 from .loading import ModelLike, refuse_overwrite, replaced_tensor, write_output
@@ -264,6 +264,7 @@ def _sparsity(value) -> float:
     return float(value)
 
 
+@public
 def prune(
     model: ModelLike,
     sparsity: float,
@@ -293,6 +294,7 @@ def prune(
     )[0]
 
 
+@public
 def prune_sweep(
     model: ModelLike,
     sparsities: Sequence[float],

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper
 
 from .args import check_seed, real_arg
-from .errors import OnnxlipError
+from .errors import OnnxlipError, public
 from .graph_prep import initial_constants
 from .loading import ModelLike, load_model, refuse_overwrite, replaced_tensor, write_output
 from .rescale_check import check_function
@@ -363,6 +363,7 @@ def rescale_layers(
     return neurons, layers, skipped, applied
 
 
+@public
 def rescale(
     model: ModelLike, *, seed: int = 0, factors: Sequence[float] = _DEFAULT_FACTORS, out_path: str | Path | None = None
 ) -> tuple[onnx.ModelProto, RescaleResult]:

@@ -12,7 +12,7 @@ import numpy as np
 from .adjoint import emit_scores
 from .api import _jsonable, analyse
 from .companion import LOG10_2, CompanionEmitter, Scaled, is_zero, log10_total, ones_feeds
-from .errors import RuntimeFailure, ShapeError
+from .errors import RuntimeFailure, ShapeError, public
 from .ir import Graph
 from .loading import ModelLike
 from .runtime import make_session, no_reuse_planning, run
@@ -190,6 +190,7 @@ def scores_graph(graph: Graph) -> tuple[CompanionEmitter, int, dict[str, Scaled]
     return em, len(outs), score_map
 
 
+@public
 def scores(
     model: ModelLike,
     *,
