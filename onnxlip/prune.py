@@ -311,6 +311,8 @@ def prune_sweep(
 ) -> list[PruneResult]:
     """Several sparsities and criteria: scores computed once per criterion, one metric session for all.
     `progress` is called after each (criterion, sparsity) result."""
+    if isinstance(sparsities, np.ndarray) and sparsities.ndim == 1:  # (np.linspace(0.2, 0.8, 4) in a notebook)
+        sparsities = sparsities.tolist()
     if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence):
         raise OnnxlipError(f"sparsities must be a list of numbers, got {sparsities!r}")
     if not sparsities:

@@ -372,6 +372,8 @@ def rescale(
     Each neuron's factor is drawn uniformly from `factors`. Returns the model and a summary. Before anything is
     written, the rescaled model is run in onnxruntime beside the input model (rescale_check): OnnxlipError
     where its outputs are not the input model's to rounding (float overflow or subnormal activations)."""
+    if isinstance(factors, np.ndarray) and factors.ndim == 1:  # (np.geomspace(1, 4096, 5) in a notebook)
+        factors = factors.tolist()
     if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or not factors:
         raise OnnxlipError(f"rescaling factors must be a non-empty list of positive finite numbers, got {factors!r}")
     factors = np.asarray([real_arg("a rescaling factor", f) for f in factors], dtype=np.float64)

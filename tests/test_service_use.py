@@ -16,6 +16,7 @@ import pytest
 
 import onnxlip
 from onnxlip.errors import OnnxlipError
+from onnxlip.prune import prune_sweep
 from tests.helpers import gemm_chain
 
 
@@ -89,3 +90,14 @@ def test_sigterm_ends_the_cli_as_ctrl_c_does():
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
+
+
+def test_numpy_arrays_serve_as_lists_of_sparsities_and_factors():
+    """A notebook's np.linspace was refused as 'must be a list of numbers'."""
+    model = "models/digits_cnn.onnx"
+    got = prune_sweep(model, np.linspace(0.2, 0.8, 2), criteria=["magnitude"])
+    want = prune_sweep(model, [0.2, 0.8], criteria=["magnitude"])
+    assert [r.bound for r in got] == [r.bound for r in want]
+    _, a = onnxlip.rescale(model, seed=1, factors=np.array([0.5, 4.0]))
+    _, b = onnxlip.rescale(model, seed=1, factors=[0.5, 4.0])
+    assert a.rescaled_neurons == b.rescaled_neurons > 0
