@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import threading
 
 import numpy as np
@@ -194,9 +193,22 @@ def _preload_cuda_libraries() -> None:
         if _preloaded:
             return
         if preload is not None:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
-                preload()
+            # its print()s resolve `print` in its module's globals first: a silent one there catches them without
+            # swapping the process-wide sys.stdout (another thread's lines written meanwhile were lost)
+            names = getattr(preload, "__globals__", None)
+            if names is not None:
+                names["print"] = _silent_print
+            try:
+                with contextlib.suppress(Exception):
+                    preload()
+            finally:
+                if names is not None and names.get("print") is _silent_print:
+                    del names["print"]
         _preloaded = True
+
+
+def _silent_print(*args, **kwargs) -> None:
+    """print() for onnxruntime.preload_dlls (see _preload_cuda_libraries)."""
 
 
 def _release(external: dict[str, np.ndarray] | None) -> None:

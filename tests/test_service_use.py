@@ -101,3 +101,22 @@ def test_numpy_arrays_serve_as_lists_of_sparsities_and_factors():
     _, a = onnxlip.rescale(model, seed=1, factors=np.array([0.5, 4.0]))
     _, b = onnxlip.rescale(model, seed=1, factors=[0.5, 4.0])
     assert a.rescaled_neurons == b.rescaled_neurons > 0
+
+
+def test_preloading_cuda_prints_nothing_and_leaves_sys_stdout_alone(monkeypatch, capsys):
+    """contextlib.redirect_stdout swapped the process-wide sys.stdout while onnxruntime preloaded the CUDA
+    libraries: a line another thread printed in that window was lost."""
+    import onnxlip.runtime as runtime
+
+    seen = []
+
+    def preload_dlls():  # stands for onnxruntime's, which print()s a line per library it cannot load
+        seen.append(sys.stdout)
+        print("Failed to load libcudnn.so")
+
+    monkeypatch.setattr(runtime.ort, "preload_dlls", preload_dlls, raising=False)
+    monkeypatch.setattr(runtime, "_preloaded", False)
+    before = sys.stdout
+    runtime._preload_cuda_libraries()
+    assert seen == [before] and capsys.readouterr().out == ""
+    assert "print" not in preload_dlls.__globals__  # (this module's own print is back)
