@@ -359,20 +359,22 @@ def too_large_to_fold(node, consts, shapes) -> bool:
 
 
 def _fold_fits(node, consts, shapes, names) -> bool:
-    """Whether folding the node keeps memory bounded: its outputs may hold up to _GROWTH times its inputs' bytes
-    (a big weight read through Transpose, Cast or DequantizeLinear), but no more than FOLD_LIMIT beyond that (a
-    ConstantOfShape, Expand or Tile of a few bytes can ask for gigabytes). Outputs of unknown shape: inputs up
-    to FOLD_LIMIT only."""
+    """Whether folding the node keeps memory bounded: its outputs may hold up to _GROWTH times as many entries as
+    its inputs (a big weight read through Transpose, Cast or DequantizeLinear: int8 entries become float32), but
+    no more than FOLD_LIMIT bytes beyond that (a ConstantOfShape, Expand or Tile of a few bytes can ask for
+    gigabytes). Outputs of unknown shape: inputs up to FOLD_LIMIT only. Entries count 8 bytes (the widest type
+    folded here)."""
     in_bytes = sum(consts[n].nbytes for n in names)
-    out_bytes = 0
+    in_entries = sum(consts[n].size for n in names)
+    out_entries = 0
     for i, name in enumerate(o for o in node.output if o):
         shape = shapes.get(name)
         if node.op_type == "ConstantOfShape" and i == 0 and names:
             shape = tuple(int(d) for d in np.asarray(consts[names[0]]).reshape(-1))
         if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
             return in_bytes <= FOLD_LIMIT
-        out_bytes += math.prod(int(d) for d in shape) * 8  # (at most 8 bytes an entry: the types folded here)
-    return out_bytes <= max(FOLD_LIMIT, _GROWTH * in_bytes)
+        out_entries += math.prod(int(d) for d in shape)
+    return 8 * out_entries <= FOLD_LIMIT or out_entries <= _GROWTH * in_entries
 
 
 def _constant_value(node) -> list[np.ndarray]:

@@ -168,3 +168,21 @@ def test_a_constant_whose_data_do_not_match_its_dims_is_a_clear_error():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
     with pytest.raises(OnnxlipError, match="Constant node 'W': its value cannot be read"):
         onnxlip.path_norm(make_model(nodes, [x], [y], []))
+
+
+def test_a_large_int8_weight_dequantized_or_cast_still_folds():
+    """2304 x 4096 int8 (9 MiB, 36 MiB as float32): the fold limit counted the output at 8 bytes an entry against
+    the input's 1, and refused it (found by the review)."""
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, size=(2304, 4096)).astype(np.int8)
+    for read in (
+        helper.make_node("Cast", ["Q"], ["Wr"], to=TensorProto.FLOAT),
+        helper.make_node("DequantizeLinear", ["Q", "s"], ["Wr"]),
+    ):
+        nodes = [read, helper.make_node("MatMul", ["x", "Wr"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2304])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])
+        inits = [numpy_helper.from_array(q, "Q"), numpy_helper.from_array(np.array(0.5, np.float32), "s")]
+        scale = 1.0 if read.op_type == "Cast" else 0.5
+        want = scale * np.abs(q.astype(np.float64)).sum()
+        assert onnxlip.path_norm(make_model(nodes, [x], [y], inits)).path_norm == pytest.approx(want, rel=1e-6)
