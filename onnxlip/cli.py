@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import api
-from .args import MAX_SECONDS
+from .args import MAX_SECONDS, seconds_arg
 from .checking import CheckResult
 from .checking import check as check_model
 from .cli_common import (
@@ -29,7 +29,6 @@ from .cli_common import (
     _fmt,
     _guard,
     _progress,
-    _seconds,
     _shapes,
     _threshold,
     app,
@@ -167,7 +166,7 @@ def bound(
     compared without importing them again; use --samples 0 to skip the per-variant sampling."""
     with _guard(as_json):
         _threshold("--max-bound", max_bound)
-        sample_seconds = _seconds("--sample-seconds", sample_seconds)
+        sample_seconds = seconds_arg("--sample-seconds", sample_seconds)
         if len(models) < 2:
             raise OnnxlipError("bound needs a base model and at least one variant")
         base, variants = models[0], models[1:]

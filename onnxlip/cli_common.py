@@ -19,7 +19,6 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .args import seconds_arg
 from .cli_console import SafeConsole, styled  # noqa: F401 (styled: for the commands)
 from .errors import OnnxlipError
 from .loading import refuse_overwrite
@@ -216,11 +215,6 @@ def _shapes(specs: Optional[List[str]]) -> dict[str, list[int]] | None:
             )
         shapes[name] = [int(d) for d in parts]
     return shapes
-
-
-def _seconds(option: str, value: float) -> float:
-    """A time budget option: finite, >= 0 and at most args.MAX_SECONDS (one day), as the Python API checks it."""
-    return seconds_arg(option, value)
 
 
 def _threshold(option: str, value: float | None) -> float | None:

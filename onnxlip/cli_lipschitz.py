@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .args import MAX_SECONDS
+from .args import MAX_SECONDS, seconds_arg
 from .cli_common import (
     FLAG,
     FlagHelpCommand,
@@ -20,7 +20,6 @@ from .cli_common import (
     _fmt,
     _guard,
     _progress,
-    _seconds,
     _shapes,
     _threshold,
     app,
@@ -83,7 +82,7 @@ def lipschitz_cmd(
 
     with _guard(as_json):
         _threshold("--max-lipschitz", max_lipschitz)
-        lower_seconds = _seconds("--lower-seconds", lower_seconds)
+        lower_seconds = seconds_arg("--lower-seconds", lower_seconds)
         with _progress(-1, "bounds (operator norms, then the lower-bound search)") as bar:
             task = bar.add_task("norms", total=None)
             result = lipschitz(
