@@ -24,6 +24,7 @@ _NONDETERMINISTIC = {
 }
 FOLD_LIMIT = 64 * 2**20  # do not materialise constants above 64 MiB, unless the inputs were nearly as large
 _GROWTH = 4  # (see _fold_fits)
+_TOTAL_GROWTH = 6  # (see FoldBudget)
 _MAX_ENTRIES = 2**31  # a static tensor above this (8 GiB of float32 for one activation) is a damaged shape
 
 
@@ -259,8 +260,10 @@ def infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
     g = helper.make_graph(nodes, "shapes", graph_inputs, [], initializers)
     light = helper.make_model(g, opset_imports=list(proto.opset_import))
     light.ir_version = 8  # our own copy: IR 3 rules (initializers must be inputs) would defeat inference
+    # no data_prop: onnx's data propagation turns a 1-D Add of n entries into a shape of n symbolic dims (~250 bytes
+    # each: 2 GB for an 8 Mi-entry input); fold_constants evaluates the shape arithmetic itself, round by round
     try:
-        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises several types; all mean the same to the user
         raise ShapeError(f"shape inference failed: {exc}") from None
     shapes: dict[str, tuple[int, ...]] = {name: tuple(shape) for name, shape in inputs.items()}
@@ -280,17 +283,42 @@ def infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
 
 
 # ---- constant folding -----------------------------------------------------------------------------------
-def fold_constants(proto, nodes, consts, shapes, origins) -> list[onnx.NodeProto]:
+class FoldBudget:
+    """The entries all folded results may hold together: _TOTAL_GROWTH times the model's own constant entries plus
+    FOLD_LIMIT bytes at 8 bytes an entry. Each node is bounded by _fold_fits, but a chain is not: ConstantOfShape
+    then three Tiles, each within its own limit, asked for 4 GiB from a 315-byte file. `refused`: the outputs of
+    nodes left unfolded because the budget was spent (the importer explains them)."""
+
+    LIMIT_TEXT = f"{_TOTAL_GROWTH} times the model's own constant entries plus {FOLD_LIMIT >> 23} Mi entries"
+
+    def __init__(self, consts: Mapping[str, np.ndarray]):
+        self.left = _TOTAL_GROWTH * sum(int(np.size(a)) for a in consts.values()) + FOLD_LIMIT // 8
+        self.refused: set[str] = set()
+
+    def refuse(self, node: onnx.NodeProto) -> None:
+        self.refused.update(o for o in node.output if o)
+
+
+def fold_constants(proto, nodes, consts, shapes, origins, budget: FoldBudget | None = None) -> list[onnx.NodeProto]:
     """Evaluate Constant nodes, Shape/Size of statically shaped tensors and every node whose inputs are
-    all constant (the Shape/Gather/Unsqueeze/Concat chains of torch exports, DequantizeLinear of weights)."""
+    all constant (the Shape/Gather/Unsqueeze/Concat chains of torch exports, DequantizeLinear of weights).
+    `budget`: shared by every call on one model (FoldBudget)."""
+    budget = budget or FoldBudget(consts)
     remaining = []
     for node in nodes:
         try:
-            values = _fold_one(proto, node, consts, shapes)
+            values = _fold_one(proto, node, consts, shapes, budget)
         except OnnxlipError:
             raise
         except Exception:  # noqa: BLE001 - leave the node to its import rule, which will explain
             values = None
+        if values is not None and node.op_type != "Constant":
+            size = sum(int(np.size(v)) for v in values)
+            if size > budget.left:  # (the node's own limit kept this one allocation bounded)
+                budget.refuse(node)
+                values = None
+            else:
+                budget.left -= size
         if values is None:
             remaining.append(node)
             continue
@@ -305,7 +333,7 @@ def fold_constants(proto, nodes, consts, shapes, origins) -> list[onnx.NodeProto
     return remaining
 
 
-def _fold_one(proto, node, consts, shapes):
+def _fold_one(proto, node, consts, shapes, budget: FoldBudget):
     if node.domain not in ("", "ai.onnx"):
         return None
     if node.op_type == "Constant":
@@ -331,6 +359,9 @@ def _fold_one(proto, node, consts, shapes):
     ):
         return None
     if not _fold_fits(node, consts, shapes, names):
+        return None
+    if _out_entries(node, consts, shapes, names) > budget.left:
+        budget.refuse(node)
         return None
     if node.op_type == "DequantizeLinear":  # onnxruntime's arithmetic, at every opset (onnxlip/dequantize.py)
         folded = fold_dequantize(node, consts)
@@ -366,15 +397,23 @@ def _fold_fits(node, consts, shapes, names) -> bool:
     folded here)."""
     in_bytes = sum(consts[n].nbytes for n in names)
     in_entries = sum(consts[n].size for n in names)
+    out_entries = _out_entries(node, consts, shapes, names)
+    if out_entries < 0:
+        return in_bytes <= FOLD_LIMIT
+    return 8 * out_entries <= FOLD_LIMIT or out_entries <= _GROWTH * in_entries
+
+
+def _out_entries(node, consts, shapes, names) -> int:
+    """The entries of the node's outputs by their static shapes; -1 where one is not known."""
     out_entries = 0
     for i, name in enumerate(o for o in node.output if o):
         shape = shapes.get(name)
         if node.op_type == "ConstantOfShape" and i == 0 and names:
             shape = tuple(int(d) for d in np.asarray(consts[names[0]]).reshape(-1))
         if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
-            return in_bytes <= FOLD_LIMIT
+            return -1
         out_entries += math.prod(int(d) for d in shape)
-    return 8 * out_entries <= FOLD_LIMIT or out_entries <= _GROWTH * in_entries
+    return out_entries
 
 
 def _constant_value(node) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ from onnx import helper
 from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
 from .graph_prep import (
     FOLD_LIMIT,
+    FoldBudget,
     check_node_names,
     fixed_input_shapes,
     fold_constants,
@@ -190,9 +191,10 @@ def import_model(
             raise OnnxlipError(f"output {name!r} is a constant of the model, not a computed tensor; choose another")
     shapes = infer_shapes(proto, nodes, inputs, consts)
     # folding can reveal new static shapes (a Shape after a folded Pad), which can enable more folding
+    budget = FoldBudget(consts)
     for _ in range(16):
         count = len(nodes)
-        nodes = fold_constants(proto, nodes, consts, shapes, origins)
+        nodes = fold_constants(proto, nodes, consts, shapes, origins, budget)
         if len(nodes) == count:  # nothing folded: the shapes stand
             break
         shapes = infer_shapes(proto, nodes, inputs, consts)
@@ -209,12 +211,18 @@ def import_model(
     for t in outputs:
         ctx.users.setdefault(t, []).append("a graph output")
     failed: set[str] = set()  # outputs of nodes with an issue: shapes downstream of them are not reported again
+    unformed: set[str] = set()  # constants too large to form (FoldBudget) and what is computed from them
     for node in nodes:
         ctx.begin_node(node)
         rule = IMPORTERS.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}")
         if options.lipschitz and node.domain in ("", "ai.onnx") and node.op_type in LIPSCHITZ_IMPORTERS:
             rule = LIPSCHITZ_IMPORTERS[node.op_type]
         where = node.name or (node.output[0] if node.output else "?")
+        if any(o in budget.refused for o in node.output):  # a constant too large to form: not run either
+            issues.append(ModelIssue(where, node.op_type, _BUDGET_SPENT))
+            unformed.update(node.output)
+            failed.update(node.output)
+            continue
         if rule is None:
             reason = _unsupported_reason(node)
             if too_large_to_fold(node, consts, shapes):
@@ -223,6 +231,10 @@ def import_model(
                     f"(over {FOLD_LIMIT >> 20} MiB at 8 bytes an entry, and over 4 times its inputs' entries)"
                 )
             issues.append(ModelIssue(where, node.op_type, reason))
+            failed.update(node.output)
+            continue
+        if any(t in unformed for t in node.input):  # reads a constant never formed (its rule could be costly)
+            unformed.update(node.output)
             failed.update(node.output)
             continue
         try:
@@ -267,6 +279,10 @@ def import_model(
 
 
 # ---- messages and checks ----------------------------------------------------------------------------------
+_BUDGET_SPENT = (
+    "computes a constant from constants, which onnxlip did not fold: the constants folded before it already hold "
+    f"{FoldBudget.LIMIT_TEXT}, the most folding may create in one model"
+)
 _HALF = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
 
 

@@ -186,3 +186,65 @@ def test_a_large_int8_weight_dequantized_or_cast_still_folds():
         scale = 1.0 if read.op_type == "Cast" else 0.5
         want = scale * np.abs(q.astype(np.float64)).sum()
         assert onnxlip.path_norm(make_model(nodes, [x], [y], inits)).path_norm == pytest.approx(want, rel=1e-6)
+
+
+def test_a_chain_of_folds_is_bounded_in_total_not_only_per_step():
+    """ConstantOfShape of 8 Mi entries, then three Tiles of 4: each step within its own limit (at most 4 times its
+    input), 4 GiB in total from a 315-byte file. The third Tile is now left unfolded and named."""
+    import tracemalloc
+
+    nodes = [
+        helper.make_node("ConstantOfShape", ["s"], ["c"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("Tile", ["c", "r"], ["t1"]),
+        helper.make_node("Tile", ["t1", "r"], ["t2"]),
+        helper.make_node("Tile", ["t2", "r"], ["t3"]),
+        helper.make_node("ReduceMax", ["t3"], ["m"], keepdims=0),
+        helper.make_node("Add", ["x", "m"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [
+        numpy_helper.from_array(np.array([2**23], np.int64), "s"),
+        numpy_helper.from_array(np.array([4], np.int64), "r"),
+    ]
+    model = make_model(nodes, [x], [y], inits)
+    tracemalloc.start()
+    try:
+        report = onnxlip.check(model)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 400 * 2**20, peak  # the ConstantOfShape (32 MiB); before: 2.5 GiB of folds, 3.4 GB with the maps
+    assert not report.supported
+    assert [(e.node, e.op) for e in report.errors] == [("t1", "Tile")], report.errors
+    assert "the most folding may create" in report.errors[0].reason
+
+
+def test_a_long_one_dimensional_tensor_does_not_exhaust_shape_inference():
+    """onnx's data propagation (shape inference with data_prop=True) turned the 1-D Add of an 8 Mi-entry input and
+    a constant into a shape of 8 Mi symbolic dims: 2 GB, and 24 GB with the folds above (killed). onnxlip folds
+    shape arithmetic itself and no longer asks onnx to propagate data."""
+    import subprocess
+    import sys
+
+    n = 2**23
+    nodes = [
+        helper.make_node("ConstantOfShape", ["s"], ["c"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("Add", ["x", "c"], ["h"]),
+        helper.make_node("Relu", ["h"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])
+    model = make_model(nodes, [x], [y], [numpy_helper.from_array(np.array([n], np.int64), "s")])
+    code = (
+        "import sys, onnx, onnxlip\n"
+        "r = onnxlip.check(onnx.load_from_string(sys.stdin.buffer.read()))\n"
+        "hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1]\n"
+        "print(r.supported, int(hwm) // 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=model.SerializeToString(), capture_output=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    supported, peak_mib = out.stdout.decode().split()
+    assert supported == "True" and int(peak_mib) < 700, out.stdout
