@@ -4,6 +4,7 @@ analysed outputs need, static shapes by ONNX shape inference, and constant foldi
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -242,12 +243,24 @@ def shape_keeping_as_identity(proto: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
-    """Static shapes of every tensor, by onnx shape inference on a light copy (big weights as typed inputs)."""
+def type_issue(message: str) -> ModelIssue:
+    """onnx's type-check message as an issue naming the node where it names one."""
+    found = re.search(r"\(op_type:([\w.]+)(?:, node name: ([^)]*))?\)", message)
+    op, node = (found.group(1), found.group(2) or "-") if found else ("-", "-")
+    detail = message.split("): ", 1)[-1] if found else message
+    reason = f"its inputs disagree in type ({detail}): not valid ONNX, onnxruntime refuses to load it"
+    return ModelIssue(node, op, reason)
+
+
+def infer_shapes(proto, nodes, inputs, consts, type_issues: list | None = None) -> dict[str, tuple[int, ...]]:
+    """Static shapes of every tensor, by onnx shape inference on a light copy (big weights as typed inputs).
+    `type_issues`: where a node's inputs disagree in type, an issue is added there and inference goes on."""
     used = {n for node in nodes for n in node_inputs(node)}
     graph_inputs, initializers = [], []
+    declared = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
     for name, shape in inputs.items():
-        graph_inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
+        elem = declared.get(name) or onnx.TensorProto.FLOAT  # (an --output cut may make a tensor an input)
+        graph_inputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
     for name in sorted(used & set(consts)):
         arr = consts[name]
         if arr.size <= 4096 or arr.dtype.kind in "iub":
@@ -258,13 +271,24 @@ def infer_shapes(proto, nodes, inputs, consts) -> dict[str, tuple[int, ...]]:
     # ops onnx has no shape inference for, that keep their input's shape (and write float)
     nodes = [_as_identity(n) if (n.domain, n.op_type) in _SHAPE_KEEPING else n for n in nodes]
     g = helper.make_graph(nodes, "shapes", graph_inputs, [], initializers)
+    for node in g.node:  # (onnx's messages name a node by its name: as the importer does, else by its output)
+        if not node.name and node.output:
+            node.name = node.output[0]
     light = helper.make_model(g, opset_imports=list(proto.opset_import))
     light.ir_version = 8  # our own copy: IR 3 rules (initializers must be inputs) would defeat inference
     # no data_prop: onnx's data propagation turns a 1-D Add of n entries into a shape of n symbolic dims (~250 bytes
     # each: 2 GB for an 8 Mi-entry input); fold_constants evaluates the shape arithmetic itself, round by round
+    # check_type: a node whose inputs disagree in type (a float64 weight in a float32 graph) makes the file invalid
+    # ONNX, which onnxruntime refuses to load; its arithmetic is not what the model means
     try:
-        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types; all mean the same to the user
+        try:
+            inferred = shape_inference.infer_shapes(light, check_type=True, strict_mode=False, data_prop=False)
+        except Exception as exc:  # noqa: BLE001 - onnx raises several types
+            if type_issues is None or not ("inconsistent type" in str(exc) or "TypeInferenceError" in str(exc)):
+                raise
+            type_issues.append(type_issue(str(exc)))
+            inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
+    except Exception as exc:  # noqa: BLE001 - all mean the same to the user
         raise ShapeError(f"shape inference failed: {exc}") from None
     shapes: dict[str, tuple[int, ...]] = {name: tuple(shape) for name, shape in inputs.items()}
     for name, arr in consts.items():

@@ -189,7 +189,8 @@ def import_model(
     for name in outputs:
         if name in consts:
             raise OnnxlipError(f"output {name!r} is a constant of the model, not a computed tensor; choose another")
-    shapes = infer_shapes(proto, nodes, inputs, consts)
+    type_issues: list[ModelIssue] = []
+    shapes = infer_shapes(proto, nodes, inputs, consts, type_issues)
     # folding can reveal new static shapes (a Shape after a folded Pad), which can enable more folding
     budget = FoldBudget(consts)
     for _ in range(16):
@@ -258,6 +259,7 @@ def import_model(
     for name in outputs:
         if name not in shapes and name not in inputs and name not in failed:
             issues.append(ModelIssue(name, "-", "requested output tensor has no inferable static shape"))
+    issues.extend(type_issues)
     if issues:
         raise UnsupportedModelError(issues, _output_hint(nodes, issues, shapes, inputs, consts))
     ir = Graph(inputs=inputs, nodes=ctx.nodes, outputs=outputs, shapes=dict(shapes))

@@ -248,3 +248,31 @@ def test_a_long_one_dimensional_tensor_does_not_exhaust_shape_inference():
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     supported, peak_mib = out.stdout.decode().split()
     assert supported == "True" and int(peak_mib) < 700, out.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_a_weight_whose_type_disagrees_with_the_graph_is_refused(tmp_path, dtype):
+    """A float64 (or float16) weight multiplied with a float32 input: invalid ONNX that onnxruntime refuses to load.
+    It was analysed as if the types agreed. Now the node is named, with onnx's type message, and other problems of
+    the model are still reported beside it."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="proj"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Sigmoid", ["r"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    model = make_model(nodes, [x], [y], [numpy_helper.from_array(W.astype(dtype), "W")])
+    report = onnxlip.check(model)
+    assert not report.supported
+    assert {(e.node, e.op) for e in report.errors} == {("proj", "MatMul"), ("y", "Sigmoid")}, report.errors
+    typed = next(e for e in report.errors if e.op == "MatMul")
+    assert "disagree in type" in typed.reason and "onnxruntime refuses" in typed.reason
+    path = tmp_path / "mixed.onnx"
+    onnx.save(model, path)
+    code, out, _ = cli("pathnorm", str(path), "--output", "r", "--json")
+    assert code == 2 and "disagree in type" in json.loads(out)["error"]
+    # the same model with the types in agreement is analysed
+    r = helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 2])
+    same = make_model(nodes[:2], [x], [r], [numpy_helper.from_array(W, "W")])
+    assert onnxlip.path_norm(same).path_norm == pytest.approx(np.abs(W).sum(), rel=1e-6)

@@ -188,9 +188,11 @@ def test_overflowing_folded_variant_weight_is_an_error(tmp_path):
     bn = next(n for n in spec.model.graph.node if n.op_type == "BatchNormalization")
     conv = next(n for n in spec.model.graph.node if n.output[0] == bn.input[0])
     model = _set(spec.model, conv.input[1], lambda v: v * 1e-30)
-    for init in model.graph.initializer:  # gamma 1e300 is not a float32: a float64 tensor
+    for init in model.graph.initializer:  # gamma 1e300 is not a float32: float64 scale and bias (opset >= 15's T1)
         if init.name == bn.input[1]:
             init.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(init).shape, 1e300), init.name))
+        elif init.name == bn.input[2]:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
     base = _save(model, tmp_path / "base.onnx")
     ref = analyse(base)
     variant = _save(_set(model, conv.input[1], lambda v: np.full_like(v, 3e38)), tmp_path / "big.onnx")
