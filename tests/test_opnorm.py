@@ -307,3 +307,17 @@ def test_diag_norm():
 def test_bad_geometry_raises(kwargs):
     with pytest.raises(ValueError):
         conv_norm_certified(**kwargs)
+
+
+@pytest.mark.parametrize("n", [1, 3, 24, 25])
+@pytest.mark.parametrize("real", [True, False])
+def test_gram_stack_equals_the_per_matrix_products(n, real):
+    """_gram_stack forms small Grams by stacked matmul, larger ones one BLAS call each: both equal B B^H."""
+    from onnxlip.opnorm.certify import _gram_stack
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((7, n, 5))
+    y = None if real else rng.standard_normal((7, n, 5))
+    b = x if real else x + 1j * y
+    expected = b @ b.conj().transpose(0, 2, 1)
+    assert np.allclose(_gram_stack(x, y), expected, rtol=1e-13, atol=1e-13)

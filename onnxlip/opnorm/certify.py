@@ -120,10 +120,24 @@ def _certified_lambda_max(g: np.ndarray, fro2_max: float, inner: int, t_floor: f
     return bound, t
 
 
+_STACKED_UP_TO = 24  # (measured: stacked matmul 100x faster at n = 1, 2.4x at 8, 1.5x at 16, 0.6x at 64)
+
+
 def _gram_stack(x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-    """G_i = B_i B_i^H for B = x + i y (b, n, L) (y None: real), one BLAS call per matrix (faster than numpy's
-    stacked matmul here), complex products done in real arithmetic: Re G = [x y][x y]^T, Im G = y x^T - x y^T."""
+    """G_i = B_i B_i^H for B = x + i y (b, n, L) (y None: real): small matrices by numpy's stacked matmul, larger
+    ones by one BLAS call each (faster there), complex products done in real arithmetic: Re G = [x y][x y]^T,
+    Im G = y x^T - x y^T. Every entry is an inner product whatever the order of its sum: the rounding bounds hold."""
     b, n, _ = x.shape
+    if n <= _STACKED_UP_TO:  # small matrices: numpy's stacked matmul (a 1000x1000 single-channel conv: 6 s -> 0.1 s)
+        xt = x.transpose(0, 2, 1)
+        if y is None:
+            return x @ xt
+        g = np.empty((b, n, n), dtype=np.complex128)
+        z = np.concatenate([x, y], axis=2)
+        g.real = z @ z.transpose(0, 2, 1)
+        p = y @ xt
+        g.imag = p - p.transpose(0, 2, 1)
+        return g
     if y is None:
         g = np.empty((b, n, n))
         for i in range(b):
