@@ -7,7 +7,7 @@ import contextlib
 import math
 import numbers
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -22,82 +22,11 @@ from .errors import OnnxlipError, public
 from .importer import ImportOptions, import_model
 from .ir import Graph
 from .loading import ModelLike, check_model_arg, load_model, load_with_arrays, model_label
+from .results import BoundResult, PathMetricResult, PathNormResult, VariantError
 from .routes import MetricOutcome
 from .sampling import BoundSamplers, rounding_note
 from .structure import align_params
 from .variants import VariantReader
-
-
-@dataclass
-class PathNormResult:
-    q: float
-    path_norm: float | None
-    log10_path_norm: float
-    device: str
-    num_parameters: int
-    outputs: list[str]
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return _jsonable(asdict(self))
-
-
-@dataclass
-class PathMetricResult:
-    """`path_metric` is the computed value; the certified upper bound on the true metric (or on the hi/lo
-    difference when not exact) is path_metric / (1 - rounding_margin), see onnxlip/rounding.py."""
-
-    path_metric: float | None
-    log10_path_metric: float
-    exact: bool
-    sign_flips: int
-    sign_flip_handling: str
-    changed_parameters: int
-    device: str
-    rounding_margin: float = 0.0
-    # how it was computed: "difference stream" (theory.md section 3), "subtraction" (well conditioned, see
-    # onnxlip/engine.py) or "hi/lo difference stream" (an upper bound, for pairs neither dominates)
-    route: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return _jsonable(asdict(self))
-
-
-@dataclass
-class BoundResult:
-    path_metric: float | None
-    log10_path_metric: float
-    exact: bool
-    sign_flips: int
-    sign_flip_handling: str
-    changed_parameters: int
-    input_bound: float
-    bound: float | None
-    log10_bound: float
-    observed_max_l1_diff: float | None
-    samples: int
-    device: str
-    variant: str = ""
-    rounding_margin: float = 0.0
-    route: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return _jsonable(asdict(self))
-
-
-@dataclass
-class VariantError:
-    """A variant bound_many(..., errors="report") could not compare with the base (unusable file, another
-    architecture, NaN weights, ...): `error` is the message that would have been raised."""
-
-    variant: str
-    error: str
-    exit_code: int = 2
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -123,18 +52,6 @@ class Analysed:
 # log10 = inf), and a huge one overflowed the exponent arithmetic (1e308: an internal error); a large q inside
 # the range is refused by range_guard where the model's |w|**q spans more than float32's range
 Q_RANGE = (1e-3, 1e6)
-
-
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("-inf" if obj < 0 else "inf")
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def user_batch_notes(graph: Graph, input_shapes) -> list[str]:

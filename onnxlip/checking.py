@@ -10,13 +10,14 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .api import _jsonable, user_batch_notes
+from .api import user_batch_notes
 from .args import output_arg
 from .blockwise import abs_max, formed_rows
 from .errors import ModelIssue, UnsupportedModelError, public
 from .importer import ImportOptions, import_model
 from .loading import ModelLike, load_with_arrays
 from .range_guard import min_nonzero_abs
+from .results import jsonable
 
 
 @dataclass
@@ -34,7 +35,7 @@ class CheckResult:
         d = asdict(self)
         d["errors"] = [asdict(e) for e in self.errors]
         d["hint"] = self.hint.removeprefix("hint: ") if self.hint else None  # (the key says it)
-        return _jsonable(d)
+        return jsonable(d)
 
 
 @public

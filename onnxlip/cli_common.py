@@ -282,10 +282,10 @@ def _exceeds(log10_value: float, threshold: float) -> bool:
 def _emit_json(obj: dict) -> None:
     """The one JSON object of --json, stamped with onnxlip's version (an audit trail names the tool that made it)."""
     from . import __version__
-    from .api import _jsonable
+    from .results import jsonable
 
     # strict JSON: a non-finite number anywhere (e.g. log10 of a zero path-norm) as "inf"/"-inf", NaN as null
-    text = json.dumps(_jsonable({**obj, "onnxlip_version": __version__}), allow_nan=False)
+    text = json.dumps(jsonable({**obj, "onnxlip_version": __version__}), allow_nan=False)
     try:
         print(text, flush=True)
     except OSError as exc:  # stdout full or gone: the JSON cannot be delivered, and saying so there fails too

@@ -18,13 +18,14 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .adjoint import emit_scores
-from .api import _jsonable, analyse, log10_rounded_up
+from .api import analyse, log10_rounded_up
 from .args import check_seed, int_arg, seconds_arg
 from .companion import LOG10_2, CompanionEmitter, log10_total, ones_feeds, plain_value
 from .compiled import RAISE_FLOORS, Raised, certify, raised_note
 from .errors import RuntimeFailure, UnderflowError, public
 from .loading import ModelLike
 from .range_guard import guard_program, log2_min_nonzero
+from .results import jsonable
 from .rounding import relative_error_bound
 from .runtime import cuda_possible, make_session, no_reuse_planning, run
 
@@ -40,7 +41,7 @@ class Bound:
     certified: bool
 
     def to_json(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def _log10_max(m: np.ndarray, e: float) -> float:
@@ -164,7 +165,7 @@ class LipschitzResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return _jsonable(
+        return jsonable(
             {
                 "norm": self.norm,
                 "upper": self.upper.to_json(),

@@ -17,7 +17,6 @@ from onnx import numpy_helper
 from .api import (
     Analysed,
     PathMetricResult,
-    _jsonable,
     analyse,
     certified_log10_bound,
     metric_between,
@@ -31,6 +30,7 @@ from .errors import OnnxlipError, public
 from .importer import ImportOptions, import_model
 from .ir import Graph, Param
 from .loading import ModelLike, refuse_overwrite, replaced_tensor, write_output
+from .results import jsonable
 from .scores import scores as compute_scores
 from .selection import keep_largest
 
@@ -59,7 +59,7 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def prunable_tensors(

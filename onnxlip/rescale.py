@@ -22,6 +22,7 @@ from .errors import OnnxlipError, public
 from .graph_prep import initial_constants
 from .loading import ModelLike, load_model, refuse_overwrite, replaced_tensor, write_output
 from .rescale_check import check_function
+from .results import jsonable
 
 # channel-wise positively homogeneous ops a rescaled activation may pass through on its way to the next layer
 _PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}
@@ -43,9 +44,7 @@ class RescaleResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        from .api import _jsonable  # here, not at import: onnxlip.api may import this module's users
-
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 class _Graph:

@@ -10,11 +10,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .adjoint import emit_scores
-from .api import _jsonable, analyse
+from .api import analyse
 from .companion import LOG10_2, CompanionEmitter, Scaled, is_zero, log10_total, ones_feeds
 from .errors import RuntimeFailure, ShapeError, public
 from .ir import Graph
 from .loading import ModelLike
+from .results import jsonable
 from .runtime import make_session, no_reuse_planning, run
 
 # Session options for the one-shot scores graph. "fold" would evaluate the adjoint (which depends on the weights
@@ -142,7 +143,7 @@ class ScoresResult:
     def to_json(self) -> dict:
         # strict JSON like every result (a zero path-norm's log10 is "-inf", as the CLI prints it)
         groups = self.uses()
-        return _jsonable(
+        return jsonable(
             {
                 "log10_path_norm": self.log10_path_norm,
                 "output": list(self.outputs),
