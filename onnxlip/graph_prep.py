@@ -26,6 +26,7 @@ _NONDETERMINISTIC = {
 FOLD_LIMIT = 64 * 2**20  # do not materialise constants above 64 MiB, unless the inputs were nearly as large
 _GROWTH = 4  # (see _fold_fits)
 _TOTAL_GROWTH = 6  # (see FoldBudget)
+MAX_RANK = 64  # onnxruntime's (and numpy's) limit
 _MAX_ENTRIES = 2**31  # a static tensor above this (8 GiB of float32 for one activation) is a damaged shape
 
 
@@ -96,6 +97,9 @@ def fixed_input_shapes(graph, consts, user_shapes: Mapping[str, Sequence[int]] |
                 f"input {inp.name!r} has element type {type_name(ttype.elem_type)}; "
                 "only floating-point inputs can be analysed"
             )
+        if ttype.HasField("shape") and len(ttype.shape.dim) > MAX_RANK:
+            rank = len(ttype.shape.dim)
+            raise ShapeError(f"input {inp.name!r} has rank {rank}: onnxruntime runs tensors of rank {MAX_RANK} at most")
         if inp.name in user_shapes:
             shape = user_shapes[inp.name]
             if ttype.HasField("shape") and len(ttype.shape.dim) != len(shape):
@@ -301,6 +305,10 @@ def infer_shapes(proto, nodes, inputs, consts, type_issues: list | None = None) 
         if all(d is not None for d in dims):
             shapes[vi.name] = tuple(int(d) for d in dims)
     for name, shape in shapes.items():
+        if len(shape) > MAX_RANK:
+            raise ShapeError(
+                f"tensor {name!r} has rank {len(shape)}: onnxruntime runs tensors of rank {MAX_RANK} at most"
+            )
         if any(d < 0 for d in shape) or math.prod(shape) > _MAX_ENTRIES:
             raise ShapeError(f"tensor {name!r} would have shape {shape}: not a plausible static shape (damaged file?)")
     return shapes
@@ -441,6 +449,9 @@ def _out_entries(node, consts, shapes, names) -> int:
 
 
 def _constant_value(node) -> list[np.ndarray]:
+    if len(node.attribute) != 1:  # (onnxruntime picks one of several; ONNX allows exactly one)
+        names = [a.name for a in node.attribute]
+        raise OnnxlipError(f"Constant node {node.name or node.output[0]!r} has {len(names)} value attributes {names}")
     attr = node.attribute[0]
     value = helper.get_attribute_value(attr)
     if attr.name == "value":

@@ -3,6 +3,7 @@ hand every node to its op family's import rule. All problems are collected and r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -10,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import ModelIssue, OnnxlipError, UnsupportedModelError
+from .errors import ModelIssue, OnnxlipError, ShapeError, UnsupportedModelError
 from .graph_prep import (
     FOLD_LIMIT,
     FoldBudget,
@@ -248,6 +249,11 @@ def import_model(
             else:
                 rule(node, ctx)
                 ctx.end_node()
+                empty = [o for o in node.output if o in shapes and o in ctx.users and 0 in shapes[o]]
+                if empty and any(t in failed for t in node.input):  # empty because of a node already reported
+                    failed.update(node.output)
+                elif empty:  # (onnxruntime refuses to run it; a kernel larger than its padded input, a scale of 0)
+                    raise RuleError(f"its output {empty[0]!r} would have shape {shapes[empty[0]]}: no entries")
         except RuleError as exc:
             issues.append(ModelIssue(where, node.op_type, str(exc)))
             failed.update(node.output)
@@ -262,6 +268,7 @@ def import_model(
     issues.extend(type_issues)
     if issues:
         raise UnsupportedModelError(issues, _output_hint(nodes, issues, shapes, inputs, consts))
+    _check_activation_entries(ctx.nodes, shapes)
     ir = Graph(inputs=inputs, nodes=ctx.nodes, outputs=outputs, shapes=dict(shapes))
     for name, shape in inputs.items():
         ir.shapes[name] = shape
@@ -371,6 +378,23 @@ def _output_hint(nodes, issues, shapes, inputs, consts) -> str | None:
         return None
     flags = " ".join(f"--output {c}" for c in candidates[:4])
     return f"hint: to analyse the network up to the unsupported tail (e.g. the logits before a Softmax), use {flags}"
+
+
+MAX_ACTIVATION_ENTRIES = 2**27  # all activations together; onnxlip's sessions hold 25-60 bytes per entry
+
+
+def _check_activation_entries(nodes: list[Node], shapes) -> None:
+    """Refuse a network whose activations hold more than MAX_ACTIVATION_ENTRIES entries in all: its sessions would
+    need tens of GB (a 1 KB Conv with pads of 3000 asked for 8 GB)."""
+    sizes = {o: math.prod(shapes[o]) for n in nodes for o in n.outputs if o in shapes}
+    total = sum(sizes.values())
+    if total > MAX_ACTIVATION_ENTRIES:
+        big = max(sizes, key=sizes.get)
+        raise ShapeError(
+            f"the network's activations hold {total:,} entries in all (the largest, {big!r}, has shape "
+            f"{tuple(shapes[big])}), more than onnxlip analyses ({MAX_ACTIVATION_ENTRIES:,}: its sessions would need "
+            "tens of GB); analyse the model on a smaller input (--input-shape where its size is free)"
+        )
 
 
 def _check_finite(ir: Graph) -> None:

@@ -318,6 +318,11 @@ def _check_versions(proto: onnx.ModelProto) -> None:
         raise ModelLoadError("the model's IR version is not set (0): not a complete ONNX model; re-export it")
     if proto.ir_version < SUPPORTED_IR_VERSIONS[0]:
         raise ModelLoadError(f"IR version {proto.ir_version} is too old (3 and above are read)")
+    if proto.ir_version > onnx.IR_VERSION:  # a format newer than the onnx package knows: it may mean other things
+        raise ModelLoadError(
+            f"IR version {proto.ir_version} is newer than this onnx package reads ({onnx.IR_VERSION}); re-export "
+            "with an older IR version"
+        )
     # newer IR versions than 10 only add features: reading is safe, and the companion graph is ours (onnxruntime
     # 1.31 runs the models themselves up to IR 12; above, bound says that it has no observed samples)
     opset = default_opset(proto)

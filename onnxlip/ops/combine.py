@@ -3,6 +3,7 @@ Concat. Their companions are sums and concatenations of scaled tensors with alig
 
 from __future__ import annotations
 
+from .axes import axis_in_range
 from .registry import define, define_adjoint, define_lipschitz, importer
 
 
@@ -51,8 +52,8 @@ def import_concat(node, ctx):
     if any(ctx.is_const(t) for t in inputs):
         raise RuleError("Concat with a constant operand (fixed neurons) is not supported")
     rank = len(ctx.shape(node.output[0]))
-    axis = int(ctx.attr("axis", 1))
-    ctx.add("concat", inputs, attrs={"axis": axis % rank})
+    axis = axis_in_range(ctx.attr("axis", 1), rank)
+    ctx.add("concat", inputs, attrs={"axis": axis})
 
 
 def _add_adjoint(node, em, a, b):

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..companion import Scaled
 from ..errors import ShapeError
+from .axes import axes_in_range, axis_in_range
 from .probe import run_onnxruntime, run_reference
 from .registry import define, define_adjoint, define_lipschitz, importer
 
@@ -88,6 +89,11 @@ def import_reshape(node, ctx):
         if len(node.output) > 1 and node.output[1] and ctx.consumers_of(node.output[1]):
             _fail("Dropout with a mask output that the graph reads is not supported")
     source, target = ctx.shape(node.input[0]), ctx.shape(node.output[0])
+    if node.op_type in ("Squeeze", "Unsqueeze"):  # (their shapes come from onnx's inference, which wraps old axes)
+        axes = ctx.attr("axes") if ctx.opset < 13 else _ints_input(ctx, node, 1, "axes")
+        if axes is not None:  # (onnxruntime squeezes an axis named twice once, and refuses such an Unsqueeze)
+            squeeze = node.op_type == "Squeeze"
+            axes_in_range(axes, len(source if squeeze else target), repeats="merge" if squeeze else "refuse")
     if int(np.prod(source)) != int(np.prod(target)):  # onnx's shape inference does not check the count
         raise ShapeError(  # a shape error, not an unsupported op: no --output cut helps
             f"node {node.name or node.output[0]!r} ({node.op_type}) turns {list(source)} ({int(np.prod(source))} "
@@ -127,7 +133,7 @@ def import_slice(node, ctx):
         ends = _ints_input(ctx, node, 2, "ends")
         axes = _ints_input(ctx, node, 3, "axes", list(range(len(starts))))
         steps = _ints_input(ctx, node, 4, "steps", [1] * len(starts))
-    axes = [a % rank for a in axes]
+    axes = axes_in_range(axes, rank)
     ctx.add("slice", [node.input[0]], attrs={"starts": starts, "ends": ends, "axes": axes, "steps": steps})
 
 
@@ -153,7 +159,7 @@ def import_gather(node, ctx):
 @importer("Split")
 def import_split(node, ctx):
     rank = len(ctx.shape(node.input[0]))
-    axis = int(ctx.attr("axis", 0)) % rank
+    axis = axis_in_range(ctx.attr("axis", 0), rank)
     sizes = [ctx.shape(o)[axis] for o in node.output]
     ctx.add("split", [node.input[0]], list(node.output), attrs={"axis": axis, "sizes": sizes})
 
@@ -163,7 +169,9 @@ def import_pad(node, ctx):
     mode = ctx.attr("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode in ("reflect", "edge", "wrap"):  # every output entry copies an input entry: a select
-        require_constant_inputs(node, ctx)  # (negative pads crop: the index map is onnxruntime's, crop first)
+        require_constant_inputs(node, ctx)
+        if mode == "reflect":
+            _check_reflect(node, ctx)  # (negative pads crop: the index map is onnxruntime's, crop first)
         ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx)})
         return
     if mode != "constant":
@@ -181,8 +189,8 @@ def import_pad(node, ctx):
         if axes is not None:
             full = [0] * (2 * rank)
             n = len(axes)
-            for i, a in enumerate(axes):
-                full[a % rank], full[rank + a % rank] = pads[i], pads[n + i]
+            for i, a in enumerate(axes_in_range(axes, rank)):
+                full[a], full[rank + a] = pads[i], pads[n + i]
             pads = full
     if value != 0.0:
         _fail(f"Pad with a non-zero constant ({value}) adds fixed neurons; only zero padding is supported")
@@ -220,6 +228,11 @@ def import_select(node, ctx):
         if mode != "nearest":
             _fail(f"{node.op_type} in {mode!r} mode is not supported (nearest, linear and cubic are)")
     require_constant_inputs(node, ctx)
+    if node.op_type == "DepthToSpace":
+        mode = ctx.attr("mode", b"DCR")
+        mode = mode.decode(errors="replace") if isinstance(mode, bytes) else mode
+        if mode not in ("DCR", "CRD"):
+            _fail(f"its mode {mode!r} is neither DCR nor CRD")
     consts = None
     if node.op_type == "Resize" and ctx.attr("axes") is not None:  # (the reference evaluator fails on axes < 0)
         from .interpolate import without_axes
@@ -227,6 +240,19 @@ def import_select(node, ctx):
         consts = {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
         node, consts = without_axes(node, consts, tuple(ctx.shape(node.input[0])), list(ctx.attr("axes")))
     ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx, consts)})
+
+
+def _check_reflect(node, ctx) -> None:
+    """Reflect pads at most the axis length - 1 on each side, as onnxruntime requires (numpy reflects again)."""
+    shape = ctx.shape(node.input[0])
+    rank = len(shape)
+    pads = list(ctx.attr("pads")) if ctx.opset < 11 else _ints_input(ctx, node, 1, "pads")
+    axes = list(range(rank)) if ctx.opset < 18 else _ints_input(ctx, node, 3, "axes", list(range(rank)))
+    if pads is None or len(pads) != 2 * len(axes):
+        return  # (shape inference has already refused it)
+    for i, a in enumerate(axes_in_range(axes, rank)):
+        if max(pads[i], pads[len(axes) + i]) > shape[a] - 1:
+            _fail(f"its reflect pads {pads} exceed its input's axis {a} of size {shape[a]} (at most {shape[a] - 1})")
 
 
 def require_constant_inputs(node, ctx) -> None:

@@ -93,6 +93,8 @@ def resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, dilations) -> li
         return [int(p) for p in pads]
     if auto_pad == "VALID":
         return [0] * (2 * n)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):  # (onnxruntime refuses the model)
+        _fail(f"its auto_pad {auto_pad!r} is none of NOTSET, SAME_UPPER, SAME_LOWER and VALID")
     begin, end = [], []
     for i in range(n):
         total = max((spatial_out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial_in[i], 0)
@@ -121,7 +123,7 @@ def _optional_bias(ctx, node, index: int):
 def import_conv(node, ctx):
     x = node.input[0]
     weight = const_or_fail(ctx, node.input[1], "weight")
-    kernel = list(weight.shape[2:])
+    kernel = _kernel(ctx, weight)
     n = len(kernel)
     strides = list(ctx.attr("strides", [1] * n))
     dilations = list(ctx.attr("dilations", [1] * n))
@@ -138,6 +140,15 @@ def import_conv(node, ctx):
         params["bias"] = bias
     attrs = dict(strides=strides, pads=pads, dilations=dilations, group=group, kernel_shape=kernel)
     ctx.add("conv", [x], attrs=attrs, params=params)
+
+
+def _kernel(ctx, weight: np.ndarray) -> list[int]:
+    """The kernel's spatial shape, read off the weight; a kernel_shape attribute must agree (onnxruntime checks)."""
+    kernel = list(weight.shape[2:])
+    given = ctx.attr("kernel_shape")
+    if given is not None and [int(k) for k in given] != kernel:
+        _fail(f"its kernel_shape {list(given)} does not match its weight's shape {tuple(weight.shape)}")
+    return kernel
 
 
 def _check_conv(x_shape, w_shape, group: int, strides, dilations, pads, transposed: bool) -> None:
@@ -163,14 +174,18 @@ def _check_conv(x_shape, w_shape, group: int, strides, dilations, pads, transpos
 def import_conv_transpose(node, ctx):
     x = node.input[0]
     weight = const_or_fail(ctx, node.input[1], "weight")
-    kernel = list(weight.shape[2:])
+    kernel = _kernel(ctx, weight)
     n = len(kernel)
     strides = list(ctx.attr("strides", [1] * n))
     dilations = list(ctx.attr("dilations", [1] * n))
     out_pad = list(ctx.attr("output_padding", [0] * n))
+    if len(out_pad) != n or any(not 0 <= p < max(s, d) for p, s, d in zip(out_pad, strides, dilations)):
+        _fail(f"its output_padding {out_pad} must have {n} entries, each below max(stride, dilation)")
     spatial_in, spatial_out = ctx.shape(x)[2:], ctx.shape(node.output[0])[2:]
     auto_pad = ctx.attr("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "", "SAME_UPPER", "SAME_LOWER", "VALID"):  # (onnxruntime refuses the model)
+        _fail(f"its auto_pad {auto_pad!r} is none of NOTSET, SAME_UPPER, SAME_LOWER and VALID")
     if ctx.attr("output_shape") is None and auto_pad in ("NOTSET", ""):
         pads = [int(p) for p in ctx.attr("pads", [0] * (2 * n))]
     else:  # pads are implied by the output shape (ONNX ConvTranspose spec)

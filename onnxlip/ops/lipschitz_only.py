@@ -9,6 +9,7 @@ activations that are not ReLU-network pieces, so the path-metric, scores and pru
 
 from __future__ import annotations
 
+from .axes import axis_in_range
 from .registry import define, define_lipschitz, lipschitz_importer
 
 _CONSTANTS = {"Tanh": 1.0, "Sigmoid": 0.25, "Softsign": 1.0}
@@ -55,7 +56,7 @@ def import_sort(node, ctx):
     from ..importer import RuleError
 
     shape = ctx.shape(node.input[0])
-    axis = int(ctx.attr("axis", -1)) % len(shape)
+    axis = axis_in_range(ctx.attr("axis", -1), len(shape))
     if node.op_type == "TopK":
         k = ctx.const(node.input[1]) if len(node.input) > 1 else ctx.attr("k")
         if k is None or int(k.ravel()[0] if hasattr(k, "ravel") else k) != shape[axis]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..companion import Scaled
+from .axes import axes_in_range
 from .linear import resolve_pads
 from .registry import define, define_adjoint, define_lipschitz, importer
 
@@ -29,6 +30,8 @@ def _window_attrs(ctx, node):
     if len(spatial_in) != n:
         _fail(f"kernel has {n} dimensions but the input has {len(spatial_in)} spatial dimensions")
     pads = resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, dilations)
+    if any(pads[i] >= kernel[i] or pads[n + i] >= kernel[i] for i in range(n)):  # (onnxruntime refuses it)
+        _fail(f"its pads {pads} are not all smaller than its kernel {kernel}")
     if any(d != 1 for d in dilations) and pads != resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, [1] * n):
         # onnxruntime's pools compute SAME pads without the dilation, the ONNX spec (and onnxlip) with it
         _fail(
@@ -164,7 +167,7 @@ def _reduce_axes(node, ctx) -> list[int]:
         if int(ctx.attr("noop_with_empty_axes", 0)):
             return []
         return list(range(rank))
-    return sorted(int(a) % rank for a in axes)
+    return axes_in_range(axes, rank, repeats="merge")
 
 
 @importer("GlobalMaxPool", "GlobalAveragePool", "ReduceMax", "ReduceMin", "ReduceMean", "ReduceSum")
