@@ -100,6 +100,14 @@ REFUSED = {
         lambda: _one(helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, mode="FOO"), x_shape=(1, 4, 8, 8)),
         "neither DCR nor CRD",
     ),
+    "depth_to_space channels not divisible": (
+        lambda: _one(helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2)),
+        "not divisible by blocksize**2",
+    ),
+    "space_to_depth size not divisible": (
+        lambda: _one(helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=3)),
+        "not divisible by its blocksize",
+    ),
     "slice-1 axis out of range": (
         lambda: _one(helper.make_node("Slice", ["x"], ["y"], starts=[0], ends=[3], axes=[7]), opset=9),
         "out of range",
@@ -212,3 +220,14 @@ def test_a_constant_with_two_values_and_an_unknown_ir_version_are_refused():
         onnxlip.path_norm(make_model(nodes, [x], [z], []))
     with pytest.raises(OnnxlipError, match="IR version 99 is newer"):
         onnxlip.path_norm(_one(helper.make_node("Identity", ["x"], ["y"]), ir_version=99))
+
+
+def test_a_conv_transpose_output_shape_that_onnx_misreads_is_a_clear_refusal():
+    """output_shape [2, 2] (smaller than the full output): onnx's shape inference gives the output the shape (1, 4),
+    so the import rule failed with an IndexError; onnxruntime runs it (cropping). Now a refusal that says why."""
+    model = _one(
+        helper.make_node("ConvTranspose", ["x", "w"], ["y"], output_shape=[2, 2]),
+        inits=[numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "w")],
+    )
+    report = onnxlip.check(model)
+    assert [e.node for e in report.errors] == ["y"] and "does not fit its weight" in report.errors[0].reason

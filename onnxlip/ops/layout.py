@@ -228,6 +228,8 @@ def import_select(node, ctx):
         if mode != "nearest":
             _fail(f"{node.op_type} in {mode!r} mode is not supported (nearest, linear and cubic are)")
     require_constant_inputs(node, ctx)
+    if node.op_type in ("DepthToSpace", "SpaceToDepth"):
+        _check_blocks(node, ctx)
     if node.op_type == "DepthToSpace":
         mode = ctx.attr("mode", b"DCR")
         mode = mode.decode(errors="replace") if isinstance(mode, bytes) else mode
@@ -240,6 +242,17 @@ def import_select(node, ctx):
         consts = {n: np.asarray(ctx.const(n)) for n in node.input[1:] if n}
         node, consts = without_axes(node, consts, tuple(ctx.shape(node.input[0])), list(ctx.attr("axes")))
     ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx, consts)})
+
+
+def _check_blocks(node, ctx) -> None:
+    """DepthToSpace needs channels divisible by blocksize**2, SpaceToDepth height and width by blocksize."""
+    shape, b = ctx.shape(node.input[0]), int(ctx.attr("blocksize", 0))
+    if len(shape) != 4 or b < 1:
+        _fail(f"it needs a 4-D input and a positive blocksize (input {tuple(shape)}, blocksize {b})")
+    if node.op_type == "DepthToSpace" and shape[1] % (b * b):
+        _fail(f"its input's {shape[1]} channels are not divisible by blocksize**2 = {b * b}")
+    if node.op_type == "SpaceToDepth" and (shape[2] % b or shape[3] % b):
+        _fail(f"its input's height and width {tuple(shape[2:])} are not divisible by its blocksize {b}")
 
 
 def _check_reflect(node, ctx) -> None:

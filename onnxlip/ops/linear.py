@@ -182,6 +182,8 @@ def import_conv_transpose(node, ctx):
     if len(out_pad) != n or any(not 0 <= p < max(s, d) for p, s, d in zip(out_pad, strides, dilations)):
         _fail(f"its output_padding {out_pad} must have {n} entries, each below max(stride, dilation)")
     spatial_in, spatial_out = ctx.shape(x)[2:], ctx.shape(node.output[0])[2:]
+    if len(spatial_in) != n or len(spatial_out) != n:  # (onnx infers an output_shape too short as the shape itself)
+        _fail(f"its output shape {tuple(ctx.shape(node.output[0]))} does not fit its weight {tuple(weight.shape)}")
     auto_pad = ctx.attr("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad not in ("NOTSET", "", "SAME_UPPER", "SAME_LOWER", "VALID"):  # (onnxruntime refuses the model)
