@@ -8,8 +8,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 
+class JsonResult:
+    """A result whose `to_json()` is its fields, in order, as the CLI's --json prints them."""
+
+    def to_json(self) -> dict:
+        return jsonable(asdict(self))
+
+
 @dataclass
-class PathNormResult:
+class PathNormResult(JsonResult):
     q: float
     path_norm: float | None
     log10_path_norm: float
@@ -18,14 +25,10 @@ class PathNormResult:
     outputs: list[str]
     notes: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return jsonable(asdict(self))
-
 
 @dataclass
-class PathMetricResult:
-    """`path_metric` is the computed value; the certified upper bound on the true metric (or on the hi/lo
-    difference when not exact) is path_metric / (1 - rounding_margin), see onnxlip/rounding.py."""
+class MetricFields(JsonResult):
+    """The fields a metric result and a bound result share, first in both (their JSON key order)."""
 
     path_metric: float | None
     log10_path_metric: float
@@ -33,6 +36,13 @@ class PathMetricResult:
     sign_flips: int
     sign_flip_handling: str
     changed_parameters: int
+
+
+@dataclass
+class PathMetricResult(MetricFields):
+    """`path_metric` is the computed value; the certified upper bound on the true metric (or on the hi/lo
+    difference when not exact) is path_metric / (1 - rounding_margin), see onnxlip/rounding.py."""
+
     device: str
     rounding_margin: float = 0.0
     # how it was computed: "difference stream" (theory.md section 3), "subtraction" (well conditioned, see
@@ -40,18 +50,9 @@ class PathMetricResult:
     route: str = ""
     notes: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return jsonable(asdict(self))
-
 
 @dataclass
-class BoundResult:
-    path_metric: float | None
-    log10_path_metric: float
-    exact: bool
-    sign_flips: int
-    sign_flip_handling: str
-    changed_parameters: int
+class BoundResult(MetricFields):
     input_bound: float
     bound: float | None
     log10_bound: float
@@ -63,21 +64,15 @@ class BoundResult:
     route: str = ""
     notes: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return jsonable(asdict(self))
-
 
 @dataclass
-class VariantError:
+class VariantError(JsonResult):
     """A variant bound_many(..., errors="report") could not compare with the base (unusable file, another
     architecture, NaN weights, ...): `error` is the message that would have been raised."""
 
     variant: str
     error: str
     exit_code: int = 2
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def jsonable(obj):
