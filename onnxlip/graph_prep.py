@@ -318,7 +318,7 @@ def infer_shapes(proto, nodes, inputs, consts, type_issues: list | None = None) 
 class FoldBudget:
     """The entries all folded results may hold together: _TOTAL_GROWTH times the model's own constant entries plus
     FOLD_LIMIT bytes at 8 bytes an entry. Each node is bounded by _fold_fits, but a chain is not: ConstantOfShape
-    then three Tiles, each within its own limit, asked for 4 GiB from a 315-byte file. `refused`: the outputs of
+    then three Tiles, each within its own limit, formed 2.5 GiB from a 206-byte file. `refused`: the outputs of
     nodes left unfolded because the budget was spent (the importer explains them)."""
 
     LIMIT_TEXT = f"{_TOTAL_GROWTH} times the model's own constant entries plus {FOLD_LIMIT >> 23} Mi entries"

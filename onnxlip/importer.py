@@ -199,7 +199,7 @@ def import_model(
         nodes = fold_constants(proto, nodes, consts, shapes, origins, budget)
         if len(nodes) == count:  # nothing folded: the shapes stand
             break
-        shapes = infer_shapes(proto, nodes, inputs, consts)
+        shapes = infer_shapes(proto, nodes, inputs, consts, [])  # (type issues: reported from the first pass)
     for name in outputs:  # (folding may have made one a constant: a Transpose of a weight)
         if name in consts:
             raise OnnxlipError(f"output {name!r} is computed from constants only, not from the model's inputs")

@@ -276,3 +276,19 @@ def test_a_weight_whose_type_disagrees_with_the_graph_is_refused(tmp_path, dtype
     r = helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 2])
     same = make_model(nodes[:2], [x], [r], [numpy_helper.from_array(W, "W")])
     assert onnxlip.path_norm(same).path_norm == pytest.approx(np.abs(W).sum(), rel=1e-6)
+
+
+def test_a_type_disagreement_in_a_model_with_folded_constants_is_reported_as_such():
+    """The shape passes after folding checked types again and raised a bare "shape inference failed"; the issue
+    from the first pass is the one reported, beside the model's other problems."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),  # folded: the shape is static
+        helper.make_node("Reshape", ["x", "s"], ["xr"]),
+        helper.make_node("MatMul", ["xr", "W"], ["h"], name="proj"),
+        helper.make_node("Relu", ["h"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    report = onnxlip.check(make_model(nodes, [x], [y], [numpy_helper.from_array(W.astype(np.float64), "W")]))
+    assert [(e.node, e.op) for e in report.errors] == [("proj", "MatMul")], report.errors
+    assert "disagree in type" in report.errors[0].reason
