@@ -366,7 +366,7 @@ class _Walk:
 
 class _Joined:
     """The sites of several inputs, joined without copying them: a sum of k terms chained as k - 1 Adds copied
-    k**2 / 2 sites (20000 terms: 193 s and 1.9 GB)."""
+    k**2 / 2 sites (8000 terms: the guard program took 3.2 s, 1.3 s joined)."""
 
     __slots__ = ("parts",)
 

@@ -23,8 +23,8 @@ def axis_in_range(axis: int, rank: int, what: str = "axis") -> int:
 
 def axes_in_range(axes: Iterable[int], rank: int, what: str = "axes", repeats: str = "refuse") -> list[int]:
     """Each axis as a non-negative int, in the given order. `repeats`: "refuse" (a RuleError, as onnxruntime
-    refuses Slice, Pad, Squeeze and Unsqueeze axes given twice) or "merge" (each once, sorted: a reduction over
-    an axis named twice reduces it once, as onnxruntime does)."""
+    refuses Slice, Pad and Unsqueeze axes given twice) or "merge" (each once, sorted: a reduction or a Squeeze over
+    an axis named twice reduces or squeezes it once, as onnxruntime does)."""
     given = [int(a) for a in axes]
     bad = [a for a in given if not -rank <= a < rank]
     if bad:

@@ -169,9 +169,9 @@ def import_pad(node, ctx):
     mode = ctx.attr("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode in ("reflect", "edge", "wrap"):  # every output entry copies an input entry: a select
-        require_constant_inputs(node, ctx)
+        require_constant_inputs(node, ctx)  # (negative pads crop: the index map is onnxruntime's, crop first)
         if mode == "reflect":
-            _check_reflect(node, ctx)  # (negative pads crop: the index map is onnxruntime's, crop first)
+            _check_reflect(node, ctx)
         ctx.add("select", [node.input[0]], attrs={"index": _index_map(node, ctx)})
         return
     if mode != "constant":

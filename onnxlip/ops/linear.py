@@ -81,6 +81,9 @@ linear_rules("dense", _dense_apply, _dense_terms)
 
 
 # ---- padding arithmetic (shared with pooling) ---------------------------------------------------------------
+AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+
 def resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, dilations) -> list[int]:
     """Explicit [begin..., end...] pads of a Conv/pool node, resolving auto_pad."""
     n = len(kernel)
@@ -93,8 +96,8 @@ def resolve_pads(ctx, spatial_in, spatial_out, kernel, strides, dilations) -> li
         return [int(p) for p in pads]
     if auto_pad == "VALID":
         return [0] * (2 * n)
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):  # (onnxruntime refuses the model)
-        _fail(f"its auto_pad {auto_pad!r} is none of NOTSET, SAME_UPPER, SAME_LOWER and VALID")
+    if auto_pad not in AUTO_PADS:  # (onnxruntime refuses the model)
+        _fail(f"its auto_pad {auto_pad!r} is none of {', '.join(AUTO_PADS)}")
     begin, end = [], []
     for i in range(n):
         total = max((spatial_out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial_in[i], 0)
@@ -186,8 +189,8 @@ def import_conv_transpose(node, ctx):
         _fail(f"its output shape {tuple(ctx.shape(node.output[0]))} does not fit its weight {tuple(weight.shape)}")
     auto_pad = ctx.attr("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "", "SAME_UPPER", "SAME_LOWER", "VALID"):  # (onnxruntime refuses the model)
-        _fail(f"its auto_pad {auto_pad!r} is none of NOTSET, SAME_UPPER, SAME_LOWER and VALID")
+    if auto_pad not in ("", *AUTO_PADS):  # (onnxruntime refuses the model)
+        _fail(f"its auto_pad {auto_pad!r} is none of {', '.join(AUTO_PADS)}")
     if ctx.attr("output_shape") is None and auto_pad in ("NOTSET", ""):
         pads = [int(p) for p in ctx.attr("pads", [0] * (2 * n))]
     else:  # pads are implied by the output shape (ONNX ConvTranspose spec)
