@@ -4,12 +4,11 @@ analysed outputs need, static shapes by ONNX shape inference, and constant foldi
 from __future__ import annotations
 
 import math
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
 
 from .dequantize import fold_dequantize
 from .errors import ModelIssue, OnnxlipError, ShapeError
@@ -27,7 +26,6 @@ FOLD_LIMIT = 64 * 2**20  # do not materialise constants above 64 MiB, unless the
 _GROWTH = 4  # (see _fold_fits)
 _TOTAL_GROWTH = 6  # (see FoldBudget)
 MAX_RANK = 64  # onnxruntime's (and numpy's) limit
-_MAX_ENTRIES = 2**31  # a static tensor above this (8 GiB of float32 for one activation) is a damaged shape
 
 
 # ---- constants and inputs -------------------------------------------------------------------------------
@@ -224,94 +222,6 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
             inner = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
             names += [n for sub in g.node for n in sub.input if n and n not in inner]
     return names
-
-
-# ---- shape inference ----------------------------------------------------------------------------------
-_SHAPE_KEEPING = {("ai.onnx.ml", "Scaler")}
-
-
-def _as_identity(node):
-    return helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
-
-
-def shape_keeping_as_identity(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The model, or a copy whose ops that onnx has no shape inference for but that keep their input's shape
-    (skl2onnx's Scaler) are Identity nodes: for onnx's shape inference only."""
-    if not any((n.domain, n.op_type) in _SHAPE_KEEPING for n in proto.graph.node):
-        return proto
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    nodes = [_as_identity(n) if (n.domain, n.op_type) in _SHAPE_KEEPING else n for n in copy.graph.node]
-    del copy.graph.node[:]
-    copy.graph.node.extend(nodes)
-    return copy
-
-
-def type_issue(message: str) -> ModelIssue:
-    """onnx's type-check message as an issue naming the node where it names one."""
-    found = re.search(r"\(op_type:([\w.]+)(?:, node name: ([^)]*))?\)", message)
-    op, node = (found.group(1), found.group(2) or "-") if found else ("-", "-")
-    detail = message.split("): ", 1)[-1] if found else message
-    reason = f"its inputs disagree in type ({detail}): not valid ONNX, onnxruntime refuses to load it"
-    return ModelIssue(node, op, reason)
-
-
-def infer_shapes(proto, nodes, inputs, consts, type_issues: list | None = None) -> dict[str, tuple[int, ...]]:
-    """Static shapes of every tensor, by onnx shape inference on a light copy (big weights as typed inputs).
-    `type_issues`: where a node's inputs disagree in type, an issue is added there and inference goes on."""
-    used = {n for node in nodes for n in node_inputs(node)}
-    graph_inputs, initializers = [], []
-    declared = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
-    for name, shape in inputs.items():
-        elem = declared.get(name) or onnx.TensorProto.FLOAT  # (an --output cut may make a tensor an input)
-        graph_inputs.append(helper.make_tensor_value_info(name, elem, list(shape)))
-    for name in sorted(used & set(consts)):
-        arr = consts[name]
-        if arr.size <= 4096 or arr.dtype.kind in "iub":
-            initializers.append(numpy_helper.from_array(arr, name))
-        else:
-            dtype = helper.np_dtype_to_tensor_dtype(arr.dtype)
-            graph_inputs.append(helper.make_tensor_value_info(name, dtype, list(arr.shape)))
-    # ops onnx has no shape inference for, that keep their input's shape (and write float)
-    nodes = [_as_identity(n) if (n.domain, n.op_type) in _SHAPE_KEEPING else n for n in nodes]
-    g = helper.make_graph(nodes, "shapes", graph_inputs, [], initializers)
-    for node in g.node:  # (onnx's messages name a node by its name: as the importer does, else by its output)
-        if not node.name and node.output:
-            node.name = node.output[0]
-    light = helper.make_model(g, opset_imports=list(proto.opset_import))
-    light.ir_version = 8  # our own copy: IR 3 rules (initializers must be inputs) would defeat inference
-    # no data_prop: onnx's data propagation turns a 1-D Add of n entries into a shape of n symbolic dims (~250 bytes
-    # each: 2 GB for an 8 Mi-entry input); fold_constants evaluates the shape arithmetic itself, round by round
-    # check_type: a node whose inputs disagree in type (a float64 weight in a float32 graph) makes the file invalid
-    # ONNX, which onnxruntime refuses to load; its arithmetic is not what the model means
-    try:
-        try:
-            inferred = shape_inference.infer_shapes(light, check_type=True, strict_mode=False, data_prop=False)
-        except Exception as exc:  # noqa: BLE001 - onnx raises several types
-            if type_issues is None or not ("inconsistent type" in str(exc) or "TypeInferenceError" in str(exc)):
-                raise
-            type_issues.append(type_issue(str(exc)))
-            inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=False)
-    except Exception as exc:  # noqa: BLE001 - all mean the same to the user
-        raise ShapeError(f"shape inference failed: {exc}") from None
-    shapes: dict[str, tuple[int, ...]] = {name: tuple(shape) for name, shape in inputs.items()}
-    for name, arr in consts.items():
-        shapes[name] = tuple(arr.shape)
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-        t = vi.type.tensor_type
-        if not t.HasField("shape"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        if all(d is not None for d in dims):
-            shapes[vi.name] = tuple(int(d) for d in dims)
-    for name, shape in shapes.items():
-        if len(shape) > MAX_RANK:
-            raise ShapeError(
-                f"tensor {name!r} has rank {len(shape)}: onnxruntime runs tensors of rank {MAX_RANK} at most"
-            )
-        if any(d < 0 for d in shape) or math.prod(shape) > _MAX_ENTRIES:
-            raise ShapeError(f"tensor {name!r} would have shape {shape}: not a plausible static shape (damaged file?)")
-    return shapes
 
 
 # ---- constant folding -----------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from .graph_prep import (
     check_node_names,
     fixed_input_shapes,
     fold_constants,
-    infer_shapes,
     initial_constants,
     needed_nodes,
     too_large_to_fold,
@@ -27,6 +26,7 @@ from .ir import Graph, Node, Param
 from .loading import ModelLike, default_opset, load_model
 from .ops import IMPORTERS, LIPSCHITZ_IMPORTERS, REJECTED
 from .passes import run_passes
+from .shapes import infer_shapes, why_not_inferred
 
 
 @dataclass
@@ -214,6 +214,8 @@ def import_model(
         ctx.users.setdefault(t, []).append("a graph output")
     failed: set[str] = set()  # outputs of nodes with an issue: shapes downstream of them are not reported again
     unformed: set[str] = set()  # constants too large to form (FoldBudget) and what is computed from them
+    # before any import rule runs: a rule may form arrays of an activation's size (copy maps, masks)
+    _check_activation_entries(_activations(nodes, inputs, ctx.users), shapes)
     for node in nodes:
         ctx.begin_node(node)
         rule = IMPORTERS.get(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}")
@@ -245,7 +247,10 @@ def import_model(
                     if any(t in failed for t in node.input):  # unknown because of a node already reported
                         failed.update(node.output)
                         break
-                    raise RuleError(f"the shape of its output {out!r} could not be inferred")
+                    reason = why_not_inferred(proto, node, shapes, consts)
+                    raise RuleError(
+                        f"the shape of its output {out!r} could not be inferred" + (f": {reason}" if reason else "")
+                    )
             else:
                 rule(node, ctx)
                 ctx.end_node()
@@ -268,7 +273,7 @@ def import_model(
     issues.extend(type_issues)
     if issues:
         raise UnsupportedModelError(issues, _output_hint(nodes, issues, shapes, inputs, consts))
-    _check_activation_entries(ctx.nodes, shapes)
+    _check_activation_entries((o for n in ctx.nodes for o in n.outputs), shapes)  # (with the rules' own tensors)
     ir = Graph(inputs=inputs, nodes=ctx.nodes, outputs=outputs, shapes=dict(shapes))
     for name, shape in inputs.items():
         ir.shapes[name] = shape
@@ -383,10 +388,19 @@ def _output_hint(nodes, issues, shapes, inputs, consts) -> str | None:
 MAX_ACTIVATION_ENTRIES = 2**27  # all activations together; onnxlip's sessions hold 25-60 bytes per entry
 
 
-def _check_activation_entries(nodes: list[Node], shapes) -> None:
-    """Refuse a network whose activations hold more than MAX_ACTIVATION_ENTRIES entries in all: its sessions would
-    need tens of GB (a 1 KB Conv with pads of 3000 asked for 8 GB)."""
-    sizes = {o: math.prod(shapes[o]) for n in nodes for o in n.outputs if o in shapes}
+def _activations(nodes, inputs, users) -> list[str]:
+    """The tensors computed from the model's inputs that something reads (nodes in topological order)."""
+    found = set(inputs)
+    for node in nodes:
+        if any(t in found for t in node.input):
+            found.update(node.output)
+    return [t for t in found if t in users and t not in inputs]
+
+
+def _check_activation_entries(tensors: Iterable[str], shapes) -> None:
+    """Refuse a network whose activations (`tensors`) hold more than MAX_ACTIVATION_ENTRIES entries in all: its
+    sessions would need tens of GB (a 1 KB Conv with pads of 3000 asked for 8 GB)."""
+    sizes = {o: math.prod(shapes[o]) for o in tensors if o in shapes}
     total = sum(sizes.values())
     if total > MAX_ACTIVATION_ENTRIES:
         big = max(sizes, key=sizes.get)

@@ -76,7 +76,7 @@ class _Graph:
 
 def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
     """The rank of every tensor onnx's shape inference can tell (none where it fails: nothing is rescaled then)."""
-    from .graph_prep import shape_keeping_as_identity
+    from .shapes import shape_keeping_as_identity
 
     try:
         inferred = onnx.shape_inference.infer_shapes(shape_keeping_as_identity(proto), strict_mode=False)

@@ -130,6 +130,43 @@ REFUSED = {
         ),
         "no entries",
     ),
+    # session 15: refused before, but as "the shape of its output could not be inferred" with no reason (onnx's
+    # strict inference of the node alone now gives it), or analysed as if valid (a short Transpose perm)
+    "conv stride 0": (
+        lambda: _one(helper.make_node("Conv", ["x", "w"], ["y"], strides=[0, 1]), inits=[W3]),
+        "strides must only contain positive values",
+    ),
+    "conv negative pads": (
+        lambda: _one(helper.make_node("Conv", ["x", "w"], ["y"], pads=[-1, 0, 0, 0]), inits=[W3]),
+        "pads must not contain negative values",
+    ),
+    "conv dilation 0": (
+        lambda: _one(helper.make_node("Conv", ["x", "w"], ["y"], dilations=[0, 1]), inits=[W3]),
+        "dilations must only contain positive values",
+    ),
+    "maxpool stride 0": (
+        lambda: _one(helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[0, 1])),
+        "strides must only contain positive values",
+    ),
+    "averagepool kernel 0": (
+        lambda: _one(helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[0, 2])),
+        "kernel_shape must only contain positive values",
+    ),
+    "transpose perm repeats an axis": (
+        lambda: _one(helper.make_node("Transpose", ["x"], ["y"], perm=[0, 1, 1, 2])),
+        "repeated value",
+    ),
+    "transpose perm too short": (
+        lambda: _one(helper.make_node("Transpose", ["x"], ["y"], perm=[0, 1, 2])),
+        "is not a permutation of the 4 axes",
+    ),
+    "prelu slope does not broadcast": (
+        lambda: _one(
+            helper.make_node("PRelu", ["x", "s"], ["y"]),
+            inits=[numpy_helper.from_array(np.full((4,), 0.1, np.float32), "s")],
+        ),
+        "slope of shape [4] does not broadcast to its input's shape [1, 3, 8, 8]",
+    ),
 }
 
 
@@ -209,6 +246,29 @@ def test_a_conv_with_huge_pads_is_refused_before_any_memory_is_taken():
     finally:
         tracemalloc.stop()
     assert peak < 100 * 2**20 and time.perf_counter() - start < 10
+
+
+def test_the_activation_size_is_checked_before_any_import_rule_runs():
+    """A nearest Resize of an 8x8 input by 1024 (64 Mi entries, each op within its own limits) and two Relus after
+    it: 192 Mi activation entries, refused, but only after the Resize's index map (probed in onnxruntime) had taken
+    1.6 GB and 4.5 s (session 15)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    scales = numpy_helper.from_array(np.array([1, 1, 1024, 1024], np.float32), "s")
+    nodes = [
+        helper.make_node("Resize", ["x", "", "s"], ["y"], mode="nearest"),
+        helper.make_node("Relu", ["y"], ["r"]),
+        helper.make_node("Relu", ["r"], ["z"]),
+    ]
+    model = make_model(nodes, [x], [z], [scales], opset=17)
+    tracemalloc.start()
+    try:
+        with pytest.raises(OnnxlipError, match="activations hold 201,326,592 entries"):
+            onnxlip.path_norm(model)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 2**20
 
 
 def test_a_constant_with_two_values_and_an_unknown_ir_version_are_refused():

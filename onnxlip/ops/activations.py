@@ -135,8 +135,11 @@ def import_prelu(node, ctx):
     if not np.all(np.isfinite(slope)):
         _fail("its slopes are not all finite")
     shape = tuple(ctx.shape(node.input[0]))
-    if tuple(np.broadcast_shapes(shape, slope.shape)) != shape:
-        _fail("its slope broadcasts the input to a larger shape")
+    fits = slope.ndim <= len(shape) and all(
+        d in (1, n) for d, n in zip(slope.shape[::-1], shape[::-1])
+    )  # (ONNX: the slope broadcasts to the input's shape, one way)
+    if not fits:
+        _fail(f"its slope of shape {list(slope.shape)} does not broadcast to its input's shape {list(shape)}")
     if np.all(slope == slope.flat[0]):  # one slope: a LeakyRelu
         _leaky(ctx, node.input[0], float(slope.flat[0]))
         return

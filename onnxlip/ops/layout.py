@@ -108,7 +108,9 @@ def import_reshape(node, ctx):
 def import_transpose(node, ctx):
     rank = len(ctx.shape(node.input[0]))
     perm = ctx.attr("perm")
-    perm = list(perm) if perm is not None else list(reversed(range(rank)))
+    perm = [int(p) for p in perm] if perm is not None else list(reversed(range(rank)))
+    if sorted(perm) != list(range(rank)):  # (onnx's shape inference lets a short perm through; onnxruntime fails)
+        _fail(f"its perm {perm} is not a permutation of the {rank} axes of its input")
     ctx.add("transpose", [node.input[0]], attrs={"perm": [int(p) for p in perm]})
 
 
