@@ -69,6 +69,25 @@ def infer_shapes(proto, nodes, inputs, consts, type_issues: list | None = None) 
             node.name = node.output[0]
     light = helper.make_model(g, opset_imports=list(proto.opset_import))
     light.ir_version = 8  # our own copy: IR 3 rules (initializers must be inputs) would defeat inference
+    shapes = _inferred(light, inputs, consts, type_issues)
+    for _ in range(sum(n.op_type == "ConvTranspose" for n in nodes)):  # each round settles at least one more
+        fixed = _conv_transpose_shapes(nodes, shapes, consts)
+        if not fixed:
+            break
+        light.graph.value_info.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, d) for t, d in fixed)
+        shapes = _inferred(light, inputs, consts, None)
+    for name, shape in shapes.items():
+        if len(shape) > MAX_RANK:
+            raise ShapeError(
+                f"tensor {name!r} has rank {len(shape)}: onnxruntime runs tensors of rank {MAX_RANK} at most"
+            )
+        if any(d < 0 for d in shape) or math.prod(shape) > _MAX_ENTRIES:
+            raise ShapeError(f"tensor {name!r} would have shape {shape}: not a plausible static shape (damaged file?)")
+    return shapes
+
+
+def _inferred(light, inputs, consts, type_issues: list | None) -> dict[str, tuple[int, ...]]:
+    """onnx's static shapes for the light copy, with the inputs' and constants' own."""
     # no data_prop: onnx's data propagation turns a 1-D Add of n entries into a shape of n symbolic dims (~250 bytes
     # each: 2 GB for an 8 Mi-entry input); fold_constants evaluates the shape arithmetic itself, round by round
     # check_type: a node whose inputs disagree in type (a float64 weight in a float32 graph) makes the file invalid
@@ -93,14 +112,26 @@ def infer_shapes(proto, nodes, inputs, consts, type_issues: list | None = None) 
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         if all(d is not None for d in dims):
             shapes[vi.name] = tuple(int(d) for d in dims)
-    for name, shape in shapes.items():
-        if len(shape) > MAX_RANK:
-            raise ShapeError(
-                f"tensor {name!r} has rank {len(shape)}: onnxruntime runs tensors of rank {MAX_RANK} at most"
-            )
-        if any(d < 0 for d in shape) or math.prod(shape) > _MAX_ENTRIES:
-            raise ShapeError(f"tensor {name!r} would have shape {shape}: not a plausible static shape (damaged file?)")
     return shapes
+
+
+def _conv_transpose_shapes(nodes, shapes, consts) -> list[tuple[str, list[int]]]:
+    """(output, shape) of each ConvTranspose with an output_shape that onnx inferred wrongly: for an output_shape
+    smaller than the input's spatial size it drops the spatial axes ([N, C]); onnxruntime crops (pads computed from
+    output_shape, as the ONNX spec says). A declared shape makes onnx keep it and carry it downstream."""
+    fixed = []
+    for node in nodes:
+        if node.op_type != "ConvTranspose" or len(node.input) < 2 or not node.output:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if "output_shape" not in attrs or x is None or w is None or len(x) != len(w) or len(x) < 3:
+            continue
+        spatial = [int(d) for d in attrs["output_shape"]]  # (N and C listed too: onnxruntime refuses, so does the rule)
+        want = [x[0], int(w[1]) * int(attrs.get("group", 1)), *spatial]
+        if len(spatial) == len(x) - 2 and tuple(want) != shapes.get(node.output[0]) and min(spatial) > 0:
+            fixed.append((node.output[0], want))
+    return fixed
 
 
 def why_not_inferred(proto, node, shapes, consts) -> str | None:

@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
+from onnxlip.api import analyse
 from onnxlip.errors import OnnxlipError
 from tests.helpers import make_model
 from tests.test_bad_input import cli
@@ -160,6 +161,20 @@ REFUSED = {
         lambda: _one(helper.make_node("Transpose", ["x"], ["y"], perm=[0, 1, 2])),
         "is not a permutation of the 4 axes",
     ),
+    "conv_transpose output_shape larger than its full output": (
+        lambda: _one(
+            helper.make_node("ConvTranspose", ["x", "w"], ["y"], output_shape=[12, 12]),
+            inits=[numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "w")],
+        ),
+        "larger than its full output",
+    ),
+    "conv_transpose output_shape listing N and C": (
+        lambda: _one(
+            helper.make_node("ConvTranspose", ["x", "w"], ["y"], output_shape=[1, 2, 6, 6]),
+            inits=[numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "w")],
+        ),
+        "output_shape has incorrect size",
+    ),
     "prelu slope does not broadcast": (
         lambda: _one(
             helper.make_node("PRelu", ["x", "s"], ["y"]),
@@ -282,12 +297,57 @@ def test_a_constant_with_two_values_and_an_unknown_ir_version_are_refused():
         onnxlip.path_norm(_one(helper.make_node("Identity", ["x"], ["y"]), ir_version=99))
 
 
-def test_a_conv_transpose_output_shape_that_onnx_misreads_is_a_clear_refusal():
-    """output_shape [2, 2] (smaller than the full output): onnx's shape inference gives the output the shape (1, 4),
-    so the import rule failed with an IndexError; onnxruntime runs it (cropping). Now a refusal that says why."""
-    model = _one(
-        helper.make_node("ConvTranspose", ["x", "w"], ["y"], output_shape=[2, 2]),
-        inits=[numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "w")],
+@pytest.mark.parametrize(
+    ("output_shape", "strides", "auto_pad"),
+    [([2, 2], [1, 1], None), ([5, 5], [2, 2], None), ([5, 5], [2, 2], "SAME_UPPER"), ([4, 7], [2, 2], "SAME_LOWER")],
+)
+def test_a_conv_transpose_output_shape_smaller_than_its_input_crops_as_onnxruntime_does(
+    output_shape, strides, auto_pad
+):
+    """onnx's shape inference gives such an output the shape [N, C] (spatial axes dropped), so onnxlip refused it
+    (and before session 14 failed with an IndexError); onnxruntime crops, with pads computed from output_shape.
+    Oracle: onnxruntime's own map, sum |A| from unit vectors; the node after it gets the right shape too."""
+    attrs = {"output_shape": output_shape, "strides": strides} | ({"auto_pad": auto_pad} if auto_pad else {})
+    w = numpy_helper.from_array(RNG.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")
+    model = _one(helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attrs), inits=[w])
+    assert not _ort_refuses(model)
+    expected = _ort_abs_sum(model, (1, 3, 8, 8))
+    assert onnxlip.path_norm(model).path_norm == pytest.approx(expected, rel=1e-5)
+    assert analyse(model).graph.shapes["z"] == (1, 2, *output_shape)
+
+
+def test_a_chain_of_cropping_conv_transposes_gets_every_shape():
+    """Two cropping ConvTransposes in a row: the second's input shape is known only once the first is settled.
+    onnxruntime cannot load this model (its own copy of onnx's inference fails on the second node), so the oracle
+    composes the two nodes' maps, each run alone in onnxruntime."""
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((2, 4, 3, 3)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w1"], ["y"], output_shape=[6, 6]),
+        helper.make_node("Relu", ["y"], ["r"]),
+        helper.make_node("ConvTranspose", ["r", "w2"], ["s"], output_shape=[3, 5]),
+        helper.make_node("Relu", ["s"], ["z"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    model = make_model(nodes, [x], [z], [w1, w2], opset=17)
+    assert analyse(model).graph.shapes["z"] == (1, 4, 3, 5)
+    # path-norm of the ReLU net: the product of |W1| and |W2| as linear maps, summed (all paths)
+    a1 = _ort_abs_map(nodes[0], [w1], (1, 3, 8, 8))
+    a2 = _ort_abs_map(nodes[2], [w2], (1, 2, 6, 6))
+    assert a2.shape == (4 * 3 * 5, 2 * 6 * 6)
+    expected = float((np.abs(a2) @ np.abs(a1)).sum())
+    assert onnxlip.path_norm(model).path_norm == pytest.approx(expected, rel=1e-5)
+
+
+def _ort_abs_map(node, inits, shape) -> np.ndarray:
+    """The matrix A (outputs x inputs) of a linear node, by onnxruntime on unit vectors."""
+    x = helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)
+    sess = ort.InferenceSession(
+        make_model([node], [x], [y], list(inits), opset=17).SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    report = onnxlip.check(model)
-    assert [e.node for e in report.errors] == ["y"] and "does not fit its weight" in report.errors[0].reason
+    n = int(np.prod(shape))
+    eye = np.eye(n, dtype=np.float32).reshape(n, *shape[1:])
+    return np.stack([sess.run(None, {node.input[0]: eye[i : i + 1]})[0].ravel() for i in range(n)], axis=1)

@@ -191,12 +191,17 @@ def import_conv_transpose(node, ctx):
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad not in ("", *AUTO_PADS):  # (onnxruntime refuses the model)
         _fail(f"its auto_pad {auto_pad!r} is none of {', '.join(AUTO_PADS)}")
-    if ctx.attr("output_shape") is None and auto_pad in ("NOTSET", ""):
+    output_shape = ctx.attr("output_shape")
+    if output_shape is not None and len(output_shape) != n:  # (onnxruntime: "output_shape has incorrect size")
+        _fail(f"its output_shape {list(output_shape)} must list the {n} spatial sizes, no more")
+    if output_shape is None and auto_pad in ("NOTSET", ""):
         pads = [int(p) for p in ctx.attr("pads", [0] * (2 * n))]
     else:  # pads are implied by the output shape (ONNX ConvTranspose spec)
         pads_b, pads_e = [], []
         for i in range(n):
             total = strides[i] * (spatial_in[i] - 1) + out_pad[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial_out[i]
+            if total < 0 and output_shape is not None:  # (onnxruntime refuses it: "inconsistent with input")
+                _fail(f"its output_shape {list(output_shape)} is larger than its full output on axis {i + 2}")
             total = max(total, 0)
             if auto_pad == "SAME_UPPER":
                 pads_b.append(total // 2)
