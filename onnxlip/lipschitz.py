@@ -265,11 +265,15 @@ class _NonFinite(Exception):
 def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tuple[float, int]:
     """The largest ||R(x) - R(x')|| / ||x - x'|| found by random pairs and a hill-climbing local search, run on
     the original model in onnxruntime: (ratio, pairs tried). Any pair gives a valid lower bound (of the network as
-    onnxruntime computes it). NaN when the model's float32 outputs are not finite on the sampled inputs."""
+    onnxruntime computes it). NaN when the model's float32 outputs are not finite on the sampled inputs.
+
+    `seconds` covers building the sampler and every batch: each batch is sized from the time per pair measured so
+    far to end within it, so only the first pair (always tried when seconds > 0) can overrun it."""
     import time
 
     from .sampling import max_batch, sample_shape, sampler_for
 
+    start = time.perf_counter()
     sampler = sampler_for(m)
     shapes = {n: sample_shape(s) for n, s in m.graph.inputs.items()}
     sizes = {n: int(np.prod(s)) for n, s in shapes.items()}
@@ -279,22 +283,23 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
     def evaluate(x, dx):
         # measure the step between the inputs the model really reads (float32, or float16 / float64 where it
         # declares so): rounding inflated ratios (float16 inputs of an identity map gave 17.96)
-        x1, x2 = x.copy(), x + dx
-        feeds, feeds2, start = {}, {}, 0
+        x1, x2 = np.empty_like(x), x + dx
+        feeds, feeds2, first = {}, {}, 0
         for n, s in shapes.items():
-            cols = slice(start, start + sizes[n])
-            for arr in (x1, x2):
-                arr[:, cols] = arr[:, cols].astype(sampler.input_dtype(n)).astype(np.float64)
-            feeds[n], feeds2[n] = x1[:, cols].reshape((-1, *s)), x2[:, cols].reshape((-1, *s))
-            start += sizes[n]
+            cols = slice(first, first + sizes[n])
+            a, b = x[:, cols].astype(sampler.input_dtype(n)), x2[:, cols].astype(sampler.input_dtype(n))
+            x1[:, cols], x2[:, cols] = a, b
+            feeds[n], feeds2[n] = a.reshape((-1, *s)), b.reshape((-1, *s))
+            first += sizes[n]
         d = sampler.run(feeds2) - sampler.run(feeds)
         if not np.all(np.isfinite(d)):  # Inf or NaN outputs: no ratio measures the network
             raise _NonFinite
         return _ratio(d, x2 - x1, norm)
 
-    batch, tried, best, best_pair = max_batch(m.graph, 16), 0, 0.0, None
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    cap, tried, best, best_pair = max_batch(m.graph, 16), 0, 0.0, None
+    batch = 1 if seconds > 0 else 0  # a first pair measures the cost of one
+    while batch >= 1:
+        began = time.perf_counter()
         if best_pair is None or rng.random() < 0.3:  # explore
             x = rng.uniform(-1, 1, size=(batch, dim))
             # steps of 0.1 to 1 per coordinate: small enough to stay local, large against float32 rounding
@@ -312,6 +317,10 @@ def lower_bound(m, norm: str = "2", seconds: float = 2.0, seed: int = 0) -> tupl
         i = int(np.argmax(ratios))
         if ratios[i] > best:
             best, best_pair = float(ratios[i]), (x[i], dx[i])
+        now = time.perf_counter()
+        per_pair = (now - began) / batch
+        # one pair of slack: the sampler's one-off check of its batched runs, and timing noise
+        batch = min(cap, int((seconds - (now - start)) / max(per_pair, 1e-9)) - 1)
     return best, tried
 
 

@@ -253,3 +253,28 @@ def test_lower_bound_of_networks_that_mix_the_symbolic_first_axis():
     )
     r = onnxlip.bound(full, pruned, samples=32)
     assert r.observed_max_l1_diff is not None and 0 < r.observed_max_l1_diff <= r.bound
+
+
+@pytest.mark.parametrize("seconds, least, most", [(1.0, 5, 10), (0.05, 1, 1)])
+def test_lower_bound_sizes_its_batches_to_its_time_budget(monkeypatch, seconds, least, most):
+    """On a fake clock where a model run costs 0.05 s per input, the search ends within its budget (it ran one
+    batch of 16 pairs, 1.6 s, past a 1 s budget); only the first pair is always tried."""
+    import time
+
+    from onnxlip.api import analyse
+    from onnxlip.lipschitz import lower_bound
+    from onnxlip.sampling import Sampler
+
+    clock = [0.0]
+    real_run = Sampler.run
+
+    def run(self, xs):
+        clock[0] += 0.05 * next(iter(xs.values())).shape[0]
+        return real_run(self, xs)
+
+    model = _small_model([helper.make_node("Relu", ["x"], ["y"])], TensorProto.FLOAT, ["N", 4])
+    m = analyse(model, None, None, lipschitz=True, keep_proto=False)
+    monkeypatch.setattr(Sampler, "run", run)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    ratio, tried = lower_bound(m, "2", seconds)
+    assert least <= tried <= most and clock[0] <= max(seconds, 0.1) and 0 < ratio <= 1 + 1e-6

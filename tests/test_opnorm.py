@@ -223,6 +223,54 @@ def test_certified_equals_strided_circular_norm(seed):
     assert circ <= cert <= circ * (1 + 1e-9)
 
 
+def _alias_classes_brute(geo, extra: int):
+    """The definition of opnorm.conv._alias_classes, one frequency g at a time: the rows of sorted codes of e and
+    of -e (e_i = dil_i f_i mod N_i, 0 where k_i = 1), the smaller row kept, distinct rows in sorted order."""
+    d = len(geo.n)
+    N = [geo.s[i] * (math.ceil((geo.n[i] + geo.pb[i] + geo.pe[i]) / geo.s[i]) + extra) for i in range(d)]
+    q = [N[i] // geo.s[i] for i in range(d)]
+    radix = [math.prod(N[:i]) for i in range(d)]
+    classes = set()
+    for g in itertools.product(*[range(x) for x in q]):
+        rows = []
+        for sign in (1, -1):
+            codes = []
+            for a in itertools.product(*[range(x) for x in geo.s]):
+                e = [sign * geo.dil[i] * (g[i] + a[i] * q[i]) % N[i] if geo.k[i] > 1 else 0 for i in range(d)]
+                codes.append(sum(e[i] * radix[i] for i in range(d)))
+            rows.append(tuple(sorted(codes)))
+        classes.add(min(rows))
+    return [[[c // radix[i] % N[i] for i in range(d)] for c in row] for row in sorted(classes)], tuple(N)
+
+
+def test_alias_classes_match_their_definition():
+    """The vectorised alias classes (bitmap for stride 1, lexsort otherwise) equal the one-g-at-a-time definition,
+    order included, on random 1-D, 2-D and 3-D geometries."""
+    from onnxlip.opnorm.conv import _alias_classes
+    from onnxlip.opnorm.geometry import _geometry
+
+    rng = np.random.default_rng(31)
+    checked = 0
+    while checked < 150:
+        d = int(rng.integers(1, 4))
+        k = tuple(int(x) for x in rng.integers(1, 5, size=d))
+        s = tuple(int(x) for x in rng.integers(1, 4, size=d))
+        dil = tuple(int(x) for x in rng.integers(1, 4, size=d))
+        pads = tuple(int(x) for x in rng.integers(0, 3, size=2 * d))
+        n = tuple(int(x) for x in rng.integers(1, (24, 9, 5)[d - 1], size=d))
+        transpose = bool(rng.random() < 0.3)
+        op = tuple(int(rng.integers(0, si)) for si in s) if transpose else None
+        try:
+            geo = _geometry(np.ones((2, 1, *k)), n, s, pads, dil, 2, transpose, op)
+        except ValueError:  # empty output
+            continue
+        extra = int(rng.integers(0, 3))
+        ev, N = _alias_classes(geo, extra)
+        want, want_n = _alias_classes_brute(geo, extra)
+        assert N == want_n and ev.shape == (len(want), math.prod(s), d) and ev.tolist() == want, (geo, extra)
+        checked += 1
+
+
 def test_conv_transpose_is_the_adjoint():
     rng = np.random.default_rng(11)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)  # ConvTranspose: 4 -> 3 * group channels

@@ -23,33 +23,44 @@ def _alias_classes(geo: _Geo, extra: int = 0) -> tuple[np.ndarray, tuple[int, ..
 
     The strided canvas has q_i = N_i / s_i output frequencies g per dim; g collects the s^d input frequencies
     f = g + a q. The class matrix B(g) depends only on the multiset of e vectors (e_i forced to 0 for k_i = 1), and
-    B(-g) is a conjugate of B(g) up to a column permutation: both are deduplicated."""
+    B(-g) is a conjugate of B(g) up to a column permutation: both are deduplicated. A class is its row of sorted
+    codes sum_i e_i radix_i (mixed radix N), the smaller of the rows of e and -e; classes come in lexicographic
+    order of those rows."""
     d = len(geo.n)
     N = tuple(geo.s[i] * (-(-(geo.n[i] + geo.pb[i] + geo.pe[i]) // geo.s[i]) + extra) for i in range(d))
-    q = tuple(N[i] // geo.s[i] for i in range(d))
-    g = np.stack(np.meshgrid(*[np.arange(qi) for qi in q], indexing="ij"), -1).reshape(-1, d)
-    a = np.stack(np.meshgrid(*[np.arange(si) for si in geo.s], indexing="ij"), -1).reshape(-1, d)
-    f = g[:, None, :] + a[None, :, :] * np.array(q)  # (Q, S, d)
-    Nv = np.array(N)
-    e = (f * np.array(geo.dil)) % Nv
-    e[..., np.array(geo.k) == 1] = 0
     radix = np.cumprod((1,) + N[:-1]).astype(np.int64)
-
-    def signature(ev):
-        return np.sort((ev * radix).sum(-1), axis=1)
-
-    s1 = signature(e)
-    s2 = signature((-e) % Nv)
-    if s1.shape[1] == 1:
-        canon = np.minimum(s1, s2)
+    S = int(np.prod(geo.s))
+    # codes of e and of -e mod N, (Q, S): a sum over dims of (q_i, s_i) tables, broadcast to (q_1..q_d, s_1..s_d)
+    code = np.zeros((1,) * (2 * d), dtype=np.int64)
+    code_neg = code
+    for i in range(d):
+        q = N[i] // geo.s[i]
+        f = np.arange(q)[:, None] + q * np.arange(geo.s[i])[None, :]
+        e = (f * geo.dil[i]) % N[i] if geo.k[i] > 1 else np.zeros_like(f)
+        shape = [1] * (2 * d)
+        shape[i], shape[d + i] = q, geo.s[i]
+        code = code + (e * radix[i]).reshape(shape)
+        code_neg = code_neg + (((-e) % N[i]) * radix[i]).reshape(shape)
+    s1 = code.reshape(-1, S)
+    s2 = code_neg.reshape(-1, S)
+    if S == 1:
+        canon = np.minimum(s1[:, 0], s2[:, 0])
+        seen = np.zeros(math.prod(N), dtype=bool)  # codes are < prod(N): a bitmap gives the sorted unique codes
+        seen[canon] = True
+        uniq = np.flatnonzero(seen).astype(np.int64)[:, None]
     else:
+        s1 = np.sort(s1, axis=1)
+        s2 = np.sort(s2, axis=1)
         diff = s1 != s2
         first = diff.argmax(1)
         rows = np.arange(s1.shape[0])
         take = s1[rows, first] <= s2[rows, first]
         canon = np.where(take[:, None], s1, s2)
-    uniq = np.unique(canon, axis=0)  # (classes, S)
-    ev = (uniq[..., None] // radix) % Nv  # decode (classes, S, d)
+        canon = canon[np.lexsort(canon.T[::-1])]  # rows in lexicographic order (the first column is the primary key)
+        new = np.ones(canon.shape[0], dtype=bool)
+        new[1:] = np.any(canon[1:] != canon[:-1], axis=1)
+        uniq = canon[new]  # (classes, S)
+    ev = (uniq[..., None] // radix) % np.array(N)  # decode (classes, S, d)
     return ev, N
 
 
