@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from .companion import BLOCK, ZERO_EXPONENT, normalized_power
+from .mantissas import BLOCK, ZERO_EXPONENT, normalized_power
 
 
 class Comparison(NamedTuple):

@@ -78,7 +78,7 @@ class Param:
     def mantissas(self, q: float = 1.0) -> tuple[np.ndarray, int]:
         """normalized_power(value, q) (companion.py), bit for bit, without forming `value` when it is factored."""
         from .blockwise import factored_mantissas
-        from .companion import normalized_power
+        from .mantissas import normalized_power
 
         if self._value is not None or q != 1:
             return normalized_power(self.value, q)
@@ -89,7 +89,7 @@ class Param:
         without forming a factored value: with a factor per leading row, the least product of a row is its least
         |base| entry times |factor| (rounding is monotone)."""
         from .blockwise import BLOCK, formed_rows
-        from .companion import array_lam
+        from .mantissas import array_lam
         from .range_guard import lam_of_least, min_nonzero_abs
 
         if self._value is not None:

@@ -26,9 +26,10 @@ from .blockwise import (
     same,
     split_kept,
 )
-from .companion import ZERO_EXPONENT, CompanionEmitter, emit_metric
+from .companion import CompanionEmitter, emit_metric
 from .compiled import CompiledCompanion, Pairs
 from .errors import OnnxlipError
+from .mantissas import ZERO_EXPONENT
 from .range_guard import LAM_ZERO
 from .routes import (
     ROUTE_HILO,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from onnxlip import blockwise as B
-from onnxlip.companion import normalized_power
+from onnxlip.mantissas import normalized_power
 
 
 def _pair(rng, size, dtype, kind):
@@ -117,7 +117,7 @@ def test_float64_values_below_float32s_normal_range_keep_their_precision():
     """|v| * 2**-e is rounded to float32 once: a float64 value below 2**-126 rounded first would keep only the
     bits of a float32 subnormal (here 2**-16 relative), and the scaling 2**89 would carry that loss into a
     normal-looking mantissa that range_guard cannot tell from an exact one."""
-    from onnxlip.companion import normalized_power
+    from onnxlip.mantissas import normalized_power
 
     v = np.array([2.0**-90, -1.2345678901234e-40, 3.3e-39, 0.0] * 40000)
     exact = np.abs(v) * 2.0**89  # exact in float64

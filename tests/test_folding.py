@@ -9,8 +9,8 @@ import pytest
 import onnxlip
 from onnxlip import blockwise as folding
 from onnxlip.api import analyse
-from onnxlip.companion import ZERO_EXPONENT, normalized_power
 from onnxlip.ir import Param
+from onnxlip.mantissas import ZERO_EXPONENT, normalized_power
 from tests import dag_factory as F
 
 

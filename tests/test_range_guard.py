@@ -185,7 +185,7 @@ def test_weights_below_float32s_range_inside_normal_sums_are_certified():
 
 
 def test_true_lam_reads_the_values_not_their_float32_mantissas():
-    from onnxlip.companion import normalized_power
+    from onnxlip.mantissas import normalized_power
 
     v = np.array([2.0**100, -(2.0**-50), 0.0, 3.0])
     m, e = normalized_power(v)
