@@ -24,6 +24,7 @@ from .cli_common import (
     JsonOpt,
     OutputOpt,
     ShapeOpt,
+    Terminated,
     _emit_json,
     _exceeds,
     _fmt,
@@ -314,21 +315,55 @@ def main() -> None:  # console-script entry point
     if hasattr(signal, "SIGPIPE"):  # `onnxlip ... | head`: end quietly when the reader leaves, as Unix tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # (typer turned the broken pipe into exit 1, "exceeded")
     # SIGTERM (timeout, kill, docker stop, a cancelled CI job) ends the command as Ctrl-C does: through the cleanup
-    # that removes temporary output files (it left them behind), with the shell's code for it, 128 + 15
+    # that removes temporary output files (it left them behind), with a message and the shell's code for it, 128 + 15
     signal.signal(signal.SIGTERM, _terminated)
     no_hugepage_advice()
     if not os.environ.get("ONNXLIP_DEBUG"):  # library warnings (numpy, onnx) are not the user's messages
         warnings.simplefilter("ignore")
-    if "--json" in sys.argv[1:]:
-        sys.exit(_json_main())
     try:
-        app()
-    except SystemExit as exc:
-        sys.exit(exc.code)
+        if "--json" in sys.argv[1:]:
+            code = _json_main()
+        else:
+            try:
+                app()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+    except Terminated as exc:  # outside a command's guard (parsing its options, or once its output is written)
+        _say(f"error: terminated by {exc.name}")
+        code = exc.code
+    if _stopped:
+        _end_now(_stopped[0])
+    sys.exit(code)
+
+
+_stopped: list[int] = []  # the exit code of a termination signal, once one arrived
 
 
 def _terminated(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+    """SIGTERM's handler (in the main thread): Terminated unwinds the command; a second signal ends it at once."""
+    if _stopped:
+        _end_now(_stopped[0])
+    _stopped.append(128 + signum)
+    raise Terminated(signum)
+
+
+def _end_now(code: int) -> None:
+    """Exit without the interpreter's shutdown, which waits for every worker thread (blockwise's pool finishing the
+    tensors it holds, seconds on a large model): the command has unwound, its temporary files are gone."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or full stream: the exit code is what is left
+            pass
+    os._exit(code)
+
+
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001 - no stderr to say it on
+        pass
 
 
 def _json_main() -> int:

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -251,6 +252,8 @@ def _guard(as_json: bool):
         _fail(as_json, f"not enough memory for this model's tensors{detail}; try a smaller --input-shape", 2)
     except KeyboardInterrupt:
         _fail(as_json, "interrupted", 130)
+    except Terminated as exc:
+        _fail(as_json, f"terminated by {exc.name}", exc.code)
     except Exception as exc:  # noqa: BLE001 - never show a traceback to a user unless asked
         if os.environ.get("ONNXLIP_DEBUG"):  # the traceback on stderr, and still exit 3 (a bare raise exits 1)
             traceback.print_exc()
@@ -292,6 +295,17 @@ def _emit_json(obj: dict) -> None:
         raise StdoutError(exc) from None
 
 
+class Terminated(BaseException):
+    """A termination signal (SIGTERM) arrived: raised in the main thread by cli's handler, so that the command unwinds
+    as for Ctrl-C, through the cleanup of temporary files, and ends with code 128 + the signal's number. A
+    BaseException: the library's `except Exception` does not take it for a failed step."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.code = 128 + signum
+        self.name = signal.Signals(signum).name if signum in signal.valid_signals() else f"signal {signum}"
+
+
 class StdoutError(Exception):
     """Standard output cannot be written (a full disk, a closed stream): reported on stderr, exit 2."""
 
@@ -319,12 +333,37 @@ def _progress(total: int, label: str) -> Progress:
 
 
 def _is_stdout(target) -> bool:
-    """Whether `target` names the file standard output writes to: /dev/stdout, /dev/fd/1, or the very file stdout
-    is redirected to."""
+    """Whether `target` is standard output's stream: a name of its descriptor (/dev/stdout, /dev/fd/1, a link to
+    one), or the very file or pipe stdout is redirected to. A character device that stdout also writes to, named by
+    its own path (-o /dev/null with stdout on /dev/null, a terminal), is not: bytes written there mix into no file
+    or pipe that stdout's reader gets (and /dev/null keeps nothing)."""
     try:
-        return os.path.samestat(os.stat(target), os.fstat(sys.stdout.fileno()))
+        fd = sys.stdout.fileno()
+        there = os.stat(target)
+        if not os.path.samestat(there, os.fstat(fd)):
+            return False
     except (OSError, ValueError, AttributeError):  # no such file, or no stdout with a descriptor (a test's capture)
         return False
+    return not stat.S_ISCHR(there.st_mode) or _names_descriptor(target, fd)
+
+
+def _names_descriptor(target, fd: int) -> bool:
+    """Whether `target` is the path of descriptor `fd` of this process (/proc/self/fd/N, /dev/fd/N, /dev/stdout),
+    directly or through symbolic links."""
+    folders = {"/dev/fd"}  # (a device folder on macOS; a link to /proc/self/fd on Linux)
+    for own in ("/proc/self/fd", "/proc/thread-self/fd", "/dev/fd"):
+        folders.add(os.path.realpath(own))
+    path = os.path.abspath(os.fspath(target))
+    for _ in range(40):  # (the kernel's limit on links followed)
+        folder, name = os.path.split(path)
+        folder = os.path.realpath(folder)
+        if name == str(fd) and folder in folders:
+            return True
+        path = os.path.join(folder, name)
+        if not os.path.islink(path):
+            return False
+        path = os.path.join(folder, os.readlink(path))  # (a relative link is read from its own folder)
+    return False
 
 
 @contextmanager

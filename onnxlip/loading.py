@@ -57,9 +57,10 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     check_model_arg(model)
     if isinstance(model, onnx.ModelProto):
         proto = model
-        if not proto.HasField("graph") or not proto.graph.node:
-            label = model_label(model)
-            raise ModelLoadError(f"{label}: the ModelProto holds no graph (no nodes); nothing to analyse")
+        if not proto.HasField("graph"):
+            raise ModelLoadError(f"{model_label(model)}: the ModelProto holds no graph; nothing to analyse")
+        if not proto.graph.node:
+            raise ModelLoadError(f"{model_label(model)}: {_no_nodes(proto.graph)}")
         marked = [t.name for t in external_data_helper._get_all_tensors(proto) if _marked_external(t)]
         if marked:  # onnx reads them relative to the current folder (even where the proto holds the bytes too)
             raise ModelLoadError(
@@ -106,15 +107,17 @@ def map_file(path: Path) -> np.ndarray:
     45 MB file on the benchmark machine: benchmarks/README.md). Falls back to reading where mapping fails.
     A file must not shrink while its map is in use: reading past its new end kills the process (SIGBUS), as it
     does for every tool that maps model files (onnxruntime's external data, safetensors)."""
-    _check_file(path)
+    fd, size = _open_regular(path)
     try:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # populate: the pages are mapped in one call
-        with open(path, "rb", buffering=0) as f:
-            mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
-    except (OSError, ValueError, AttributeError, TypeError):  # e.g. no mmap on this file system or platform
-        data = _read(path)
-        data.flags.writeable = False
-        return data
+        try:
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # populate: the pages are mapped in one call
+            mapped = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
+        except (OSError, ValueError, AttributeError, TypeError):  # e.g. no mmap on this file system or platform
+            data = _read_open(fd, size, path)
+            data.flags.writeable = False
+            return data
+    finally:
+        os.close(fd)  # (the map holds its own reference to the file)
     return np.frombuffer(mapped, np.uint8)
 
 
@@ -134,6 +137,8 @@ def input_files(model: ModelLike) -> list[Path]:
     path = Path(model)
     files = [path]
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe or a device: opening or reading it may never end
+            return files
         proto = onnx.load_model(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - an unreadable model: loading it reports why; only its own file is known
         return files
@@ -223,24 +228,75 @@ def _shown(target, exc: OSError, ours: str):
     return target if exc.filename in (None, ours) else exc.filename
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for messages ("a pipe (FIFO)", "a character device", ...)."""
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def _not_regular(path, mode: int) -> str:
+    return f"{path}: not a regular file ({file_kind(mode)}); onnxlip reads models from regular files"
+
+
 def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file")
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: not a regular file")
-    size = path.stat().st_size
-    if size == 0:
+    """ModelLoadError unless `path` (followed through links) is a non-empty regular file. Only stat is used: a
+    pipe or a device is never opened (opening a named pipe waits for a writer; /dev/zero never ends)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the file ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelLoadError(_not_regular(path, st.st_mode))
+    if st.st_size == 0:
         raise ModelLoadError(f"{path}: the file is empty")
+
+
+def _open_regular(path: Path) -> tuple[int, int]:
+    """(descriptor, size) of the regular file at `path`, opened for reading without blocking: a file swapped for a
+    named pipe after the check is found by fstat, not waited on."""
+    _check_file(path)
+    try:
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the file ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        os.close(fd)
+        raise ModelLoadError(_not_regular(path, st.st_mode) if st.st_size else f"{path}: the file is empty")
+    return fd, st.st_size
 
 
 def _read(path: Path) -> np.ndarray:
     """The file's bytes, in a numpy buffer (arrays may view it)."""
-    _check_file(path)
-    size = path.stat().st_size
+    fd, size = _open_regular(path)
+    try:
+        return _read_open(fd, size, path)
+    finally:
+        os.close(fd)
+
+
+def _read_open(fd: int, size: int, path: Path) -> np.ndarray:
+    """`size` bytes from the open file `fd`, in a numpy buffer."""
     try:
         data = np.empty(size, np.uint8)
-        with open(path, "rb", buffering=0) as f:
-            got = f.readinto(memoryview(data))
+        view, got = memoryview(data), 0
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            while got < size:  # one read returns at most about 2 GB on Linux
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read the file ({exc.strerror})") from None
     except MemoryError:
@@ -261,10 +317,20 @@ def _parsed(data, path: Path) -> onnx.ModelProto:
         proto.ParseFromString(data if isinstance(data, bytes) else memoryview(data))
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: not a valid ONNX protobuf (corrupt or truncated file?): {exc}") from None
-    if not proto.HasField("graph") or not proto.graph.node:
+    # an ONNX writer sets the IR version before the graph: without it, the bytes that parsed are no model file
+    if not proto.HasField("graph") or (proto.ir_version == 0 and not proto.graph.node):
         raise ModelLoadError(f"{path}: the file parses but holds no graph (truncated, or not an ONNX model)")
+    if not proto.graph.node:
+        raise ModelLoadError(f"{path}: {_no_nodes(proto.graph)}")
     _load_external_data(proto, path.parent.resolve(), path)
     return proto
+
+
+def _no_nodes(graph: onnx.GraphProto) -> str:
+    """Why a graph that is present but has no nodes cannot be analysed."""
+    if not graph.input and not graph.output:
+        return "the model's graph is empty: no nodes, inputs or outputs; nothing to analyse"
+    return "the model's graph has no nodes (its outputs are inputs or initializers); nothing to analyse"
 
 
 def _load_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
@@ -286,11 +352,15 @@ def _load_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
         target = (base / location).resolve()
         if base not in target.parents:
             raise ModelLoadError(f"{where}: the path leaves the model's folder; refusing to read it")
-        if not target.is_file():
-            raise ModelLoadError(f"{where}: no such file next to the model")
+        try:
+            st = os.stat(target)  # stat only: a pipe or a device is never opened (see _check_file)
+        except OSError:
+            raise ModelLoadError(f"{where}: no such file next to the model") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelLoadError(f"{where}: not a regular file ({file_kind(st.st_mode)}); refusing to read it")
         offset = int(info.offset or 0)
         length = int(info.length) if info.length else _tensor_bytes(tensor)
-        size = target.stat().st_size
+        size = st.st_size
         if offset < 0 or offset + length > size:
             raise ModelLoadError(f"{where}: the byte range lies past the end of the file (truncated?)")
     if tensors:
