@@ -213,6 +213,8 @@ def prune_cmd(
                 input_shapes=_shapes(input_shape),
                 device=device,
             )
+            if out_target != out_file:  # written through a temporary file into a stream (_output_target)
+                results[0].output = str(out_file)
         if plot is not None:
             _plot_sweep(results, plot_target)
         if as_json:
@@ -359,6 +361,7 @@ def rescale_cmd(
         values = _numbers("--factors", factors)
         _refuse_overwrite(out_file, [model])
         _, result = rescale(model, seed=seed, factors=values, out_path=target)
+        result.output = str(out_file)  # (not the temporary file a stream is written through: _output_target)
         notes = list(result.notes)  # (the check of the written model's function: rescale_check)
         if result.rescaled_neurons == 0 and result.rescaled_layers > 0:  # every neuron drew the factor 1
             notes.append(

@@ -200,6 +200,14 @@ def test_output_to_dev_null_while_stdout_is_dev_null(tmp_path):
     assert model.read_bytes() == CNN.read_bytes()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="/dev/null")
+@pytest.mark.parametrize("command", [("prune", "--sparsity", "0.5"), ("rescale",)])
+def test_the_json_names_the_output_as_given_not_the_temporary_file_a_stream_is_written_through(command):
+    """-o /dev/null (a stream: written through a temporary file) reported "output": "/tmp/onnxlip-.../output"."""
+    code, out, _ = cli(command[0], CNN, *command[1:], "-o", "/dev/null", "--json")
+    assert code == 0 and json.loads(out)["output"] == "/dev/null"
+
+
 # ---- 4. SIGTERM during a sweep ---------------------------------------------------------------------------------
 def _mapped(pid: int, path: Path) -> bool:
     try:
