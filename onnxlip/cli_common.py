@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .cli_console import SafeConsole, styled  # noqa: F401 (styled: for the commands)
 from .errors import OnnxlipError
-from .loading import refuse_overwrite
+from .writing import is_stdout, refuse_overwrite
 
 FLAG = " "  # the metavar of on/off options: typer's rich help would show "<bool>", as if they took a value
 
@@ -332,40 +332,6 @@ def _progress(total: int, label: str) -> Progress:
     )
 
 
-def _is_stdout(target) -> bool:
-    """Whether `target` is standard output's stream: a name of its descriptor (/dev/stdout, /dev/fd/1, a link to
-    one), or the very file or pipe stdout is redirected to. A character device that stdout also writes to, named by
-    its own path (-o /dev/null with stdout on /dev/null, a terminal), is not: bytes written there mix into no file
-    or pipe that stdout's reader gets (and /dev/null keeps nothing)."""
-    try:
-        fd = sys.stdout.fileno()
-        there = os.stat(target)
-        if not os.path.samestat(there, os.fstat(fd)):
-            return False
-    except (OSError, ValueError, AttributeError):  # no such file, or no stdout with a descriptor (a test's capture)
-        return False
-    return not stat.S_ISCHR(there.st_mode) or _names_descriptor(target, fd)
-
-
-def _names_descriptor(target, fd: int) -> bool:
-    """Whether `target` is the path of descriptor `fd` of this process (/proc/self/fd/N, /dev/fd/N, /dev/stdout),
-    directly or through symbolic links."""
-    folders = {"/dev/fd"}  # (a device folder on macOS; a link to /proc/self/fd on Linux)
-    for own in ("/proc/self/fd", "/proc/thread-self/fd", "/dev/fd"):
-        folders.add(os.path.realpath(own))
-    path = os.path.abspath(os.fspath(target))
-    for _ in range(40):  # (the kernel's limit on links followed)
-        folder, name = os.path.split(path)
-        folder = os.path.realpath(folder)
-        if name == str(fd) and folder in folders:
-            return True
-        path = os.path.join(folder, name)
-        if not os.path.islink(path):
-            return False
-        path = os.path.join(folder, os.readlink(path))  # (a relative link is read from its own folder)
-    return False
-
-
 @contextmanager
 def _output_target(target: str | None, as_json: bool, option: str = "-o"):
     """The path to give the writer of an output file named by `option`. A regular file (or a new one) is that path.
@@ -376,7 +342,7 @@ def _output_target(target: str | None, as_json: bool, option: str = "-o"):
     if target is None:
         yield None
         return
-    to_stdout = _is_stdout(target)
+    to_stdout = is_stdout(target)
     if to_stdout and as_json:
         raise OnnxlipError(
             f"{option} {target} is standard output, where --json writes its JSON object; write the file elsewhere, "
@@ -417,5 +383,5 @@ def _output_target(target: str | None, as_json: bool, option: str = "-o"):
 
 
 def _refuse_overwrite(target: Path, inputs) -> None:
-    """Never write over an input file: a model or any external-data file it reads (loading.refuse_overwrite)."""
+    """Never write over an input file: a model or any external-data file it reads (writing.refuse_overwrite)."""
     refuse_overwrite(target, inputs)

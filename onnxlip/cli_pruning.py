@@ -30,7 +30,7 @@ from .cli_common import (
     real_option,
 )
 from .errors import OnnxlipError
-from .loading import write_output
+from .writing import write_output
 
 NPZ_NORM_KEY = "__log10_path_norm__"  # the .npz key of the path-norm's log10, beside the initializers' scores
 

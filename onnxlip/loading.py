@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import secrets
 import stat
 from pathlib import Path
 from typing import Union
@@ -16,7 +15,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from . import wire
-from .errors import ModelLoadError, OnnxlipError
+from .errors import ModelLoadError
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -119,113 +118,6 @@ def map_file(path: Path) -> np.ndarray:
     finally:
         os.close(fd)  # (the map holds its own reference to the file)
     return np.frombuffer(mapped, np.uint8)
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two paths name one existing file (through links of either kind): outputs never replace inputs."""
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError, TypeError):
-        return False
-
-
-def input_files(model: ModelLike) -> list[Path]:
-    """The files a model argument reads: the model file and every external-data file it references (resolved as
-    the loader resolves them). None for a ModelProto (its data is in memory)."""
-    if isinstance(model, onnx.ModelProto) or not isinstance(model, (str, os.PathLike)):
-        return []
-    path = Path(model)
-    files = [path]
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe or a device: opening or reading it may never end
-            return files
-        proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - an unreadable model: loading it reports why; only its own file is known
-        return files
-    base = path.parent
-    for tensor in external_data_helper._get_all_tensors(proto):
-        if not external_data_helper.uses_external_data(tensor):
-            continue
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value and "\0" not in entry.value:
-                target = base / entry.value
-                if target not in files:
-                    files.append(target)
-    return files
-
-
-def refuse_overwrite(target: str | os.PathLike, models) -> None:
-    """OnnxlipError when writing `target` would write over a file one of `models` reads: the model file or one of
-    its external-data files, named directly, relatively or through a symbolic or hard link. The output path must
-    also be writable in principle: a string or os.PathLike naming a file in an existing folder."""
-    check_output_path(target)
-    if not os.path.lexists(target):
-        return  # a new file replaces nothing
-    for model in models:
-        for src in input_files(model):
-            if same_file(target, src):
-                what = "input file" if src == Path(model) else f"input file {model}'s external-data file"
-                raise OnnxlipError(f"refusing to overwrite the {what} {src}; choose another output path")
-
-
-def check_output_path(target) -> None:
-    """OnnxlipError for an output path that cannot be a file to write: not a str or os.PathLike, empty, a folder,
-    or in a folder that does not exist."""
-    if isinstance(target, bytes) or not isinstance(target, (str, os.PathLike)):
-        raise OnnxlipError(f"the output path must be a str or os.PathLike, got {type(target).__name__}")
-    try:
-        name = os.fspath(target)
-    except TypeError:
-        name = None
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise OnnxlipError(f"cannot write {target!r}: not a usable file name")
-    if os.path.isdir(name) or name.endswith(("/", os.sep)):
-        raise OnnxlipError(f"cannot write {name}: it names a folder; give a file name")
-    folder = os.path.dirname(name) or "."
-    if not os.path.isdir(folder):
-        raise OnnxlipError(f"cannot write {name}: the folder {folder} does not exist")
-
-
-def write_output(target, write) -> None:
-    """Run `write(path)` for the output file, with OSError (permissions, a full disk) as OnnxlipError. A regular
-    file (or a new one) is written beside the target under a temporary name and renamed over it once complete: a
-    failure (a full disk, Ctrl-C) leaves the target as it was, never a truncated file. A symbolic link is followed
-    (its target is the file replaced); a pipe or device, or a file whose folder takes no new files, is written in
-    place."""
-    check_output_path(target)
-    if os.path.exists(target) and not os.path.isfile(target):  # a pipe, a device (/dev/stdout): write to it
-        _write_in_place(target, write, os.fspath(target))  # (by its own name: /dev/stdout on a pipe resolves to
-        return  # /proc/<pid>/fd/pipe:[N], which does not exist)
-    name = os.path.realpath(os.fspath(target))  # through symbolic links: the file they name is the output
-    folder, base = os.path.split(name)
-    temporary = os.path.join(folder, f".{base[:100]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        try:
-            write(temporary)
-        except PermissionError:
-            if os.path.lexists(temporary) or not os.access(name, os.W_OK):
-                raise
-            _write_in_place(target, write, name)  # a writable file in a folder that takes no new files
-            return
-        if os.path.exists(name):  # the replaced file's permissions stay
-            os.chmod(temporary, stat.S_IMODE(os.stat(name).st_mode))
-        os.replace(temporary, name)
-    except OSError as exc:
-        raise OnnxlipError(f"cannot write {_shown(target, exc, temporary)}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
-
-
-def _write_in_place(target, write, name: str) -> None:
-    try:
-        write(name)
-    except OSError as exc:
-        raise OnnxlipError(f"cannot write {_shown(target, exc, name)}: {exc.strerror or exc}") from None
-
-
-def _shown(target, exc: OSError, ours: str):
-    return target if exc.filename in (None, ours) else exc.filename
 
 
 _KINDS = (

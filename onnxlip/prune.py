@@ -29,10 +29,11 @@ from .engine import MetricEngine
 from .errors import OnnxlipError, public
 from .importer import ImportOptions, import_model
 from .ir import Graph, Param
-from .loading import ModelLike, refuse_overwrite, replaced_tensor, write_output
+from .loading import ModelLike, replaced_tensor
 from .results import jsonable
 from .scores import scores as compute_scores
 from .selection import keep_largest
+from .writing import refuse_overwrite, write_output
 
 CRITERIA = ("path-magnitude", "magnitude")
 SCOPES = ("global", "layer")

@@ -20,9 +20,10 @@ from onnx import helper
 from .args import check_seed, real_arg
 from .errors import OnnxlipError, public
 from .graph_prep import initial_constants
-from .loading import ModelLike, load_model, refuse_overwrite, replaced_tensor, write_output
+from .loading import ModelLike, load_model, replaced_tensor
 from .rescale_check import check_function
 from .results import jsonable
+from .writing import refuse_overwrite, write_output
 
 # channel-wise positively homogeneous ops a rescaled activation may pass through on its way to the next layer
 _PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Dropout", "Identity"}

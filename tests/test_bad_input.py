@@ -757,7 +757,7 @@ def test_scores_writes_exactly_the_named_file(tmp_path):
 )  # (SystemExit: how the CLI ends on SIGTERM)
 def test_a_failed_write_leaves_the_previous_output_as_it_was(tmp_path, failure):
     """Outputs were written in place: a full disk left a truncated model where a good one had been."""
-    from onnxlip.loading import write_output
+    from onnxlip.writing import write_output
 
     target = tmp_path / "keep.onnx"
     target.write_bytes(b"the previous good file")
@@ -792,7 +792,7 @@ def test_outputs_through_links_pipes_long_names_and_closed_folders(tmp_path):
     import stat
     import threading
 
-    from onnxlip.loading import write_output
+    from onnxlip.writing import write_output
 
     def writer(data):
         return lambda path: open(path, "wb").write(data)

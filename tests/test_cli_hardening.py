@@ -270,7 +270,7 @@ def test_output_to_another_stream(tmp_path):
 
 
 def test_the_api_writes_to_dev_stdout_on_a_pipe():
-    """loading.write_output resolved /dev/stdout to /proc/<pid>/fd/pipe:[N], which does not exist."""
+    """writing.write_output resolved /dev/stdout to /proc/<pid>/fd/pipe:[N], which does not exist."""
     import subprocess
     import sys
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxlip
 from onnxlip.errors import ModelLoadError
-from onnxlip.loading import refuse_overwrite
+from onnxlip.writing import refuse_overwrite
 from tests.helpers import gemm_chain, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
