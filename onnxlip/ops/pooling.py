@@ -10,7 +10,7 @@ import numpy as np
 
 from ..companion import Scaled
 from .axes import axes_in_range
-from .linear import resolve_pads
+from .padding import resolve_pads
 from .registry import define, define_adjoint, define_lipschitz, importer
 
 
