@@ -75,7 +75,7 @@ def infer_shapes(proto, nodes, inputs, consts, type_issues: list | None = None) 
         if not fixed:
             break
         light.graph.value_info.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, d) for t, d in fixed)
-        shapes = _inferred(light, inputs, consts, None)
+        shapes = _inferred(light, inputs, consts, [])  # (a type issue is reported from the first round)
     for name, shape in shapes.items():
         if len(shape) > MAX_RANK:
             raise ShapeError(

@@ -351,3 +351,19 @@ def _ort_abs_map(node, inits, shape) -> np.ndarray:
     n = int(np.prod(shape))
     eye = np.eye(n, dtype=np.float32).reshape(n, *shape[1:])
     return np.stack([sess.run(None, {node.input[0]: eye[i : i + 1]})[0].ravel() for i in range(n)], axis=1)
+
+
+def test_a_type_issue_beside_a_cropping_conv_transpose_is_named_not_a_failed_inference():
+    """The second round of shape inference (the cropped shape declared) met the type issue again and failed
+    as a bare 'shape inference failed'."""
+    w = numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "w")
+    k = numpy_helper.from_array(np.full((1,), 2.0, np.float64), "k")
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w"], ["y"], output_shape=[5, 5]),
+        helper.make_node("Mul", ["y", "k"], ["z"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    report = onnxlip.check(make_model(nodes, [x], [z], [w, k], opset=17))
+    assert not report.supported and [e.op for e in report.errors] == ["Mul"], report.errors
+    assert "disagree in type" in report.errors[0].reason
