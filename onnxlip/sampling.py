@@ -29,7 +29,28 @@ def runnable(proto: onnx.ModelProto, graph: Graph) -> onnx.ModelProto:
         model = onnx_utils.Extractor(proto).extract_model(list(graph.inputs), list(graph.outputs))
     if model.ir_version > 10:
         model.ir_version = 10
+    if _batch_overridden(model, graph):  # declare the analysed shapes: onnxruntime checks inputs against them
+        for inp in model.graph.input:
+            if inp.name in graph.inputs:
+                for dim, size in zip(inp.type.tensor_type.shape.dim, graph.inputs[inp.name]):
+                    if dim.HasField("dim_value") and dim.dim_value > 0:
+                        dim.dim_value = int(size)
+        del model.graph.value_info[:]  # (inner shapes of the declared batch; onnxruntime infers them again)
+        for out in model.graph.output:
+            out.type.tensor_type.ClearField("shape")
     return model
+
+
+def _batch_overridden(proto: onnx.ModelProto, graph: Graph) -> bool:
+    """Whether an input's fixed dimension differs from the shape it is analysed at (--input-shape may override a
+    fixed batch: graph_prep.fixed_input_shapes)."""
+    for inp in proto.graph.input:
+        shape = graph.inputs.get(inp.name)
+        if shape is not None:
+            dims = inp.type.tensor_type.shape.dim
+            if any(d.HasField("dim_value") and 0 < d.dim_value != n for d, n in zip(dims, shape)):
+                return True
+    return False
 
 
 def sampler_for(m, device: str = "cpu") -> Sampler:
@@ -43,6 +64,7 @@ def sampler_for(m, device: str = "cpu") -> Sampler:
         and isinstance(m.source, (str, os.PathLike))
         and [o.name for o in skeleton.graph.output] == list(m.graph.outputs)
         and skeleton.ir_version <= 10
+        and not _batch_overridden(skeleton, m.graph)
     )
     return Sampler(str(m.source) if direct else runnable(m.full_proto(), m.graph), m.graph, device)
 

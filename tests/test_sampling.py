@@ -240,3 +240,26 @@ def test_inputs_whose_sample_is_the_whole_tensor_are_sampled(shape_in, shape_out
     assert any("fixed batch" in n for n in r.notes) == (len(shape_in) == 2)
     lip = onnxlip.lipschitz(model(1.0), "2", lower_seconds=0.3)
     assert lip.lower["pairs"] > 0 and 0 < lip.lower["value"] <= lip.upper.value * (1 + 1e-4)
+
+
+@pytest.mark.parametrize(("fixed", "analysed"), [(4, 1), (1, 2)])
+def test_a_fixed_batch_overridden_by_input_shape_is_sampled_at_the_analysed_batch(tmp_path, fixed, analysed):
+    """--input-shape may override a fixed batch (one sample of a model exported with batch 4); the sampler ran the
+    file as declared, onnxruntime refused the analysed shape, and the bound came with no sampled differences."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(fixed)
+    paths = []
+    for scale in (1.0, 0.9):
+        w = numpy_helper.from_array((rng.standard_normal((4, 3)) * scale).astype(np.float32), "w")
+        b = numpy_helper.from_array(np.ones(4, np.float32), "b")
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["t"], transB=1), helper.make_node("Relu", ["t"], ["y"])]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [fixed, 3])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [fixed, 4])
+        paths.append(tmp_path / f"m{scale}.onnx")
+        onnx.save(make_model(nodes, [x], [y], [w, b]), paths[-1])
+    result = onnxlip.bound(*paths, samples=64, input_shapes={"x": [analysed, 3]})
+    assert result.samples == 64 and 0 < result.observed_max_l1_diff <= result.bound, result.notes
+    assert not any("could not run" in n for n in result.notes)
