@@ -267,7 +267,7 @@ def bound_many(
     check_seed(seed)
     variants = models_arg(variants)
     ref = _analysed(base, output, input_shapes)
-    samplers = BoundSamplers(ref, samples)
+    samplers = BoundSamplers(ref, samples if sample_seconds > 0 else 0)  # (a budget of 0 s skips it, as samples=0)
     # variant files that differ from the base file only in initializer values reuse the base's import
     reader = VariantReader(base, ref.graph, ref.file) if isinstance(base, (str, os.PathLike)) and variants else None
     engine = MetricEngine(ref.graph, device)

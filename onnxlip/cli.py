@@ -146,7 +146,7 @@ def bound(
         1.0,
         "--sample-seconds",
         parser=real_option,
-        help=f"Time budget per variant for sampling, in seconds (at most {MAX_SECONDS:g}, one day).",
+        help=f"Time budget per variant for sampling, in seconds (at most {MAX_SECONDS:g}, one day; 0 skips it).",
     ),
     seed: int = typer.Option(0, "--seed", parser=int_option, help="Seed of the random inputs."),
     max_bound: Optional[float] = typer.Option(

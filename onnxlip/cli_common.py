@@ -219,9 +219,14 @@ def _shapes(specs: Optional[List[str]]) -> dict[str, list[int]] | None:
 
 
 def _threshold(option: str, value: float | None) -> float | None:
-    """A CI gate's threshold: a number (NaN would never trip the gate)."""
+    """A CI gate's threshold: a number (NaN would never trip the gate), >= 0 (bounds are never negative: a negative
+    threshold would fail every model, whatever it is)."""
     if value is not None and math.isnan(value):
         raise OnnxlipError(f"{option} must be a number, got nan")
+    if value is not None and value < 0:
+        raise OnnxlipError(
+            f"{option} must be >= 0 (a bound is never negative; 0 accepts identical models only), got {value:g}"
+        )
     return value
 
 

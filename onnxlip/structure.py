@@ -132,7 +132,17 @@ def align_params(base: Graph, other: Graph, labels: tuple[str, str] = ("a", "b")
     nodes_a, alias_a = _canonical_nodes(base)
     nodes_b, alias_b = _canonical_nodes(other)
     if len(nodes_a) != len(nodes_b):
-        raise MismatchError(f"the models have different numbers of ops after import: {len(nodes_a)} vs {len(nodes_b)}")
+        i = next(
+            (i for i, (na, nb) in enumerate(zip(nodes_a, nodes_b)) if na.op != nb.op), min(len(nodes_a), len(nodes_b))
+        )
+        first = [
+            f"{label}: {ns[i].name!r} ({ns[i].onnx_op})" if i < len(ns) else f"{label}: none"
+            for label, ns in ((la, nodes_a), (lb, nodes_b))
+        ]
+        raise MismatchError(
+            f"the models have different numbers of ops after import: {la} {len(nodes_a)}, {lb} {len(nodes_b)}; they "
+            f"part at op #{i} ({', '.join(first)})"
+        )
     tensor_map = dict(zip(base.inputs, other.inputs))
     values: dict[str, np.ndarray] = {}
     for i, (na, nb) in enumerate(zip(nodes_a, nodes_b)):

@@ -723,6 +723,9 @@ def test_a_model_without_outputs_is_refused():
         (["pathnorm", "{m}", "--q", "1e-308"], "q must be"),
         (["bound", "{m}", "{p}", "--seed", "-1"], "seed"),
         (["bound", "{m}", "{p}", "--max-bound", "nan"], "--max-bound"),
+        (["bound", "{m}", "{p}", "--max-bound", "-1"], "--max-bound must be >= 0"),  # (tripped on every model)
+        (["bound", "{m}", "{p}", "--max-bound", "-inf"], "--max-bound must be >= 0"),
+        (["lipschitz", "{m}", "--max-lipschitz", "-0.5", "--lower-seconds", "0.1"], "--max-lipschitz must be >= 0"),
         (["lipschitz", "{m}", "--max-lipschitz", "nan", "--lower-seconds", "0.1"], "--max-lipschitz"),
         (["prune", "{m}", "--sparsity", "0.5", "-R", "nan", "-o", "{o}"], "input bound"),
         (["prune", "{m}", "--sweep="], "at least one sparsity"),

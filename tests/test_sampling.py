@@ -263,3 +263,12 @@ def test_a_fixed_batch_overridden_by_input_shape_is_sampled_at_the_analysed_batc
     result = onnxlip.bound(*paths, samples=64, input_shapes={"x": [analysed, 3]})
     assert result.samples == 64 and 0 < result.observed_max_l1_diff <= result.bound, result.notes
     assert not any("could not run" in n for n in result.notes)
+
+
+def test_a_sampling_budget_of_zero_seconds_skips_the_sampling():
+    """--sample-seconds 0 still drew a first batch of inputs; it now means what --samples 0 does."""
+    models = Path(__file__).resolve().parents[1] / "models"
+    result = onnxlip.bound(models / "digits_cnn.onnx", models / "digits_cnn_pruned.onnx", sample_seconds=0)
+    assert result.samples == 0 and result.observed_max_l1_diff is None
+    result = onnxlip.bound(models / "digits_cnn.onnx", models / "digits_cnn_pruned.onnx", sample_seconds=0.5)
+    assert result.samples > 0 and result.observed_max_l1_diff is not None

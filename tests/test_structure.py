@@ -159,3 +159,27 @@ def test_activations_that_are_one_function_pair(a, b):
 def test_activations_that_differ_do_not_pair():
     with pytest.raises(MismatchError):
         onnxlip.bound(_activation_model("Abs"), _activation_model("LeakyRelu", alpha=-0.5), samples=0)
+
+
+def test_models_with_different_op_counts_are_refused_naming_where_they_part():
+    """An identity Gather (dropped on import) against a permuting one: the message gave only the two counts."""
+    rng = np.random.default_rng(1)
+    w1 = numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "w2")
+
+    def model(order):
+        idx = numpy_helper.from_array(np.array(order, np.int64), "idx")
+        nodes = [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gather", ["r", "idx"], ["g"], axis=1),
+            helper.make_node("MatMul", ["g", "w2"], ["y"]),
+        ]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+        return make_model(nodes, [x], [y], [w1, w2, idx])
+
+    with pytest.raises(
+        MismatchError, match=r"test 3, test 4; they part at op #2 \(test: 'y' \(MatMul\), test: 'copy of r' \(copy\)\)"
+    ):
+        onnxlip.path_metric(model([0, 1, 2, 3]), model([1, 0, 2, 3]))
