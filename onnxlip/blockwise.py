@@ -3,7 +3,7 @@
 Comparing a base with a variant and forming the float32 mantissas of |v|, |a| - |b|, max and min, one full-size
 float64 temporary per step would cost ResNet-18 ~90 MB each, and fresh memory is slow to fault in (about
 2 ms per MB on this project's machines): in blocks the temporaries stay in cache and are reused, and the
-results go into caller-owned float32 buffers. Results are bit-identical to companion.normalized_power on the
+results go into caller-owned float32 buffers. Results are bit-identical to mantissas.normalized_power on the
 whole array (the same roundings, entry by entry).
 
 Folded weights kept as factors (ir.Param.factors: value = float64(base) * factor, the factor broadcasting along

@@ -95,7 +95,7 @@ class ScoresResult:
         tensors = [self.tensors[n] for n in names]
         if not tensors:
             return {}, 0.0
-        # all-zero tensors are 0 at any scale (their exponent is companion.ZERO_EXPONENT): they set no shift
+        # all-zero tensors are 0 at any scale (their exponent is mantissas.ZERO_EXPONENT): they set no shift
         live = [t.shift for t in tensors if not is_zero(t.mantissa) and math.isfinite(t.shift)]
         if not live:  # every score is 0 (e.g. a zero path-norm, where the shifts are not finite)
             return {t.name: np.zeros(t.mantissa.shape, np.float32) for t in tensors}, 0.0

@@ -56,7 +56,7 @@ def test_extreme_exponents_take_the_general_path():
 def test_all_zero_factors_give_zero_mantissas():
     p = Param("w", None, (), False, (np.ones((4, 3), np.float32), np.zeros((4, 1))))
     m, e = p.mantissas(1.0)
-    assert e == ZERO_EXPONENT and not m.any()  # the exponent no alignment picks (companion.ZERO_EXPONENT)
+    assert e == ZERO_EXPONENT and not m.any()  # the exponent no alignment picks (mantissas.ZERO_EXPONENT)
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ def test_thousand_layers_shrinking_does_not_underflow():
 
 
 def test_thousand_layers_shrinking_with_zero_biases():
-    """Zero biases carry no scale of their own (companion.ZERO_EXPONENT): with activations shrinking to 1e-900,
+    """Zero biases carry no scale of their own (mantissas.ZERO_EXPONENT): with activations shrinking to 1e-900,
     a zero bias given an ordinary exponent won every alignment and flushed the activations to 0 (log10 -inf)."""
     ws, bs = _deep_chain(1000, 4, seed=3, low=0.01, high=0.05)
     bs = [np.zeros_like(b) for b in bs]
