@@ -1,6 +1,7 @@
 """IR passes, each a small function Graph -> Graph. fold_affine merges a diagonal affine op (BatchNorm,
 Mul/Add by a per-channel constant) into the linear op before it: W' = a*W, b' = a*b + c (theory.md
-section 3: an equal or smaller path-norm, applied identically to both models of a pair)."""
+section 3, applied identically to both models of a pair; the path-norm is equal or smaller for q <= 1, and for
+q > 1 a conv bias can make it larger: |ab + c|**q > |ab|**q + |c|**q is possible, README "What is supported")."""
 
 from __future__ import annotations
 
