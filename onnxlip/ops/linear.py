@@ -165,9 +165,7 @@ def import_conv_transpose(node, ctx):
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad not in ("", *AUTO_PADS):  # (onnxruntime refuses the model)
         _fail(f"its auto_pad {auto_pad!r} is none of {', '.join(AUTO_PADS)}")
-    output_shape = ctx.attr("output_shape")
-    if output_shape is not None and len(output_shape) != n:  # (onnxruntime: "output_shape has incorrect size")
-        _fail(f"its output_shape {list(output_shape)} must list the {n} spatial sizes, no more")
+    output_shape = ctx.attr("output_shape")  # (one not of n sizes: onnx's inference refuses it, the importer says so)
     if output_shape is None and auto_pad in ("NOTSET", ""):
         pads = [int(p) for p in ctx.attr("pads", [0] * (2 * n))]
     else:  # pads are implied by the output shape (ONNX ConvTranspose spec)
